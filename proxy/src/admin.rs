@@ -1,0 +1,157 @@
+//! The admin HTTP listener, served on the main thread: readiness, server info, stats, and the
+//! health-check switch. It keeps answering while the generation drains, so that a load balancer
+//! sees `/ready` turn to 503.
+
+use std::convert::Infallible;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::debug;
+
+use crate::config::Config;
+use crate::generation::{Info, State};
+use crate::stats::{self, WorkerCounters};
+
+/// The version of this binary.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Tells one build of this binary from another (see `build.rs`).
+pub const BUILD_ID: &str = env!("BATON_BUILD_ID");
+
+pub struct Admin {
+    pub config: Arc<Config>,
+    pub info: Arc<Info>,
+    pub counters: Vec<Arc<WorkerCounters>>,
+}
+
+/// Serves admin requests until the task is dropped.
+pub async fn serve(admin: Rc<Admin>, listener: TcpListener) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                debug!("admin accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let admin = admin.clone();
+        tokio::task::spawn_local(async move {
+            let service = service_fn(move |request| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(route(&admin, &request)) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(%peer, "admin connection ended: {e}");
+            }
+        });
+    }
+}
+
+fn route(admin: &Admin, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let method = request.method();
+    match request.uri().path() {
+        "/" => text(StatusCode::OK, INDEX.to_owned()),
+        "/ready" => only_get(method).unwrap_or_else(|| ready(admin)),
+        "/server_info" => only_get(method).unwrap_or_else(|| server_info(admin)),
+        "/stats" => only_get(method).unwrap_or_else(|| {
+            text(
+                StatusCode::OK,
+                stats::render_plain(&admin.config, &admin.counters),
+            )
+        }),
+        "/healthcheck/fail" => only_post(method).unwrap_or_else(|| {
+            admin.info.set_healthcheck_failed(true);
+            text(StatusCode::OK, "OK\n".to_owned())
+        }),
+        "/healthcheck/ok" => only_post(method).unwrap_or_else(|| {
+            admin.info.set_healthcheck_failed(false);
+            text(StatusCode::OK, "OK\n".to_owned())
+        }),
+        other => text(
+            StatusCode::NOT_FOUND,
+            format!("no admin endpoint at {other}; GET / lists them\n"),
+        ),
+    }
+}
+
+const INDEX: &str = "\
+baton-proxy admin
+  GET  /ready             200 LIVE when serving; 503 when draining or failed by /healthcheck/fail
+  GET  /server_info       version, build id, epoch, pid, state, uptime (JSON)
+  GET  /stats             counters, one `name: value` per line
+  POST /healthcheck/fail  make /ready answer 503 (take this proxy out of rotation)
+  POST /healthcheck/ok    undo /healthcheck/fail
+";
+
+fn ready(admin: &Admin) -> Response<Full<Bytes>> {
+    match (admin.info.state(), admin.info.healthcheck_failed()) {
+        (State::Live, false) => text(StatusCode::OK, "LIVE\n".to_owned()),
+        (State::Live, true) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "FAILED_HEALTHCHECK\n".to_owned(),
+        ),
+        (State::Draining, _) => text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n".to_owned()),
+    }
+}
+
+fn server_info(admin: &Admin) -> Response<Full<Bytes>> {
+    let info = &admin.info;
+    let body = serde_json::json!({
+        "version": VERSION,
+        "build_id": BUILD_ID,
+        "instance": admin.config.instance,
+        "epoch": info.epoch,
+        "pid": std::process::id(),
+        "state": info.state().name(),
+        "healthcheck_failed": info.healthcheck_failed(),
+        "uptime_seconds": info.started.elapsed().as_secs(),
+        "concurrency": info.concurrency,
+        "config": admin.config.path.display().to_string(),
+    });
+    let mut response = Response::new(Full::new(Bytes::from(format!("{body:#}\n"))));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn only_get(method: &Method) -> Option<Response<Full<Bytes>>> {
+    (method != Method::GET && method != Method::HEAD).then(|| not_allowed("GET"))
+}
+
+fn only_post(method: &Method) -> Option<Response<Full<Bytes>>> {
+    (method != Method::POST).then(|| not_allowed("POST"))
+}
+
+fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut response = text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("this endpoint takes {allow}\n"),
+    );
+    response
+        .headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}

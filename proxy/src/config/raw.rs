@@ -1,0 +1,98 @@
+//! The configuration file as written: serde structs that mirror the TOML and reject unknown fields.
+//!
+//! Every value that is checked after parsing keeps its span, so that an error found during
+//! validation can name the line it came from. Nothing here is used past [`super::validate`].
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_spanned::Spanned;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub instance: Option<Spanned<String>>,
+    pub concurrency: Option<Spanned<i64>>,
+    pub drain_timeout: Option<Spanned<String>>,
+    pub drain_idle_grace: Option<Spanned<String>>,
+    pub admin: Option<Spanned<RawAdmin>>,
+    #[serde(default)]
+    pub listener: Vec<Spanned<RawListener>>,
+    #[serde(default)]
+    pub cluster: Vec<Spanned<RawCluster>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub address: Spanned<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawProtocol {
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub name: Spanned<String>,
+    pub address: Spanned<String>,
+    pub protocol: Spanned<RawProtocol>,
+    /// `tcp` listeners only: the cluster that takes every connection.
+    pub cluster: Option<Spanned<String>>,
+    pub access_log: Option<Spanned<String>>,
+    pub idle_timeout: Option<Spanned<String>>,
+    pub backlog: Option<Spanned<i64>>,
+    pub tls: Option<Spanned<RawTls>>,
+    #[serde(default)]
+    pub route: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    #[serde(default)]
+    pub certificate: Vec<Spanned<RawCertificate>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+    pub server_names: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub hosts: Option<Vec<Spanned<String>>>,
+    pub path_prefix: Option<Spanned<String>>,
+    pub cluster: Option<Spanned<String>>,
+    pub direct_response: Option<Spanned<RawDirectResponse>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDirectResponse {
+    pub status: Spanned<i64>,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub name: Spanned<String>,
+    pub endpoints: Spanned<Vec<Spanned<String>>>,
+    pub connect_timeout: Option<Spanned<String>>,
+    pub request_timeout: Option<Spanned<String>>,
+    pub idle_timeout: Option<Spanned<String>>,
+    pub max_idle_per_endpoint: Option<Spanned<i64>>,
+}

@@ -1,0 +1,629 @@
+//! From [`RawConfig`] to [`Config`]: every check, each error naming its line.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::num::NonZeroUsize;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+use http::{HeaderMap, StatusCode};
+use serde_spanned::Spanned;
+
+use super::raw::{
+    RawCluster, RawConfig, RawDirectResponse, RawListener, RawProtocol, RawRoute, RawTls,
+};
+use super::tls::{self, LoadedCertificate};
+use super::*;
+
+pub fn validate(path: &Path, source: &str) -> Result<Config, ConfigError> {
+    let v = Validator { path, source };
+    let raw: RawConfig = toml::from_str(source).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        v.error(span, e.message().trim_end().to_owned())
+    })?;
+    v.config(raw)
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    source: &'a str,
+}
+
+type Result<T, E = ConfigError> = std::result::Result<T, E>;
+
+impl Validator<'_> {
+    fn error(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        ConfigError::at(self.path, self.source, span, message.into())
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config> {
+        let instance = match raw.instance {
+            Some(name) => self.instance_name(name)?,
+            None => "baton".to_owned(),
+        };
+        let concurrency = raw
+            .concurrency
+            .map(|n| {
+                usize::try_from(*n.get_ref())
+                    .ok()
+                    .and_then(NonZeroUsize::new)
+                    .filter(|n| n.get() <= 1024)
+                    .ok_or_else(|| {
+                        self.error(
+                            n.span(),
+                            "concurrency: expected a number of workers from 1 to 1024",
+                        )
+                    })
+            })
+            .transpose()?;
+        let drain = DrainSettings {
+            timeout: self.duration_or("drain_timeout", raw.drain_timeout, DEFAULT_DRAIN_TIMEOUT)?,
+            idle_grace: self.duration_or(
+                "drain_idle_grace",
+                raw.drain_idle_grace,
+                DEFAULT_DRAIN_IDLE_GRACE,
+            )?,
+        };
+        let admin = raw
+            .admin
+            .map(|admin| -> Result<Admin> {
+                Ok(Admin {
+                    address: self.address("admin.address", &admin.get_ref().address)?,
+                })
+            })
+            .transpose()?;
+
+        let mut clusters = Vec::with_capacity(raw.cluster.len());
+        let mut cluster_ids: HashMap<String, ClusterId> = HashMap::new();
+        for raw_cluster in raw.cluster {
+            let span = raw_cluster.span();
+            let cluster = self.cluster(raw_cluster.into_inner())?;
+            if cluster_ids
+                .insert(cluster.name.clone(), ClusterId(clusters.len()))
+                .is_some()
+            {
+                return Err(self.error(
+                    span,
+                    format!(
+                        "cluster `{}` is defined twice; cluster names must be unique",
+                        cluster.name
+                    ),
+                ));
+            }
+            clusters.push(cluster);
+        }
+
+        if raw.listener.is_empty() {
+            return Err(self.error(
+                0..0,
+                "no listener is configured: add a [[listener]] table with name, address and protocol",
+            ));
+        }
+        let mut listeners: Vec<Listener> = Vec::with_capacity(raw.listener.len());
+        for raw_listener in raw.listener {
+            let span = raw_listener.span();
+            let listener = self.listener(raw_listener.into_inner(), &cluster_ids)?;
+            if let Some(other) = listeners.iter().find(|l| l.name == listener.name) {
+                return Err(self.error(
+                    span,
+                    format!(
+                        "listener `{}` is defined twice; listener names must be unique",
+                        other.name
+                    ),
+                ));
+            }
+            if let Some(other) = listeners.iter().find(|l| l.address == listener.address) {
+                return Err(self.error(
+                    span,
+                    format!(
+                        "listener `{}` uses address {} that listener `{}` already uses",
+                        listener.name, listener.address, other.name
+                    ),
+                ));
+            }
+            listeners.push(listener);
+        }
+        if let Some(admin) = &admin
+            && let Some(other) = listeners.iter().find(|l| l.address == admin.address)
+        {
+            return Err(self.error(
+                0..0,
+                format!(
+                    "admin.address {} is also the address of listener `{}`",
+                    admin.address, other.name
+                ),
+            ));
+        }
+
+        Ok(Config {
+            path: self.path.to_owned(),
+            instance,
+            concurrency,
+            drain,
+            admin,
+            listeners,
+            clusters,
+        })
+    }
+
+    fn instance_name(&self, name: Spanned<String>) -> Result<String> {
+        let ok = !name.get_ref().is_empty()
+            && name.get_ref().len() <= 64
+            && name
+                .get_ref()
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            && !name.get_ref().starts_with('.');
+        if !ok {
+            return Err(self.error(
+                name.span(),
+                format!(
+                    "instance: `{}` is not a valid instance name; use 1 to 64 letters, digits, `-`, `_` or `.` (it names files such as /dev/shm/baton.<instance>)",
+                    name.get_ref()
+                ),
+            ));
+        }
+        Ok(name.into_inner())
+    }
+
+    fn duration(&self, field: &str, value: &Spanned<String>) -> Result<Duration> {
+        humantime::parse_duration(value.get_ref()).map_err(|e| {
+            self.error(
+                value.span(),
+                format!(
+                    "{field}: `{}` is not a duration ({e}); write it like \"250ms\", \"5s\" or \"2m\"",
+                    value.get_ref()
+                ),
+            )
+        })
+    }
+
+    fn duration_or(
+        &self,
+        field: &str,
+        value: Option<Spanned<String>>,
+        default: Duration,
+    ) -> Result<Duration> {
+        value.map_or(Ok(default), |v| self.duration(field, &v))
+    }
+
+    /// A positive duration, for timeouts where zero would mean "fail at once".
+    fn timeout_or(
+        &self,
+        field: &str,
+        value: Option<Spanned<String>>,
+        default: Duration,
+    ) -> Result<Duration> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        let d = self.duration(field, &value)?;
+        if d.is_zero() {
+            return Err(self.error(value.span(), format!("{field}: must be more than zero")));
+        }
+        Ok(d)
+    }
+
+    fn address(&self, field: &str, value: &Spanned<String>) -> Result<SocketAddr> {
+        value.get_ref().parse().map_err(|_| {
+            self.error(
+                value.span(),
+                format!(
+                    "{field}: `{}` is not an IP address and port; write it like \"127.0.0.1:8080\" or \"[::1]:8080\"",
+                    value.get_ref()
+                ),
+            )
+        })
+    }
+
+    fn listener(
+        &self,
+        raw: RawListener,
+        clusters: &HashMap<String, ClusterId>,
+    ) -> Result<Listener> {
+        let name = self.name("listener.name", &raw.name)?;
+        let address = self.address("listener.address", &raw.address)?;
+        let backlog = match raw.backlog {
+            None => DEFAULT_BACKLOG,
+            Some(b) => u32::try_from(*b.get_ref())
+                .ok()
+                .filter(|b| (1..=65535).contains(b))
+                .ok_or_else(|| {
+                    self.error(
+                        b.span(),
+                        "listener.backlog: expected a number from 1 to 65535",
+                    )
+                })?,
+        };
+        let access_log = raw.access_log.map(|p| self.relative_path(p.get_ref()));
+        let kind = match *raw.protocol.get_ref() {
+            RawProtocol::Tcp => {
+                for (field, present) in [
+                    ("route", raw.route.first().map(|r| r.span())),
+                    ("tls", raw.tls.as_ref().map(|t| t.span())),
+                    ("idle_timeout", raw.idle_timeout.as_ref().map(|t| t.span())),
+                ] {
+                    if let Some(span) = present {
+                        return Err(self.error(
+                            span,
+                            format!(
+                                "listener `{name}`: `{field}` applies to http listeners only; a tcp listener takes just a `cluster`"
+                            ),
+                        ));
+                    }
+                }
+                let Some(cluster) = raw.cluster else {
+                    return Err(self.error(
+                        raw.protocol.span(),
+                        format!("listener `{name}`: a tcp listener needs `cluster = \"...\"` naming where connections go"),
+                    ));
+                };
+                ListenerKind::Tcp {
+                    cluster: self.cluster_ref(&name, &cluster, clusters)?,
+                }
+            }
+            RawProtocol::Http => {
+                if let Some(cluster) = &raw.cluster {
+                    return Err(self.error(
+                        cluster.span(),
+                        format!(
+                            "listener `{name}`: an http listener sends requests to clusters through `[[listener.route]]` tables, not a `cluster` field"
+                        ),
+                    ));
+                }
+                if raw.route.is_empty() {
+                    return Err(self.error(
+                        raw.protocol.span(),
+                        format!(
+                            "listener `{name}`: an http listener needs at least one [[listener.route]] with a `cluster` or a `direct_response`"
+                        ),
+                    ));
+                }
+                let routes = raw
+                    .route
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, r)| self.route(&name, i + 1, r, clusters))
+                    .collect::<Result<Vec<_>>>()?;
+                let tls = raw.tls.map(|t| self.tls(&name, t)).transpose()?;
+                HttpListener {
+                    routes,
+                    tls,
+                    idle_timeout: self.timeout_or(
+                        "listener.idle_timeout",
+                        raw.idle_timeout,
+                        DEFAULT_LISTENER_IDLE_TIMEOUT,
+                    )?,
+                }
+                .into()
+            }
+        };
+        Ok(Listener {
+            name,
+            address,
+            backlog,
+            access_log,
+            kind,
+        })
+    }
+
+    fn name(&self, field: &str, value: &Spanned<String>) -> Result<String> {
+        let name = value.get_ref();
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(self.error(
+                value.span(),
+                format!(
+                    "{field}: `{name}` is not a valid name; use letters, digits, `-`, `_` or `.`"
+                ),
+            ));
+        }
+        Ok(name.clone())
+    }
+
+    fn cluster_ref(
+        &self,
+        listener: &str,
+        name: &Spanned<String>,
+        clusters: &HashMap<String, ClusterId>,
+    ) -> Result<ClusterId> {
+        clusters.get(name.get_ref()).copied().ok_or_else(|| {
+            let mut known: Vec<&str> = clusters.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            let known = if known.is_empty() {
+                "no cluster is defined; add a [[cluster]] table".to_owned()
+            } else {
+                format!("defined clusters: {}", known.join(", "))
+            };
+            self.error(
+                name.span(),
+                format!(
+                    "listener `{listener}`: cluster `{}` is not defined ({known})",
+                    name.get_ref()
+                ),
+            )
+        })
+    }
+
+    fn route(
+        &self,
+        listener: &str,
+        number: usize,
+        raw: Spanned<RawRoute>,
+        clusters: &HashMap<String, ClusterId>,
+    ) -> Result<Route> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let hosts = raw
+            .hosts
+            .unwrap_or_default()
+            .iter()
+            .map(|h| self.host_pattern(listener, number, h))
+            .collect::<Result<Vec<_>>>()?;
+        let path_prefix = match raw.path_prefix {
+            None => "/".to_owned(),
+            Some(p) if p.get_ref().starts_with('/') => p.into_inner(),
+            Some(p) => {
+                return Err(self.error(
+                    p.span(),
+                    format!(
+                        "listener `{listener}` route {number}: path_prefix `{}` must start with `/`",
+                        p.get_ref()
+                    ),
+                ));
+            }
+        };
+        let action = match (raw.cluster, raw.direct_response) {
+            (Some(cluster), None) => {
+                RouteAction::Cluster(self.cluster_ref(listener, &cluster, clusters)?)
+            }
+            (None, Some(direct)) => {
+                RouteAction::Direct(self.direct_response(listener, number, direct)?)
+            }
+            (Some(_), Some(_)) => {
+                return Err(self.error(
+                    span,
+                    format!(
+                        "listener `{listener}` route {number}: give either `cluster` or `direct_response`, not both"
+                    ),
+                ));
+            }
+            (None, None) => {
+                return Err(self.error(
+                    span,
+                    format!(
+                        "listener `{listener}` route {number}: a route needs a `cluster` or a `direct_response`"
+                    ),
+                ));
+            }
+        };
+        Ok(Route {
+            hosts,
+            path_prefix,
+            action,
+        })
+    }
+
+    fn host_pattern(
+        &self,
+        listener: &str,
+        number: usize,
+        host: &Spanned<String>,
+    ) -> Result<HostPattern> {
+        let h = host.get_ref().to_ascii_lowercase();
+        let valid_label = |s: &str| {
+            !s.is_empty()
+                && s.split('.').all(|label| {
+                    !label.is_empty()
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                })
+        };
+        if h == "*" {
+            Ok(HostPattern::Any)
+        } else if let Some(rest) = h.strip_prefix("*.")
+            && valid_label(rest)
+        {
+            Ok(HostPattern::Suffix(format!(".{rest}")))
+        } else if valid_label(&h) {
+            Ok(HostPattern::Exact(h))
+        } else {
+            Err(self.error(
+                host.span(),
+                format!(
+                    "listener `{listener}` route {number}: host `{}` is not a host name; write \"example.com\", \"*.example.com\" or \"*\" (without port)",
+                    host.get_ref()
+                ),
+            ))
+        }
+    }
+
+    fn direct_response(
+        &self,
+        listener: &str,
+        number: usize,
+        raw: Spanned<RawDirectResponse>,
+    ) -> Result<DirectResponse> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let status = u16::try_from(*raw.status.get_ref())
+            .ok()
+            .filter(|s| (200..=599).contains(s))
+            .and_then(|s| StatusCode::from_u16(s).ok())
+            .ok_or_else(|| {
+                self.error(
+                    raw.status.span(),
+                    format!(
+                        "listener `{listener}` route {number}: direct_response.status {} is not an HTTP status from 200 to 599",
+                        raw.status.get_ref()
+                    ),
+                )
+            })?;
+        let mut headers = HeaderMap::new();
+        for (name, value) in &raw.headers {
+            let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                self.error(
+                    span.clone(),
+                    format!(
+                        "listener `{listener}` route {number}: `{name}` is not a valid header name"
+                    ),
+                )
+            })?;
+            let value_parsed = HeaderValue::from_str(value.get_ref()).map_err(|_| {
+                self.error(
+                    value.span(),
+                    format!(
+                        "listener `{listener}` route {number}: the value of header `{name}` holds characters a header cannot carry"
+                    ),
+                )
+            })?;
+            headers.append(header, value_parsed);
+        }
+        if !raw.body.is_empty() && !headers.contains_key(CONTENT_TYPE) {
+            headers.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+        }
+        Ok(DirectResponse {
+            status,
+            headers,
+            body: Bytes::from(raw.body),
+        })
+    }
+
+    fn tls(&self, listener: &str, raw: Spanned<RawTls>) -> Result<Arc<rustls::ServerConfig>> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        if raw.certificate.is_empty() {
+            return Err(self.error(
+                span,
+                format!(
+                    "listener `{listener}`: tls needs at least one [[listener.tls.certificate]] with `cert` and `key`"
+                ),
+            ));
+        }
+        let provider = tls::provider();
+        let mut loaded = Vec::with_capacity(raw.certificate.len());
+        for cert in raw.certificate {
+            let cert_span = cert.span();
+            let cert = cert.into_inner();
+            let cert_path = self.relative_path(cert.cert.get_ref());
+            let key_path = self.relative_path(cert.key.get_ref());
+            let (key, san_names) = tls::load_certificate(&provider, &cert_path, &key_path)
+                .map_err(|e| {
+                    self.error(cert_span.clone(), format!("listener `{listener}`: {e}"))
+                })?;
+            let names = match cert.server_names {
+                Some(names) => names
+                    .into_iter()
+                    .map(|n| n.into_inner().to_ascii_lowercase())
+                    .collect(),
+                None => san_names,
+            };
+            loaded.push(LoadedCertificate { key, names });
+        }
+        tls::server_config(provider, loaded)
+            .map(Arc::new)
+            .map_err(|e| self.error(span, format!("listener `{listener}`: {e}")))
+    }
+
+    fn cluster(&self, raw: RawCluster) -> Result<Cluster> {
+        let name = self.name("cluster.name", &raw.name)?;
+        if raw.endpoints.get_ref().is_empty() {
+            return Err(self.error(
+                raw.endpoints.span(),
+                format!("cluster `{name}`: endpoints is empty; list at least one \"host:port\""),
+            ));
+        }
+        let mut endpoints = Vec::with_capacity(raw.endpoints.get_ref().len());
+        for endpoint in raw.endpoints.get_ref() {
+            endpoints.push(self.endpoint(&name, endpoint)?);
+        }
+        let max_idle_per_endpoint = match raw.max_idle_per_endpoint {
+            None => DEFAULT_MAX_IDLE_PER_ENDPOINT,
+            Some(n) => usize::try_from(*n.get_ref()).map_err(|_| {
+                self.error(
+                    n.span(),
+                    format!("cluster `{name}`: max_idle_per_endpoint must be zero or more"),
+                )
+            })?,
+        };
+        Ok(Cluster {
+            connect_timeout: self.timeout_or(
+                "cluster.connect_timeout",
+                raw.connect_timeout,
+                DEFAULT_CONNECT_TIMEOUT,
+            )?,
+            request_timeout: self.timeout_or(
+                "cluster.request_timeout",
+                raw.request_timeout,
+                DEFAULT_REQUEST_TIMEOUT,
+            )?,
+            idle_timeout: self.timeout_or(
+                "cluster.idle_timeout",
+                raw.idle_timeout,
+                DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            )?,
+            max_idle_per_endpoint,
+            name,
+            endpoints,
+        })
+    }
+
+    /// A static endpoint: an IP address and port, or a host name resolved once, now.
+    fn endpoint(&self, cluster: &str, value: &Spanned<String>) -> Result<SocketAddr> {
+        if let Ok(addr) = value.get_ref().parse() {
+            return Ok(addr);
+        }
+        let resolved = value
+            .get_ref()
+            .to_socket_addrs()
+            .map_err(|e| {
+                self.error(
+                    value.span(),
+                    format!(
+                        "cluster `{cluster}`: endpoint `{}` is not \"host:port\" that resolves ({e})",
+                        value.get_ref()
+                    ),
+                )
+            })?
+            .next();
+        resolved.ok_or_else(|| {
+            self.error(
+                value.span(),
+                format!(
+                    "cluster `{cluster}`: endpoint `{}` resolves to no address",
+                    value.get_ref()
+                ),
+            )
+        })
+    }
+
+    /// Paths in the file are relative to the file's folder, as nginx's `include` is not but every
+    /// operator expects.
+    fn relative_path(&self, value: &str) -> PathBuf {
+        let path = Path::new(value);
+        if path.is_absolute() {
+            return path.to_owned();
+        }
+        match self.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.join(path),
+            _ => path.to_owned(),
+        }
+    }
+}
+
+impl From<HttpListener> for ListenerKind {
+    fn from(http: HttpListener) -> Self {
+        ListenerKind::Http(http)
+    }
+}

@@ -1,0 +1,256 @@
+//! A running generation: its listen sockets, worker threads and access logs, and the drain.
+//!
+//! [`Generation::drain`] is a plain async function: SIGTERM calls it when the proxy runs alone,
+//! and the supervisor's `Drain` message will call it when the proxy runs as one generation of many.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use tracing::info;
+
+use crate::access_log::AccessLog;
+use crate::config::Config;
+use crate::listen;
+use crate::stats::WorkerCounters;
+use crate::worker::{LogTarget, WorkerHandle, WorkerSetup};
+
+/// Where a generation is in its life, as `/ready`, `/server_info` and logs name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum State {
+    /// Accepting and serving.
+    Live = 0,
+    /// Not accepting; finishing the connections it has.
+    Draining = 1,
+}
+
+impl State {
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Live => "live",
+            State::Draining => "draining",
+        }
+    }
+}
+
+/// What the admin endpoints read about the generation, from any thread.
+pub struct Info {
+    pub epoch: u64,
+    pub concurrency: usize,
+    pub started: Instant,
+    state: AtomicU8,
+    healthcheck_failed: AtomicBool,
+}
+
+impl Info {
+    pub fn state(&self) -> State {
+        match self.state.load(Ordering::Relaxed) {
+            0 => State::Live,
+            _ => State::Draining,
+        }
+    }
+
+    pub fn healthcheck_failed(&self) -> bool {
+        self.healthcheck_failed.load(Ordering::Relaxed)
+    }
+
+    /// `/healthcheck/fail` and `/healthcheck/ok`: lets an operator take the proxy out of a load
+    /// balancer's rotation (through `/ready`) while it keeps serving.
+    pub fn set_healthcheck_failed(&self, failed: bool) {
+        self.healthcheck_failed.store(failed, Ordering::Relaxed);
+    }
+}
+
+/// Why a generation could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listen socket could not be bound: the address is taken, absent, or privileged.
+    #[error(
+        "listener `{listener}`: cannot listen on {address}: {source}; {}",
+        listen::bind_advice(source)
+    )]
+    Bind {
+        listener: String,
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An access log could not be opened.
+    #[error("{0}")]
+    AccessLog(#[source] std::io::Error),
+    /// The system refused a thread or a socket copy (limits on threads or file descriptors).
+    #[error("cannot start worker threads: {0}")]
+    Workers(#[source] std::io::Error),
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainOutcome {
+    /// Connections still open when the drain ended (at its deadline); [`Generation::stop`]
+    /// closes them.
+    pub connections_left: i64,
+    pub took: Duration,
+}
+
+pub struct Generation {
+    pub info: Arc<Info>,
+    workers: Vec<WorkerHandle>,
+    access_log: Option<AccessLog>,
+}
+
+impl Generation {
+    /// Binds every listener, opens the access logs and starts `concurrency` workers. Nothing is
+    /// left running if any step fails.
+    pub fn start(config: Arc<Config>, concurrency: usize, epoch: u64) -> Result<Self, StartError> {
+        let sockets = config
+            .listeners
+            .iter()
+            .map(|l| {
+                listen::bind_tcp(l.address, l.backlog).map_err(|source| StartError::Bind {
+                    listener: l.name.clone(),
+                    address: l.address,
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        // One file per distinct path: two listeners may share a log.
+        let mut paths: Vec<PathBuf> = Vec::new();
+        let mut file_of: HashMap<PathBuf, usize> = HashMap::new();
+        let files: Vec<Option<usize>> = config
+            .listeners
+            .iter()
+            .map(|l| {
+                l.access_log.as_ref().map(|p| {
+                    *file_of.entry(p.clone()).or_insert_with(|| {
+                        paths.push(p.clone());
+                        paths.len() - 1
+                    })
+                })
+            })
+            .collect();
+        let access_log = if paths.is_empty() {
+            None
+        } else {
+            Some(AccessLog::start(paths).map_err(StartError::AccessLog)?)
+        };
+        let targets: Vec<Option<LogTarget>> = files
+            .iter()
+            .map(|f| {
+                f.zip(access_log.as_ref()).map(|(file, log)| LogTarget {
+                    sender: log.sender(),
+                    file,
+                })
+            })
+            .collect();
+
+        let mut workers = Vec::with_capacity(concurrency);
+        for id in 0..concurrency {
+            let spawned = sockets
+                .iter()
+                .map(|s| s.try_clone())
+                .collect::<std::io::Result<Vec<_>>>()
+                .and_then(|listeners| {
+                    WorkerHandle::spawn(WorkerSetup {
+                        id,
+                        config: config.clone(),
+                        listeners,
+                        access_logs: targets.clone(),
+                    })
+                });
+            match spawned {
+                Ok(worker) => workers.push(worker),
+                Err(e) => {
+                    for w in workers {
+                        w.stop();
+                    }
+                    return Err(StartError::Workers(e));
+                }
+            }
+        }
+        // The workers hold their own copies; once they drop them the sockets close.
+        drop(sockets);
+
+        Ok(Generation {
+            info: Arc::new(Info {
+                epoch,
+                concurrency,
+                started: Instant::now(),
+                state: AtomicU8::new(State::Live as u8),
+                healthcheck_failed: AtomicBool::new(false),
+            }),
+            workers,
+            access_log,
+        })
+    }
+
+    /// The workers' counters, for the admin endpoints.
+    pub fn counters(&self) -> Vec<Arc<WorkerCounters>> {
+        self.workers.iter().map(|w| w.counters.clone()).collect()
+    }
+
+    /// Downstream connections open on every worker.
+    pub fn open_connections(&self) -> i64 {
+        self.workers
+            .iter()
+            .flat_map(|w| w.counters.listeners.iter())
+            .map(|l| l.downstream_cx_active.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Stops accepting and lets the connections finish: HTTP/1.1 answers carry
+    /// `Connection: close` and idle connections close after the idle grace; HTTP/2 connections
+    /// get a graceful GOAWAY; TCP sessions run until they end. Returns when the last connection
+    /// is closed or at `timeout`, whichever comes first.
+    pub async fn drain(&self, timeout: Duration) -> DrainOutcome {
+        let start = Instant::now();
+        self.info
+            .state
+            .store(State::Draining as u8, Ordering::Relaxed);
+        info!(
+            epoch = self.info.epoch,
+            connections = self.open_connections(),
+            timeout = ?timeout,
+            "draining"
+        );
+        let deadline = tokio::time::Instant::now() + timeout;
+        let waits: Vec<_> = self.workers.iter().map(|w| w.drain()).collect();
+        let mut timed_out = false;
+        for done in waits {
+            if tokio::time::timeout_at(deadline, done).await.is_err() {
+                timed_out = true;
+                break;
+            }
+        }
+        DrainOutcome {
+            connections_left: if timed_out {
+                self.open_connections()
+            } else {
+                0
+            },
+            took: start.elapsed(),
+        }
+    }
+
+    /// Asks the access log thread to reopen its files (after log rotation).
+    pub fn reopen_logs(&self) {
+        match &self.access_log {
+            Some(log) => log.reopen(),
+            None => info!("no access log to reopen"),
+        }
+    }
+
+    /// Closes every connection now, stops the workers and writes what the access logs hold.
+    pub fn stop(self) {
+        for worker in self.workers {
+            worker.stop();
+        }
+        if let Some(log) = self.access_log {
+            log.finish();
+        }
+    }
+}

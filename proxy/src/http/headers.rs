@@ -1,0 +1,250 @@
+//! What a proxy does to headers on the way through: hop-by-hop headers out, forwarding headers in.
+//! Pure functions over `http` types, tested without sockets.
+
+use std::net::IpAddr;
+
+use http::header::{
+    CONNECTION, EXPECT, HOST, HeaderMap, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE,
+    VIA,
+};
+use http::{Uri, Version, request, response};
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Longest client-supplied request id that is passed on; a longer one is replaced.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// What the proxy knows about the downstream side of a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Downstream {
+    pub peer: IpAddr,
+    pub tls: bool,
+}
+
+/// Rewrites a client's request for an HTTP/1.1 upstream and returns its request id.
+///
+/// Hop-by-hop headers go; `Host` stays as the client sent it (or comes from the `:authority` of
+/// an HTTP/2 request); `x-forwarded-for` gets the client's address appended; `x-forwarded-proto`
+/// says how the client reached us; `x-request-id` is kept when sane, generated otherwise; `via`
+/// gets our hop. `Expect` goes too: the proxy answers `100 Continue` itself when it reads the body.
+pub fn prepare_request(parts: &mut request::Parts, downstream: Downstream) -> HeaderValue {
+    let headers = &mut parts.headers;
+    remove_hop_by_hop(headers);
+    headers.remove(EXPECT);
+
+    if let Some(authority) = parts.uri.authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        headers.insert(HOST, host);
+    }
+
+    let peer = downstream.peer.to_string();
+    let forwarded_for = match joined(headers, &X_FORWARDED_FOR) {
+        Some(previous) => format!("{previous}, {peer}"),
+        None => peer,
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(if downstream.tls { "https" } else { "http" }),
+    );
+
+    let request_id = match headers.get(&X_REQUEST_ID) {
+        Some(id) if is_sane_request_id(id) => id.clone(),
+        _ => {
+            let id = generate_request_id();
+            headers.insert(X_REQUEST_ID.clone(), id.clone());
+            id
+        }
+    };
+
+    headers.append(VIA, via(parts.version));
+    parts.uri = origin_form(&parts.uri);
+    parts.version = Version::HTTP_11;
+    request_id
+}
+
+/// Rewrites an upstream's response for the client.
+pub fn prepare_response(parts: &mut response::Parts, upstream_version: Version) {
+    remove_hop_by_hop(&mut parts.headers);
+    parts.headers.append(VIA, via(upstream_version));
+    parts.version = Version::default();
+}
+
+/// Removes the headers that concern one connection only (RFC 9110, section 7.6.1): the fixed
+/// set, and every header that `Connection` names except `Host`, which a client must not be able
+/// to strip this way.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .filter(|name| *name != HOST)
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        &CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &TE,
+        &TRANSFER_ENCODING,
+        &UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+}
+
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let mut values = headers.get_all(name).iter().filter_map(|v| v.to_str().ok());
+    let first = values.next()?;
+    let mut out = first.to_owned();
+    for v in values {
+        out.push_str(", ");
+        out.push_str(v);
+    }
+    Some(out)
+}
+
+fn via(version: Version) -> HeaderValue {
+    HeaderValue::from_static(match version {
+        Version::HTTP_10 => "1.0 baton",
+        Version::HTTP_2 => "2 baton",
+        Version::HTTP_3 => "3 baton",
+        _ => "1.1 baton",
+    })
+}
+
+fn origin_form(uri: &Uri) -> Uri {
+    match uri.path_and_query() {
+        Some(_) if uri.scheme().is_none() && uri.authority().is_none() => uri.clone(),
+        Some(pq) => Uri::from(pq.clone()),
+        None => Uri::from_static("/"),
+    }
+}
+
+fn is_sane_request_id(id: &HeaderValue) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_REQUEST_ID_LEN
+        && id.as_bytes().iter().all(|b| b.is_ascii_graphic())
+}
+
+/// A random (version 4) UUID, as Envoy generates for `x-request-id`.
+pub fn generate_request_id() -> HeaderValue {
+    let bytes = fastrand::u128(..).to_le_bytes();
+    let uuid = uuid::Builder::from_random_bytes(bytes).into_uuid();
+    let mut buf = uuid::Uuid::encode_buffer();
+    HeaderValue::from_str(uuid.hyphenated().encode_lower(&mut buf))
+        .unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+
+    fn downstream() -> Downstream {
+        Downstream {
+            peer: "192.0.2.7".parse().unwrap(),
+            tls: false,
+        }
+    }
+
+    fn prepared(builder: request::Builder) -> (request::Parts, HeaderValue) {
+        let (mut parts, ()) = builder.body(()).unwrap().into_parts();
+        let id = prepare_request(&mut parts, downstream());
+        (parts, id)
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_and_host_stays() {
+        let (parts, _) = prepared(
+            Request::get("/a?b=c")
+                .header("host", "example.com")
+                .header("connection", "keep-alive, x-secret, host")
+                .header("keep-alive", "timeout=5")
+                .header("x-secret", "1")
+                .header("te", "trailers")
+                .header("upgrade", "websocket")
+                .header("expect", "100-continue")
+                .header("x-kept", "yes"),
+        );
+        let h = &parts.headers;
+        for gone in [
+            "connection",
+            "keep-alive",
+            "x-secret",
+            "te",
+            "upgrade",
+            "expect",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} should be removed");
+        }
+        assert_eq!(h["host"], "example.com");
+        assert_eq!(h["x-kept"], "yes");
+        assert_eq!(parts.uri, "/a?b=c");
+    }
+
+    #[test]
+    fn forwarding_headers_are_added() {
+        let (parts, id) = prepared(
+            Request::get("/")
+                .header("x-forwarded-for", "203.0.113.1")
+                .header("x-forwarded-for", "198.51.100.2")
+                .header("x-forwarded-proto", "https")
+                .header("via", "1.1 edge"),
+        );
+        let h = &parts.headers;
+        assert_eq!(h["x-forwarded-for"], "203.0.113.1, 198.51.100.2, 192.0.2.7");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        let via: Vec<_> = h.get_all("via").iter().collect();
+        assert_eq!(via, ["1.1 edge", "1.1 baton"]);
+        assert_eq!(h["x-request-id"], id);
+        assert_eq!(id.len(), 36, "a generated id is a UUID: {id:?}");
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_sane() {
+        let (_, id) = prepared(Request::get("/").header("x-request-id", "abc-123"));
+        assert_eq!(id, "abc-123");
+        let (parts, id) = prepared(Request::get("/").header("x-request-id", "has space"));
+        assert_ne!(id, "has space");
+        assert_eq!(parts.headers["x-request-id"], id);
+        assert_ne!(generate_request_id(), generate_request_id());
+    }
+
+    #[test]
+    fn http2_requests_get_host_from_authority_and_origin_form() {
+        let (parts, _) =
+            prepared(Request::get("https://example.com:8443/p?q").version(Version::HTTP_2));
+        assert_eq!(parts.headers["host"], "example.com:8443");
+        assert_eq!(parts.uri, "/p?q");
+        assert_eq!(parts.version, Version::HTTP_11);
+        assert_eq!(parts.headers["via"], "2 baton");
+    }
+
+    #[test]
+    fn responses_lose_hop_by_hop_headers() {
+        let (mut parts, ()) = http::Response::builder()
+            .header("connection", "close")
+            .header("transfer-encoding", "chunked")
+            .header("content-type", "text/plain")
+            .body(())
+            .unwrap()
+            .into_parts();
+        prepare_response(&mut parts, Version::HTTP_11);
+        assert!(!parts.headers.contains_key("connection"));
+        assert!(!parts.headers.contains_key("transfer-encoding"));
+        assert_eq!(parts.headers["content-type"], "text/plain");
+        assert_eq!(parts.headers["via"], "1.1 baton");
+    }
+}

@@ -1,0 +1,112 @@
+//! The downstream socket as hyper sees it: bytes already read while sniffing the protocol are
+//! served first, and every read marks the connection active, so that the drain and the idle
+//! timeout can tell an idle connection from one a client is sending on.
+
+use std::cell::Cell;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// What a connection has been doing, for the decision to close it while idle.
+pub struct Activity {
+    last_read: Cell<Instant>,
+    in_flight: Cell<u32>,
+}
+
+impl Activity {
+    pub fn new() -> Self {
+        Activity {
+            last_read: Cell::new(Instant::now()),
+            in_flight: Cell::new(0),
+        }
+    }
+
+    pub fn last_read(&self) -> Instant {
+        self.last_read.get()
+    }
+
+    /// Requests received and not yet fully answered.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.get()
+    }
+
+    pub fn request_started(&self) {
+        self.in_flight.set(self.in_flight.get() + 1);
+    }
+
+    pub fn request_finished(&self) {
+        self.in_flight.set(self.in_flight.get().saturating_sub(1));
+    }
+}
+
+/// A stream with a prefix of already-read bytes, recording when it last received data.
+pub struct ConnIo<S> {
+    inner: S,
+    prefix: Bytes,
+    activity: std::rc::Rc<Activity>,
+}
+
+impl<S> ConnIo<S> {
+    pub fn new(inner: S, prefix: Bytes, activity: std::rc::Rc<Activity>) -> Self {
+        ConnIo {
+            inner,
+            prefix,
+            activity,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        if buf.filled().len() > before {
+            self.activity.last_read.set(Instant::now());
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

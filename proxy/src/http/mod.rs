@@ -1,0 +1,220 @@
+//! HTTP listeners: one downstream connection from accept to close.
+//!
+//! The protocol is HTTP/2 when TLS negotiated `h2` or a cleartext client opens with the HTTP/2
+//! preface (prior knowledge), HTTP/1.1 otherwise. A connection is closed by the proxy only when
+//! it is idle: past the listener's idle timeout, or, during a drain, past the drain's idle grace.
+//! HTTP/2 connections get a graceful two-step GOAWAY when the drain begins.
+
+mod body;
+mod headers;
+mod io;
+mod service;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::debug;
+
+use self::io::{Activity, ConnIo};
+use self::service::ConnCtx;
+use crate::config::ListenerKind;
+use crate::worker::ConnectionGuard;
+
+/// The first bytes of every HTTP/2 connection (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Longest a TLS handshake may take.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one accepted connection of an HTTP listener until it closes.
+pub async fn serve(guard: ConnectionGuard, stream: TcpStream, peer: SocketAddr) {
+    let worker = guard.worker.clone();
+    let listener = guard.listener;
+    let ListenerKind::Http(config) = &worker.config.listeners[listener].kind else {
+        return;
+    };
+    let idle_timeout = config.idle_timeout;
+    let activity = Rc::new(Activity::new());
+    let ctx = |tls, h2| {
+        Rc::new(ConnCtx {
+            worker: worker.clone(),
+            listener,
+            peer,
+            tls,
+            h2,
+            activity: activity.clone(),
+        })
+    };
+
+    match worker.tls[listener].clone() {
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(
+                TLS_HANDSHAKE_TIMEOUT.min(idle_timeout),
+                acceptor.accept(stream),
+            );
+            let tls = match handshake.await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    debug!(worker = worker.id, %peer, "TLS handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    debug!(worker = worker.id, %peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            let io = ConnIo::new(tls, Bytes::new(), activity.clone());
+            run(ctx(true, h2), io, idle_timeout).await;
+        }
+        None => {
+            let mut stream = stream;
+            let sniffed = tokio::time::timeout(idle_timeout, sniff(&mut stream)).await;
+            let Ok(Some((prefix, h2))) = sniffed else {
+                return;
+            };
+            let io = ConnIo::new(stream, prefix, activity.clone());
+            run(ctx(false, h2), io, idle_timeout).await;
+        }
+    }
+    drop(guard);
+}
+
+/// Reads the first bytes of a cleartext connection and tells whether they open HTTP/2. Returns
+/// the bytes read, to be served again; `None` if the client closed without sending anything.
+async fn sniff(stream: &mut TcpStream) -> Option<(Bytes, bool)> {
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        match stream.read_buf(&mut buf).await {
+            Ok(0) | Err(_) if buf.is_empty() => return None,
+            Ok(0) | Err(_) => return Some((buf.freeze(), false)),
+            Ok(_) => {}
+        }
+        let n = buf.len().min(H2_PREFACE.len());
+        if buf[..n] != H2_PREFACE[..n] {
+            return Some((buf.freeze(), false));
+        }
+        if n == H2_PREFACE.len() {
+            return Some((buf.freeze(), true));
+        }
+    }
+}
+
+/// Runs hyper's HTTP/1.1 or HTTP/2 server on the connection.
+async fn run<S>(ctx: Rc<ConnCtx>, io: ConnIo<S>, idle_timeout: Duration)
+where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let h2 = ctx.h2;
+    let activity = ctx.activity.clone();
+    let worker = ctx.worker.clone();
+    let service = service_fn(move |request| service::handle(ctx.clone(), request));
+    let io = TokioIo::new(io);
+    let drain_grace = worker.config.drain.idle_grace;
+    if h2 {
+        let connection = http2::Builder::new(LocalExec)
+            .timer(TokioTimer::new())
+            .serve_connection(io, service);
+        drive(
+            connection,
+            &worker,
+            &activity,
+            idle_timeout,
+            drain_grace,
+            true,
+        )
+        .await;
+    } else {
+        let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            // The proxy closes idle connections itself (see `drive`); this only bounds how
+            // long a client may take to send one request's headers.
+            .header_read_timeout(idle_timeout)
+            .serve_connection(io, service);
+        drive(
+            connection,
+            &worker,
+            &activity,
+            idle_timeout,
+            drain_grace,
+            false,
+        )
+        .await;
+    }
+}
+
+/// Polls the connection to completion, closing it gracefully when it has been idle too long or
+/// when a drain asks for it.
+async fn drive<C>(
+    connection: C,
+    worker: &crate::worker::Worker,
+    activity: &Activity,
+    idle_timeout: Duration,
+    drain_grace: Duration,
+    h2: bool,
+) where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    let mut connection = pin!(connection);
+    let mut drain_seen = false;
+    let mut closing = false;
+    let mut check = pin!(tokio::time::sleep(idle_timeout));
+    loop {
+        if !drain_seen && worker.drain.is_draining() {
+            drain_seen = true;
+            if h2 {
+                // GOAWAY with the highest stream id, a PING, then the real last stream id: no
+                // request in flight is refused.
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            } else {
+                check.as_mut().reset(Instant::now());
+            }
+        }
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    debug!(worker = worker.id, "connection ended: {e}");
+                }
+                return;
+            }
+            _ = worker.drain.started(), if !drain_seen => {}
+            _ = check.as_mut(), if !closing => {
+                let limit = if drain_seen { drain_grace } else { idle_timeout };
+                let now = Instant::now();
+                let idle_since = Instant::from_std(activity.last_read());
+                if activity.in_flight() == 0 && now.saturating_duration_since(idle_since) >= limit {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                } else {
+                    let next = (idle_since + limit).max(now + Duration::from_millis(10));
+                    check.as_mut().reset(if activity.in_flight() == 0 { next } else { now + limit });
+                }
+            }
+        }
+    }
+}
+
+/// Runs HTTP/2 stream tasks on the worker's own thread.
+#[derive(Clone, Copy)]
+struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: Future + 'static,
+{
+    fn execute(&self, future: F) {
+        tokio::task::spawn_local(future);
+    }
+}

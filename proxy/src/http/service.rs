@@ -1,0 +1,321 @@
+//! One HTTP request: route it, then answer it directly or proxy it to a cluster.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONNECTION, CONTENT_TYPE, HOST, HeaderValue, SERVER, USER_AGENT};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use tracing::debug;
+
+use super::body::{Exchange, Flag, LogRecord, Release, ResponseBody};
+use super::headers::{self, Downstream, X_REQUEST_ID};
+use super::io::Activity;
+use crate::config::{ClusterId, DirectResponse, ListenerKind, RouteAction};
+use crate::stats;
+use crate::upstream::{self, ConnectError, RequestBody, Sender};
+use crate::worker::Worker;
+
+/// What a request handler knows about its connection.
+pub struct ConnCtx {
+    pub worker: Rc<Worker>,
+    pub listener: usize,
+    pub peer: SocketAddr,
+    pub tls: bool,
+    pub h2: bool,
+    pub activity: Rc<Activity>,
+}
+
+pub async fn handle(
+    ctx: Rc<ConnCtx>,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let worker = &ctx.worker;
+    let counters = &worker.counters.listeners[ctx.listener];
+    stats::inc(&counters.downstream_rq_total);
+    let log = worker.access_logs[ctx.listener]
+        .is_some()
+        .then(|| log_record(&ctx, &request));
+    let exchange = Exchange::new(ctx.activity.clone(), worker.clone(), ctx.listener, log);
+
+    let route = match &worker.config.listeners[ctx.listener].kind {
+        ListenerKind::Http(http) => {
+            let host = request_host(&request);
+            let path = request.uri().path();
+            http.routes.iter().find(|r| r.matches(host, path))
+        }
+        ListenerKind::Tcp { .. } => None,
+    };
+    let mut response = match route.map(|r| &r.action) {
+        None => local(
+            StatusCode::NOT_FOUND,
+            "no route matches this request\n",
+            exchange,
+            Flag::NoRoute,
+        ),
+        Some(RouteAction::Direct(direct)) => direct_response(direct, exchange),
+        Some(RouteAction::Cluster(cluster)) => proxy(&ctx, *cluster, request, exchange).await,
+    };
+
+    if let Some(class) = stats::class_index(response.status().as_u16()) {
+        stats::inc(&counters.downstream_rq_class[class]);
+    }
+    if !ctx.h2 && worker.drain.is_draining() {
+        // Ask the client to reconnect (to the next generation) instead of closing the connection
+        // under it: the only way to drain HTTP/1.1 without losing a request.
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(response)
+}
+
+fn log_record(ctx: &ConnCtx, request: &Request<Incoming>) -> Box<LogRecord> {
+    Box::new(LogRecord {
+        peer: ctx.peer,
+        method: request.method().clone(),
+        target: request
+            .uri()
+            .path_and_query()
+            .map_or_else(|| request.uri().to_string(), |pq| pq.as_str().to_owned()),
+        version: request.version(),
+        user_agent: request.headers().get(USER_AGENT).cloned(),
+        request_id: request.headers().get(&X_REQUEST_ID).cloned(),
+        upstream: None,
+        flag: Flag::None,
+    })
+}
+
+/// The host a request is for, without port: the URI's (HTTP/2 `:authority`, absolute-form
+/// HTTP/1.1) or the `Host` header's.
+fn request_host<B>(request: &Request<B>) -> &str {
+    if let Some(host) = request.uri().host() {
+        return host.trim_start_matches('[').trim_end_matches(']');
+    }
+    let Some(host) = request.headers().get(HOST).and_then(|h| h.to_str().ok()) else {
+        return "";
+    };
+    strip_port(host)
+}
+
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
+fn direct_response(direct: &DirectResponse, mut exchange: Exchange) -> Response<ResponseBody> {
+    exchange.set_status(direct.status.as_u16());
+    let mut response = Response::new(ResponseBody::full(direct.body.clone(), exchange));
+    *response.status_mut() = direct.status;
+    *response.headers_mut() = direct.headers.clone();
+    response
+}
+
+/// A response made by the proxy itself, with a one-line body that says what happened.
+fn local(
+    status: StatusCode,
+    message: &'static str,
+    mut exchange: Exchange,
+    flag: Flag,
+) -> Response<ResponseBody> {
+    exchange.set_status(status.as_u16());
+    let mut body = ResponseBody::full(Bytes::from_static(message.as_bytes()), exchange);
+    body.flag(flag);
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(SERVER, HeaderValue::from_static("baton"));
+    response
+}
+
+/// Why a request could not be sent upstream.
+enum SendError {
+    Connect(ConnectError),
+    Reset(hyper::Error),
+}
+
+async fn proxy(
+    ctx: &ConnCtx,
+    cluster_id: ClusterId,
+    request: Request<Incoming>,
+    mut exchange: Exchange,
+) -> Response<ResponseBody> {
+    let worker = &ctx.worker;
+    let cluster = worker.config.cluster(cluster_id);
+    let counters = &worker.counters.clusters[cluster_id.0];
+    let pool = &worker.pools[cluster_id.0];
+    stats::inc(&counters.upstream_rq_total);
+
+    let endpoint = pool.pick();
+    let addr = cluster.endpoints[endpoint];
+    let (mut parts, body) = request.into_parts();
+    let request_id = headers::prepare_request(
+        &mut parts,
+        Downstream {
+            peer: ctx.peer.ip(),
+            tls: ctx.tls,
+        },
+    );
+    if let Some(log) = exchange.log_mut() {
+        log.upstream = Some(addr);
+        log.request_id = Some(request_id);
+    }
+    // A request without a body to an idempotent method may be sent again if a pooled connection
+    // turns out to have been closed by the upstream under it (RFC 9110, section 9.2.2).
+    let replay = (body.is_end_stream() && is_idempotent(&parts.method)).then(|| {
+        (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
+        )
+    });
+    let request = Request::from_parts(parts, Either::Left(body));
+
+    let sent = tokio::time::timeout(
+        cluster.request_timeout,
+        send(ctx, cluster_id, endpoint, request, replay),
+    )
+    .await;
+    match sent {
+        Ok(Ok((response, sender))) => {
+            let (mut parts, body) = response.into_parts();
+            headers::prepare_response(&mut parts, Version::HTTP_11);
+            exchange.set_status(parts.status.as_u16());
+            let release = Release {
+                pool: pool.clone(),
+                endpoint,
+                sender,
+            };
+            Response::from_parts(parts, ResponseBody::upstream(body, release, exchange))
+        }
+        Ok(Err(SendError::Connect(e))) => {
+            debug!(worker = worker.id, upstream = %addr, "{e}");
+            match e {
+                ConnectError::TimedOut { .. } => local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream connect timeout\n",
+                    exchange,
+                    Flag::UpstreamConnectFailure,
+                ),
+                _ => local(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream connect error\n",
+                    exchange,
+                    Flag::UpstreamConnectFailure,
+                ),
+            }
+        }
+        Ok(Err(SendError::Reset(e))) => {
+            debug!(worker = worker.id, upstream = %addr, "upstream request failed: {e}");
+            stats::inc(&counters.upstream_rq_reset);
+            local(
+                StatusCode::BAD_GATEWAY,
+                "upstream reset before response\n",
+                exchange,
+                Flag::UpstreamReset,
+            )
+        }
+        Err(_) => {
+            stats::inc(&counters.upstream_rq_timeout);
+            local(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream request timeout\n",
+                exchange,
+                Flag::UpstreamTimeout,
+            )
+        }
+    }
+}
+
+/// Sends on a pooled connection when one is ready, else on a new one. A request that a pooled
+/// connection could not carry (it closed first) goes once more on a new connection.
+async fn send(
+    ctx: &ConnCtx,
+    cluster_id: ClusterId,
+    endpoint: usize,
+    mut request: Request<RequestBody>,
+    replay: Option<(Method, Uri, HeaderMap)>,
+) -> Result<(Response<Incoming>, Sender), SendError> {
+    let worker = &ctx.worker;
+    let pool = &worker.pools[cluster_id.0];
+    if let Some(mut pooled) = pool.checkout(endpoint) {
+        match pooled.sender.try_send_request(request).await {
+            Ok(response) => return Ok((response, pooled.sender)),
+            Err(mut e) => {
+                request = match (e.take_message(), replay) {
+                    (Some(unsent), _) => unsent,
+                    (None, Some((method, uri, headers))) => {
+                        let mut again = Request::new(Either::Right(Empty::new()));
+                        *again.method_mut() = method;
+                        *again.uri_mut() = uri;
+                        *again.headers_mut() = headers;
+                        again
+                    }
+                    (None, None) => return Err(SendError::Reset(e.into_error())),
+                };
+                debug!(
+                    worker = worker.id,
+                    idle_for = ?pooled.idle_for.unwrap_or(Duration::ZERO),
+                    "pooled upstream connection closed under a request; sending it again: {}",
+                    e.error()
+                );
+                stats::inc(&worker.counters.clusters[cluster_id.0].upstream_rq_retry);
+            }
+        }
+    }
+    let cluster = worker.config.cluster(cluster_id);
+    let mut sender = upstream::connect_http1(
+        cluster.endpoints[endpoint],
+        cluster,
+        &worker.counters,
+        cluster_id.0,
+    )
+    .await
+    .map_err(SendError::Connect)?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(SendError::Reset)?;
+    Ok((response, sender))
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_lose_their_ports() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("[::1]:8080"), "::1");
+        assert_eq!(strip_port("[::1]"), "::1");
+        let request = Request::get("http://a.test:81/x").body(()).unwrap();
+        assert_eq!(request_host(&request), "a.test");
+        let request = Request::get("/x")
+            .header("host", "b.test:82")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&request), "b.test");
+    }
+}

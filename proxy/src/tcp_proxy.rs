@@ -1,0 +1,75 @@
+//! TCP listeners: bytes both ways between the client and one endpoint of the cluster.
+//!
+//! Half-close is passed on: when one side shuts down its sending half, the other side's
+//! sending half is shut down too, and the session lasts until both directions are done. A drain
+//! lets sessions run until they end (or until the drain deadline stops the worker).
+
+use std::net::SocketAddr;
+use std::time::{Instant, SystemTime};
+
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::config::ListenerKind;
+use crate::upstream;
+use crate::worker::ConnectionGuard;
+
+pub async fn serve(guard: ConnectionGuard, mut downstream: TcpStream, peer: SocketAddr) {
+    let worker = guard.worker.clone();
+    let listener = &worker.config.listeners[guard.listener];
+    let ListenerKind::Tcp {
+        cluster: cluster_id,
+    } = listener.kind
+    else {
+        return;
+    };
+    let cluster = worker.config.cluster(cluster_id);
+    let start = Instant::now();
+    let endpoint = worker.pools[cluster_id.0].pick();
+    let addr = cluster.endpoints[endpoint];
+    let outcome = match upstream::connect_tcp(
+        addr,
+        cluster.connect_timeout,
+        &worker.counters,
+        cluster_id.0,
+    )
+    .await
+    {
+        Ok(mut upstream) => {
+            stats_gauge(&worker, cluster_id.0, 1);
+            let copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+            stats_gauge(&worker, cluster_id.0, -1);
+            match copied {
+                Ok((sent, received)) => Ok((sent, received)),
+                Err(e) => {
+                    debug!(worker = worker.id, %peer, upstream = %addr, "tcp session ended: {e}");
+                    Err("UR")
+                }
+            }
+        }
+        Err(e) => {
+            debug!(worker = worker.id, %peer, "{e}");
+            Err("UF")
+        }
+    };
+    if let Some(target) = &worker.access_logs[guard.listener] {
+        let (sent, received, flag) = match outcome {
+            Ok((s, r)) => (s, r, "-"),
+            Err(flag) => (0, 0, flag),
+        };
+        let line = format!(
+            "{} {} {peer} \"TCP\" - {received} {:.3} {addr} {flag} sent={sent}",
+            humantime::format_rfc3339_millis(SystemTime::now()),
+            listener.name,
+            start.elapsed().as_secs_f64(),
+        );
+        target
+            .sender
+            .send(target.file, line, &worker.counters.access_log_dropped);
+    }
+    drop(guard);
+}
+
+fn stats_gauge(worker: &crate::worker::Worker, cluster: usize, delta: i64) {
+    crate::stats::gauge_add(&worker.counters.clusters[cluster].upstream_cx_active, delta);
+}

@@ -1,0 +1,205 @@
+//! Upstream connections: connecting with a timeout, and each worker's pool of idle HTTP/1.1
+//! connections per endpoint.
+//!
+//! A pool belongs to one worker and is only touched from its thread, so it is a `RefCell`, not a
+//! lock. Connections are taken most-recently-used first, which keeps a small hot set warm and lets
+//! the rest reach their idle timeout and close.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::config::Cluster;
+use crate::stats::{self, WorkerCounters};
+
+/// The body of a request sent upstream: the client's, or none when a request is sent again.
+pub type RequestBody = Either<Incoming, Empty<Bytes>>;
+pub type Sender = http1::SendRequest<RequestBody>;
+
+/// How long a connection that has just finished a response may take to become usable again
+/// before the pool gives up on it.
+const READY_WAIT: Duration = Duration::from_secs(1);
+
+/// Why no connection to an endpoint could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The endpoint refused or the network failed: the endpoint is down or wrong.
+    #[error("connect to {addr} failed: {source}")]
+    Failed {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// No answer within the cluster's connect timeout.
+    #[error("connect to {addr} timed out after {timeout:?}")]
+    TimedOut { addr: SocketAddr, timeout: Duration },
+    /// The HTTP/1.1 handshake with a connected endpoint failed.
+    #[error("HTTP handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+/// Opens a TCP connection to `addr` within the cluster's connect timeout.
+pub async fn connect_tcp(
+    addr: SocketAddr,
+    timeout: Duration,
+    counters: &WorkerCounters,
+    cluster: usize,
+) -> Result<TcpStream, ConnectError> {
+    let c = &counters.clusters[cluster];
+    stats::inc(&c.upstream_cx_total);
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(source)) => {
+            stats::inc(&c.upstream_cx_connect_fail);
+            Err(ConnectError::Failed { addr, source })
+        }
+        Err(_) => {
+            stats::inc(&c.upstream_cx_connect_fail);
+            stats::inc(&c.upstream_cx_connect_timeout);
+            Err(ConnectError::TimedOut { addr, timeout })
+        }
+    }
+}
+
+/// Opens an HTTP/1.1 connection and runs it on this worker.
+pub async fn connect_http1(
+    addr: SocketAddr,
+    cluster: &Cluster,
+    counters: &Arc<WorkerCounters>,
+    cluster_index: usize,
+) -> Result<Sender, ConnectError> {
+    let stream = connect_tcp(addr, cluster.connect_timeout, counters, cluster_index).await?;
+    let (sender, connection) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| ConnectError::Handshake { addr, source })?;
+    let counters = counters.clone();
+    stats::gauge_add(&counters.clusters[cluster_index].upstream_cx_active, 1);
+    tokio::task::spawn_local(async move {
+        if let Err(e) = connection.await {
+            debug!(upstream = %addr, "upstream connection ended: {e}");
+        }
+        stats::gauge_add(&counters.clusters[cluster_index].upstream_cx_active, -1);
+    });
+    Ok(sender)
+}
+
+/// One worker's idle connections to the endpoints of one cluster, and its round-robin position.
+pub struct ClusterPool {
+    endpoints: usize,
+    next: Cell<usize>,
+    idle: RefCell<Vec<Vec<IdleConnection>>>,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+struct IdleConnection {
+    sender: Sender,
+    since: Instant,
+}
+
+/// A connection taken from the pool (or new), to go back once its response is complete.
+pub struct Checkout {
+    pub sender: Sender,
+    /// How long it sat idle in the pool; `None` for a new connection.
+    pub idle_for: Option<Duration>,
+}
+
+impl ClusterPool {
+    /// `start` spreads the workers' round-robin positions over the endpoints.
+    pub fn new(cluster: &Cluster, start: usize) -> Self {
+        let endpoints = cluster.endpoints.len();
+        ClusterPool {
+            endpoints,
+            next: Cell::new(start % endpoints.max(1)),
+            idle: RefCell::new((0..endpoints).map(|_| Vec::new()).collect()),
+            max_idle: cluster.max_idle_per_endpoint,
+            idle_timeout: cluster.idle_timeout,
+        }
+    }
+
+    /// The next endpoint in round-robin order.
+    pub fn pick(&self) -> usize {
+        let i = self.next.get();
+        self.next
+            .set(if i + 1 >= self.endpoints { 0 } else { i + 1 });
+        i
+    }
+
+    /// A ready idle connection to `endpoint`, dropping any that closed or expired.
+    pub fn checkout(&self, endpoint: usize) -> Option<Checkout> {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(endpoint)?;
+        let now = Instant::now();
+        while let Some(conn) = list.pop() {
+            let idle_for = now.saturating_duration_since(conn.since);
+            if idle_for >= self.idle_timeout || conn.sender.is_closed() {
+                continue;
+            }
+            if conn.sender.is_ready() {
+                return Some(Checkout {
+                    sender: conn.sender,
+                    idle_for: Some(idle_for),
+                });
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose response is complete. If it is not ready for the next request
+    /// yet (its last bytes are still being processed), a task waits for it briefly.
+    pub fn release(self: &Rc<Self>, endpoint: usize, mut sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        if sender.is_ready() {
+            self.put(endpoint, sender);
+            return;
+        }
+        let pool = self.clone();
+        tokio::task::spawn_local(async move {
+            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, sender.ready()).await {
+                pool.put(endpoint, sender);
+            }
+        });
+    }
+
+    fn put(&self, endpoint: usize, sender: Sender) {
+        let mut idle = self.idle.borrow_mut();
+        if let Some(list) = idle.get_mut(endpoint)
+            && list.len() < self.max_idle
+        {
+            list.push(IdleConnection {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes connections idle past the timeout, so upstreams are not held open for nothing.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        for list in self.idle.borrow_mut().iter_mut() {
+            list.retain(|c| {
+                now.saturating_duration_since(c.since) < self.idle_timeout && !c.sender.is_closed()
+            });
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! Worker threads. Each runs its own single-threaded event loop (a tokio current-thread runtime
+//! with a `LocalSet`), accepts on its own copy of every listen socket, and keeps every connection
+//! it accepted until that connection ends: per-worker state needs no lock.
+
+use std::cell::Cell;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::futures::Notified;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::LocalSet;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, error, warn};
+
+use crate::access_log::LogSender;
+use crate::config::{Config, ListenerKind};
+use crate::stats::{self, WorkerCounters};
+use crate::upstream::ClusterPool;
+use crate::{http, tcp_proxy};
+
+/// What the main thread asks of a worker.
+pub enum Command {
+    /// Stop accepting and drain; `done` fires once the worker's last connection has closed.
+    Drain { done: oneshot::Sender<()> },
+    /// Close every connection now and end the thread.
+    Stop,
+}
+
+/// The main thread's handle on a worker thread.
+pub struct WorkerHandle {
+    pub id: usize,
+    pub counters: Arc<WorkerCounters>,
+    commands: mpsc::UnboundedSender<Command>,
+    thread: JoinHandle<()>,
+}
+
+/// Where a listener's access log lines go.
+#[derive(Clone)]
+pub struct LogTarget {
+    pub sender: LogSender,
+    pub file: usize,
+}
+
+/// Everything a worker thread needs, handed over when it is spawned.
+pub struct WorkerSetup {
+    pub id: usize,
+    pub config: Arc<Config>,
+    /// One per listener of the config, in order: this worker's copy of the listen socket.
+    pub listeners: Vec<std::net::TcpListener>,
+    /// One per listener of the config.
+    pub access_logs: Vec<Option<LogTarget>>,
+}
+
+impl WorkerHandle {
+    pub fn spawn(setup: WorkerSetup) -> io::Result<WorkerHandle> {
+        let id = setup.id;
+        let counters = WorkerCounters::new(&setup.config);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (commands, rx) = mpsc::unbounded_channel();
+        let thread_counters = counters.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("worker-{id}"))
+            .spawn(move || {
+                let local = LocalSet::new();
+                local.block_on(&runtime, run(setup, thread_counters, rx));
+                // Dropping the LocalSet here drops every connection task, closing its sockets.
+            })?;
+        Ok(WorkerHandle {
+            id,
+            counters,
+            commands,
+            thread,
+        })
+    }
+
+    /// Asks the worker to drain; the receiver fires when its last connection has closed.
+    pub fn drain(&self) -> oneshot::Receiver<()> {
+        let (done, rx) = oneshot::channel();
+        // A worker that already ended has no connections: its dropped `done` fires `rx` at once.
+        let _ = self.commands.send(Command::Drain { done });
+        rx
+    }
+
+    /// Ends the worker, closing whatever it still holds, and waits for its thread.
+    pub fn stop(self) {
+        let _ = self.commands.send(Command::Stop);
+        if self.thread.join().is_err() {
+            error!(worker = self.id, "worker thread panicked");
+        }
+    }
+}
+
+/// A worker's state, shared by the tasks on its thread.
+pub struct Worker {
+    pub id: usize,
+    pub config: Arc<Config>,
+    pub counters: Arc<WorkerCounters>,
+    /// One per cluster of the config.
+    pub pools: Vec<Rc<ClusterPool>>,
+    /// One per listener of the config.
+    pub tls: Vec<Option<TlsAcceptor>>,
+    /// One per listener of the config.
+    pub access_logs: Vec<Option<LogTarget>>,
+    pub drain: DrainState,
+    pub connections: Connections,
+}
+
+async fn run(
+    setup: WorkerSetup,
+    counters: Arc<WorkerCounters>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+) {
+    let config = setup.config;
+    let worker = Rc::new(Worker {
+        id: setup.id,
+        pools: config
+            .clusters
+            .iter()
+            .map(|c| Rc::new(ClusterPool::new(c, setup.id)))
+            .collect(),
+        tls: config
+            .listeners
+            .iter()
+            .map(|l| match &l.kind {
+                ListenerKind::Http(h) => h.tls.clone().map(TlsAcceptor::from),
+                ListenerKind::Tcp { .. } => None,
+            })
+            .collect(),
+        access_logs: setup.access_logs,
+        counters,
+        config: config.clone(),
+        drain: DrainState::default(),
+        connections: Connections::default(),
+    });
+    for (index, listener) in setup.listeners.into_iter().enumerate() {
+        match TcpListener::from_std(listener) {
+            Ok(listener) => {
+                tokio::task::spawn_local(accept_loop(worker.clone(), index, listener));
+            }
+            Err(e) => {
+                error!(worker = worker.id, listener = %config.listeners[index].name, "cannot register listen socket: {e}")
+            }
+        }
+    }
+    tokio::task::spawn_local(sweep_pools(worker.clone()));
+
+    while let Some(command) = commands.recv().await {
+        match command {
+            Command::Drain { done } => {
+                worker.drain.begin();
+                let w = worker.clone();
+                tokio::task::spawn_local(async move {
+                    w.connections.all_closed().await;
+                    let _ = done.send(());
+                });
+            }
+            Command::Stop => break,
+        }
+    }
+}
+
+async fn accept_loop(worker: Rc<Worker>, index: usize, listener: TcpListener) {
+    let http = matches!(worker.config.listeners[index].kind, ListenerKind::Http(_));
+    loop {
+        if worker.drain.is_draining() {
+            // Dropping the listener closes this worker's copy of the socket.
+            return;
+        }
+        let accepted = tokio::select! {
+            biased;
+            _ = worker.drain.started() => continue,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => spawn_connection(&worker, index, http, stream, peer),
+            Err(e) if is_resource_exhaustion(&e) => {
+                // Out of file descriptors or memory: accepting again at once would spin. Back off
+                // so that closing connections can free some; the accept queue keeps the clients.
+                warn!(worker = worker.id, "accept failed: {e}; retrying in 100ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => debug!(worker = worker.id, "accept failed: {e}"),
+        }
+    }
+}
+
+fn spawn_connection(
+    worker: &Rc<Worker>,
+    index: usize,
+    http: bool,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    let _ = stream.set_nodelay(true);
+    let guard = ConnectionGuard::new(worker.clone(), index);
+    if http {
+        tokio::task::spawn_local(http::serve(guard, stream, peer));
+    } else {
+        tokio::task::spawn_local(tcp_proxy::serve(guard, stream, peer));
+    }
+}
+
+fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+async fn sweep_pools(worker: Rc<Worker>) {
+    let Some(period) = worker
+        .config
+        .clusters
+        .iter()
+        .map(|c| c.idle_timeout / 2)
+        .min()
+    else {
+        return;
+    };
+    let mut interval = tokio::time::interval(period.max(Duration::from_millis(100)));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        for pool in &worker.pools {
+            pool.sweep();
+        }
+    }
+}
+
+/// Whether this worker drains, and a way to wait for the moment it starts.
+#[derive(Default)]
+pub struct DrainState {
+    draining: Cell<bool>,
+    started: Notify,
+}
+
+impl DrainState {
+    fn begin(&self) {
+        self.draining.set(true);
+        self.started.notify_waiters();
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.get()
+    }
+
+    /// Fires when a drain begins. Check [`Self::is_draining`] first: a drain that began before
+    /// this future was made does not fire it.
+    pub fn started(&self) -> Notified<'_> {
+        self.started.notified()
+    }
+}
+
+/// The number of open downstream connections on this worker.
+#[derive(Default)]
+pub struct Connections {
+    open: Cell<usize>,
+    closed: Notify,
+}
+
+impl Connections {
+    async fn all_closed(&self) {
+        while self.open.get() > 0 {
+            self.closed.notified().await;
+        }
+    }
+}
+
+/// Counts a downstream connection from accept to close, in the stats and for the drain.
+pub struct ConnectionGuard {
+    pub worker: Rc<Worker>,
+    pub listener: usize,
+}
+
+impl ConnectionGuard {
+    fn new(worker: Rc<Worker>, listener: usize) -> Self {
+        let counters = &worker.counters.listeners[listener];
+        stats::inc(&counters.downstream_cx_total);
+        stats::gauge_add(&counters.downstream_cx_active, 1);
+        worker
+            .connections
+            .open
+            .set(worker.connections.open.get() + 1);
+        ConnectionGuard { worker, listener }
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        let counters = &self.worker.counters.listeners[self.listener];
+        stats::gauge_add(&counters.downstream_cx_active, -1);
+        stats::inc(&counters.downstream_cx_destroy);
+        let connections = &self.worker.connections;
+        connections.open.set(connections.open.get() - 1);
+        if connections.open.get() == 0 {
+            connections.closed.notify_waiters();
+        }
+    }
+}
