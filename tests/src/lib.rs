@@ -1,1 +1,94 @@
-//! harness
+//! The harness of baton's whole-system tests: it builds the real binaries, starts them as
+//! processes on loopback with generated configs and free ports, and gives the tests real clients
+//! and real upstream servers.
+//!
+//! Nothing here sleeps to synchronise: waits are on a readiness line, a socket, or a condition,
+//! each with a timeout.
+
+pub mod binaries;
+pub mod client;
+pub mod proxy;
+pub mod tls;
+pub mod upstream;
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+/// A port on 127.0.0.1 that nothing listens on right now.
+///
+/// Ports come from below the kernel's ephemeral range (32768 and up on Linux), so that the
+/// outgoing connections of other tests cannot take them between this call and the bind; each
+/// test process starts at its own offset so that parallel test binaries do not collide.
+pub fn free_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 400) as u16 * 25,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = if port >= 32_000 {
+            NEXT.store(20_001, Ordering::SeqCst);
+            20_000
+        } else {
+            port
+        };
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A loopback address with a free port.
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()))
+}
+
+/// Polls `condition` until it holds or `timeout` passes; returns whether it held.
+///
+/// Inside a multi-threaded tokio runtime the wait gives its thread up to the runtime's other
+/// tasks (an upstream server of the same test may need it).
+pub fn wait_until(timeout: Duration, condition: impl FnMut() -> bool) -> bool {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+            tokio::task::block_in_place(|| poll_until(timeout, condition))
+        }
+        _ => poll_until(timeout, condition),
+    }
+}
+
+fn poll_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        // The poll interval of a wait on a condition, not a wait in place of one.
+        #[allow(clippy::disallowed_methods)]
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Async [`wait_until`].
+pub async fn wait_until_async<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -68,6 +68,7 @@ impl Validator<'_> {
                 DEFAULT_DRAIN_IDLE_GRACE,
             )?,
         };
+        let admin_span = raw.admin.as_ref().map(|a| a.get_ref().address.span());
         let admin = raw
             .admin
             .map(|admin| -> Result<Admin> {
@@ -105,11 +106,12 @@ impl Validator<'_> {
         }
         let mut listeners: Vec<Listener> = Vec::with_capacity(raw.listener.len());
         for raw_listener in raw.listener {
-            let span = raw_listener.span();
-            let listener = self.listener(raw_listener.into_inner(), &cluster_ids)?;
+            let raw_listener = raw_listener.into_inner();
+            let (name_span, address_span) = (raw_listener.name.span(), raw_listener.address.span());
+            let listener = self.listener(raw_listener, &cluster_ids)?;
             if let Some(other) = listeners.iter().find(|l| l.name == listener.name) {
                 return Err(self.error(
-                    span,
+                    name_span,
                     format!(
                         "listener `{}` is defined twice; listener names must be unique",
                         other.name
@@ -118,7 +120,7 @@ impl Validator<'_> {
             }
             if let Some(other) = listeners.iter().find(|l| l.address == listener.address) {
                 return Err(self.error(
-                    span,
+                    address_span,
                     format!(
                         "listener `{}` uses address {} that listener `{}` already uses",
                         listener.name, listener.address, other.name
@@ -131,7 +133,7 @@ impl Validator<'_> {
             && let Some(other) = listeners.iter().find(|l| l.address == admin.address)
         {
             return Err(self.error(
-                0..0,
+                admin_span.unwrap_or(0..0),
                 format!(
                     "admin.address {} is also the address of listener `{}`",
                     admin.address, other.name
@@ -608,8 +610,8 @@ impl Validator<'_> {
         })
     }
 
-    /// Paths in the file are relative to the file's folder, as nginx's `include` is not but every
-    /// operator expects.
+    /// Relative paths in the file start from the file's own folder, so that a config and the
+    /// certificates beside it can move together.
     fn relative_path(&self, value: &str) -> PathBuf {
         let path = Path::new(value);
         if path.is_absolute() {

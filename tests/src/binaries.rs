@@ -1,0 +1,66 @@
+//! The binaries under test, built once per test process.
+//!
+//! Cargo only hands `CARGO_BIN_EXE_*` to the tests of a binary's own package, and `cargo test`
+//! does not build other packages' binaries, so the harness runs `cargo build` itself, into the
+//! same target folder and profile as the test binary. Cargo's own up-to-date check makes this
+//! nearly free when nothing changed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// `baton-proxy`, freshly built.
+pub fn proxy() -> &'static Path {
+    &built().proxy
+}
+
+struct Built {
+    proxy: PathBuf,
+}
+
+fn built() -> &'static Built {
+    static BUILT: OnceLock<Built> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let exe = std::env::current_exe().expect("the test binary knows its own path");
+        // <target>/<profile>/deps/<test binary>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binaries live in <target>/<profile>/deps");
+        let target_dir = profile_dir
+            .parent()
+            .expect("the profile folder is inside the target folder");
+        let profile = profile_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("debug");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("the tests package sits in the workspace root");
+        let mut command = Command::new(cargo);
+        command
+            .current_dir(workspace)
+            .args([
+                "build",
+                "--quiet",
+                "--bins",
+                "-p",
+                "baton-proxy",
+                "--target-dir",
+            ])
+            .arg(target_dir);
+        if profile == "release" {
+            command.arg("--release");
+        } else if profile != "debug" {
+            command.args(["--profile", profile]);
+        }
+        let status = command
+            .status()
+            .expect("cargo can be run to build the binaries under test");
+        assert!(status.success(), "building the binaries under test failed");
+        Built {
+            proxy: profile_dir.join("baton-proxy"),
+        }
+    })
+}

@@ -1,0 +1,222 @@
+//! Real servers for the proxy to talk to: an HTTP/1.1 origin with a few behaviours chosen by
+//! path, and a TCP echo server.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::free_addr;
+
+/// An HTTP/1.1 origin on loopback. Paths:
+/// - `/headers`: the request as JSON (`method`, `uri`, `version`, `headers`);
+/// - `/echo...`: the request body back, streamed;
+/// - `/slow/<ms>`: answers after `ms` milliseconds;
+/// - `/bytes/<n>`: `n` bytes of a known pattern ([`pattern`]), with a content length;
+/// - `/chunked/<n>`: `n` chunks, streamed without a content length;
+/// - anything else: `upstream <name>`.
+pub struct Origin {
+    pub addr: SocketAddr,
+    /// Requests received.
+    pub requests: Arc<AtomicUsize>,
+    /// TCP connections accepted.
+    pub connections: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Origin {
+    pub async fn start(name: &str) -> Origin {
+        let addr = free_addr();
+        let listener = TcpListener::bind(addr)
+            .await
+            .expect("the origin can listen");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let name: Arc<str> = name.into();
+        let (r, c) = (requests.clone(), connections.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let (r, name) = (r.clone(), name.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        handle(name.clone(), request)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Origin {
+            addr,
+            requests,
+            connections,
+            task,
+        }
+    }
+
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The byte at `index` of a `/bytes/<n>` body.
+pub fn pattern(index: usize) -> u8 {
+    (index % 251) as u8
+}
+
+type OriginBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+async fn handle(
+    name: Arc<str>,
+    request: Request<Incoming>,
+) -> Result<Response<OriginBody>, Infallible> {
+    let path = request.uri().path().to_owned();
+    let number = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .and_then(|n| n.parse::<usize>().ok())
+    };
+    let response = if path == "/headers" {
+        let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (name, value) in request.headers() {
+            headers
+                .entry(name.to_string())
+                .or_default()
+                .push(value.to_str().unwrap_or("<binary>").to_owned());
+        }
+        let body = serde_json::json!({
+            "method": request.method().as_str(),
+            "uri": request.uri().to_string(),
+            "version": format!("{:?}", request.version()),
+            "headers": headers,
+        });
+        full(StatusCode::OK, body.to_string())
+    } else if path.starts_with("/echo") {
+        let mut response = Response::new(request.into_body().boxed());
+        response
+            .headers_mut()
+            .insert("x-echo", "1".parse().unwrap());
+        response
+    } else if let Some(ms) = number("/slow/") {
+        tokio::time::sleep(Duration::from_millis(ms as u64)).await;
+        full(StatusCode::OK, "slow done\n".into())
+    } else if let Some(n) = number("/bytes/") {
+        let body: Vec<u8> = (0..n).map(pattern).collect();
+        Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed())
+    } else if let Some(n) = number("/chunked/") {
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            for i in 0..n {
+                if tx.send(Bytes::from(format!("chunk {i}\n"))).await.is_err() {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        });
+        Response::new(ChannelBody(rx).boxed())
+    } else {
+        let mut response = full(StatusCode::OK, format!("upstream {name}\n"));
+        response
+            .headers_mut()
+            .insert("x-upstream-name", name.parse().unwrap());
+        response
+    };
+    Ok(response)
+}
+
+fn full(status: StatusCode, body: String) -> Response<OriginBody> {
+    let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
+    *response.status_mut() = status;
+    response
+}
+
+/// A body fed by a channel: sent as chunks, with no length known in advance.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+    }
+}
+
+/// A TCP server that echoes what it reads and, when the client shuts down its sending half,
+/// shuts down its own after echoing the rest (so a proxy's half-close can be checked).
+pub struct TcpEcho {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl TcpEcho {
+    pub async fn start() -> TcpEcho {
+        let addr = free_addr();
+        let listener = TcpListener::bind(addr)
+            .await
+            .expect("the echo server can listen");
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if stream.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        TcpEcho { addr, task }
+    }
+}
+
+impl Drop for TcpEcho {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

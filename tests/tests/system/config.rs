@@ -1,0 +1,218 @@
+use baton_tests::free_addr;
+use baton_tests::proxy::{Proxy, run_once};
+use baton_tests::tls::TestCa;
+
+/// A valid file to break in one place per case.
+const BASE: &str = r#"instance = "test"
+
+[[listener]]
+name = "public"
+address = "127.0.0.1:18080"
+protocol = "http"
+
+[[listener.route]]
+path_prefix = "/"
+cluster = "origin"
+
+[[cluster]]
+name = "origin"
+endpoints = ["127.0.0.1:18081"]
+"#;
+
+/// `(what is wrong, the file, the line the error must name, words the message must hold)`.
+fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
+    vec![
+        (
+            "not TOML",
+            BASE.replace("protocol = \"http\"", "protocol = \"http"),
+            6,
+            "invalid basic string",
+        ),
+        (
+            "a misspelled field",
+            BASE.replace("address =", "adress ="),
+            5,
+            "unknown field `adress`, expected one of",
+        ),
+        (
+            "a value of the wrong type",
+            BASE.replace("protocol = \"http\"", "protocol = \"http\"\nbacklog = \"many\""),
+            7,
+            "invalid type: string \"many\", expected i64",
+        ),
+        (
+            "an unknown protocol",
+            BASE.replace("protocol = \"http\"", "protocol = \"htp\""),
+            6,
+            "unknown variant `htp`, expected `http` or `tcp`",
+        ),
+        (
+            "an address without a valid port",
+            BASE.replace("127.0.0.1:18080", "127.0.0.1:99999"),
+            5,
+            "listener.address: `127.0.0.1:99999` is not an IP address and port",
+        ),
+        (
+            "a route to a cluster that does not exist",
+            BASE.replace("cluster = \"origin\"", "cluster = \"orgin\""),
+            10,
+            "listener `public`: cluster `orgin` is not defined (defined clusters: origin)",
+        ),
+        (
+            "two listeners with one name",
+            format!("{BASE}\n[[listener]]\nname = \"public\"\naddress = \"127.0.0.1:18082\"\nprotocol = \"tcp\"\ncluster = \"origin\"\n"),
+            17,
+            "listener `public` is defined twice",
+        ),
+        (
+            "two listeners on one address",
+            format!("{BASE}\n[[listener]]\nname = \"other\"\naddress = \"127.0.0.1:18080\"\nprotocol = \"tcp\"\ncluster = \"origin\"\n"),
+            18,
+            "uses address 127.0.0.1:18080 that listener `public` already uses",
+        ),
+        (
+            "a duration that is not one",
+            BASE.replace("endpoints = [", "connect_timeout = \"5 parsecs\"\nendpoints = ["),
+            14,
+            "cluster.connect_timeout: `5 parsecs` is not a duration",
+        ),
+        (
+            "a TLS certificate file that does not exist",
+            BASE.replace(
+                "[[listener.route]]",
+                "[[listener.tls.certificate]]\ncert = \"missing.pem\"\nkey = \"missing.key\"\n\n[[listener.route]]",
+            ),
+            8,
+            "cannot read certificate file",
+        ),
+        (
+            "a tcp listener without a cluster",
+            format!("{BASE}\n[[listener]]\nname = \"l4\"\naddress = \"127.0.0.1:18082\"\nprotocol = \"tcp\"\n"),
+            19,
+            "listener `l4`: a tcp listener needs `cluster = \"...\"`",
+        ),
+        (
+            "a direct response with an impossible status",
+            BASE.replace("cluster = \"origin\"\n\n", "direct_response = { status = 999 }\n\n"),
+            10,
+            "direct_response.status 999 is not an HTTP status from 200 to 599",
+        ),
+        (
+            "a route with both a cluster and a direct response",
+            BASE.replace("cluster = \"origin\"\n\n", "cluster = \"origin\"\ndirect_response = { status = 200 }\n\n"),
+            8,
+            "give either `cluster` or `direct_response`, not both",
+        ),
+        (
+            "a path prefix without its slash",
+            BASE.replace("path_prefix = \"/\"", "path_prefix = \"api\""),
+            9,
+            "path_prefix `api` must start with `/`",
+        ),
+        (
+            "a cluster with no endpoints",
+            BASE.replace("endpoints = [\"127.0.0.1:18081\"]", "endpoints = []"),
+            14,
+            "cluster `origin`: endpoints is empty",
+        ),
+        (
+            "no listener at all",
+            "instance = \"test\"\n".to_owned(),
+            1,
+            "no listener is configured",
+        ),
+    ]
+}
+
+#[test]
+fn every_bad_config_is_refused_with_its_line_and_reason() {
+    let mut failures = Vec::new();
+    for (what, config, line, words) in cases() {
+        let output = run_once(&config, true);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let at = format!("baton.toml:{line}:");
+        if output.status.code() != Some(1) || !stderr.contains(&at) || !stderr.contains(words) {
+            failures.push(format!(
+                "{what}: expected exit 1 and `{at}` and `{words}`, got {:?}: {stderr}",
+                output.status.code()
+            ));
+        }
+        assert!(
+            stderr.lines().count() <= 2,
+            "{what}: the error is short: {stderr}"
+        );
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn a_key_that_does_not_match_its_certificate_is_refused() {
+    let ca = TestCa::new();
+    let (one, two) = (ca.leaf(&["a.test"]), ca.leaf(&["a.test"]));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.pem"), &one.cert_pem).unwrap();
+    std::fs::write(dir.path().join("b.key"), &two.key_pem).unwrap();
+    let config = BASE.replace(
+        "[[listener.route]]",
+        &format!(
+            "[[listener.tls.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n\n[[listener.route]]",
+            dir.path().join("a.pem").display(),
+            dir.path().join("b.key").display()
+        ),
+    );
+    let output = run_once(&config, true);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr.contains("baton.toml:8:"), "{stderr}");
+    assert!(
+        stderr.contains("does not belong to certificate"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_valid_config_passes_the_check_and_a_bad_one_stops_the_start() {
+    let output = run_once(BASE, true);
+    assert_eq!(output.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("baton.toml is valid"));
+
+    let output = run_once(&BASE.replace("address =", "adress ="), false);
+    assert_eq!(
+        output.status.code(),
+        Some(64),
+        "a bad config at start is a usage error"
+    );
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown field `adress`"));
+}
+
+#[test]
+fn a_taken_port_is_named_with_the_way_out() {
+    let taken = std::net::TcpListener::bind(free_addr()).unwrap();
+    let addr = taken.local_addr().unwrap();
+    let config = BASE.replace("127.0.0.1:18080", &addr.to_string());
+    let log = match Proxy::start_with(&config, &[]) {
+        Ok(_) => panic!("the proxy started on a taken port"),
+        Err(log) => log,
+    };
+    assert!(
+        log.contains(&format!("listener `public`: cannot listen on {addr}")),
+        "{log}"
+    );
+    assert!(
+        log.contains("another process is listening on this address"),
+        "{log}"
+    );
+}
+
+#[test]
+fn the_example_config_is_valid() {
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart.toml");
+    let output = run_once(&std::fs::read_to_string(example).unwrap(), true);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

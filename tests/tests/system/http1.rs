@@ -1,0 +1,367 @@
+use std::time::{Duration, Instant};
+
+use baton_tests::client::{self, H1, request};
+use baton_tests::free_addr;
+use baton_tests::proxy::Proxy;
+use baton_tests::upstream::{Origin, pattern};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::{WAIT, http_config, stat};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_host_and_path_prefix() {
+    let api = Origin::start("api").await;
+    let web = Origin::start("web").await;
+    let listen = free_addr();
+    let _proxy = Proxy::start(&format!(
+        r#"
+[[listener]]
+name = "public"
+address = "{listen}"
+protocol = "http"
+
+[[listener.route]]
+hosts = ["api.test", "*.api.test"]
+cluster = "api"
+
+[[listener.route]]
+path_prefix = "/static/"
+direct_response = {{ status = 200, body = "static\n", headers = {{ "cache-control" = "max-age=60" }} }}
+
+[[listener.route]]
+path_prefix = "/web"
+cluster = "web"
+
+[[cluster]]
+name = "api"
+endpoints = ["{}"]
+
+[[cluster]]
+name = "web"
+endpoints = ["{}"]
+"#,
+        api.addr, web.addr
+    ));
+    let mut c = H1::connect(listen).await.unwrap();
+
+    let r = c
+        .send(request("GET", "api.test", "/web/x", ""))
+        .await
+        .unwrap();
+    assert_eq!(r.text(), "upstream api\n", "the host route comes first");
+    let r = c
+        .send(request("GET", "v2.API.test:8080", "/", ""))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.text(),
+        "upstream api\n",
+        "wildcard hosts match, ignoring case and port"
+    );
+
+    let r = c
+        .send(request("GET", "other.test", "/static/app.js", ""))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "static\n");
+    assert_eq!(r.header("cache-control"), Some("max-age=60"));
+    assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
+
+    let r = c
+        .send(request("GET", "other.test", "/web/page", ""))
+        .await
+        .unwrap();
+    assert_eq!(r.text(), "upstream web\n");
+    assert_eq!(r.header("x-upstream-name"), Some("web"));
+
+    let r = c
+        .send(request("GET", "other.test", "/nothing", ""))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(r.text(), "no route matches this request\n");
+    assert_eq!(r.header("server"), Some("baton"));
+
+    let r = c
+        .send(request("HEAD", "other.test", "/static/app.js", ""))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.body.is_empty(), "HEAD gets no body");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_bodies_of_every_size() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _proxy = Proxy::start(&http_config(listen, admin, origin.addr));
+    let mut c = H1::connect(listen).await.unwrap();
+
+    for size in [0usize, 1, 1 << 20] {
+        let body: Vec<u8> = (0..size).map(pattern).collect();
+        let r = c
+            .send(request("POST", "x.test", "/echo", body.clone()))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "POST of {size} bytes");
+        assert_eq!(r.body.len(), size);
+        assert!(r.body == body, "the {size}-byte body comes back intact");
+    }
+
+    let r = c.get("/bytes/1048576").await.unwrap();
+    assert_eq!(r.header("content-length"), Some("1048576"));
+    assert!(r.body.iter().enumerate().all(|(i, b)| *b == pattern(i)));
+
+    let r = c.get("/chunked/200").await.unwrap();
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(r.header("content-length"), None);
+    let expected: String = (0..200).map(|i| format!("chunk {i}\n")).collect();
+    assert_eq!(r.text(), expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_a_chunked_request_body() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _proxy = Proxy::start(&http_config(listen, admin, origin.addr));
+    let mut stream = TcpStream::connect(listen).await.unwrap();
+    stream
+        .write_all(b"POST /echo HTTP/1.1\r\nHost: x.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .await
+        .unwrap();
+    // The second chunk goes only after the proxy has had the first: the body is streamed.
+    stream.flush().await.unwrap();
+    stream.write_all(b"6\r\n world\r\n0\r\n\r\n").await.unwrap();
+    let reply = read_until(&mut stream, b"0\r\n\r\n").await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+    assert!(
+        reply
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{reply}"
+    );
+    let body: String = reply
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap()
+        .split("\r\n")
+        .skip(1)
+        .step_by(2)
+        .collect();
+    assert_eq!(body, "hello world");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reuses_connections_on_both_sides() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _proxy = Proxy::start(
+        &http_config(listen, admin, origin.addr).replace("concurrency = 2", "concurrency = 1"),
+    );
+    let mut c = H1::connect(listen).await.unwrap();
+    for i in 0..20 {
+        let r = c.get(&format!("/n{i}")).await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("connection"), None, "keep-alive stays on");
+    }
+    assert_eq!(origin.requests(), 20);
+    assert_eq!(
+        origin.connections(),
+        1,
+        "one pooled upstream connection served every request"
+    );
+    assert_eq!(stat(admin, "listener.public.downstream_cx_total").await, 1);
+    assert_eq!(stat(admin, "listener.public.downstream_rq_2xx").await, 20);
+    assert_eq!(stat(admin, "cluster.origin.upstream_cx_total").await, 1);
+    assert_eq!(stat(admin, "cluster.origin.upstream_rq_total").await, 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_pipelined_requests_in_order() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _proxy = Proxy::start(&http_config(listen, admin, origin.addr));
+    let mut stream = TcpStream::connect(listen).await.unwrap();
+    // Three requests in one write; the first is the slowest, yet answers keep request order.
+    stream
+        .write_all(
+            b"GET /slow/300 HTTP/1.1\r\nHost: x.test\r\n\r\n\
+              GET /first HTTP/1.1\r\nHost: x.test\r\n\r\n\
+              GET /second HTTP/1.1\r\nHost: direct.test\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let reply = read_until(&mut stream, b"direct\n").await;
+    let reply = String::from_utf8_lossy(&reply);
+    let slow = reply.find("slow done").expect("the slow answer");
+    let first = reply.find("upstream origin").expect("the second answer");
+    let direct = reply.find("HTTP/1.1 201").expect("the third answer");
+    assert!(
+        slow < first && first < direct,
+        "answers out of order:\n{reply}"
+    );
+    assert_eq!(reply.matches("HTTP/1.1 ").count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sets_forwarding_headers_and_drops_hop_by_hop_ones() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let proxy = Proxy::start(&http_config(listen, admin, origin.addr));
+    let mut c = H1::connect(listen).await.unwrap();
+
+    let mut req = request("GET", "app.test:8443", "/headers", "");
+    let h = req.headers_mut();
+    h.insert("x-request-id", "req-42".parse().unwrap());
+    h.insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
+    h.insert("connection", "x-hop".parse().unwrap());
+    h.insert("x-hop", "secret".parse().unwrap());
+    h.insert("x-app", "kept".parse().unwrap());
+    let r = c.send(req).await.unwrap();
+    assert_eq!(
+        r.header("via"),
+        Some("1.1 baton"),
+        "the response names the proxy too"
+    );
+    let seen = r.json();
+    let header = |name: &str| {
+        seen["headers"][name]
+            .as_array()
+            .map(|v| v[0].as_str().unwrap().to_owned())
+    };
+    assert_eq!(
+        header("host").as_deref(),
+        Some("app.test:8443"),
+        "Host is preserved"
+    );
+    assert_eq!(
+        header("x-forwarded-for").as_deref(),
+        Some("203.0.113.9, 127.0.0.1")
+    );
+    assert_eq!(header("x-forwarded-proto").as_deref(), Some("http"));
+    assert_eq!(header("x-request-id").as_deref(), Some("req-42"));
+    assert_eq!(header("via").as_deref(), Some("1.1 baton"));
+    assert_eq!(header("x-app").as_deref(), Some("kept"));
+    assert_eq!(
+        header("x-hop"),
+        None,
+        "headers named by Connection are hop-by-hop"
+    );
+    assert_eq!(seen["version"], "HTTP/1.1");
+
+    let r = c.get("/headers").await.unwrap();
+    let generated = r.json()["headers"]["x-request-id"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        generated.len(),
+        36,
+        "a generated request id is a UUID: {generated}"
+    );
+    // The same id is in the access log line of that request.
+    assert!(
+        proxy.wait_for_log_file("access.log", &generated, WAIT),
+        "the access log names the request id"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_502_when_the_upstream_is_down() {
+    let dead = free_addr();
+    let (listen, admin) = (free_addr(), free_addr());
+    let _proxy = Proxy::start(&http_config(listen, admin, dead));
+    let started = Instant::now();
+    let r = client::get(listen, "/").await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.text(), "upstream connect error\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a refused connect fails fast"
+    );
+    assert_eq!(
+        stat(admin, "cluster.origin.upstream_cx_connect_fail").await,
+        1
+    );
+    assert_eq!(stat(admin, "listener.public.downstream_rq_5xx").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_504_when_the_upstream_is_slow() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _proxy = Proxy::start(&http_config(listen, admin, origin.addr));
+    let started = Instant::now();
+    let r = client::get(listen, "/slow/5000").await;
+    let took = started.elapsed();
+    assert_eq!(r.status, 504);
+    assert_eq!(r.text(), "upstream request timeout\n");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "took {took:?} with a 1s timeout"
+    );
+    assert_eq!(stat(admin, "cluster.origin.upstream_rq_timeout").await, 1);
+    // The connection still works after a timeout.
+    let r = client::get(listen, "/fine").await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_the_access_log_and_reopens_it_on_sigusr1() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let proxy = Proxy::start(&http_config(listen, admin, origin.addr));
+    let mut c = H1::connect(listen).await.unwrap();
+    let mut req = request("GET", "x.test", "/logged?q=1", "");
+    req.headers_mut()
+        .insert("user-agent", "baton-test/1".parse().unwrap());
+    c.send(req).await.unwrap();
+    c.send(request("GET", "direct.test", "/", ""))
+        .await
+        .unwrap();
+
+    let expected = "\"GET /logged?q=1 HTTP/1.1\" 200 16 ";
+    assert!(proxy.wait_for_log_file("access.log", expected, WAIT));
+    let log = proxy.read_file("access.log");
+    let line = log.lines().find(|l| l.contains("/logged")).unwrap();
+    assert!(line.contains(" public 127.0.0.1:"), "{line}");
+    assert!(
+        line.contains(&format!(" {} - ", origin.addr)),
+        "upstream and flag: {line}"
+    );
+    assert!(line.ends_with("\"baton-test/1\""), "{line}");
+    assert!(proxy.wait_for_log_file("access.log", "\"GET / HTTP/1.1\" 201 7 ", WAIT));
+
+    // Log rotation: move the file away, signal, and the next line goes to a new file.
+    std::fs::rename(
+        proxy.dir().join("access.log"),
+        proxy.dir().join("access.log.1"),
+    )
+    .unwrap();
+    proxy.signal(nix::sys::signal::Signal::SIGUSR1);
+    assert!(proxy.wait_for_log("access logs reopened", WAIT));
+    c.get("/after-rotation").await.unwrap();
+    assert!(proxy.wait_for_log_file("access.log", "/after-rotation", WAIT));
+    assert!(!proxy.read_file("access.log.1").contains("/after-rotation"));
+}
+
+/// Reads from `stream` until `end` has been seen (or the stream ends).
+async fn read_until(stream: &mut TcpStream, end: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let read = async {
+        while !out.windows(end.len()).any(|w| w == end) {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read)
+        .await
+        .expect("the answer arrives");
+    out
+}

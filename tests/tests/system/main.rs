@@ -1,0 +1,64 @@
+//! baton's whole-system tests, one binary: real `baton-proxy` processes, real clients and real
+//! upstream servers, all on loopback. See `tests/src` for the harness.
+
+/// The admin listener.
+mod admin;
+/// Bad configurations and start-up errors: each with its message.
+mod config;
+/// SIGTERM drain, SIGINT.
+mod drain;
+/// Routing, proxying, bodies, keep-alive, pipelining, proxy headers, upstream failures, access log.
+mod http1;
+/// HTTP/2 cleartext (prior knowledge) and TLS with ALPN and SNI.
+mod http2_tls;
+/// The L4 (TCP) proxy.
+mod tcp;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Upper bound for anything a test waits on; generous for a loaded 2-core machine.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// An HTTP listener on `listen` that sends everything to `origin`, with admin on `admin`.
+pub fn http_config(listen: SocketAddr, admin: SocketAddr, origin: SocketAddr) -> String {
+    format!(
+        r#"
+instance = "test"
+concurrency = 2
+drain_timeout = "10s"
+drain_idle_grace = "500ms"
+
+[admin]
+address = "{admin}"
+
+[[listener]]
+name = "public"
+address = "{listen}"
+protocol = "http"
+access_log = "access.log"
+
+[[listener.route]]
+hosts = ["direct.test"]
+direct_response = {{ status = 201, body = "direct\n", headers = {{ "x-direct" = "yes" }} }}
+
+[[listener.route]]
+path_prefix = "/"
+cluster = "origin"
+
+[[cluster]]
+name = "origin"
+endpoints = ["{origin}"]
+request_timeout = "1s"
+"#
+    )
+}
+
+/// Reads a `name: value` line of the admin's `/stats`.
+pub async fn stat(admin: SocketAddr, name: &str) -> i64 {
+    let stats = baton_tests::client::get(admin, "/stats").await.text();
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(": ")?.parse().ok())
+        .unwrap_or_else(|| panic!("no stat {name} in:\n{stats}"))
+}
