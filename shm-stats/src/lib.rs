@@ -1,8 +1,39 @@
 //! The shared-memory stats region of baton.
 //!
-//! This crate will hold the region's layout (header, process-shared locks, the append-only name
-//! table, one shard of cells per generation and worker), the writer handles used on the proxy's
-//! request path, the bounds-checked reader that external tools use, and the `baton-stats` CLI.
-//! It does not know about processes, sockets or the proxy.
+//! One file (by default `/dev/shm/baton.<instance>`) holds every stat of an instance: the
+//! supervisor creates it, every generation maps it and writes its own rows, and outside tools map
+//! it read-only. During a hot restart the old and the new generation write the same region, and
+//! when a generation ends its counts are folded into a retired row, so counters never go back.
 //!
-//! It is filled by the stats-region issue; until then it is empty on purpose.
+//! Who depends on it: the proxy (writes through [`Shard`]s), the supervisor (creates regions,
+//! [`Region::retire_epoch`]), `baton-stats` and any other reader ([`Reader`]).
+//!
+//! What it promises:
+//! - Writes are uncontended: a [`Shard`] is one worker's row, written by one thread with relaxed
+//!   atomic loads and stores; rows are cache-line aligned, so workers never share a line.
+//! - Reads need no lock: entries are published with a release store of the stat count, and a
+//!   sequence number makes snapshots consistent across retirements.
+//! - A reader never trusts the file: foreign, truncated, damaged or newer regions give a
+//!   [`ReadError`] that says so, never a crash.
+//! - The byte layout is the contract with external tools: it is documented in `LAYOUT.md`, and
+//!   [`LAYOUT_VERSION`] changes with any change to it.
+//!
+//! It does not know about processes beyond a pid in each row, nor about sockets or the proxy.
+
+pub mod format;
+pub mod histogram;
+pub mod layout;
+mod lock;
+mod reader;
+mod region;
+mod view;
+
+pub use layout::{Capacities, Kind, LAYOUT_VERSION, Merge, Unit};
+pub use lock::{Acquired, LockGuard};
+pub use reader::{HeaderInfo, ReadError, Reader, ShardInfo, Snapshot, Stat, Value};
+pub use region::{Counter, Gauge, Histogram, Region, Shard, Spec, StatsError};
+
+/// Where the region of `instance` lives by default.
+pub fn default_path(instance: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/dev/shm/baton.{instance}"))
+}

@@ -1,0 +1,212 @@
+//! Rendering a snapshot as text (for people), JSON (for scripts) or the Prometheus text exposition
+//! format (for scrapers). Shared by `baton-stats` and the proxy's admin endpoints.
+
+use std::fmt::Write;
+
+use serde_json::{Map, Value as Json, json};
+
+use crate::histogram::Summary;
+use crate::layout::{Kind, Unit};
+use crate::reader::{Snapshot, Stat, Value};
+
+/// `name{k=v,...}`, how a stat is named in text output and matched by filters.
+pub fn display_name(stat: &Stat) -> String {
+    if stat.tags.is_empty() {
+        return stat.name.clone();
+    }
+    let tags: Vec<String> = stat.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{}{{{}}}", stat.name, tags.join(","))
+}
+
+fn human(value: u64, unit: Unit) -> String {
+    match unit {
+        Unit::Microseconds if value >= 1_000_000 => format!("{:.2}s", value as f64 / 1e6),
+        Unit::Microseconds if value >= 1_000 => format!("{:.2}ms", value as f64 / 1e3),
+        Unit::Microseconds => format!("{value}us"),
+        Unit::Seconds => format!("{value}s"),
+        Unit::Bytes | Unit::None => value.to_string(),
+    }
+}
+
+fn histogram_text(h: &Summary, unit: Unit) -> String {
+    format!(
+        "count={} p50={} p90={} p99={} max={}",
+        h.count(),
+        human(h.quantile(0.5), unit),
+        human(h.quantile(0.9), unit),
+        human(h.quantile(0.99), unit),
+        human(h.max, unit),
+    )
+}
+
+/// One line per stat, sorted by name: `name{tags}  value`.
+pub fn text(stats: &[&Stat]) -> String {
+    let mut rows: Vec<(String, String)> = stats
+        .iter()
+        .map(|s| {
+            let value = match &s.value {
+                Value::Counter(v) => v.to_string(),
+                Value::Gauge(v) => v.to_string(),
+                Value::Histogram(h) => histogram_text(h, s.unit),
+            };
+            (display_name(s), value)
+        })
+        .collect();
+    rows.sort();
+    let width = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (name, value) in rows {
+        let _ = writeln!(out, "{name:<width$}  {value}");
+    }
+    out
+}
+
+/// `name: value` lines, as Envoy's plain `/stats`; histograms as in [`text`].
+pub fn plain(stats: &[&Stat]) -> String {
+    let mut rows: Vec<String> = stats
+        .iter()
+        .map(|s| {
+            let value = match &s.value {
+                Value::Counter(v) => v.to_string(),
+                Value::Gauge(v) => v.to_string(),
+                Value::Histogram(h) => histogram_text(h, s.unit),
+            };
+            format!("{}: {value}", display_name(s))
+        })
+        .collect();
+    rows.sort();
+    rows.join("\n") + "\n"
+}
+
+/// The region's facts and every stat, as one JSON document.
+pub fn json(snapshot: &Snapshot, path: &str, stats: &[&Stat]) -> String {
+    let stats: Vec<Json> = stats
+        .iter()
+        .map(|s| {
+            let tags: Map<String, Json> = s
+                .tags
+                .iter()
+                .map(|(k, v)| (k.clone(), Json::from(v.as_str())))
+                .collect();
+            let mut o = json!({
+                "name": s.name,
+                "tags": tags,
+                "kind": s.kind.name(),
+                "unit": s.unit.name(),
+                "help": s.help,
+            });
+            match &s.value {
+                Value::Counter(v) => o["value"] = json!(v),
+                Value::Gauge(v) => o["value"] = json!(v),
+                Value::Histogram(h) => {
+                    o["count"] = json!(h.count());
+                    o["sum"] = json!(h.sum);
+                    o["max"] = json!(h.max);
+                    o["p50"] = json!(h.quantile(0.5));
+                    o["p90"] = json!(h.quantile(0.9));
+                    o["p99"] = json!(h.quantile(0.99));
+                    let buckets: Vec<Json> = h
+                        .buckets
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, n)| **n > 0)
+                        .map(|(i, n)| json!([crate::histogram::upper(i), n]))
+                        .collect();
+                    o["buckets"] = Json::from(buckets);
+                }
+            }
+            o
+        })
+        .collect();
+    let shards: Vec<Json> = snapshot
+        .shards
+        .iter()
+        .map(|s| json!({"epoch": s.epoch, "worker": s.worker, "pid": s.pid}))
+        .collect();
+    let doc = json!({
+        "region": {
+            "path": path,
+            "layout_version": snapshot.header.version,
+            "created_unix_ms": snapshot.header.created_unix_ms,
+            "supervisor_pid": snapshot.supervisor_pid,
+            "current_epoch": snapshot.current_epoch,
+            "shards": shards,
+        },
+        "stats": stats,
+    });
+    format!("{doc:#}\n")
+}
+
+/// The Prometheus text exposition format (version 0.0.4): one family per stat name, prefixed
+/// `baton_`, tags as labels; microsecond histograms in seconds, with a `_seconds` suffix.
+pub fn prometheus(stats: &[&Stat]) -> String {
+    // Families must be contiguous: group by name, keeping the order names first appear in.
+    let mut names: Vec<&str> = Vec::new();
+    for s in stats {
+        if !names.contains(&s.name.as_str()) {
+            names.push(&s.name);
+        }
+    }
+    let mut out = String::new();
+    for name in names {
+        let family: Vec<&&Stat> = stats.iter().filter(|s| s.name == name).collect();
+        let first = family[0];
+        let seconds = first.kind == Kind::Histogram && first.unit == Unit::Microseconds;
+        let metric = format!(
+            "baton_{}{}",
+            name.replace('.', "_"),
+            if seconds { "_seconds" } else { "" }
+        );
+        let help = first.help.replace('\\', "\\\\").replace('\n', "\\n");
+        let _ = writeln!(out, "# HELP {metric} {help}");
+        let _ = writeln!(out, "# TYPE {metric} {}", first.kind.name());
+        for s in family {
+            let labels: Vec<String> = s
+                .tags
+                .iter()
+                .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
+                .collect();
+            let with = |extra: Option<String>| -> String {
+                let mut all = labels.clone();
+                all.extend(extra);
+                if all.is_empty() {
+                    String::new()
+                } else {
+                    format!("{{{}}}", all.join(","))
+                }
+            };
+            match &s.value {
+                Value::Counter(v) => {
+                    let _ = writeln!(out, "{metric}{} {v}", with(None));
+                }
+                Value::Gauge(v) => {
+                    let _ = writeln!(out, "{metric}{} {v}", with(None));
+                }
+                Value::Histogram(h) => {
+                    let scale = |v: u64| {
+                        if seconds {
+                            format!("{}", v as f64 / 1e6)
+                        } else {
+                            v.to_string()
+                        }
+                    };
+                    for (le, count) in h.cumulative_at_powers() {
+                        let le = if le == u64::MAX {
+                            "+Inf".to_owned()
+                        } else {
+                            scale(le)
+                        };
+                        let _ = writeln!(
+                            out,
+                            "{metric}_bucket{} {count}",
+                            with(Some(format!("le=\"{le}\"")))
+                        );
+                    }
+                    let _ = writeln!(out, "{metric}_sum{} {}", with(None), scale(h.sum));
+                    let _ = writeln!(out, "{metric}_count{} {}", with(None), h.count());
+                }
+            }
+        }
+    }
+    out
+}

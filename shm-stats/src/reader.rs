@@ -1,0 +1,464 @@
+//! Reading a region: validate its header, then take consistent snapshots of every stat.
+//!
+//! A reader never trusts the file: it checks the magic, the layout version, the size against the
+//! file's, every offset against the capacities, and every entry's lengths and cells, and answers
+//! a [`ReadError`] that says what is wrong instead of reading out of bounds or panicking.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{Ordering, fence};
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::histogram::{BUCKETS, Summary};
+use crate::layout::{self, Capacities, Kind, Merge, Offsets, SlotState, Unit, entry, header, slot};
+use crate::view::View;
+
+/// Why a region could not be read. Each names the file and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// No file at the path: baton is not running, or runs with another instance name or path.
+    #[error("{}: no stats region here ({source}); is baton running with this instance? (--instance NAME or --path FILE)", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file could not be mapped.
+    #[error("{}: cannot map the stats region: {source}", path.display())]
+    Map {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file does not start with baton's magic: it is something else.
+    #[error("{}: not a baton stats region (bad magic)", path.display())]
+    Foreign { path: PathBuf },
+    /// A layout this reader does not know: reader and writer come from different releases.
+    #[error("{}: stats region layout version {found}, but this reader knows version {known}; use the baton-stats of the running baton", path.display())]
+    UnknownVersion {
+        path: PathBuf,
+        found: u32,
+        known: u32,
+    },
+    /// The file is shorter than its header says: cut short, or still being created.
+    #[error("{}: stats region is truncated: {actual} bytes of {expected}", path.display())]
+    Truncated {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    /// Offsets or entries are inconsistent: the region is damaged.
+    #[error("{}: stats region is corrupt: {what}", path.display())]
+    Corrupt { path: PathBuf, what: String },
+}
+
+/// The fixed facts of a region, from its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderInfo {
+    pub version: u32,
+    pub capacities: Capacities,
+    pub offsets: Offsets,
+    pub created_unix_ms: u64,
+}
+
+/// One stat's value at the time of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stat {
+    pub name: String,
+    pub tags: Vec<(String, String)>,
+    pub help: String,
+    pub kind: Kind,
+    pub unit: Unit,
+    pub value: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    Counter(u64),
+    Gauge(i64),
+    Histogram(Summary),
+}
+
+/// A shard row in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardInfo {
+    pub row: u32,
+    pub epoch: u64,
+    pub worker: u32,
+    pub pid: u32,
+}
+
+/// Every stat of a region at one moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub header: HeaderInfo,
+    pub supervisor_pid: u32,
+    pub current_epoch: u64,
+    pub shards: Vec<ShardInfo>,
+    pub stats: Vec<Stat>,
+}
+
+/// A region mapped read-only.
+pub struct Reader {
+    path: PathBuf,
+    _map: MmapRaw,
+    view: View,
+    header: HeaderInfo,
+}
+
+impl Reader {
+    /// Maps the region at `path` read-only and validates its header.
+    pub fn open(path: &Path) -> Result<Reader, ReadError> {
+        let file = File::open(path).map_err(|source| ReadError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let len = file
+            .metadata()
+            .map_err(|source| ReadError::Open {
+                path: path.to_owned(),
+                source,
+            })?
+            .len();
+        if len < layout::HEADER_SIZE {
+            // Too short to hold even a header: tell a foreign file from a cut-short region.
+            let mut head = Vec::new();
+            use std::io::Read;
+            let _ = (&file).take(8).read_to_end(&mut head);
+            if !layout::MAGIC.starts_with(&head) {
+                return Err(ReadError::Foreign {
+                    path: path.to_owned(),
+                });
+            }
+            return Err(ReadError::Truncated {
+                path: path.to_owned(),
+                expected: layout::HEADER_SIZE,
+                actual: len,
+            });
+        }
+        let map = MmapOptions::new()
+            .map_raw_read_only(&file)
+            .map_err(|source| ReadError::Map {
+                path: path.to_owned(),
+                source,
+            })?;
+        // SAFETY: the mapping is page-aligned, `map.len()` bytes long, and kept in `_map` for as
+        // long as the view is used.
+        let view = unsafe { View::new(map.as_ptr(), map.len()) };
+        let header = read_header(path, view)?;
+        Ok(Reader {
+            path: path.to_owned(),
+            _map: map,
+            view,
+            header,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn header(&self) -> HeaderInfo {
+        self.header
+    }
+
+    /// Every stat, consistent with respect to retirements.
+    pub fn snapshot(&self) -> Result<Snapshot, ReadError> {
+        snapshot(&self.path, self.view, &self.header)
+    }
+}
+
+fn corrupt(path: &Path, what: impl Into<String>) -> ReadError {
+    ReadError::Corrupt {
+        path: path.to_owned(),
+        what: what.into(),
+    }
+}
+
+/// Validates the header of the region in `view`.
+pub(crate) fn read_header(path: &Path, view: View) -> Result<HeaderInfo, ReadError> {
+    let fixed = view
+        .copy(0, layout::HEADER_SIZE as usize)
+        .ok_or_else(|| ReadError::Truncated {
+            path: path.to_owned(),
+            expected: layout::HEADER_SIZE,
+            actual: view.len(),
+        })?;
+    let u32_at = |o: u64| {
+        u32::from_ne_bytes(
+            fixed[o as usize..o as usize + 4]
+                .try_into()
+                .unwrap_or_default(),
+        )
+    };
+    let u64_at = |o: u64| {
+        u64::from_ne_bytes(
+            fixed[o as usize..o as usize + 8]
+                .try_into()
+                .unwrap_or_default(),
+        )
+    };
+    if fixed[..8] != layout::MAGIC {
+        return Err(ReadError::Foreign {
+            path: path.to_owned(),
+        });
+    }
+    let version = u32_at(header::LAYOUT_VERSION);
+    if version != layout::LAYOUT_VERSION {
+        return Err(ReadError::UnknownVersion {
+            path: path.to_owned(),
+            found: version,
+            known: layout::LAYOUT_VERSION,
+        });
+    }
+    if u64::from(u32_at(header::HEADER_SIZE)) != layout::HEADER_SIZE {
+        return Err(corrupt(path, "header size"));
+    }
+    let region_size = u64_at(header::REGION_SIZE);
+    if region_size > view.len() {
+        return Err(ReadError::Truncated {
+            path: path.to_owned(),
+            expected: region_size,
+            actual: view.len(),
+        });
+    }
+    let capacities = Capacities {
+        max_stats: u32_at(header::MAX_STATS),
+        max_shards: u32_at(header::MAX_SHARDS),
+        cells_per_shard: u32_at(header::CELLS_PER_SHARD),
+    };
+    let offsets =
+        layout::offsets(capacities).ok_or_else(|| corrupt(path, "capacities overflow"))?;
+    let stored = Offsets {
+        locks: u64_at(header::LOCKS_OFFSET),
+        names: u64_at(header::NAMES_OFFSET),
+        slots: u64_at(header::SLOTS_OFFSET),
+        cells: u64_at(header::CELLS_OFFSET),
+        size: region_size,
+    };
+    if stored != offsets
+        || u32_at(header::LOCK_COUNT) != layout::locks::COUNT
+        || capacities.cells_per_shard % layout::CELLS_PER_LINE != 0
+    {
+        return Err(corrupt(path, "offsets do not match capacities"));
+    }
+    if offsets.size != view.len() {
+        return Err(corrupt(
+            path,
+            format!(
+                "region size {} differs from file size {}",
+                offsets.size,
+                view.len()
+            ),
+        ));
+    }
+    Ok(HeaderInfo {
+        version,
+        capacities,
+        offsets,
+        created_unix_ms: u64_at(header::CREATED_UNIX_MS),
+    })
+}
+
+/// One validated name-table entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub kind: Kind,
+    pub unit: Unit,
+    pub merge: Merge,
+    pub first_cell: u32,
+    pub cell_count: u32,
+    pub name: String,
+    pub tags: String,
+    pub help: String,
+}
+
+/// Reads and validates entry `i`; `cells_used` bounds its cells.
+pub(crate) fn read_entry(
+    view: View,
+    header: &HeaderInfo,
+    i: u32,
+    cells_used: u32,
+) -> Result<Entry, String> {
+    let at = layout::entry_offset(header.offsets.names, i);
+    let raw = view
+        .copy(at, layout::ENTRY_SIZE as usize)
+        .ok_or_else(|| format!("entry {i} is out of bounds"))?;
+    let kind = Kind::from_u8(raw[entry::KIND as usize])
+        .ok_or_else(|| format!("entry {i} has an unknown kind"))?;
+    let unit = Unit::from_u8(raw[entry::UNIT as usize])
+        .ok_or_else(|| format!("entry {i} has an unknown unit"))?;
+    let merge = Merge::from_u8(raw[entry::MERGE as usize])
+        .ok_or_else(|| format!("entry {i} has an unknown merge"))?;
+    let first_cell = u32::from_ne_bytes(raw[8..12].try_into().unwrap_or_default());
+    let cell_count = u32::from_ne_bytes(raw[12..16].try_into().unwrap_or_default());
+    if cell_count != layout::cells_of(kind)
+        || first_cell
+            .checked_add(cell_count)
+            .is_none_or(|end| end > cells_used)
+    {
+        return Err(format!("entry {i} has cells out of bounds"));
+    }
+    let text = |offset: u64, len_at: u64, max: usize, what: &str| -> Result<String, String> {
+        let len = raw[len_at as usize] as usize;
+        if len > max {
+            return Err(format!("entry {i} has a {what} longer than its field"));
+        }
+        let start = offset as usize;
+        String::from_utf8(raw[start..start + len].to_vec())
+            .map_err(|_| format!("entry {i} has a {what} that is not UTF-8"))
+    };
+    Ok(Entry {
+        kind,
+        unit,
+        merge,
+        first_cell,
+        cell_count,
+        name: text(entry::NAME, entry::NAME_LEN, entry::NAME_MAX, "name")?,
+        tags: text(entry::TAGS, entry::TAGS_LEN, entry::TAGS_MAX, "tag list")?,
+        help: text(entry::HELP, entry::HELP_LEN, entry::HELP_MAX, "help text")?,
+    })
+}
+
+/// Splits `k=v,k2=v2` into pairs.
+pub(crate) fn split_tags(tags: &str) -> Vec<(String, String)> {
+    tags.split(',')
+        .filter(|t| !t.is_empty())
+        .map(|t| match t.split_once('=') {
+            Some((k, v)) => (k.to_owned(), v.to_owned()),
+            None => (t.to_owned(), String::new()),
+        })
+        .collect()
+}
+
+/// How many times a snapshot is retried while retirements keep moving counts.
+const SNAPSHOT_ATTEMPTS: usize = 1000;
+
+pub(crate) fn snapshot(
+    path: &Path,
+    view: View,
+    header: &HeaderInfo,
+) -> Result<Snapshot, ReadError> {
+    let o = header.offsets;
+    let caps = header.capacities;
+    let seq = view
+        .atomic_u64(header::RETIRE_SEQ)
+        .ok_or_else(|| corrupt(path, "header"))?;
+    for _ in 0..SNAPSHOT_ATTEMPTS {
+        let before = seq.load(Ordering::Acquire);
+        if before % 2 == 1 {
+            std::hint::spin_loop();
+            continue;
+        }
+        let count = view
+            .load_u32(header::STAT_COUNT, Ordering::Acquire)
+            .unwrap_or(0);
+        let cells_used = view
+            .load_u32(header::CELLS_USED, Ordering::Acquire)
+            .unwrap_or(0);
+        if count > caps.max_stats || cells_used > caps.cells_per_shard {
+            return Err(corrupt(path, "stat count or cells beyond capacity"));
+        }
+        let entries = (0..count)
+            .map(|i| read_entry(view, header, i, cells_used))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|what| corrupt(path, what))?;
+
+        // Aggregate every cell over the rows: sums and maxima over all rows (counters,
+        // histograms) and over live rows only (gauges).
+        let n = cells_used as usize;
+        let (mut sum_all, mut max_all) = (vec![0u64; n], vec![0u64; n]);
+        let (mut sum_live, mut max_live) = (vec![0u64; n], vec![i64::MIN; n]);
+        let mut shards = Vec::new();
+        for row in 0..=caps.max_shards {
+            let s = layout::slot_offset(o.slots, row);
+            let state = view
+                .load_u32(s + slot::STATE, Ordering::Acquire)
+                .and_then(SlotState::from_u32);
+            let live = match state {
+                Some(SlotState::Live) => true,
+                Some(SlotState::Retired) if row == 0 => false,
+                Some(SlotState::Free) => continue,
+                _ => {
+                    return Err(corrupt(
+                        path,
+                        format!("shard slot {row} has an invalid state"),
+                    ));
+                }
+            };
+            if live {
+                shards.push(ShardInfo {
+                    row,
+                    epoch: view
+                        .load_u64(s + slot::EPOCH, Ordering::Relaxed)
+                        .unwrap_or(0),
+                    worker: view
+                        .load_u32(s + slot::WORKER, Ordering::Relaxed)
+                        .unwrap_or(0),
+                    pid: view.load_u32(s + slot::PID, Ordering::Relaxed).unwrap_or(0),
+                });
+            }
+            for cell in 0..cells_used {
+                let at = layout::cell_offset(o.cells, caps.cells_per_shard, row, cell);
+                let v = view
+                    .load_u64(at, Ordering::Relaxed)
+                    .ok_or_else(|| corrupt(path, "cell out of bounds"))?;
+                let c = cell as usize;
+                sum_all[c] = sum_all[c].wrapping_add(v);
+                max_all[c] = max_all[c].max(v);
+                if live {
+                    sum_live[c] = sum_live[c].wrapping_add(v);
+                    max_live[c] = max_live[c].max(v as i64);
+                }
+            }
+        }
+        fence(Ordering::Acquire);
+        if seq.load(Ordering::Relaxed) != before {
+            continue;
+        }
+
+        let stats = entries
+            .into_iter()
+            .map(|e| {
+                let first = e.first_cell as usize;
+                let value = match e.kind {
+                    Kind::Counter => Value::Counter(sum_all[first]),
+                    Kind::Gauge => Value::Gauge(match e.merge {
+                        Merge::Sum => sum_live[first] as i64,
+                        Merge::Max if max_live[first] == i64::MIN => 0,
+                        Merge::Max => max_live[first],
+                    }),
+                    Kind::Histogram => Value::Histogram(Summary {
+                        buckets: sum_all[first..first + BUCKETS].to_vec(),
+                        sum: sum_all[first + BUCKETS],
+                        max: max_all[first + BUCKETS + 1],
+                    }),
+                };
+                Stat {
+                    tags: split_tags(&e.tags),
+                    name: e.name,
+                    help: e.help,
+                    kind: e.kind,
+                    unit: e.unit,
+                    value,
+                }
+            })
+            .collect();
+        return Ok(Snapshot {
+            header: *header,
+            supervisor_pid: view
+                .load_u32(header::SUPERVISOR_PID, Ordering::Relaxed)
+                .unwrap_or(0),
+            current_epoch: view
+                .load_u64(header::CURRENT_EPOCH, Ordering::Relaxed)
+                .unwrap_or(0),
+            shards,
+            stats,
+        });
+    }
+    Err(corrupt(
+        path,
+        "a retirement kept the region busy; try again (a writer may have died mid-retirement)",
+    ))
+}
