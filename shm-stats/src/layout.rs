@@ -260,6 +260,14 @@ pub fn cell_offset(cells: u64, cells_per_shard: u32, row: u32, cell: u32) -> u64
     cells + (u64::from(row) * u64::from(cells_per_shard) + u64::from(cell)) * CELL_SIZE
 }
 
+// Every field fits its structure; checked when compiling.
+const _: () = {
+    assert!(header::CREATED_UNIX_MS + 8 <= HEADER_SIZE);
+    assert!(entry::HELP + entry::HELP_MAX as u64 <= ENTRY_SIZE);
+    assert!(slot::ATTACHED_UNIX_MS + 8 <= SLOT_SIZE);
+    assert!(std::mem::size_of::<libc::pthread_mutex_t>() as u64 <= LOCK_SLOT_SIZE);
+};
+
 /// Cells a histogram takes: its buckets, then its sum and its maximum.
 pub const HISTOGRAM_CELLS: u32 = crate::histogram::BUCKETS as u32 + 2;
 
@@ -305,13 +313,5 @@ mod tests {
         };
         // 2^32 rows of 2^35 bytes do not fit in u64.
         assert_eq!(offsets(caps), None);
-    }
-
-    #[test]
-    fn header_fields_fit_the_header() {
-        assert!(header::CREATED_UNIX_MS + 8 <= HEADER_SIZE);
-        assert!(entry::HELP + entry::HELP_MAX as u64 <= ENTRY_SIZE);
-        assert!(slot::ATTACHED_UNIX_MS + 8 <= SLOT_SIZE);
-        assert!(std::mem::size_of::<libc::pthread_mutex_t>() as u64 <= LOCK_SLOT_SIZE);
     }
 }

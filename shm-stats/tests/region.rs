@@ -407,6 +407,7 @@ fn a_process_killed_holding_a_lock_does_not_wedge_the_region() {
         ForkResult::Child => {
             let shard = match region.attach_shard(7, 0) {
                 Ok(s) => s,
+                // SAFETY: _exit ends the child without running the parent's atexit handlers.
                 Err(_) => unsafe { libc::_exit(2) },
             };
             for _ in 0..CHILD_WRITES {
