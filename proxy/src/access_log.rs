@@ -8,13 +8,10 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
 use tracing::{error, info};
-
-use crate::stats;
 
 /// Lines that may wait for the flusher before new ones are dropped.
 const CHANNEL_CAPACITY: usize = 64 * 1024;
@@ -86,12 +83,10 @@ impl AccessLog {
 }
 
 impl LogSender {
-    /// Queues `line` (without newline) for file `file`; counts it in `dropped` when the queue is full.
-    pub fn send(&self, file: usize, line: String, dropped: &AtomicU64) {
-        match self.tx.try_send(Message::Line { file, line }) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => stats::inc(dropped),
-        }
+    /// Queues `line` (without newline) for file `file`; false when the queue is full and the
+    /// line was dropped.
+    pub fn send(&self, file: usize, line: String) -> bool {
+        self.tx.try_send(Message::Line { file, line }).is_ok()
     }
 }
 

@@ -17,9 +17,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::debug;
 
+use shm_stats::format;
+
 use crate::config::Config;
 use crate::generation::{Info, State};
-use crate::stats::{self, WorkerCounters};
 
 /// The version of this binary.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -29,7 +30,7 @@ pub const BUILD_ID: &str = env!("BATON_BUILD_ID");
 pub struct Admin {
     pub config: Arc<Config>,
     pub info: Arc<Info>,
-    pub counters: Vec<Arc<WorkerCounters>>,
+    pub region: Arc<shm_stats::Region>,
 }
 
 /// Serves admin requests until the task is dropped.
@@ -65,12 +66,9 @@ fn route(admin: &Admin, request: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/" => text(StatusCode::OK, INDEX.to_owned()),
         "/ready" => only_get(method).unwrap_or_else(|| ready(admin)),
         "/server_info" => only_get(method).unwrap_or_else(|| server_info(admin)),
-        "/stats" => only_get(method).unwrap_or_else(|| {
-            text(
-                StatusCode::OK,
-                stats::render_plain(&admin.config, &admin.counters),
-            )
-        }),
+        "/stats" => only_get(method).unwrap_or_else(|| stats(admin, request.uri().query(), None)),
+        "/stats/prometheus" => only_get(method)
+            .unwrap_or_else(|| stats(admin, request.uri().query(), Some(StatsFormat::Prometheus))),
         "/healthcheck/fail" => only_post(method).unwrap_or_else(|| {
             admin.info.set_healthcheck_failed(true);
             text(StatusCode::OK, "OK\n".to_owned())
@@ -90,10 +88,81 @@ const INDEX: &str = "\
 baton-proxy admin
   GET  /ready             200 LIVE when serving; 503 when draining or failed by /healthcheck/fail
   GET  /server_info       version, build id, epoch, pid, state, uptime (JSON)
-  GET  /stats             counters, one `name: value` per line
+  GET  /stats             every stat, one `name{tags}: value` per line;
+                          ?format=json for JSON, ?filter=REGEX to select by `name{tags}`
+  GET  /stats/prometheus  every stat in the Prometheus text format
   POST /healthcheck/fail  make /ready answer 503 (take this proxy out of rotation)
   POST /healthcheck/ok    undo /healthcheck/fail
 ";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StatsFormat {
+    Plain,
+    Json,
+    Prometheus,
+}
+
+/// `/stats` and `/stats/prometheus`: the shared region, as `baton-stats` would print it.
+fn stats(admin: &Admin, query: Option<&str>, format: Option<StatsFormat>) -> Response<Full<Bytes>> {
+    let mut filter = None;
+    let mut format = format.unwrap_or(StatsFormat::Plain);
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match (&*key, &*value) {
+            ("format", "json") => format = StatsFormat::Json,
+            ("format", "prometheus") => format = StatsFormat::Prometheus,
+            ("format", "text") => format = StatsFormat::Plain,
+            ("format", other) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown format `{other}`; use text, json or prometheus\n"),
+                );
+            }
+            ("filter", pattern) => match regex::Regex::new(pattern) {
+                Ok(re) => filter = Some(re),
+                Err(e) => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        format!("filter is not a valid regular expression: {e}\n"),
+                    );
+                }
+            },
+            _ => {}
+        }
+    }
+    let snapshot = match admin.region.snapshot() {
+        Ok(s) => s,
+        Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    };
+    let selected: Vec<_> = snapshot
+        .stats
+        .iter()
+        .filter(|s| {
+            filter
+                .as_ref()
+                .is_none_or(|f| f.is_match(&format::display_name(s)))
+        })
+        .collect();
+    let (body, content_type) = match format {
+        StatsFormat::Plain => (format::plain(&selected), "text/plain; charset=utf-8"),
+        StatsFormat::Json => (
+            format::json(
+                &snapshot,
+                &admin.region.path().display().to_string(),
+                &selected,
+            ),
+            "application/json",
+        ),
+        StatsFormat::Prometheus => (
+            format::prometheus(&selected),
+            "text/plain; version=0.0.4; charset=utf-8",
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
 
 fn ready(admin: &Admin) -> Response<Full<Bytes>> {
     match (admin.info.state(), admin.info.healthcheck_failed()) {

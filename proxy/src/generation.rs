@@ -15,7 +15,7 @@ use tracing::info;
 use crate::access_log::AccessLog;
 use crate::config::Config;
 use crate::listen;
-use crate::stats::WorkerCounters;
+use crate::stats::{StatIds, ThreadStats};
 use crate::worker::{LogTarget, WorkerHandle, WorkerSetup};
 
 /// Where a generation is in its life, as `/ready`, `/server_info` and logs name it.
@@ -85,6 +85,9 @@ pub enum StartError {
     /// The system refused a thread or a socket copy (limits on threads or file descriptors).
     #[error("cannot start worker threads: {0}")]
     Workers(#[source] std::io::Error),
+    /// The stats region has no room for this generation's stats or shards.
+    #[error("{0}")]
+    Stats(#[from] shm_stats::StatsError),
 }
 
 /// How a drain ended.
@@ -92,20 +95,41 @@ pub enum StartError {
 pub struct DrainOutcome {
     /// Connections still open when the drain ended (at its deadline); [`Generation::stop`]
     /// closes them.
-    pub connections_left: i64,
+    pub connections_left: usize,
     pub took: Duration,
 }
 
 pub struct Generation {
     pub info: Arc<Info>,
+    /// The main thread's shard: server-wide stats.
+    main: ThreadStats,
     workers: Vec<WorkerHandle>,
     access_log: Option<AccessLog>,
 }
 
+/// The `worker` index of the main thread's shard in the stats region.
+pub const MAIN_THREAD_SHARD: u32 = u32::MAX;
+
 impl Generation {
-    /// Binds every listener, opens the access logs and starts `concurrency` workers. Nothing is
-    /// left running if any step fails.
-    pub fn start(config: Arc<Config>, concurrency: usize, epoch: u64) -> Result<Self, StartError> {
+    /// Registers its stats in `region`, binds every listener, opens the access logs and starts
+    /// `concurrency` workers. Nothing is left running if any step fails (shards it attached
+    /// stay for the caller to retire).
+    pub fn start(
+        config: Arc<Config>,
+        concurrency: usize,
+        epoch: u64,
+        region: Arc<shm_stats::Region>,
+    ) -> Result<Self, StartError> {
+        let ids = Arc::new(StatIds::register(&region, &config)?);
+        let main = ThreadStats {
+            shard: region.attach_shard(epoch, MAIN_THREAD_SHARD)?,
+            ids: ids.clone(),
+        };
+        let mut shards = (0..concurrency)
+            .map(|w| region.attach_shard(epoch, w as u32))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter();
+
         let sockets = config
             .listeners
             .iter()
@@ -155,11 +179,19 @@ impl Generation {
                 .map(|s| s.try_clone())
                 .collect::<std::io::Result<Vec<_>>>()
                 .and_then(|listeners| {
+                    let shard = shards
+                        .next()
+                        .ok_or_else(|| std::io::Error::other("no shard"))?;
                     WorkerHandle::spawn(WorkerSetup {
                         id,
                         config: config.clone(),
                         listeners,
                         access_logs: targets.clone(),
+                        stats: ThreadStats {
+                            shard,
+                            ids: ids.clone(),
+                        },
+                        open: Default::default(),
                     })
                 });
             match spawned {
@@ -175,7 +207,14 @@ impl Generation {
         // The workers hold their own copies; once they drop them the sockets close.
         drop(sockets);
 
+        let server = &ids.server;
+        main.shard
+            .set(server.epoch, i64::try_from(epoch).unwrap_or(i64::MAX));
+        main.shard.set(server.live, 1);
+        main.shard.set(server.concurrency, concurrency as i64);
+        region.set_current_epoch(epoch);
         Ok(Generation {
+            main,
             info: Arc::new(Info {
                 epoch,
                 concurrency,
@@ -188,18 +227,20 @@ impl Generation {
         })
     }
 
-    /// The workers' counters, for the admin endpoints.
-    pub fn counters(&self) -> Vec<Arc<WorkerCounters>> {
-        self.workers.iter().map(|w| w.counters.clone()).collect()
-    }
-
     /// Downstream connections open on every worker.
-    pub fn open_connections(&self) -> i64 {
+    pub fn open_connections(&self) -> usize {
         self.workers
             .iter()
-            .flat_map(|w| w.counters.listeners.iter())
-            .map(|l| l.downstream_cx_active.load(Ordering::Relaxed))
+            .map(|w| w.open.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// Updates the stats that change with time alone; the main thread calls it every second.
+    pub fn tick(&self) {
+        let uptime = self.info.started.elapsed().as_secs();
+        self.main
+            .shard
+            .set(self.main.ids.server.uptime, uptime as i64);
     }
 
     /// Stops accepting and lets the connections finish: HTTP/1.1 answers carry
@@ -211,6 +252,7 @@ impl Generation {
         self.info
             .state
             .store(State::Draining as u8, Ordering::Relaxed);
+        self.main.shard.set(self.main.ids.server.live, 0);
         info!(
             epoch = self.info.epoch,
             connections = self.open_connections(),

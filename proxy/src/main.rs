@@ -132,10 +132,35 @@ async fn run(config: Arc<config::Config>, concurrency: usize, epoch: u64) -> Exi
         None => None,
     };
 
-    let generation = match Generation::start(config.clone(), concurrency, epoch) {
+    // Run alone, the proxy keeps its own stats region (the supervisor will hand one over).
+    let region =
+        match shm_stats::Region::create_or_open(&config.stats.path, config.stats.capacities) {
+            Ok(region) => region,
+            Err(e) => {
+                error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    // Rows of a proxy that died without retiring them: fold their counts in, so that counters
+    // carry on from where it stopped.
+    match region.reclaim_dead() {
+        Ok(0) => {}
+        Ok(n) => {
+            info!(shards = n, path = %region.path().display(), "retired the stats of processes that are gone")
+        }
+        Err(e) => warn!("{e}"),
+    }
+    let retire_own = |region: &shm_stats::Region| {
+        if let Err(e) = region.retire_pid(std::process::id()) {
+            warn!("cannot retire this process's stats: {e}");
+        }
+    };
+
+    let generation = match Generation::start(config.clone(), concurrency, epoch, region.clone()) {
         Ok(g) => g,
         Err(e) => {
             error!("{e}");
+            retire_own(&region);
             return ExitCode::FAILURE;
         }
     };
@@ -143,7 +168,7 @@ async fn run(config: Arc<config::Config>, concurrency: usize, epoch: u64) -> Exi
         let admin = Rc::new(admin::Admin {
             config: config.clone(),
             info: generation.info.clone(),
-            counters: generation.counters(),
+            region: region.clone(),
         });
         tokio::task::spawn_local(admin::serve(admin, listener))
     });
@@ -159,12 +184,15 @@ async fn run(config: Arc<config::Config>, concurrency: usize, epoch: u64) -> Exi
         workers = concurrency,
         listeners = %listeners.join(","),
         admin = %config.admin.as_ref().map_or("off".to_owned(), |a| a.address.to_string()),
+        stats = %config.stats.path.display(),
         build = admin::BUILD_ID,
         "ready"
     );
 
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tokio::select! {
+            _ = tick.tick() => generation.tick(),
             _ = term.recv() => {
                 info!("SIGTERM: stop accepting and drain");
                 tokio::select! {
@@ -200,6 +228,7 @@ async fn run(config: Arc<config::Config>, concurrency: usize, epoch: u64) -> Exi
         task.abort();
     }
     generation.stop();
+    retire_own(&region);
     info!(epoch, "exited");
     ExitCode::SUCCESS
 }

@@ -1,174 +1,212 @@
-//! The proxy's counters, one block per worker so that the request path only touches its own
-//! cache lines with relaxed atomics; readers (admin `/stats`) sum the blocks.
-//!
-//! These live in process memory. The shared-memory region that external tools and the next
-//! generation read is the `shm-stats` crate's job; it will take this module's place.
+//! The proxy's stats, in the shared-memory region of `shm-stats`: the names an Envoy user
+//! expects, registered once per generation, and written by each worker into its own shard.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use shm_stats::{Counter, Gauge, Histogram, Merge, Region, Shard, Spec, StatsError, Unit};
 
 use crate::config::Config;
 
-/// Counters of one listener on one worker.
-#[derive(Debug, Default)]
-pub struct ListenerCounters {
-    pub downstream_cx_total: AtomicU64,
-    pub downstream_cx_active: AtomicI64,
-    pub downstream_cx_destroy: AtomicU64,
-    pub downstream_rq_total: AtomicU64,
+/// Stats of one listener.
+pub struct ListenerStats {
+    pub downstream_cx_total: Counter,
+    pub downstream_cx_active: Gauge,
+    pub downstream_cx_destroy: Counter,
+    pub downstream_cx_rx_bytes_total: Counter,
+    pub downstream_cx_tx_bytes_total: Counter,
+    pub downstream_rq_total: Counter,
     /// Responses by class: 1xx, 2xx, 3xx, 4xx, 5xx.
-    pub downstream_rq_class: [AtomicU64; 5],
+    pub downstream_rq_class: [Counter; 5],
+    pub downstream_rq_time: Histogram,
 }
 
-/// Counters of one cluster on one worker.
-#[derive(Debug, Default)]
-pub struct ClusterCounters {
-    pub upstream_cx_total: AtomicU64,
-    pub upstream_cx_active: AtomicI64,
-    pub upstream_cx_connect_fail: AtomicU64,
-    pub upstream_cx_connect_timeout: AtomicU64,
-    pub upstream_rq_total: AtomicU64,
-    pub upstream_rq_timeout: AtomicU64,
-    pub upstream_rq_reset: AtomicU64,
-    /// Requests sent again on a fresh connection because a pooled one closed under them.
-    pub upstream_rq_retry: AtomicU64,
+/// Stats of one cluster.
+pub struct ClusterStats {
+    pub upstream_cx_total: Counter,
+    pub upstream_cx_active: Gauge,
+    pub upstream_cx_connect_fail: Counter,
+    pub upstream_cx_connect_timeout: Counter,
+    pub upstream_rq_total: Counter,
+    pub upstream_rq_timeout: Counter,
+    pub upstream_rq_reset: Counter,
+    pub upstream_rq_retry: Counter,
+    pub upstream_rq_time: Histogram,
 }
 
-/// Everything one worker counts. Aligned so that two workers never share a cache line.
-#[derive(Debug)]
-#[repr(align(128))]
-pub struct WorkerCounters {
-    pub listeners: Box<[ListenerCounters]>,
-    pub clusters: Box<[ClusterCounters]>,
-    pub access_log_dropped: AtomicU64,
+/// Stats of the whole generation, written by its main thread.
+pub struct ServerStats {
+    pub uptime: Gauge,
+    pub epoch: Gauge,
+    pub live: Gauge,
+    pub concurrency: Gauge,
+    pub access_log_dropped: Counter,
 }
 
-impl WorkerCounters {
-    pub fn new(config: &Config) -> Arc<Self> {
-        Arc::new(WorkerCounters {
-            listeners: config
-                .listeners
-                .iter()
-                .map(|_| Default::default())
-                .collect(),
-            clusters: config.clusters.iter().map(|_| Default::default()).collect(),
-            access_log_dropped: AtomicU64::new(0),
+/// Every stat of a generation; shared by all its threads.
+pub struct StatIds {
+    pub listeners: Vec<ListenerStats>,
+    pub clusters: Vec<ClusterStats>,
+    pub server: ServerStats,
+}
+
+/// A thread's shard and the ids to write with.
+pub struct ThreadStats {
+    pub shard: Shard,
+    pub ids: Arc<StatIds>,
+}
+
+impl StatIds {
+    /// Registers (or finds, when an earlier generation registered them) every stat `config` needs.
+    pub fn register(region: &Region, config: &Config) -> Result<StatIds, StatsError> {
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|l| {
+                let tags = [("listener", l.name.as_str())];
+                let counter = |name, help| region.counter(Spec::new(name, &tags, help));
+                let class = |class: &str| {
+                    let name = format!("downstream_rq_{class}");
+                    region.counter(Spec::new(
+                        &name,
+                        &[("listener", l.name.as_str()), ("code_class", class)],
+                        "Responses by status class.",
+                    ))
+                };
+                Ok(ListenerStats {
+                    downstream_cx_total: counter("downstream_cx_total", "Connections accepted.")?,
+                    downstream_cx_active: region.gauge(Spec::new(
+                        "downstream_cx_active",
+                        &tags,
+                        "Connections open.",
+                    ))?,
+                    downstream_cx_destroy: counter("downstream_cx_destroy", "Connections closed.")?,
+                    downstream_cx_rx_bytes_total: region.counter(
+                        Spec::new(
+                            "downstream_cx_rx_bytes_total",
+                            &tags,
+                            "Bytes received from clients.",
+                        )
+                        .unit(Unit::Bytes),
+                    )?,
+                    downstream_cx_tx_bytes_total: region.counter(
+                        Spec::new(
+                            "downstream_cx_tx_bytes_total",
+                            &tags,
+                            "Bytes sent to clients.",
+                        )
+                        .unit(Unit::Bytes),
+                    )?,
+                    downstream_rq_total: counter("downstream_rq_total", "Requests received.")?,
+                    downstream_rq_class: [
+                        class("1xx")?,
+                        class("2xx")?,
+                        class("3xx")?,
+                        class("4xx")?,
+                        class("5xx")?,
+                    ],
+                    downstream_rq_time: region.histogram(
+                        Spec::new(
+                            "downstream_rq_time",
+                            &tags,
+                            "Time from a request's arrival to the end of its response.",
+                        )
+                        .unit(Unit::Microseconds),
+                    )?,
+                })
+            })
+            .collect::<Result<Vec<_>, StatsError>>()?;
+        let clusters = config
+            .clusters
+            .iter()
+            .map(|c| {
+                let tags = [("cluster", c.name.as_str())];
+                let counter = |name, help| region.counter(Spec::new(name, &tags, help));
+                Ok(ClusterStats {
+                    upstream_cx_total: counter(
+                        "upstream_cx_total",
+                        "Upstream connections opened.",
+                    )?,
+                    upstream_cx_active: region.gauge(Spec::new(
+                        "upstream_cx_active",
+                        &tags,
+                        "Upstream connections open.",
+                    ))?,
+                    upstream_cx_connect_fail: counter(
+                        "upstream_cx_connect_fail",
+                        "Upstream connections that failed to open.",
+                    )?,
+                    upstream_cx_connect_timeout: counter(
+                        "upstream_cx_connect_timeout",
+                        "Upstream connections that timed out opening.",
+                    )?,
+                    upstream_rq_total: counter("upstream_rq_total", "Requests sent upstream.")?,
+                    upstream_rq_timeout: counter(
+                        "upstream_rq_timeout",
+                        "Requests whose upstream answered too late.",
+                    )?,
+                    upstream_rq_reset: counter(
+                        "upstream_rq_reset",
+                        "Requests whose upstream connection broke.",
+                    )?,
+                    upstream_rq_retry: counter(
+                        "upstream_rq_retry",
+                        "Requests sent again after a pooled connection closed under them.",
+                    )?,
+                    upstream_rq_time: region.histogram(
+                        Spec::new(
+                            "upstream_rq_time",
+                            &tags,
+                            "Time from sending a request upstream to the end of its response.",
+                        )
+                        .unit(Unit::Microseconds),
+                    )?,
+                })
+            })
+            .collect::<Result<Vec<_>, StatsError>>()?;
+        let server = ServerStats {
+            uptime: region.gauge(
+                Spec::new(
+                    "server.uptime",
+                    &[],
+                    "Seconds since the oldest live generation started.",
+                )
+                .unit(Unit::Seconds)
+                .merge(Merge::Max),
+            )?,
+            epoch: region.gauge(
+                Spec::new("server.epoch", &[], "The newest live generation's epoch.")
+                    .merge(Merge::Max),
+            )?,
+            live: region.gauge(Spec::new(
+                "server.live",
+                &[],
+                "Generations accepting connections (1 in normal operation).",
+            ))?,
+            concurrency: region.gauge(Spec::new(
+                "server.concurrency",
+                &[],
+                "Worker threads of the live generations.",
+            ))?,
+            access_log_dropped: region.counter(Spec::new(
+                "server.access_log_dropped",
+                &[],
+                "Access log lines dropped because the disk fell behind.",
+            ))?,
+        };
+        Ok(StatIds {
+            listeners,
+            clusters,
+            server,
         })
     }
 }
 
-/// Adds one to a counter that only this worker writes.
-#[inline]
-pub fn inc(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
-}
-
-#[inline]
-pub fn gauge_add(gauge: &AtomicI64, delta: i64) {
-    gauge.fetch_add(delta, Ordering::Relaxed);
-}
-
-/// The index of a status code's class in [`ListenerCounters::downstream_rq_class`].
+/// The index of a status code's class in [`ListenerStats::downstream_rq_class`].
 pub fn class_index(status: u16) -> Option<usize> {
     match status {
         100..=599 => Some(usize::from(status / 100 - 1)),
         _ => None,
     }
-}
-
-/// Sums every worker's counters into `name: value` lines, as Envoy's plain `/stats`.
-pub fn render_plain(config: &Config, workers: &[Arc<WorkerCounters>]) -> String {
-    use std::fmt::Write;
-    let total = |f: &dyn Fn(&WorkerCounters) -> &AtomicU64| -> u64 {
-        workers.iter().map(|w| f(w).load(Ordering::Relaxed)).sum()
-    };
-    let level = |f: &dyn Fn(&WorkerCounters) -> &AtomicI64| -> i64 {
-        workers.iter().map(|w| f(w).load(Ordering::Relaxed)).sum()
-    };
-    let mut out = String::new();
-    for (i, cluster) in config.clusters.iter().enumerate() {
-        let name = &cluster.name;
-        let line = |out: &mut String, stat: &str, value: i128| {
-            let _ = writeln!(out, "cluster.{name}.{stat}: {value}");
-        };
-        line(
-            &mut out,
-            "upstream_cx_active",
-            level(&|w| &w.clusters[i].upstream_cx_active).into(),
-        );
-        for (stat, value) in [
-            (
-                "upstream_cx_connect_fail",
-                total(&|w| &w.clusters[i].upstream_cx_connect_fail),
-            ),
-            (
-                "upstream_cx_connect_timeout",
-                total(&|w| &w.clusters[i].upstream_cx_connect_timeout),
-            ),
-            (
-                "upstream_cx_total",
-                total(&|w| &w.clusters[i].upstream_cx_total),
-            ),
-            (
-                "upstream_rq_reset",
-                total(&|w| &w.clusters[i].upstream_rq_reset),
-            ),
-            (
-                "upstream_rq_retry",
-                total(&|w| &w.clusters[i].upstream_rq_retry),
-            ),
-            (
-                "upstream_rq_timeout",
-                total(&|w| &w.clusters[i].upstream_rq_timeout),
-            ),
-            (
-                "upstream_rq_total",
-                total(&|w| &w.clusters[i].upstream_rq_total),
-            ),
-        ] {
-            line(&mut out, stat, value.into());
-        }
-    }
-    for (i, listener) in config.listeners.iter().enumerate() {
-        let name = &listener.name;
-        let line = |out: &mut String, stat: &str, value: i128| {
-            let _ = writeln!(out, "listener.{name}.{stat}: {value}");
-        };
-        line(
-            &mut out,
-            "downstream_cx_active",
-            level(&|w| &w.listeners[i].downstream_cx_active).into(),
-        );
-        line(
-            &mut out,
-            "downstream_cx_destroy",
-            total(&|w| &w.listeners[i].downstream_cx_destroy).into(),
-        );
-        line(
-            &mut out,
-            "downstream_cx_total",
-            total(&|w| &w.listeners[i].downstream_cx_total).into(),
-        );
-        for class in 0..5 {
-            let value = total(&|w| &w.listeners[i].downstream_rq_class[class]);
-            line(
-                &mut out,
-                &format!("downstream_rq_{}xx", class + 1),
-                value.into(),
-            );
-        }
-        line(
-            &mut out,
-            "downstream_rq_total",
-            total(&|w| &w.listeners[i].downstream_rq_total).into(),
-        );
-    }
-    let _ = writeln!(
-        out,
-        "server.access_log_dropped: {}",
-        total(&|w| &w.access_log_dropped)
-    );
-    out
 }
 
 #[cfg(test)]

@@ -27,18 +27,24 @@ pub async fn serve(guard: ConnectionGuard, mut downstream: TcpStream, peer: Sock
     let start = Instant::now();
     let endpoint = worker.pools[cluster_id.0].pick();
     let addr = cluster.endpoints[endpoint];
-    let outcome = match upstream::connect_tcp(
-        addr,
-        cluster.connect_timeout,
-        &worker.counters,
-        cluster_id.0,
-    )
-    .await
+    let stats = &worker.stats;
+    let cluster_stats = &stats.ids.clusters[cluster_id.0];
+    let listener_stats = &stats.ids.listeners[guard.listener];
+    let outcome = match upstream::connect_tcp(addr, cluster.connect_timeout, &worker, cluster_id.0)
+        .await
     {
         Ok(mut upstream) => {
-            stats_gauge(&worker, cluster_id.0, 1);
+            stats.shard.gauge_add(cluster_stats.upstream_cx_active, 1);
             let copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
-            stats_gauge(&worker, cluster_id.0, -1);
+            stats.shard.gauge_add(cluster_stats.upstream_cx_active, -1);
+            if let Ok((from_client, to_client)) = copied {
+                stats
+                    .shard
+                    .add(listener_stats.downstream_cx_rx_bytes_total, from_client);
+                stats
+                    .shard
+                    .add(listener_stats.downstream_cx_tx_bytes_total, to_client);
+            }
             match copied {
                 Ok((sent, received)) => Ok((sent, received)),
                 Err(e) => {
@@ -63,13 +69,9 @@ pub async fn serve(guard: ConnectionGuard, mut downstream: TcpStream, peer: Sock
             listener.name,
             start.elapsed().as_secs_f64(),
         );
-        target
-            .sender
-            .send(target.file, line, &worker.counters.access_log_dropped);
+        if !target.sender.send(target.file, line) {
+            stats.shard.inc(stats.ids.server.access_log_dropped);
+        }
     }
     drop(guard);
-}
-
-fn stats_gauge(worker: &crate::worker::Worker, cluster: usize, delta: i64) {
-    crate::stats::gauge_add(&worker.counters.clusters[cluster].upstream_cx_active, delta);
 }

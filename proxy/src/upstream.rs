@@ -8,7 +8,6 @@
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,7 +19,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::config::Cluster;
-use crate::stats::{self, WorkerCounters};
+use crate::worker::Worker;
 
 /// The body of a request sent upstream: the client's, or none when a request is sent again.
 pub type RequestBody = Either<Incoming, Empty<Bytes>>;
@@ -56,23 +55,23 @@ pub enum ConnectError {
 pub async fn connect_tcp(
     addr: SocketAddr,
     timeout: Duration,
-    counters: &WorkerCounters,
+    worker: &Worker,
     cluster: usize,
 ) -> Result<TcpStream, ConnectError> {
-    let c = &counters.clusters[cluster];
-    stats::inc(&c.upstream_cx_total);
+    let (shard, c) = (&worker.stats.shard, &worker.stats.ids.clusters[cluster]);
+    shard.inc(c.upstream_cx_total);
     match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
             Ok(stream)
         }
         Ok(Err(source)) => {
-            stats::inc(&c.upstream_cx_connect_fail);
+            shard.inc(c.upstream_cx_connect_fail);
             Err(ConnectError::Failed { addr, source })
         }
         Err(_) => {
-            stats::inc(&c.upstream_cx_connect_fail);
-            stats::inc(&c.upstream_cx_connect_timeout);
+            shard.inc(c.upstream_cx_connect_fail);
+            shard.inc(c.upstream_cx_connect_timeout);
             Err(ConnectError::TimedOut { addr, timeout })
         }
     }
@@ -82,21 +81,22 @@ pub async fn connect_tcp(
 pub async fn connect_http1(
     addr: SocketAddr,
     cluster: &Cluster,
-    counters: &Arc<WorkerCounters>,
+    worker: &Rc<Worker>,
     cluster_index: usize,
 ) -> Result<Sender, ConnectError> {
-    let stream = connect_tcp(addr, cluster.connect_timeout, counters, cluster_index).await?;
+    let stream = connect_tcp(addr, cluster.connect_timeout, worker, cluster_index).await?;
     let (sender, connection) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|source| ConnectError::Handshake { addr, source })?;
-    let counters = counters.clone();
-    stats::gauge_add(&counters.clusters[cluster_index].upstream_cx_active, 1);
+    let worker = worker.clone();
+    let active = worker.stats.ids.clusters[cluster_index].upstream_cx_active;
+    worker.stats.shard.gauge_add(active, 1);
     tokio::task::spawn_local(async move {
         if let Err(e) = connection.await {
             debug!(upstream = %addr, "upstream connection ended: {e}");
         }
-        stats::gauge_add(&counters.clusters[cluster_index].upstream_cx_active, -1);
+        worker.stats.shard.gauge_add(active, -1);
     });
     Ok(sender)
 }

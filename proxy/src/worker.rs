@@ -7,6 +7,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use tracing::{debug, error, warn};
 
 use crate::access_log::LogSender;
 use crate::config::{Config, ListenerKind};
-use crate::stats::{self, WorkerCounters};
+use crate::stats::ThreadStats;
 use crate::upstream::ClusterPool;
 use crate::{http, tcp_proxy};
 
@@ -34,7 +35,8 @@ pub enum Command {
 /// The main thread's handle on a worker thread.
 pub struct WorkerHandle {
     pub id: usize,
-    pub counters: Arc<WorkerCounters>,
+    /// Connections the worker has open; only the worker writes it.
+    pub open: Arc<AtomicUsize>,
     commands: mpsc::UnboundedSender<Command>,
     thread: JoinHandle<()>,
 }
@@ -54,27 +56,30 @@ pub struct WorkerSetup {
     pub listeners: Vec<std::net::TcpListener>,
     /// One per listener of the config.
     pub access_logs: Vec<Option<LogTarget>>,
+    /// This worker's shard of the stats region.
+    pub stats: ThreadStats,
+    /// Where the worker counts its open connections for the main thread.
+    pub open: Arc<AtomicUsize>,
 }
 
 impl WorkerHandle {
     pub fn spawn(setup: WorkerSetup) -> io::Result<WorkerHandle> {
         let id = setup.id;
-        let counters = WorkerCounters::new(&setup.config);
+        let open = setup.open.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let (commands, rx) = mpsc::unbounded_channel();
-        let thread_counters = counters.clone();
         let thread = std::thread::Builder::new()
             .name(format!("worker-{id}"))
             .spawn(move || {
                 let local = LocalSet::new();
-                local.block_on(&runtime, run(setup, thread_counters, rx));
+                local.block_on(&runtime, run(setup, rx));
                 // Dropping the LocalSet here drops every connection task, closing its sockets.
             })?;
         Ok(WorkerHandle {
             id,
-            counters,
+            open,
             commands,
             thread,
         })
@@ -101,7 +106,7 @@ impl WorkerHandle {
 pub struct Worker {
     pub id: usize,
     pub config: Arc<Config>,
-    pub counters: Arc<WorkerCounters>,
+    pub stats: ThreadStats,
     /// One per cluster of the config.
     pub pools: Vec<Rc<ClusterPool>>,
     /// One per listener of the config.
@@ -112,11 +117,7 @@ pub struct Worker {
     pub connections: Connections,
 }
 
-async fn run(
-    setup: WorkerSetup,
-    counters: Arc<WorkerCounters>,
-    mut commands: mpsc::UnboundedReceiver<Command>,
-) {
+async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>) {
     let config = setup.config;
     let worker = Rc::new(Worker {
         id: setup.id,
@@ -134,10 +135,13 @@ async fn run(
             })
             .collect(),
         access_logs: setup.access_logs,
-        counters,
+        stats: setup.stats,
         config: config.clone(),
         drain: DrainState::default(),
-        connections: Connections::default(),
+        connections: Connections {
+            open: setup.open,
+            closed: Notify::new(),
+        },
     });
     for (index, listener) in setup.listeners.into_iter().enumerate() {
         match TcpListener::from_std(listener) {
@@ -259,15 +263,23 @@ impl DrainState {
 }
 
 /// The number of open downstream connections on this worker.
-#[derive(Default)]
 pub struct Connections {
-    open: Cell<usize>,
+    /// Written by this worker only; read by the main thread.
+    open: Arc<AtomicUsize>,
     closed: Notify,
 }
 
 impl Connections {
+    fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, n: usize) {
+        self.open.store(n, Ordering::Relaxed);
+    }
+
     async fn all_closed(&self) {
-        while self.open.get() > 0 {
+        while self.open() > 0 {
             self.closed.notified().await;
         }
     }
@@ -281,25 +293,24 @@ pub struct ConnectionGuard {
 
 impl ConnectionGuard {
     fn new(worker: Rc<Worker>, listener: usize) -> Self {
-        let counters = &worker.counters.listeners[listener];
-        stats::inc(&counters.downstream_cx_total);
-        stats::gauge_add(&counters.downstream_cx_active, 1);
-        worker
-            .connections
-            .open
-            .set(worker.connections.open.get() + 1);
+        let stats = &worker.stats;
+        let ids = &stats.ids.listeners[listener];
+        stats.shard.inc(ids.downstream_cx_total);
+        stats.shard.gauge_add(ids.downstream_cx_active, 1);
+        worker.connections.set(worker.connections.open() + 1);
         ConnectionGuard { worker, listener }
     }
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        let counters = &self.worker.counters.listeners[self.listener];
-        stats::gauge_add(&counters.downstream_cx_active, -1);
-        stats::inc(&counters.downstream_cx_destroy);
+        let stats = &self.worker.stats;
+        let ids = &stats.ids.listeners[self.listener];
+        stats.shard.gauge_add(ids.downstream_cx_active, -1);
+        stats.shard.inc(ids.downstream_cx_destroy);
         let connections = &self.worker.connections;
-        connections.open.set(connections.open.get() - 1);
-        if connections.open.get() == 0 {
+        connections.set(connections.open() - 1);
+        if connections.open() == 0 {
             connections.closed.notify_waiters();
         }
     }

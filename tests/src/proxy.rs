@@ -49,7 +49,8 @@ impl Proxy {
 
     fn start_in(dir: tempfile::TempDir, config: &str, args: &[&str]) -> Result<Proxy, String> {
         let config_path = dir.path().join("baton.toml");
-        std::fs::write(&config_path, config).expect("the config can be written");
+        std::fs::write(&config_path, with_private_stats(config))
+            .expect("the config can be written");
         let log = dir.path().join("proxy.log");
         let stderr = File::create(&log).expect("the log file can be created");
         let child = Command::new(binaries::proxy())
@@ -139,7 +140,7 @@ impl Drop for Proxy {
 pub fn run_once(config: &str, check: bool) -> Output {
     let dir = tempfile::tempdir().expect("a temporary folder");
     let path = dir.path().join("baton.toml");
-    std::fs::write(&path, config).expect("the config can be written");
+    std::fs::write(&path, with_private_stats(config)).expect("the config can be written");
     let mut command = Command::new(binaries::proxy());
     command.arg("--config").arg(&path);
     if check {
@@ -161,4 +162,14 @@ pub fn run_once(config: &str, check: bool) -> Output {
         );
     }
     child.wait_with_output().expect("the output can be read")
+}
+
+/// Gives a test's proxy a stats region of its own in its folder (unless the config places it), so
+/// that tests running at once do not share counters.
+fn with_private_stats(config: &str) -> String {
+    if config.contains("[stats]") {
+        config.to_owned()
+    } else {
+        format!("{config}\n[stats]\npath = \"stats.shm\"\n")
+    }
 }

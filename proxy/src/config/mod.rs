@@ -49,6 +49,7 @@ pub struct Config {
     pub concurrency: Option<NonZeroUsize>,
     pub drain: DrainSettings,
     pub admin: Option<Admin>,
+    pub stats: StatsSettings,
     pub listeners: Vec<Listener>,
     pub clusters: Vec<Cluster>,
 }
@@ -59,6 +60,13 @@ pub struct DrainSettings {
     pub timeout: Duration,
     /// An idle HTTP/1.1 connection is closed by a drain only once it has been idle this long.
     pub idle_grace: Duration,
+}
+
+/// Where the shared-memory stats region is, and its sizes when this process creates it.
+#[derive(Debug, Clone)]
+pub struct StatsSettings {
+    pub path: PathBuf,
+    pub capacities: shm_stats::Capacities,
 }
 
 #[derive(Debug)]

@@ -17,6 +17,7 @@ pub struct RawConfig {
     pub drain_timeout: Option<Spanned<String>>,
     pub drain_idle_grace: Option<Spanned<String>>,
     pub admin: Option<Spanned<RawAdmin>>,
+    pub stats: Option<Spanned<RawStats>>,
     #[serde(default)]
     pub listener: Vec<Spanned<RawListener>>,
     #[serde(default)]
@@ -27,6 +28,15 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub address: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStats {
+    pub path: Option<Spanned<String>>,
+    pub max_stats: Option<Spanned<i64>>,
+    pub max_shards: Option<Spanned<i64>>,
+    pub cells_per_shard: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

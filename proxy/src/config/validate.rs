@@ -14,7 +14,7 @@ use http::{HeaderMap, StatusCode};
 use serde_spanned::Spanned;
 
 use super::raw::{
-    RawCluster, RawConfig, RawDirectResponse, RawListener, RawProtocol, RawRoute, RawTls,
+    RawCluster, RawConfig, RawDirectResponse, RawListener, RawProtocol, RawRoute, RawStats, RawTls,
 };
 use super::tls::{self, LoadedCertificate};
 use super::*;
@@ -141,14 +141,54 @@ impl Validator<'_> {
             ));
         }
 
+        let stats = self.stats(&instance, raw.stats)?;
         Ok(Config {
             path: self.path.to_owned(),
+            stats,
             instance,
             concurrency,
             drain,
             admin,
             listeners,
             clusters,
+        })
+    }
+
+    fn stats(&self, instance: &str, raw: Option<Spanned<RawStats>>) -> Result<StatsSettings> {
+        let defaults = shm_stats::Capacities::default();
+        let Some(raw) = raw.map(Spanned::into_inner) else {
+            return Ok(StatsSettings {
+                path: shm_stats::default_path(instance),
+                capacities: defaults,
+            });
+        };
+        let capacity = |field: &str, value: Option<Spanned<i64>>, default: u32, max: u32| {
+            let Some(v) = value else { return Ok(default) };
+            u32::try_from(*v.get_ref())
+                .ok()
+                .filter(|n| (1..=max).contains(n))
+                .ok_or_else(|| {
+                    self.error(
+                        v.span(),
+                        format!("stats.{field}: expected a number from 1 to {max}"),
+                    )
+                })
+        };
+        Ok(StatsSettings {
+            path: raw.path.map_or_else(
+                || shm_stats::default_path(instance),
+                |p| self.relative_path(p.get_ref()),
+            ),
+            capacities: shm_stats::Capacities {
+                max_stats: capacity("max_stats", raw.max_stats, defaults.max_stats, 1 << 20)?,
+                max_shards: capacity("max_shards", raw.max_shards, defaults.max_shards, 1 << 16)?,
+                cells_per_shard: capacity(
+                    "cells_per_shard",
+                    raw.cells_per_shard,
+                    defaults.cells_per_shard,
+                    1 << 24,
+                )?,
+            },
         })
     }
 

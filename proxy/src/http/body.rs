@@ -113,9 +113,19 @@ impl Exchange {
     }
 }
 
+/// A duration in whole microseconds, saturating.
+fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 impl Drop for Exchange {
     fn drop(&mut self) {
         self.activity.request_finished();
+        let stats = &self.worker.stats;
+        stats.shard.record(
+            stats.ids.listeners[self.listener].downstream_rq_time,
+            micros(self.start.elapsed()),
+        );
         if !self.complete {
             self.set_flag(Flag::DownstreamClosed);
         }
@@ -130,9 +140,10 @@ impl Drop for Exchange {
             self.bytes,
             self.start.elapsed().as_secs_f64(),
         );
-        target
-            .sender
-            .send(target.file, line, &self.worker.counters.access_log_dropped);
+        if !target.sender.send(target.file, line) {
+            let stats = &self.worker.stats;
+            stats.shard.inc(stats.ids.server.access_log_dropped);
+        }
     }
 }
 
@@ -176,6 +187,9 @@ pub struct Release {
     pub pool: Rc<ClusterPool>,
     pub endpoint: usize,
     pub sender: Sender,
+    /// For `upstream_rq_time`: the cluster, and when the request was sent.
+    pub cluster: usize,
+    pub started: Instant,
 }
 
 /// The body of a response to the client.
@@ -230,6 +244,11 @@ impl ResponseBody {
         if let Kind::Upstream { release, .. } = &mut self.kind
             && let Some(r) = release.take()
         {
+            let stats = &self.exchange.worker.stats;
+            stats.shard.record(
+                stats.ids.clusters[r.cluster].upstream_rq_time,
+                micros(r.started.elapsed()),
+            );
             r.pool.release(r.endpoint, r.sender);
         }
     }

@@ -5,11 +5,15 @@
 use std::cell::Cell;
 use std::io;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use bytes::{Buf, Bytes};
+use shm_stats::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::worker::Worker;
 
 /// What a connection has been doing, for the decision to close it while idle.
 pub struct Activity {
@@ -43,20 +47,34 @@ impl Activity {
     }
 }
 
-/// A stream with a prefix of already-read bytes, recording when it last received data.
+/// Where a connection counts the bytes it moves.
+pub struct ByteStats {
+    pub worker: Rc<Worker>,
+    pub rx: Counter,
+    pub tx: Counter,
+}
+
+/// A stream with a prefix of already-read bytes, recording when it last received data and
+/// counting the bytes both ways.
 pub struct ConnIo<S> {
     inner: S,
     prefix: Bytes,
-    activity: std::rc::Rc<Activity>,
+    activity: Rc<Activity>,
+    bytes: ByteStats,
 }
 
 impl<S> ConnIo<S> {
-    pub fn new(inner: S, prefix: Bytes, activity: std::rc::Rc<Activity>) -> Self {
+    pub fn new(inner: S, prefix: Bytes, activity: Rc<Activity>, bytes: ByteStats) -> Self {
         ConnIo {
             inner,
             prefix,
             activity,
+            bytes,
         }
+    }
+
+    fn sent(&self, n: usize) {
+        self.bytes.worker.stats.shard.add(self.bytes.tx, n as u64);
     }
 }
 
@@ -67,6 +85,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         if !self.prefix.is_empty() {
+            // Already counted when it was sniffed.
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
@@ -74,8 +93,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {
         }
         let before = buf.filled().len();
         ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
-        if buf.filled().len() > before {
+        let n = buf.filled().len() - before;
+        if n > 0 {
             self.activity.last_read.set(Instant::now());
+            self.bytes.worker.stats.shard.add(self.bytes.rx, n as u64);
         }
         Poll::Ready(Ok(()))
     }
@@ -87,7 +108,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let n = ready!(Pin::new(&mut self.inner).poll_write(cx, buf))?;
+        self.sent(n);
+        Poll::Ready(Ok(n))
     }
 
     fn poll_write_vectored(
@@ -95,7 +118,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let n = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs))?;
+        self.sent(n);
+        Poll::Ready(Ok(n))
     }
 
     fn is_write_vectored(&self) -> bool {

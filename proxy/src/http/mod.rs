@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
-use self::io::{Activity, ConnIo};
+use self::io::{Activity, ByteStats, ConnIo};
 use self::service::ConnCtx;
 use crate::config::ListenerKind;
 use crate::worker::ConnectionGuard;
@@ -56,12 +56,18 @@ pub async fn serve(guard: ConnectionGuard, stream: TcpStream, peer: SocketAddr) 
         })
     };
 
+    let ids = &worker.stats.ids.listeners[listener];
+    let bytes = ByteStats {
+        worker: worker.clone(),
+        rx: ids.downstream_cx_rx_bytes_total,
+        tx: ids.downstream_cx_tx_bytes_total,
+    };
     match worker.tls[listener].clone() {
         Some(acceptor) => {
-            let handshake = tokio::time::timeout(
-                TLS_HANDSHAKE_TIMEOUT.min(idle_timeout),
-                acceptor.accept(stream),
-            );
+            // Under TLS, so that activity and byte counts see the bytes on the wire.
+            let io = ConnIo::new(stream, Bytes::new(), activity.clone(), bytes);
+            let handshake =
+                tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT.min(idle_timeout), acceptor.accept(io));
             let tls = match handshake.await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -74,8 +80,7 @@ pub async fn serve(guard: ConnectionGuard, stream: TcpStream, peer: SocketAddr) 
                 }
             };
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            let io = ConnIo::new(tls, Bytes::new(), activity.clone());
-            run(ctx(true, h2), io, idle_timeout).await;
+            run(ctx(true, h2), tls, idle_timeout).await;
         }
         None => {
             let mut stream = stream;
@@ -83,7 +88,9 @@ pub async fn serve(guard: ConnectionGuard, stream: TcpStream, peer: SocketAddr) 
             let Ok(Some((prefix, h2))) = sniffed else {
                 return;
             };
-            let io = ConnIo::new(stream, prefix, activity.clone());
+            // The sniffed bytes are replayed by ConnIo, which does not count them again.
+            worker.stats.shard.add(bytes.rx, prefix.len() as u64);
+            let io = ConnIo::new(stream, prefix, activity.clone(), bytes);
             run(ctx(false, h2), io, idle_timeout).await;
         }
     }
@@ -111,7 +118,7 @@ async fn sniff(stream: &mut TcpStream) -> Option<(Bytes, bool)> {
 }
 
 /// Runs hyper's HTTP/1.1 or HTTP/2 server on the connection.
-async fn run<S>(ctx: Rc<ConnCtx>, io: ConnIo<S>, idle_timeout: Duration)
+async fn run<S>(ctx: Rc<ConnCtx>, io: S, idle_timeout: Duration)
 where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
 {

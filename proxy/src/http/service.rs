@@ -36,8 +36,9 @@ pub async fn handle(
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let worker = &ctx.worker;
-    let counters = &worker.counters.listeners[ctx.listener];
-    stats::inc(&counters.downstream_rq_total);
+    let stats = &worker.stats;
+    let listener_stats = &stats.ids.listeners[ctx.listener];
+    stats.shard.inc(listener_stats.downstream_rq_total);
     let log = worker.access_logs[ctx.listener]
         .is_some()
         .then(|| log_record(&ctx, &request));
@@ -63,7 +64,7 @@ pub async fn handle(
     };
 
     if let Some(class) = stats::class_index(response.status().as_u16()) {
-        stats::inc(&counters.downstream_rq_class[class]);
+        stats.shard.inc(listener_stats.downstream_rq_class[class]);
     }
     if !ctx.h2 && worker.drain.is_draining() {
         // Ask the client to reconnect (to the next generation) instead of closing the connection
@@ -156,9 +157,10 @@ async fn proxy(
 ) -> Response<ResponseBody> {
     let worker = &ctx.worker;
     let cluster = worker.config.cluster(cluster_id);
-    let counters = &worker.counters.clusters[cluster_id.0];
+    let stats = &worker.stats;
+    let cluster_stats = &stats.ids.clusters[cluster_id.0];
     let pool = &worker.pools[cluster_id.0];
-    stats::inc(&counters.upstream_rq_total);
+    stats.shard.inc(cluster_stats.upstream_rq_total);
 
     let endpoint = pool.pick();
     let addr = cluster.endpoints[endpoint];
@@ -185,6 +187,7 @@ async fn proxy(
     });
     let request = Request::from_parts(parts, Either::Left(body));
 
+    let started = std::time::Instant::now();
     let sent = tokio::time::timeout(
         cluster.request_timeout,
         send(ctx, cluster_id, endpoint, request, replay),
@@ -199,6 +202,8 @@ async fn proxy(
                 pool: pool.clone(),
                 endpoint,
                 sender,
+                cluster: cluster_id.0,
+                started,
             };
             Response::from_parts(parts, ResponseBody::upstream(body, release, exchange))
         }
@@ -221,7 +226,7 @@ async fn proxy(
         }
         Ok(Err(SendError::Reset(e))) => {
             debug!(worker = worker.id, upstream = %addr, "upstream request failed: {e}");
-            stats::inc(&counters.upstream_rq_reset);
+            stats.shard.inc(cluster_stats.upstream_rq_reset);
             local(
                 StatusCode::BAD_GATEWAY,
                 "upstream reset before response\n",
@@ -230,7 +235,7 @@ async fn proxy(
             )
         }
         Err(_) => {
-            stats::inc(&counters.upstream_rq_timeout);
+            stats.shard.inc(cluster_stats.upstream_rq_timeout);
             local(
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream request timeout\n",
@@ -273,19 +278,18 @@ async fn send(
                     "pooled upstream connection closed under a request; sending it again: {}",
                     e.error()
                 );
-                stats::inc(&worker.counters.clusters[cluster_id.0].upstream_rq_retry);
+                let stats = &worker.stats;
+                stats
+                    .shard
+                    .inc(stats.ids.clusters[cluster_id.0].upstream_rq_retry);
             }
         }
     }
     let cluster = worker.config.cluster(cluster_id);
-    let mut sender = upstream::connect_http1(
-        cluster.endpoints[endpoint],
-        cluster,
-        &worker.counters,
-        cluster_id.0,
-    )
-    .await
-    .map_err(SendError::Connect)?;
+    let mut sender =
+        upstream::connect_http1(cluster.endpoints[endpoint], cluster, worker, cluster_id.0)
+            .await
+            .map_err(SendError::Connect)?;
     let response = sender
         .send_request(request)
         .await

@@ -34,10 +34,16 @@ async fn admin_endpoints_report_and_control_the_proxy() {
         client::get(listen, "/x").await;
     }
     client::get(listen, "/slow/3000").await; // 504
-    assert_eq!(stat(admin, "listener.public.downstream_rq_total").await, 4);
-    assert_eq!(stat(admin, "listener.public.downstream_rq_2xx").await, 3);
-    assert_eq!(stat(admin, "listener.public.downstream_rq_5xx").await, 1);
-    assert_eq!(stat(admin, "cluster.origin.upstream_rq_timeout").await, 1);
+    assert_eq!(stat(admin, "downstream_rq_total{listener=public}").await, 4);
+    assert_eq!(
+        stat(admin, "downstream_rq_2xx{listener=public,code_class=2xx}").await,
+        3
+    );
+    assert_eq!(
+        stat(admin, "downstream_rq_5xx{listener=public,code_class=5xx}").await,
+        1
+    );
+    assert_eq!(stat(admin, "upstream_rq_timeout{cluster=origin}").await, 1);
 
     let mut c = H1::connect(admin).await.unwrap();
     let r = c

@@ -173,10 +173,13 @@ async fn reuses_connections_on_both_sides() {
         1,
         "one pooled upstream connection served every request"
     );
-    assert_eq!(stat(admin, "listener.public.downstream_cx_total").await, 1);
-    assert_eq!(stat(admin, "listener.public.downstream_rq_2xx").await, 20);
-    assert_eq!(stat(admin, "cluster.origin.upstream_cx_total").await, 1);
-    assert_eq!(stat(admin, "cluster.origin.upstream_rq_total").await, 20);
+    assert_eq!(stat(admin, "downstream_cx_total{listener=public}").await, 1);
+    assert_eq!(
+        stat(admin, "downstream_rq_2xx{listener=public,code_class=2xx}").await,
+        20
+    );
+    assert_eq!(stat(admin, "upstream_cx_total{cluster=origin}").await, 1);
+    assert_eq!(stat(admin, "upstream_rq_total{cluster=origin}").await, 20);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -283,10 +286,13 @@ async fn answers_502_when_the_upstream_is_down() {
         "a refused connect fails fast"
     );
     assert_eq!(
-        stat(admin, "cluster.origin.upstream_cx_connect_fail").await,
+        stat(admin, "upstream_cx_connect_fail{cluster=origin}").await,
         1
     );
-    assert_eq!(stat(admin, "listener.public.downstream_rq_5xx").await, 1);
+    assert_eq!(
+        stat(admin, "downstream_rq_5xx{listener=public,code_class=5xx}").await,
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,7 +309,7 @@ async fn answers_504_when_the_upstream_is_slow() {
         took >= Duration::from_millis(900) && took < Duration::from_secs(4),
         "took {took:?} with a 1s timeout"
     );
-    assert_eq!(stat(admin, "cluster.origin.upstream_rq_timeout").await, 1);
+    assert_eq!(stat(admin, "upstream_rq_timeout{cluster=origin}").await, 1);
     // The connection still works after a timeout.
     let r = client::get(listen, "/fine").await;
     assert_eq!(r.status, 200);

@@ -1,0 +1,130 @@
+//! `baton-stats`: reads a baton stats region straight from shared memory and prints it as text,
+//! JSON or Prometheus exposition, once or every few seconds.
+
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use regex::Regex;
+use shm_stats::{Reader, format};
+
+/// Print the stats of a running baton, read from its shared-memory region.
+#[derive(Debug, Parser)]
+#[command(name = "baton-stats", version)]
+struct Cli {
+    /// The instance whose region to read (/dev/shm/baton.<NAME>).
+    #[arg(
+        long,
+        value_name = "NAME",
+        conflicts_with = "path",
+        default_value = "baton"
+    )]
+    instance: String,
+    /// Read the region at FILE instead (a region placed with `stats.path`).
+    #[arg(long, value_name = "FILE")]
+    path: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// Print again every SECS seconds, until interrupted (or --count times).
+    #[arg(long, value_name = "SECS")]
+    watch: Option<f64>,
+    /// With --watch, stop after printing N times.
+    #[arg(long, value_name = "N", requires = "watch")]
+    count: Option<u64>,
+    /// Only stats whose `name{tags}` matches this regular expression.
+    pattern: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+    Prometheus,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let pattern = match cli.pattern.as_deref().map(Regex::new).transpose() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("baton-stats: PATTERN is not a valid regular expression: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let interval = match cli.watch {
+        Some(secs) if !(secs.is_finite() && secs > 0.0) => {
+            eprintln!("baton-stats: --watch takes a number of seconds above zero");
+            return ExitCode::from(2);
+        }
+        Some(secs) => Some(Duration::from_secs_f64(secs)),
+        None => None,
+    };
+    let path = cli
+        .path
+        .clone()
+        .unwrap_or_else(|| shm_stats::default_path(&cli.instance));
+    let reader = match Reader::open(&path) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("baton-stats: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let mut printed = 0u64;
+    loop {
+        let snapshot = match reader.snapshot() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("baton-stats: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let stats: Vec<_> = snapshot
+            .stats
+            .iter()
+            .filter(|s| {
+                pattern
+                    .as_ref()
+                    .is_none_or(|p| p.is_match(&format::display_name(s)))
+            })
+            .collect();
+        let out = match cli.format {
+            Format::Text => format::text(&stats),
+            Format::Json => format::json(&snapshot, &path.display().to_string(), &stats),
+            Format::Prometheus => format::prometheus(&stats),
+        };
+        let mut stdout = std::io::stdout().lock();
+        if interval.is_some() && cli.format == Format::Text {
+            let _ = writeln!(
+                stdout,
+                "--- {} epoch {} ---",
+                path.display(),
+                snapshot.current_epoch
+            );
+        }
+        if stdout
+            .write_all(out.as_bytes())
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            // The reader of our output went away (`| head`): nothing more to say.
+            return ExitCode::SUCCESS;
+        }
+        drop(stdout);
+        printed += 1;
+        match interval {
+            Some(every) if cli.count.is_none_or(|n| printed < n) => {
+                // A command-line tool between two prints, not an event loop.
+                #[allow(clippy::disallowed_methods)]
+                std::thread::sleep(every)
+            }
+            _ => return ExitCode::SUCCESS,
+        }
+    }
+}
