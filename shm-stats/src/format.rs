@@ -11,11 +11,10 @@ use crate::reader::{Snapshot, Stat, Value};
 
 /// `name{k=v,...}`, how a stat is named in text output and matched by filters.
 pub fn display_name(stat: &Stat) -> String {
-    if stat.tags.is_empty() {
-        return stat.name.clone();
+    if stat.tags_str().is_empty() {
+        return stat.name().to_owned();
     }
-    let tags: Vec<String> = stat.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    format!("{}{{{}}}", stat.name, tags.join(","))
+    format!("{}{{{}}}", stat.name(), stat.tags_str())
 }
 
 fn human(value: u64, unit: Unit) -> String {
@@ -84,16 +83,15 @@ pub fn json(snapshot: &Snapshot, path: &str, stats: &[&Stat]) -> String {
         .iter()
         .map(|s| {
             let tags: Map<String, Json> = s
-                .tags
-                .iter()
-                .map(|(k, v)| (k.clone(), Json::from(v.as_str())))
+                .tags()
+                .map(|(k, v)| (k.to_owned(), Json::from(v)))
                 .collect();
             let mut o = json!({
-                "name": s.name,
+                "name": s.name(),
                 "tags": tags,
                 "kind": s.kind.name(),
                 "unit": s.unit.name(),
-                "help": s.help,
+                "help": s.help(),
             });
             match &s.value {
                 Value::Counter(v) => o["value"] = json!(v),
@@ -141,15 +139,18 @@ pub fn json(snapshot: &Snapshot, path: &str, stats: &[&Stat]) -> String {
 /// `baton_`, tags as labels; microsecond histograms in seconds, with a `_seconds` suffix.
 pub fn prometheus(stats: &[&Stat]) -> String {
     // Families must be contiguous: group by name, keeping the order names first appear in.
-    let mut names: Vec<&str> = Vec::new();
+    let mut order: Vec<&str> = Vec::new();
+    let mut families: std::collections::HashMap<&str, Vec<&Stat>> = Default::default();
     for s in stats {
-        if !names.contains(&s.name.as_str()) {
-            names.push(&s.name);
+        let family = families.entry(s.name()).or_default();
+        if family.is_empty() {
+            order.push(s.name());
         }
+        family.push(s);
     }
     let mut out = String::new();
-    for name in names {
-        let family: Vec<&&Stat> = stats.iter().filter(|s| s.name == name).collect();
+    for name in order {
+        let family = &families[name];
         let first = family[0];
         let seconds = first.kind == Kind::Histogram && first.unit == Unit::Microseconds;
         let metric = format!(
@@ -157,15 +158,12 @@ pub fn prometheus(stats: &[&Stat]) -> String {
             name.replace('.', "_"),
             if seconds { "_seconds" } else { "" }
         );
-        let help = first.help.replace('\\', "\\\\").replace('\n', "\\n");
+        let help = first.help().replace('\\', "\\\\").replace('\n', "\\n");
         let _ = writeln!(out, "# HELP {metric} {help}");
         let _ = writeln!(out, "# TYPE {metric} {}", first.kind.name());
         for s in family {
-            let labels: Vec<String> = s
-                .tags
-                .iter()
-                .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
-                .collect();
+            // Tag values cannot hold `"`, `\` or line breaks (the writer refuses them).
+            let labels: Vec<String> = s.tags().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
             let with = |extra: Option<String>| -> String {
                 let mut all = labels.clone();
                 all.extend(extra);

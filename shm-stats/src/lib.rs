@@ -30,7 +30,7 @@ mod view;
 
 pub use layout::{Capacities, Kind, LAYOUT_VERSION, Merge, Unit};
 pub use lock::{Acquired, LockGuard};
-pub use reader::{HeaderInfo, ReadError, Reader, ShardInfo, Snapshot, Stat, Value};
+pub use reader::{HeaderInfo, ReadError, Reader, ShardInfo, Snapshot, Stat, StatMeta, Value};
 pub use region::{Counter, Gauge, Histogram, Region, Shard, Spec, StatsError};
 
 /// Where the region of `instance` lives by default.

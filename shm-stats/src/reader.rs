@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{Ordering, fence};
+use std::sync::{Arc, Mutex};
 
 use memmap2::{MmapOptions, MmapRaw};
 
@@ -62,16 +63,61 @@ pub struct HeaderInfo {
     pub created_unix_ms: u64,
 }
 
+/// What a stat is: everything but its value. Entries never change once published, so readers
+/// parse each once and share it between snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatMeta {
+    /// Name, tags (`k=v,k2=v2`) and help, one after the other: one allocation per stat.
+    text: Box<str>,
+    name_end: usize,
+    tags_end: usize,
+    pub kind: Kind,
+    pub unit: Unit,
+    pub merge: Merge,
+    first_cell: u32,
+}
+
+impl StatMeta {
+    pub fn name(&self) -> &str {
+        &self.text[..self.name_end]
+    }
+
+    /// The tags as stored: `key=value` pairs joined by commas.
+    pub fn tags_str(&self) -> &str {
+        &self.text[self.name_end..self.tags_end]
+    }
+
+    /// The tags as `(key, value)` pairs.
+    pub fn tags(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.tags_str()
+            .split(',')
+            .filter(|t| !t.is_empty())
+            .map(|t| t.split_once('=').unwrap_or((t, "")))
+    }
+
+    pub fn help(&self) -> &str {
+        &self.text[self.tags_end..]
+    }
+}
+
 /// One stat's value at the time of a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stat {
-    pub name: String,
-    pub tags: Vec<(String, String)>,
-    pub help: String,
-    pub kind: Kind,
-    pub unit: Unit,
+    pub meta: Arc<StatMeta>,
     pub value: Value,
 }
+
+impl std::ops::Deref for Stat {
+    type Target = StatMeta;
+
+    fn deref(&self) -> &StatMeta {
+        &self.meta
+    }
+}
+
+/// Parsed entries of a region, in table order.
+#[derive(Default)]
+pub(crate) struct MetaCache(Mutex<Vec<Arc<StatMeta>>>);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Value {
@@ -105,6 +151,7 @@ pub struct Reader {
     _map: MmapRaw,
     view: View,
     header: HeaderInfo,
+    metas: MetaCache,
 }
 
 impl Reader {
@@ -152,6 +199,7 @@ impl Reader {
             _map: map,
             view,
             header,
+            metas: MetaCache::default(),
         })
     }
 
@@ -165,7 +213,7 @@ impl Reader {
 
     /// Every stat, consistent with respect to retirements.
     pub fn snapshot(&self) -> Result<Snapshot, ReadError> {
-        snapshot(&self.path, self.view, &self.header)
+        snapshot(&self.path, self.view, &self.header, &self.metas)
     }
 }
 
@@ -268,10 +316,28 @@ pub(crate) struct Entry {
     pub unit: Unit,
     pub merge: Merge,
     pub first_cell: u32,
-    pub cell_count: u32,
-    pub name: String,
-    pub tags: String,
-    pub help: String,
+    raw: [u8; layout::ENTRY_SIZE as usize],
+}
+
+impl Entry {
+    fn text(&self, offset: u64, len_at: u64) -> &str {
+        let start = offset as usize;
+        let len = self.raw[len_at as usize] as usize;
+        // Checked to be UTF-8 within its field by `read_entry`.
+        std::str::from_utf8(&self.raw[start..start + len]).unwrap_or("")
+    }
+
+    pub fn name(&self) -> &str {
+        self.text(entry::NAME, entry::NAME_LEN)
+    }
+
+    pub fn tags(&self) -> &str {
+        self.text(entry::TAGS, entry::TAGS_LEN)
+    }
+
+    pub fn help(&self) -> &str {
+        self.text(entry::HELP, entry::HELP_LEN)
+    }
 }
 
 /// Reads and validates entry `i`; `cells_used` bounds its cells.
@@ -282,8 +348,8 @@ pub(crate) fn read_entry(
     cells_used: u32,
 ) -> Result<Entry, String> {
     let at = layout::entry_offset(header.offsets.names, i);
-    let raw = view
-        .copy(at, layout::ENTRY_SIZE as usize)
+    let raw: [u8; layout::ENTRY_SIZE as usize] = view
+        .copy_array(at)
         .ok_or_else(|| format!("entry {i} is out of bounds"))?;
     let kind = Kind::from_u8(raw[entry::KIND as usize])
         .ok_or_else(|| format!("entry {i} has an unknown kind"))?;
@@ -300,36 +366,27 @@ pub(crate) fn read_entry(
     {
         return Err(format!("entry {i} has cells out of bounds"));
     }
-    let text = |offset: u64, len_at: u64, max: usize, what: &str| -> Result<String, String> {
+    for (offset, len_at, max, what) in [
+        (entry::NAME, entry::NAME_LEN, entry::NAME_MAX, "name"),
+        (entry::TAGS, entry::TAGS_LEN, entry::TAGS_MAX, "tag list"),
+        (entry::HELP, entry::HELP_LEN, entry::HELP_MAX, "help text"),
+    ] {
         let len = raw[len_at as usize] as usize;
         if len > max {
             return Err(format!("entry {i} has a {what} longer than its field"));
         }
         let start = offset as usize;
-        String::from_utf8(raw[start..start + len].to_vec())
-            .map_err(|_| format!("entry {i} has a {what} that is not UTF-8"))
-    };
+        if std::str::from_utf8(&raw[start..start + len]).is_err() {
+            return Err(format!("entry {i} has a {what} that is not UTF-8"));
+        }
+    }
     Ok(Entry {
         kind,
         unit,
         merge,
         first_cell,
-        cell_count,
-        name: text(entry::NAME, entry::NAME_LEN, entry::NAME_MAX, "name")?,
-        tags: text(entry::TAGS, entry::TAGS_LEN, entry::TAGS_MAX, "tag list")?,
-        help: text(entry::HELP, entry::HELP_LEN, entry::HELP_MAX, "help text")?,
+        raw,
     })
-}
-
-/// Splits `k=v,k2=v2` into pairs.
-pub(crate) fn split_tags(tags: &str) -> Vec<(String, String)> {
-    tags.split(',')
-        .filter(|t| !t.is_empty())
-        .map(|t| match t.split_once('=') {
-            Some((k, v)) => (k.to_owned(), v.to_owned()),
-            None => (t.to_owned(), String::new()),
-        })
-        .collect()
 }
 
 /// How many times a snapshot is retried while retirements keep moving counts.
@@ -339,6 +396,7 @@ pub(crate) fn snapshot(
     path: &Path,
     view: View,
     header: &HeaderInfo,
+    cache: &MetaCache,
 ) -> Result<Snapshot, ReadError> {
     let o = header.offsets;
     let caps = header.capacities;
@@ -360,16 +418,28 @@ pub(crate) fn snapshot(
         if count > caps.max_stats || cells_used > caps.cells_per_shard {
             return Err(corrupt(path, "stat count or cells beyond capacity"));
         }
-        let entries = (0..count)
-            .map(|i| read_entry(view, header, i, cells_used))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|what| corrupt(path, what))?;
+        let metas = {
+            let mut cached = cache.0.lock().unwrap_or_else(|e| e.into_inner());
+            for i in cached.len() as u32..count {
+                let e =
+                    read_entry(view, header, i, cells_used).map_err(|what| corrupt(path, what))?;
+                cached.push(Arc::new(StatMeta {
+                    text: [e.name(), e.tags(), e.help()].concat().into_boxed_str(),
+                    name_end: e.name().len(),
+                    tags_end: e.name().len() + e.tags().len(),
+                    kind: e.kind,
+                    unit: e.unit,
+                    merge: e.merge,
+                    first_cell: e.first_cell,
+                }));
+            }
+            cached[..count as usize].to_vec()
+        };
 
-        // Aggregate every cell over the rows: sums and maxima over all rows (counters,
-        // histograms) and over live rows only (gauges).
+        // Sum and maximum of every cell over the rows in use. The retired row holds no gauge
+        // values (retirement drops them), so a gauge's sum is its sum over the live rows.
         let n = cells_used as usize;
-        let (mut sum_all, mut max_all) = (vec![0u64; n], vec![0u64; n]);
-        let (mut sum_live, mut max_live) = (vec![0u64; n], vec![i64::MIN; n]);
+        let (mut sum, mut max) = (vec![0u64; n], vec![0u64; n]);
         let mut shards = Vec::new();
         for row in 0..=caps.max_shards {
             let s = layout::slot_offset(o.slots, row);
@@ -399,18 +469,16 @@ pub(crate) fn snapshot(
                     pid: view.load_u32(s + slot::PID, Ordering::Relaxed).unwrap_or(0),
                 });
             }
-            for cell in 0..cells_used {
-                let at = layout::cell_offset(o.cells, caps.cells_per_shard, row, cell);
-                let v = view
-                    .load_u64(at, Ordering::Relaxed)
-                    .ok_or_else(|| corrupt(path, "cell out of bounds"))?;
-                let c = cell as usize;
-                sum_all[c] = sum_all[c].wrapping_add(v);
-                max_all[c] = max_all[c].max(v);
-                if live {
-                    sum_live[c] = sum_live[c].wrapping_add(v);
-                    max_live[c] = max_live[c].max(v as i64);
-                }
+            let cells = view
+                .atomic_u64s(
+                    layout::cell_offset(o.cells, caps.cells_per_shard, row, 0),
+                    n,
+                )
+                .ok_or_else(|| corrupt(path, "cells out of bounds"))?;
+            for ((s, m), cell) in sum.iter_mut().zip(max.iter_mut()).zip(cells) {
+                let v = cell.load(Ordering::Relaxed);
+                *s = s.wrapping_add(v);
+                *m = (*m).max(v);
             }
         }
         fence(Ordering::Acquire);
@@ -418,31 +486,24 @@ pub(crate) fn snapshot(
             continue;
         }
 
-        let stats = entries
+        let stats = metas
             .into_iter()
-            .map(|e| {
-                let first = e.first_cell as usize;
-                let value = match e.kind {
-                    Kind::Counter => Value::Counter(sum_all[first]),
-                    Kind::Gauge => Value::Gauge(match e.merge {
-                        Merge::Sum => sum_live[first] as i64,
-                        Merge::Max if max_live[first] == i64::MIN => 0,
-                        Merge::Max => max_live[first],
+            .map(|meta| {
+                let first = meta.first_cell as usize;
+                let value = match meta.kind {
+                    Kind::Counter => Value::Counter(sum[first]),
+                    Kind::Gauge => Value::Gauge(match meta.merge {
+                        Merge::Sum => sum[first] as i64,
+                        // Max-merged gauges hold non-negative values (epochs, uptimes).
+                        Merge::Max => max[first] as i64,
                     }),
                     Kind::Histogram => Value::Histogram(Summary {
-                        buckets: sum_all[first..first + BUCKETS].to_vec(),
-                        sum: sum_all[first + BUCKETS],
-                        max: max_all[first + BUCKETS + 1],
+                        buckets: sum[first..first + BUCKETS].to_vec(),
+                        sum: sum[first + BUCKETS],
+                        max: max[first + BUCKETS + 1],
                     }),
                 };
-                Stat {
-                    tags: split_tags(&e.tags),
-                    name: e.name,
-                    help: e.help,
-                    kind: e.kind,
-                    unit: e.unit,
-                    value,
-                }
+                Stat { meta, value }
             })
             .collect();
         return Ok(Snapshot {

@@ -68,6 +68,7 @@ pub struct Region {
     map: MmapRaw,
     view: View,
     header: HeaderInfo,
+    metas: reader::MetaCache,
 }
 
 // SAFETY: `view` points into `map`, which the region owns and which is shared memory meant for
@@ -261,6 +262,7 @@ impl Region {
             map,
             view,
             header,
+            metas: Default::default(),
         }))
     }
 
@@ -279,7 +281,7 @@ impl Region {
 
     /// A consistent snapshot of every stat, read through this writer's own mapping.
     pub fn snapshot(&self) -> Result<reader::Snapshot, ReadError> {
-        reader::snapshot(&self.path, self.view, &self.header)
+        reader::snapshot(&self.path, self.view, &self.header, &self.metas)
     }
 
     /// Records which epoch is active, for readers.
@@ -374,7 +376,7 @@ impl Region {
                         what,
                     })
                 })?;
-            if existing.name != spec.name {
+            if existing.name() != spec.name {
                 continue;
             }
             // One name, one kind, whatever the tags: exposition formats group series by name.
@@ -384,7 +386,7 @@ impl Region {
                     existing: existing.kind.name(),
                 });
             }
-            if existing.tags == tags {
+            if existing.tags() == tags {
                 return Ok(existing.first_cell);
             }
         }

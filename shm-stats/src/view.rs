@@ -53,6 +53,33 @@ impl View {
         Some(unsafe { &*(self.ptr.add(offset as usize) as *const AtomicU64) })
     }
 
+    /// `len` consecutive 8-byte cells from `offset`, checked once for the whole run.
+    pub(crate) fn atomic_u64s(&self, offset: u64, len: usize) -> Option<&[AtomicU64]> {
+        let bytes = (len as u64).checked_mul(8)?;
+        if !self.in_bounds(offset, 8) || offset.checked_add(bytes)? > self.len {
+            return None;
+        }
+        // SAFETY: the whole run is in bounds and 8-aligned (checked above) and lives as long as
+        // the view; atomics tolerate the concurrent writes of other processes.
+        Some(unsafe {
+            std::slice::from_raw_parts(self.ptr.add(offset as usize) as *const AtomicU64, len)
+        })
+    }
+
+    /// Copies `N` bytes into an array, without allocating.
+    pub(crate) fn copy_array<const N: usize>(&self, offset: u64) -> Option<[u8; N]> {
+        if offset.checked_add(N as u64)? > self.len {
+            return None;
+        }
+        let mut out = [0u8; N];
+        // SAFETY: the source range is in bounds (checked above); the destination is a local
+        // array of N bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.add(offset as usize), out.as_mut_ptr(), N);
+        }
+        Some(out)
+    }
+
     pub(crate) fn load_u32(&self, offset: u64, order: Ordering) -> Option<u32> {
         self.atomic_u32(offset).map(|a| a.load(order))
     }

@@ -29,14 +29,7 @@ fn value(reader: &Reader, name: &str, tags: &[(&str, &str)]) -> Value {
     let snap = reader.snapshot().expect("a snapshot");
     snap.stats
         .into_iter()
-        .find(|s| {
-            s.name == name
-                && s.tags.len() == tags.len()
-                && s.tags
-                    .iter()
-                    .zip(tags)
-                    .all(|((k, v), (k2, v2))| k == k2 && v == v2)
-        })
+        .find(|s| s.name() == name && s.tags().eq(tags.iter().copied()))
         .unwrap_or_else(|| panic!("no stat {name} {tags:?}"))
         .value
 }
@@ -377,7 +370,10 @@ proptest! {
         let by_key: HashMap<(String, String), Value> = snap
             .stats
             .into_iter()
-            .map(|s| ((s.name.clone(), s.tags[0].1.clone()), s.value))
+            .map(|s| {
+                let key = (s.name().to_owned(), s.tags_str().trim_start_matches("i=").to_owned());
+                (key, s.value)
+            })
             .collect();
         for i in 0..3 {
             prop_assert_eq!(&by_key[&("c".to_owned(), i.to_string())], &Value::Counter(counts[i]));

@@ -14,8 +14,14 @@ pub fn proxy() -> &'static Path {
     &built().proxy
 }
 
+/// `baton-stats`, freshly built.
+pub fn stats() -> &'static Path {
+    &built().stats
+}
+
 struct Built {
     proxy: PathBuf,
+    stats: PathBuf,
 }
 
 fn built() -> &'static Built {
@@ -61,6 +67,7 @@ fn built() -> &'static Built {
         assert!(status.success(), "building the binaries under test failed");
         Built {
             proxy: profile_dir.join("baton-proxy"),
+            stats: profile_dir.join("baton-stats"),
         }
     })
 }

@@ -52,11 +52,15 @@ pub fn free_addr() -> SocketAddr {
 /// Inside a multi-threaded tokio runtime the wait gives its thread up to the runtime's other
 /// tasks (an upstream server of the same test may need it).
 pub fn wait_until(timeout: Duration, condition: impl FnMut() -> bool) -> bool {
+    blocking(|| poll_until(timeout, condition))
+}
+
+/// Runs blocking work; inside a multi-threaded tokio runtime, lets the runtime move its other
+/// tasks off this thread meanwhile.
+pub fn blocking<T>(work: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
-            tokio::task::block_in_place(|| poll_until(timeout, condition))
-        }
-        _ => poll_until(timeout, condition),
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
     }
 }
 
@@ -91,4 +95,20 @@ where
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Runs `baton-stats` with `args` and returns its exit code, stdout and stderr.
+pub fn baton_stats(args: &[&str]) -> (Option<i32>, String, String) {
+    let output = blocking(|| {
+        std::process::Command::new(binaries::stats())
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("baton-stats can be run")
+    });
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }

@@ -1,0 +1,407 @@
+use std::collections::HashMap;
+use std::path::Path;
+
+use baton_tests::client::{H1, request};
+use baton_tests::proxy::Proxy;
+use baton_tests::upstream::Origin;
+use baton_tests::{baton_stats, free_addr, wait_until};
+use nix::sys::signal::Signal;
+
+use crate::{WAIT, http_config};
+
+/// The text output of `baton-stats` as `name{tags}` → value.
+fn text_stats(region: &Path) -> HashMap<String, String> {
+    let (code, out, err) = baton_stats(&["--path", region.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    out.lines()
+        .filter_map(|l| {
+            let (name, value) = l.split_once("  ")?;
+            Some((name.trim().to_owned(), value.trim().to_owned()))
+        })
+        .collect()
+}
+
+fn counter(region: &Path, name: &str) -> Option<u64> {
+    text_stats(region).get(name)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baton_stats_reads_what_the_proxy_counted_in_every_format() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let proxy = Proxy::start(&http_config(listen, admin, origin.addr));
+    let region = proxy.dir().join("stats.shm");
+    let mut c = H1::connect(listen).await.unwrap();
+    for i in 0..5 {
+        assert_eq!(c.get(&format!("/p{i}")).await.unwrap().status, 200);
+    }
+    for _ in 0..2 {
+        let r = c
+            .send(request("GET", "direct.test", "/", ""))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201);
+    }
+    let rq_2xx = "downstream_rq_2xx{listener=public,code_class=2xx}";
+    assert!(
+        wait_until(WAIT, || counter(&region, rq_2xx) == Some(7)),
+        "{:?}",
+        text_stats(&region)
+    );
+
+    // Text.
+    let text = text_stats(&region);
+    assert_eq!(text["downstream_rq_total{listener=public}"], "7");
+    assert_eq!(text["downstream_cx_total{listener=public}"], "1");
+    assert_eq!(text["downstream_cx_active{listener=public}"], "1");
+    assert_eq!(text["upstream_rq_total{cluster=origin}"], "5");
+    assert_eq!(text["upstream_cx_total{cluster=origin}"], "1");
+    assert_eq!(text["server.live"], "1");
+    assert_eq!(text["server.concurrency"], "2");
+    let time = &text["downstream_rq_time{listener=public}"];
+    assert!(time.starts_with("count=7 p50="), "{time}");
+    assert!(time.contains(" p99=") && time.contains(" max="), "{time}");
+    assert!(
+        text["downstream_cx_rx_bytes_total{listener=public}"]
+            .parse::<u64>()
+            .unwrap()
+            > 7 * 16
+    );
+
+    // JSON.
+    let (code, out, err) = baton_stats(&["--path", region.to_str().unwrap(), "--format", "json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let find = |name: &str| {
+        doc["stats"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name && s["tags"]["listener"] == "public")
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} in {out}"))
+    };
+    assert_eq!(find("downstream_rq_2xx")["value"], 7);
+    assert_eq!(find("downstream_rq_2xx")["tags"]["code_class"], "2xx");
+    assert_eq!(find("downstream_rq_2xx")["kind"], "counter");
+    let h = find("downstream_rq_time");
+    assert_eq!(
+        (h["kind"].as_str(), h["unit"].as_str(), h["count"].as_u64()),
+        (Some("histogram"), Some("us"), Some(7))
+    );
+    assert_eq!(doc["region"]["layout_version"], shm_stats::LAYOUT_VERSION);
+    assert_eq!(
+        doc["region"]["shards"].as_array().unwrap().len(),
+        3,
+        "two workers and the main thread"
+    );
+    assert!(
+        doc["region"]["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["pid"] == proxy.pid())
+    );
+
+    // Prometheus, checked as a scraper would.
+    let (code, out, err) =
+        baton_stats(&["--path", region.to_str().unwrap(), "--format", "prometheus"]);
+    assert_eq!(code, Some(0), "{err}");
+    let samples = check_exposition(&out);
+    assert_eq!(
+        samples[r#"baton_downstream_rq_2xx{listener="public",code_class="2xx"}"#],
+        7.0
+    );
+    assert_eq!(samples[r#"baton_upstream_rq_total{cluster="origin"}"#], 5.0);
+    assert_eq!(
+        samples[r#"baton_downstream_rq_time_seconds_count{listener="public"}"#],
+        7.0
+    );
+    assert_eq!(
+        samples[r#"baton_downstream_rq_time_seconds_bucket{listener="public",le="+Inf"}"#],
+        7.0
+    );
+
+    // The admin endpoints read the same region.
+    let prom = baton_tests::client::get(admin, "/stats/prometheus").await;
+    assert_eq!(
+        prom.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    assert_eq!(
+        check_exposition(&prom.text())[r#"baton_upstream_rq_total{cluster="origin"}"#],
+        5.0
+    );
+    let filtered = baton_tests::client::get(admin, "/stats?filter=%5Eupstream_rq_total")
+        .await
+        .text();
+    assert_eq!(filtered, "upstream_rq_total{cluster=origin}: 5\n");
+    let json = baton_tests::client::get(admin, "/stats?format=json")
+        .await
+        .json();
+    assert!(json["stats"].as_array().unwrap().len() > 20);
+
+    // A pattern selects by `name{tags}`.
+    let (_, out, _) = baton_stats(&["--path", region.to_str().unwrap(), "code_class=5xx"]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(
+        out.starts_with("downstream_rq_5xx{listener=public,code_class=5xx}"),
+        "{out}"
+    );
+    // --watch prints again; --count bounds it.
+    let (code, out, _) = baton_stats(&[
+        "--path",
+        region.to_str().unwrap(),
+        "--watch",
+        "0.05",
+        "--count",
+        "3",
+        "server.live",
+    ]);
+    assert_eq!(code, Some(0));
+    assert_eq!(out.matches("--- ").count(), 3, "{out}");
+}
+
+/// Checks Prometheus text exposition (0.0.4) the way a scraper reads it, and returns every
+/// sample by `name{labels}`.
+fn check_exposition(text: &str) -> HashMap<String, f64> {
+    let mut samples = HashMap::new();
+    let mut typed: HashMap<String, String> = HashMap::new();
+    let mut finished: Vec<String> = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE has a name and a type");
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            assert!(!typed.contains_key(name), "family {name} declared twice");
+            assert!(
+                !finished.contains(&name.to_owned()),
+                "family {name} is not contiguous"
+            );
+            finished.push(current.clone());
+            current = name.to_owned();
+            typed.insert(name.to_owned(), kind.to_owned());
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("a sample has a value");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line}"));
+        let name = series.split('{').next().unwrap();
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in {line}"
+        );
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| typed.get(*f).is_some_and(|k| k == "histogram"))
+            })
+            .unwrap_or(name);
+        assert_eq!(family, current, "sample {line} outside its family");
+        if let Some(labels) = series.strip_prefix(name) {
+            if !labels.is_empty() {
+                assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+                for pair in labels[1..labels.len() - 1].split(',') {
+                    let (k, v) = pair.split_once('=').expect("label=value");
+                    assert!(
+                        k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                        "{line}"
+                    );
+                    assert!(v.starts_with('"') && v.ends_with('"'), "{line}");
+                }
+            }
+        }
+        samples.insert(series.to_owned(), value);
+    }
+    // Histogram buckets are cumulative and end at +Inf with the count.
+    for (family, kind) in &typed {
+        if kind != "histogram" {
+            continue;
+        }
+        let mut by_series: HashMap<String, Vec<f64>> = HashMap::new();
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{family}_bucket{{")))
+        {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let key = series.split(",le=").next().unwrap().to_owned();
+            by_series
+                .entry(key)
+                .or_default()
+                .push(value.parse().unwrap());
+        }
+        for (series, counts) in by_series {
+            assert!(
+                counts.windows(2).all(|w| w[0] <= w[1]),
+                "{series} buckets go down"
+            );
+            let labels = series.trim_start_matches(&format!("{family}_bucket"));
+            let count_key = format!("{family}_count{}}}", labels.trim_end_matches('}'));
+            let count_key = if labels == "{" {
+                format!("{family}_count")
+            } else {
+                count_key
+            };
+            assert_eq!(
+                Some(counts.last().unwrap()),
+                samples.get(&count_key),
+                "{series}: +Inf equals _count"
+            );
+        }
+    }
+    samples
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_carry_on_across_restarts_and_crashes() {
+    let origin = Origin::start("origin").await;
+    let shared = tempfile::tempdir().unwrap();
+    let region = shared.path().join("stats.shm");
+    let (listen, admin) = (free_addr(), free_addr());
+    let config = format!(
+        "{}\n[stats]\npath = \"{}\"\n",
+        http_config(listen, admin, origin.addr),
+        region.display()
+    );
+    let total = "downstream_rq_total{listener=public}";
+
+    let mut first = Proxy::start(&config);
+    for _ in 0..3 {
+        baton_tests::client::get(listen, "/").await;
+    }
+    assert!(wait_until(WAIT, || counter(&region, total) == Some(3)));
+    first.signal(Signal::SIGTERM);
+    assert!(first.wait_exit(WAIT).is_some_and(|s| s.success()));
+    assert_eq!(
+        counter(&region, total),
+        Some(3),
+        "a clean exit folds the counts in"
+    );
+    assert_eq!(
+        counter(&region, "server.live"),
+        Some(0),
+        "its gauges stop counting"
+    );
+
+    let mut second = Proxy::start(&config);
+    for _ in 0..2 {
+        baton_tests::client::get(listen, "/").await;
+    }
+    assert!(wait_until(WAIT, || counter(&region, total) == Some(5)));
+    second.signal(Signal::SIGKILL);
+    second.wait_exit(WAIT).expect("killed");
+    assert_eq!(
+        counter(&region, total),
+        Some(5),
+        "a dead process's rows still count"
+    );
+
+    let third = Proxy::start(&config);
+    assert!(
+        third
+            .log()
+            .contains("retired the stats of processes that are gone"),
+        "{}",
+        third.log()
+    );
+    assert_eq!(
+        counter(&region, "server.live"),
+        Some(1),
+        "the dead generation no longer counts as live"
+    );
+    baton_tests::client::get(listen, "/").await;
+    assert!(
+        wait_until(WAIT, || counter(&region, total) == Some(6)),
+        "{:?}",
+        text_stats(&region)
+    );
+}
+
+#[test]
+fn baton_stats_explains_what_is_wrong_with_a_region() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let check = |args: &[&str], code: i32, words: &str| {
+        let (got, out, err) = baton_stats(args);
+        assert_eq!(got, Some(code), "{args:?}: {out}{err}");
+        assert!(
+            err.contains(words),
+            "{args:?}: expected `{words}` in: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    };
+    check(&["--path", &path("none")], 1, "no stats region here");
+    check(
+        &["--instance", "no-such-instance-here"],
+        1,
+        "/dev/shm/baton.no-such-instance-here",
+    );
+
+    let random: Vec<u8> = (0..10_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    std::fs::write(path("random"), &random).unwrap();
+    check(&["--path", &path("random")], 1, "not a baton stats region");
+
+    // A real region, then damaged copies of it.
+    let region = shm_stats_region(dir.path());
+    let good = std::fs::read(&region).unwrap();
+    std::fs::write(path("truncated"), &good[..good.len() / 3]).unwrap();
+    check(&["--path", &path("truncated")], 1, "truncated");
+    let mut newer = good.clone();
+    newer[8..12].copy_from_slice(&99u32.to_ne_bytes());
+    std::fs::write(path("newer"), &newer).unwrap();
+    check(&["--path", &path("newer")], 1, "layout version 99");
+
+    check(
+        &["--path", region.to_str().unwrap(), "(unclosed"],
+        2,
+        "not a valid regular expression",
+    );
+    check(&["--format", "xml"], 2, "invalid value 'xml'");
+}
+
+/// Makes a region the way the proxy does: by running one briefly.
+fn shm_stats_region(dir: &Path) -> std::path::PathBuf {
+    let region = dir.join("made.shm");
+    let listen = free_addr();
+    let mut proxy = Proxy::start(&format!(
+        "[[listener]]\nname = \"l\"\naddress = \"{listen}\"\nprotocol = \"http\"\n[[listener.route]]\ndirect_response = {{ status = 200 }}\n[stats]\npath = \"{}\"\n",
+        region.display()
+    ));
+    proxy.signal(Signal::SIGTERM);
+    proxy.wait_exit(WAIT).expect("exits");
+    region
+}
+
+#[test]
+fn a_region_of_another_layout_stops_the_proxy_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = shm_stats_region(dir.path());
+    let mut bytes = std::fs::read(&region).unwrap();
+    bytes[8..12].copy_from_slice(&2u32.to_ne_bytes());
+    std::fs::write(&region, &bytes).unwrap();
+    let listen = free_addr();
+    let log = Proxy::start_with(
+        &format!(
+            "[[listener]]\nname = \"l\"\naddress = \"{listen}\"\nprotocol = \"http\"\n[[listener.route]]\ndirect_response = {{ status = 200 }}\n[stats]\npath = \"{}\"\n",
+            region.display()
+        ),
+        &[],
+    )
+    .err()
+    .expect("the proxy refuses the region");
+    assert!(log.contains("layout version 2"), "{log}");
+    assert!(log.contains("stop the processes that use it"), "{log}");
+    assert_eq!(
+        std::fs::read(&region).unwrap(),
+        bytes,
+        "the region is left as it was"
+    );
+}
