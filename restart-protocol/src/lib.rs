@@ -1,8 +1,30 @@
 //! The restart protocol between the baton supervisor and its proxy generations.
 //!
-//! This crate will hold the two message enums (`ToSupervisor`, `ToGeneration`), their framing over a
-//! `SOCK_SEQPACKET` socketpair, file-descriptor passing with `SCM_RIGHTS`, and the version
-//! handshake. It depends on neither the supervisor nor the proxy, nor on any async runtime: the
-//! channel is a plain non-blocking fd that each side registers with its own event loop.
+//! Each generation gets one end of a `SOCK_SEQPACKET` socketpair: one datagram is one message,
+//! so framing comes free, and file descriptors travel beside a message with `SCM_RIGHTS`. Over it
+//! a new generation introduces itself ([`ToSupervisor::Hello`], answered by
+//! [`ToGeneration::Welcome`] after version negotiation), asks for its listen sockets and the stats
+//! region by key, says when it is ready, and later is told to drain.
 //!
-//! It is filled by the supervisor issue; until then it is empty on purpose.
+//! Who depends on it: the supervisor (which registers the channel with its mio loop) and the proxy
+//! (which wraps it in tokio's `AsyncFd`). It depends on neither, nor on any async runtime: a
+//! [`Channel`] is a plain non-blocking fd.
+//!
+//! What it promises:
+//! - Messages are encoded with `postcard` (serde, a frozen wire format), at most
+//!   [`MAX_MESSAGE`] bytes, decoded strictly: trailing bytes, oversize or truncated datagrams and
+//!   unknown variants are [`ChannelError`] values, never panics.
+//! - Versions are negotiated, not matched exactly: each side sends the range it speaks, and the
+//!   highest version both speak wins ([`negotiate`]).
+//! - A peer that closes its end is reported as [`ChannelError::Closed`], an event like any other.
+
+mod channel;
+mod messages;
+mod version;
+
+pub use channel::{Channel, ChannelError, MAX_FDS, MAX_MESSAGE, Received};
+pub use messages::{DrainStrategy, Load, Protocol, SocketKey, ToGeneration, ToSupervisor};
+pub use version::{FEATURES, NoCommonVersion, PROTOCOL_VERSIONS, VersionRange, negotiate};
+
+/// The environment variable that tells a generation which fd is its end of the channel.
+pub const CONTROL_FD_ENV: &str = "BATON_CONTROL_FD";

@@ -1,0 +1,66 @@
+//! Protocol version negotiation: the highest version both sides speak wins.
+
+use serde::{Deserialize, Serialize};
+
+/// An inclusive range of protocol versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+/// The versions this build speaks. Raise `max` for a compatible extension; raise `min` only when
+/// an old version can no longer be served.
+pub const PROTOCOL_VERSIONS: VersionRange = VersionRange { min: 1, max: 1 };
+
+/// Feature flags this build offers (none yet); both sides use the intersection.
+pub const FEATURES: u64 = 0;
+
+/// The two ranges share no version: the peers come from releases too far apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "no common restart protocol version: this side speaks {ours:?}, the other {theirs:?}; upgrade the older of baton and baton-proxy"
+)]
+pub struct NoCommonVersion {
+    pub ours: VersionRange,
+    pub theirs: VersionRange,
+}
+
+/// The highest version in both ranges.
+pub fn negotiate(ours: VersionRange, theirs: VersionRange) -> Result<u16, NoCommonVersion> {
+    let high = ours.max.min(theirs.max);
+    let low = ours.min.max(theirs.min);
+    if ours.min > ours.max || theirs.min > theirs.max || low > high {
+        return Err(NoCommonVersion { ours, theirs });
+    }
+    Ok(high)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(min: u16, max: u16) -> VersionRange {
+        VersionRange { min, max }
+    }
+
+    #[test]
+    fn overlapping_ranges_pick_the_highest_common_version() {
+        assert_eq!(negotiate(r(1, 3), r(2, 5)), Ok(3));
+        assert_eq!(negotiate(r(2, 5), r(1, 3)), Ok(3));
+        assert_eq!(negotiate(r(1, 1), r(1, 1)), Ok(1));
+        assert_eq!(negotiate(r(1, 4), r(4, 9)), Ok(4));
+    }
+
+    #[test]
+    fn disjoint_or_empty_ranges_are_an_error_that_says_why() {
+        let err = negotiate(r(1, 2), r(3, 4)).unwrap_err();
+        assert_eq!(err.ours, r(1, 2));
+        assert!(
+            err.to_string()
+                .contains("no common restart protocol version")
+        );
+        assert!(negotiate(r(3, 4), r(1, 2)).is_err());
+        assert!(negotiate(r(2, 1), r(1, 2)).is_err(), "an empty range");
+    }
+}
