@@ -10,6 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
+use std::net::TcpListener;
+
+use restart_protocol::DrainStrategy;
 use tracing::info;
 
 use crate::access_log::AccessLog;
@@ -105,20 +108,24 @@ pub struct Generation {
     main: ThreadStats,
     workers: Vec<WorkerHandle>,
     access_log: Option<AccessLog>,
+    /// When the drain in progress closes what is left.
+    deadline: std::cell::Cell<Option<tokio::time::Instant>>,
+    hurried: tokio::sync::Notify,
 }
 
 /// The `worker` index of the main thread's shard in the stats region.
 pub const MAIN_THREAD_SHARD: u32 = u32::MAX;
 
 impl Generation {
-    /// Registers its stats in `region`, binds every listener, opens the access logs and starts
-    /// `concurrency` workers. Nothing is left running if any step fails (shards it attached
-    /// stay for the caller to retire).
+    /// Registers its stats in `region`, opens the access logs and starts `concurrency` workers
+    /// accepting on `sockets` (one per listener of the config, in order). Nothing is left running
+    /// if any step fails (shards it attached stay for the caller to retire).
     pub fn start(
         config: Arc<Config>,
         concurrency: usize,
         epoch: u64,
         region: Arc<shm_stats::Region>,
+        sockets: Vec<TcpListener>,
     ) -> Result<Self, StartError> {
         let ids = Arc::new(StatIds::register(&region, &config)?);
         let main = ThreadStats {
@@ -129,18 +136,6 @@ impl Generation {
             .map(|w| region.attach_shard(epoch, w as u32))
             .collect::<Result<Vec<_>, _>>()?
             .into_iter();
-
-        let sockets = config
-            .listeners
-            .iter()
-            .map(|l| {
-                listen::bind_tcp(l.address, l.backlog).map_err(|source| StartError::Bind {
-                    listener: l.name.clone(),
-                    address: l.address,
-                    source,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
 
         // One file per distinct path: two listeners may share a log.
         let mut paths: Vec<PathBuf> = Vec::new();
@@ -192,6 +187,8 @@ impl Generation {
                             ids: ids.clone(),
                         },
                         open: Default::default(),
+                        requests: Default::default(),
+                        epoch_header: config.epoch_header.then(|| http::HeaderValue::from(epoch)),
                     })
                 });
             match spawned {
@@ -224,6 +221,8 @@ impl Generation {
             }),
             workers,
             access_log,
+            deadline: Default::default(),
+            hurried: Default::default(),
         })
     }
 
@@ -233,6 +232,18 @@ impl Generation {
             .iter()
             .map(|w| w.open.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// Connections open and requests being answered, as reported to the supervisor.
+    pub fn load(&self) -> restart_protocol::Load {
+        restart_protocol::Load {
+            connections: self.open_connections() as u64,
+            requests: self
+                .workers
+                .iter()
+                .map(|w| w.requests.load(Ordering::Relaxed) as u64)
+                .sum(),
+        }
     }
 
     /// Updates the stats that change with time alone; the main thread calls it every second.
@@ -247,7 +258,7 @@ impl Generation {
     /// `Connection: close` and idle connections close after the idle grace; HTTP/2 connections
     /// get a graceful GOAWAY; TCP sessions run until they end. Returns when the last connection
     /// is closed or at `timeout`, whichever comes first.
-    pub async fn drain(&self, timeout: Duration) -> DrainOutcome {
+    pub async fn drain(&self, timeout: Duration, strategy: DrainStrategy) -> DrainOutcome {
         let start = Instant::now();
         self.info
             .state
@@ -257,15 +268,32 @@ impl Generation {
             epoch = self.info.epoch,
             connections = self.open_connections(),
             timeout = ?timeout,
+            strategy = ?strategy,
             "draining"
         );
-        let deadline = tokio::time::Instant::now() + timeout;
-        let waits: Vec<_> = self.workers.iter().map(|w| w.drain()).collect();
+        self.deadline
+            .set(Some(tokio::time::Instant::now() + timeout));
+        let waits: Vec<_> = self
+            .workers
+            .iter()
+            .map(|w| w.drain(timeout, strategy))
+            .collect();
         let mut timed_out = false;
-        for done in waits {
-            if tokio::time::timeout_at(deadline, done).await.is_err() {
-                timed_out = true;
-                break;
+        'workers: for mut done in waits {
+            loop {
+                let deadline = self
+                    .deadline
+                    .get()
+                    .unwrap_or_else(tokio::time::Instant::now);
+                tokio::select! {
+                    _ = &mut done => break,
+                    _ = tokio::time::sleep_until(deadline) => {
+                        timed_out = true;
+                        break 'workers;
+                    }
+                    // A hurry moved the deadline: wait again with the new one.
+                    _ = self.hurried.notified() => {}
+                }
             }
         }
         DrainOutcome {
@@ -275,6 +303,20 @@ impl Generation {
                 0
             },
             took: start.elapsed(),
+        }
+    }
+
+    /// Makes a drain in progress hurry: every answer now carries `Connection: close`, and what is
+    /// still open after `timeout` is closed. The running [`Generation::drain`] returns then.
+    pub fn hurry(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.deadline.set(Some(
+            self.deadline.get().map_or(deadline, |d| d.min(deadline)),
+        ));
+        self.hurried.notify_waiters();
+        for w in &self.workers {
+            // The worker answers the first drain's `done`; this one's receiver is not needed.
+            drop(w.drain(timeout, DrainStrategy::Immediate));
         }
     }
 
@@ -295,4 +337,19 @@ impl Generation {
             log.finish();
         }
     }
+}
+
+/// Binds every listener of `config` itself, as a proxy running alone does.
+pub fn bind_listeners(config: &Config) -> Result<Vec<TcpListener>, StartError> {
+    config
+        .listeners
+        .iter()
+        .map(|l| {
+            listen::bind_tcp(l.address, l.backlog).map_err(|source| StartError::Bind {
+                listener: l.name.clone(),
+                address: l.address,
+                source,
+            })
+        })
+        .collect()
 }

@@ -4,7 +4,7 @@
 //! Threads: the main thread (signals, admin, drain orchestration), one worker thread per
 //! `--concurrency` with its own event loop, and one access-log flusher thread.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod access_log;
 mod admin;
@@ -12,7 +12,9 @@ mod config;
 mod generation;
 mod http;
 mod listen;
+mod run;
 mod stats;
+mod supervised;
 mod tcp_proxy;
 mod upstream;
 mod worker;
@@ -20,14 +22,10 @@ mod worker;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::rc::Rc;
 use std::sync::Arc;
 
 use clap::Parser;
-use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info, warn};
-
-use crate::generation::Generation;
+use tracing::error;
 
 /// Exit status for a configuration the operator must fix (sysexits' EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -54,10 +52,31 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
 
+    // Started by `baton run`: the control channel is inherited.
+    let channel = if cli.check {
+        None
+    } else {
+        match supervised::channel_from_env() {
+            Ok(channel) => channel,
+            Err(e) => {
+                eprintln!("baton-proxy: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
     let config = match config::load(&cli.config) {
         Ok(config) => Arc::new(config),
         Err(e) => {
             eprintln!("baton-proxy: {e}");
+            if let Some(channel) = &channel {
+                // The supervisor shows this to whoever asked for the reload.
+                let _ = channel.send(
+                    &restart_protocol::ToSupervisor::Failed {
+                        reason: e.to_string(),
+                    },
+                    &[],
+                );
+            }
             return ExitCode::from(if cli.check { 1 } else { EXIT_CONFIG });
         }
     };
@@ -82,7 +101,7 @@ fn main() -> ExitCode {
         }
     };
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, run(config, concurrency, cli.epoch))
+    local.block_on(&runtime, run::run(config, concurrency, cli.epoch, channel))
 }
 
 fn init_logging() {
@@ -95,140 +114,4 @@ fn init_logging() {
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
-}
-
-async fn run(config: Arc<config::Config>, concurrency: usize, epoch: u64) -> ExitCode {
-    let signals = (|| {
-        Ok::<_, std::io::Error>((
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::interrupt())?,
-            signal(SignalKind::hangup())?,
-            signal(SignalKind::user_defined1())?,
-        ))
-    })();
-    let (mut term, mut int, mut hup, mut usr1) = match signals {
-        Ok(s) => s,
-        Err(e) => {
-            error!("cannot install signal handlers: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-
-    // Bind the admin socket before starting workers, so that a taken admin port fails early.
-    let admin_listener = match &config.admin {
-        Some(admin) => {
-            match listen::bind_tcp(admin.address, 128).and_then(tokio::net::TcpListener::from_std) {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    error!(
-                        "admin: cannot listen on {}: {e}; {}",
-                        admin.address,
-                        listen::bind_advice(&e)
-                    );
-                    return ExitCode::FAILURE;
-                }
-            }
-        }
-        None => None,
-    };
-
-    // Run alone, the proxy keeps its own stats region (the supervisor will hand one over).
-    let region =
-        match shm_stats::Region::create_or_open(&config.stats.path, config.stats.capacities) {
-            Ok(region) => region,
-            Err(e) => {
-                error!("{e}");
-                return ExitCode::FAILURE;
-            }
-        };
-    // Rows of a proxy that died without retiring them: fold their counts in, so that counters
-    // carry on from where it stopped.
-    match region.reclaim_dead() {
-        Ok(0) => {}
-        Ok(n) => {
-            info!(shards = n, path = %region.path().display(), "retired the stats of processes that are gone")
-        }
-        Err(e) => warn!("{e}"),
-    }
-    let retire_own = |region: &shm_stats::Region| {
-        if let Err(e) = region.retire_pid(std::process::id()) {
-            warn!("cannot retire this process's stats: {e}");
-        }
-    };
-
-    let generation = match Generation::start(config.clone(), concurrency, epoch, region.clone()) {
-        Ok(g) => g,
-        Err(e) => {
-            error!("{e}");
-            retire_own(&region);
-            return ExitCode::FAILURE;
-        }
-    };
-    let admin_task = admin_listener.map(|listener| {
-        let admin = Rc::new(admin::Admin {
-            config: config.clone(),
-            info: generation.info.clone(),
-            region: region.clone(),
-        });
-        tokio::task::spawn_local(admin::serve(admin, listener))
-    });
-
-    let listeners: Vec<String> = config
-        .listeners
-        .iter()
-        .map(|l| format!("{}={}", l.name, l.address))
-        .collect();
-    info!(
-        epoch,
-        pid = std::process::id(),
-        workers = concurrency,
-        listeners = %listeners.join(","),
-        admin = %config.admin.as_ref().map_or("off".to_owned(), |a| a.address.to_string()),
-        stats = %config.stats.path.display(),
-        build = admin::BUILD_ID,
-        "ready"
-    );
-
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => generation.tick(),
-            _ = term.recv() => {
-                info!("SIGTERM: stop accepting and drain");
-                tokio::select! {
-                    outcome = generation.drain(config.drain.timeout) => {
-                        if outcome.connections_left > 0 {
-                            warn!(
-                                connections = outcome.connections_left,
-                                took = ?outcome.took,
-                                "drain timeout reached; closing the connections left"
-                            );
-                        } else {
-                            info!(took = ?outcome.took, "drained");
-                        }
-                    }
-                    _ = int.recv() => info!("SIGINT during drain: stopping now"),
-                }
-                break;
-            }
-            _ = int.recv() => {
-                info!(connections = generation.open_connections(), "SIGINT: stopping now");
-                break;
-            }
-            _ = usr1.recv() => {
-                info!("SIGUSR1: reopening access logs");
-                generation.reopen_logs();
-            }
-            _ = hup.recv() => {
-                warn!("SIGHUP ignored: a running baton-proxy does not reload itself; run it under the supervisor (`baton run`) to reload");
-            }
-        }
-    }
-    if let Some(task) = admin_task {
-        task.abort();
-    }
-    generation.stop();
-    retire_own(&region);
-    info!(epoch, "exited");
-    ExitCode::SUCCESS
 }

@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use std::time::Instant;
+
+use restart_protocol::DrainStrategy;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::futures::Notified;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -26,8 +29,13 @@ use crate::{http, tcp_proxy};
 
 /// What the main thread asks of a worker.
 pub enum Command {
-    /// Stop accepting and drain; `done` fires once the worker's last connection has closed.
-    Drain { done: oneshot::Sender<()> },
+    /// Stop accepting and drain over `timeout`; `done` fires once the worker's last connection
+    /// has closed. A second drain (to hurry a draining worker) changes strategy and timeout.
+    Drain {
+        timeout: Duration,
+        strategy: DrainStrategy,
+        done: oneshot::Sender<()>,
+    },
     /// Close every connection now and end the thread.
     Stop,
 }
@@ -37,6 +45,8 @@ pub struct WorkerHandle {
     pub id: usize,
     /// Connections the worker has open; only the worker writes it.
     pub open: Arc<AtomicUsize>,
+    /// Requests the worker is answering; only the worker writes it.
+    pub requests: Arc<AtomicUsize>,
     commands: mpsc::UnboundedSender<Command>,
     thread: JoinHandle<()>,
 }
@@ -60,12 +70,17 @@ pub struct WorkerSetup {
     pub stats: ThreadStats,
     /// Where the worker counts its open connections for the main thread.
     pub open: Arc<AtomicUsize>,
+    /// Where the worker counts the requests it is answering.
+    pub requests: Arc<AtomicUsize>,
+    /// The value of `x-baton-epoch`, when the config asks for it.
+    pub epoch_header: Option<::http::HeaderValue>,
 }
 
 impl WorkerHandle {
     pub fn spawn(setup: WorkerSetup) -> io::Result<WorkerHandle> {
         let id = setup.id;
         let open = setup.open.clone();
+        let requests = setup.requests.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -80,16 +95,21 @@ impl WorkerHandle {
         Ok(WorkerHandle {
             id,
             open,
+            requests,
             commands,
             thread,
         })
     }
 
     /// Asks the worker to drain; the receiver fires when its last connection has closed.
-    pub fn drain(&self) -> oneshot::Receiver<()> {
+    pub fn drain(&self, timeout: Duration, strategy: DrainStrategy) -> oneshot::Receiver<()> {
         let (done, rx) = oneshot::channel();
         // A worker that already ended has no connections: its dropped `done` fires `rx` at once.
-        let _ = self.commands.send(Command::Drain { done });
+        let _ = self.commands.send(Command::Drain {
+            timeout,
+            strategy,
+            done,
+        });
         rx
     }
 
@@ -115,6 +135,9 @@ pub struct Worker {
     pub access_logs: Vec<Option<LogTarget>>,
     pub drain: DrainState,
     pub connections: Connections,
+    /// Requests being answered (single writer: this worker).
+    pub requests: Arc<AtomicUsize>,
+    pub epoch_header: Option<::http::HeaderValue>,
 }
 
 async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>) {
@@ -142,6 +165,8 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
             open: setup.open,
             closed: Notify::new(),
         },
+        requests: setup.requests,
+        epoch_header: setup.epoch_header,
     });
     for (index, listener) in setup.listeners.into_iter().enumerate() {
         match TcpListener::from_std(listener) {
@@ -157,8 +182,12 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
 
     while let Some(command) = commands.recv().await {
         match command {
-            Command::Drain { done } => {
-                worker.drain.begin();
+            Command::Drain {
+                timeout,
+                strategy,
+                done,
+            } => {
+                worker.drain.begin(timeout, strategy);
                 let w = worker.clone();
                 tokio::task::spawn_local(async move {
                     w.connections.all_closed().await;
@@ -238,21 +267,65 @@ async fn sweep_pools(worker: Rc<Worker>) {
     }
 }
 
-/// Whether this worker drains, and a way to wait for the moment it starts.
+/// Whether this worker drains, how, and a way to wait for the moment it starts.
 #[derive(Default)]
 pub struct DrainState {
     draining: Cell<bool>,
+    since: Cell<Option<Instant>>,
+    timeout: Cell<Duration>,
+    strategy: Cell<Option<DrainStrategy>>,
     started: Notify,
 }
 
 impl DrainState {
-    fn begin(&self) {
+    fn begin(&self, timeout: Duration, strategy: DrainStrategy) {
+        let now = Instant::now();
+        let since = self.since.get().unwrap_or(now);
+        self.since.set(Some(since));
+        // A later drain (a hurry) shortens the time left; it never lengthens it.
+        let left = timeout + now.saturating_duration_since(since);
+        let timeout = match self.strategy.get() {
+            Some(_) => self.timeout.get().min(left),
+            None => timeout,
+        };
+        self.timeout.set(timeout);
+        let strategy = match (self.strategy.get(), strategy) {
+            (Some(DrainStrategy::Immediate), _) | (_, DrainStrategy::Immediate) => {
+                DrainStrategy::Immediate
+            }
+            _ => DrainStrategy::Gradual,
+        };
+        self.strategy.set(Some(strategy));
         self.draining.set(true);
         self.started.notify_waiters();
     }
 
     pub fn is_draining(&self) -> bool {
         self.draining.get()
+    }
+
+    /// Whether the HTTP/1.1 answer being made now should carry `Connection: close`: always
+    /// when draining immediately; when draining gradually, with a probability that grows from
+    /// 0 to 1 over the drain time, so that clients reconnect spread out.
+    pub fn close_this_answer(&self) -> bool {
+        match (self.strategy.get(), self.since.get()) {
+            (Some(DrainStrategy::Immediate), _) => true,
+            (Some(DrainStrategy::Gradual), Some(since)) => {
+                let share =
+                    since.elapsed().as_secs_f64() / self.timeout.get().as_secs_f64().max(1e-3);
+                fastrand::f64() < share
+            }
+            _ => false,
+        }
+    }
+
+    /// How long an HTTP/2 connection waits before its GOAWAY: at once when draining
+    /// immediately, a random moment in the first half of the drain time when gradually.
+    pub fn goaway_delay(&self) -> Duration {
+        match self.strategy.get() {
+            Some(DrainStrategy::Gradual) => self.timeout.get().mul_f64(fastrand::f64() / 2.0),
+            _ => Duration::ZERO,
+        }
     }
 
     /// Fires when a drain begins. Check [`Self::is_draining`] first: a drain that began before

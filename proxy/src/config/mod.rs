@@ -50,6 +50,8 @@ pub struct Config {
     pub drain: DrainSettings,
     pub admin: Option<Admin>,
     pub stats: StatsSettings,
+    /// Add `x-baton-epoch: <epoch>` to every HTTP response (to see which generation answered).
+    pub epoch_header: bool,
     pub listeners: Vec<Listener>,
     pub clusters: Vec<Cluster>,
 }

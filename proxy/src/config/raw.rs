@@ -16,6 +16,13 @@ pub struct RawConfig {
     pub concurrency: Option<Spanned<i64>>,
     pub drain_timeout: Option<Spanned<String>>,
     pub drain_idle_grace: Option<Spanned<String>>,
+    /// Read by the supervisor, which sends it with each drain; checked here all the same.
+    #[serde(default, rename = "drain_strategy")]
+    pub _drain_strategy: Option<RawDrainStrategy>,
+    pub epoch_header: Option<Spanned<bool>>,
+    /// Read and checked by the supervisor (`baton`); the proxy only lets it be.
+    #[serde(default, rename = "supervisor")]
+    pub _supervisor: Option<serde::de::IgnoredAny>,
     pub admin: Option<Spanned<RawAdmin>>,
     pub stats: Option<Spanned<RawStats>>,
     #[serde(default)]
@@ -37,6 +44,13 @@ pub struct RawStats {
     pub max_stats: Option<Spanned<i64>>,
     pub max_shards: Option<Spanned<i64>>,
     pub cells_per_shard: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawDrainStrategy {
+    Gradual,
+    Immediate,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

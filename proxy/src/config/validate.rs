@@ -145,6 +145,7 @@ impl Validator<'_> {
         Ok(Config {
             path: self.path.to_owned(),
             stats,
+            epoch_header: raw.epoch_header.is_some_and(|b| *b.get_ref()),
             instance,
             concurrency,
             drain,

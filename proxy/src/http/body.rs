@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 use std::time::{Instant, SystemTime};
 
@@ -84,6 +85,8 @@ impl Exchange {
         log: Option<Box<LogRecord>>,
     ) -> Self {
         activity.request_started();
+        let requests = &worker.requests;
+        requests.store(requests.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         Exchange {
             activity,
             worker,
@@ -121,6 +124,11 @@ fn micros(d: std::time::Duration) -> u64 {
 impl Drop for Exchange {
     fn drop(&mut self) {
         self.activity.request_finished();
+        let requests = &self.worker.requests;
+        requests.store(
+            requests.load(Ordering::Relaxed).saturating_sub(1),
+            Ordering::Relaxed,
+        );
         let stats = &self.worker.stats;
         stats.shard.record(
             stats.ids.listeners[self.listener].downstream_rq_time,

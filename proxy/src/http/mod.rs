@@ -176,18 +176,23 @@ async fn drive<C>(
     let mut connection = pin!(connection);
     let mut drain_seen = false;
     let mut closing = false;
+    // HTTP/2: when to send the graceful GOAWAY once a drain began.
+    let mut goaway_at: Option<Instant> = None;
     let mut check = pin!(tokio::time::sleep(idle_timeout));
     loop {
-        if !drain_seen && worker.drain.is_draining() {
-            drain_seen = true;
+        if worker.drain.is_draining() && !closing {
+            let now = Instant::now();
             if h2 {
-                // GOAWAY with the highest stream id, a PING, then the real last stream id: no
-                // request in flight is refused.
-                connection.as_mut().graceful_shutdown();
-                closing = true;
-            } else {
-                check.as_mut().reset(Instant::now());
+                // A later drain (a hurry) can only bring the GOAWAY forward.
+                let at = now + worker.drain.goaway_delay();
+                let at = goaway_at.map_or(at, |earlier| earlier.min(at));
+                goaway_at = Some(at);
+                let current = check.deadline();
+                check.as_mut().reset(at.min(current));
+            } else if !drain_seen {
+                check.as_mut().reset(now);
             }
+            drain_seen = true;
         }
         tokio::select! {
             result = connection.as_mut() => {
@@ -196,17 +201,29 @@ async fn drive<C>(
                 }
                 return;
             }
-            _ = worker.drain.started(), if !drain_seen => {}
+            // Wakes at every drain command, the first and any hurry after it.
+            _ = worker.drain.started(), if !closing => {}
             _ = check.as_mut(), if !closing => {
-                let limit = if drain_seen { drain_grace } else { idle_timeout };
                 let now = Instant::now();
+                if goaway_at.is_some_and(|at| now >= at) {
+                    // GOAWAY with the highest stream id, a PING, then the real last stream id:
+                    // no request in flight is refused.
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                    continue;
+                }
+                let limit = if drain_seen { drain_grace } else { idle_timeout };
                 let idle_since = Instant::from_std(activity.last_read());
                 if activity.in_flight() == 0 && now.saturating_duration_since(idle_since) >= limit {
                     connection.as_mut().graceful_shutdown();
                     closing = true;
                 } else {
-                    let next = (idle_since + limit).max(now + Duration::from_millis(10));
-                    check.as_mut().reset(if activity.in_flight() == 0 { next } else { now + limit });
+                    let next = if activity.in_flight() == 0 {
+                        (idle_since + limit).max(now + Duration::from_millis(10))
+                    } else {
+                        now + limit
+                    };
+                    check.as_mut().reset(goaway_at.map_or(next, |at| at.min(next)));
                 }
             }
         }

@@ -21,6 +21,8 @@ use crate::stats;
 use crate::upstream::{self, ConnectError, RequestBody, Sender};
 use crate::worker::Worker;
 
+static X_BATON_EPOCH: http::HeaderName = http::HeaderName::from_static("x-baton-epoch");
+
 /// What a request handler knows about its connection.
 pub struct ConnCtx {
     pub worker: Rc<Worker>,
@@ -66,12 +68,17 @@ pub async fn handle(
     if let Some(class) = stats::class_index(response.status().as_u16()) {
         stats.shard.inc(listener_stats.downstream_rq_class[class]);
     }
-    if !ctx.h2 && worker.drain.is_draining() {
+    if !ctx.h2 && worker.drain.is_draining() && worker.drain.close_this_answer() {
         // Ask the client to reconnect (to the next generation) instead of closing the connection
         // under it: the only way to drain HTTP/1.1 without losing a request.
         response
             .headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    if let Some(epoch) = &worker.epoch_header {
+        response
+            .headers_mut()
+            .insert(X_BATON_EPOCH.clone(), epoch.clone());
     }
     Ok(response)
 }

@@ -1,0 +1,281 @@
+//! A generation's life on the main thread: get sockets and the stats region (from the supervisor,
+//! or made here when running alone), start, report, drain when told, exit.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use restart_protocol::{Channel, ChannelError, DrainStrategy, ToGeneration, ToSupervisor};
+use shm_stats::Region;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::admin;
+use crate::config::Config;
+use crate::generation::{self, DrainOutcome, Generation};
+use crate::listen;
+use crate::supervised::{self, Link};
+
+/// How often a supervised generation tells the supervisor what it holds.
+const LOAD_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Why the main loop ends.
+enum End {
+    /// Drained (or told to stop, or interrupted): exit 0.
+    Done,
+}
+
+pub async fn run(
+    config: Arc<Config>,
+    concurrency: usize,
+    epoch: u64,
+    channel: Option<Channel>,
+) -> ExitCode {
+    let signals = (|| {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::hangup())?,
+            signal(SignalKind::user_defined1())?,
+        ))
+    })();
+    let (mut term, mut int, mut hup, mut usr1) = match signals {
+        Ok(s) => s,
+        Err(e) => {
+            error!("cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let mut link = match channel {
+        Some(channel) => match Link::handshake(channel, epoch).await {
+            Ok(link) => Some(link),
+            Err(e) => {
+                error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    // Reports a start-up failure: in the log, and to the supervisor, whose `baton reload`
+    // prints it.
+    let fail = |link: Option<&Link>, reason: String| {
+        error!("{reason}");
+        if let Some(link) = link {
+            let _ = link.send(&ToSupervisor::Failed { reason });
+        }
+        ExitCode::FAILURE
+    };
+
+    let (region, sockets, admin_socket, keys) = match &mut link {
+        Some(link) => {
+            let region = match link.stats_region().await {
+                Ok((file, path)) => Region::from_file(&path, file).map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            let region = match region {
+                Ok(r) => r,
+                Err(e) => return fail(Some(link), e),
+            };
+            match supervised::sockets(link, &config).await {
+                Ok((sockets, admin, keys)) => (region, sockets, admin, keys),
+                Err(e) => return fail(Some(link), e),
+            }
+        }
+        None => match standalone_setup(&config) {
+            Ok((region, sockets, admin)) => (region, sockets, admin, Vec::new()),
+            Err(e) => return fail(None, e),
+        },
+    };
+    let supervised = link.is_some();
+    let retire_own = |region: &Region| {
+        // Under a supervisor, the supervisor retires a generation's stats when it has exited.
+        if !supervised && let Err(e) = region.retire_pid(std::process::id()) {
+            warn!("cannot retire this process's stats: {e}");
+        }
+    };
+
+    let generation =
+        match Generation::start(config.clone(), concurrency, epoch, region.clone(), sockets) {
+            Ok(g) => g,
+            Err(e) => {
+                retire_own(&region);
+                return fail(link.as_ref(), e.to_string());
+            }
+        };
+    let admin_task = match admin_socket
+        .map(tokio::net::TcpListener::from_std)
+        .transpose()
+    {
+        Ok(listener) => listener.map(|listener| {
+            let admin = Rc::new(admin::Admin {
+                config: config.clone(),
+                info: generation.info.clone(),
+                region: region.clone(),
+            });
+            tokio::task::spawn_local(admin::serve(admin, listener))
+        }),
+        Err(e) => {
+            generation.stop();
+            retire_own(&region);
+            return fail(
+                link.as_ref(),
+                format!("admin: cannot register the socket: {e}"),
+            );
+        }
+    };
+    if let Some(link) = &link
+        && let Err(e) = link.send(&ToSupervisor::Ready { sockets: keys })
+    {
+        generation.stop();
+        return fail(None, e);
+    }
+
+    let listeners: Vec<String> = config
+        .listeners
+        .iter()
+        .map(|l| format!("{}={}", l.name, l.address))
+        .collect();
+    info!(
+        epoch,
+        pid = std::process::id(),
+        workers = concurrency,
+        listeners = %listeners.join(","),
+        admin = %config.admin.as_ref().map_or("off".to_owned(), |a| a.address.to_string()),
+        stats = %region.path().display(),
+        supervised,
+        build = admin::BUILD_ID,
+        "ready"
+    );
+
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut report = tokio::time::interval(LOAD_INTERVAL);
+    let mut drain: Option<Pin<Box<dyn Future<Output = DrainOutcome> + '_>>> = None;
+    let mut supervisor_gone = !supervised;
+    let End::Done = loop {
+        tokio::select! {
+            _ = tick.tick() => generation.tick(),
+            _ = report.tick(), if !supervisor_gone => {
+                if let Some(link) = &link {
+                    let _ = link.send(&ToSupervisor::Load(generation.load()));
+                }
+            }
+            outcome = async { drain.as_mut().expect("guarded by is_some").await }, if drain.is_some() => {
+                if outcome.connections_left > 0 {
+                    warn!(connections = outcome.connections_left, took = ?outcome.took, "drain timeout reached; closing the connections left");
+                } else {
+                    info!(took = ?outcome.took, "drained");
+                }
+                if let Some(link) = &link {
+                    let _ = link.send(&ToSupervisor::Exiting { connections_left: outcome.connections_left as u64 });
+                }
+                break End::Done;
+            }
+            message = recv(&link), if !supervisor_gone => match message {
+                Ok(ToGeneration::Drain { timeout_ms, strategy }) => {
+                    let timeout = Duration::from_millis(timeout_ms);
+                    if drain.is_some() {
+                        info!(epoch, timeout = ?timeout, "asked to hurry the drain");
+                        generation.hurry(timeout);
+                    } else {
+                        drain = Some(Box::pin(generation.drain(timeout, strategy)));
+                    }
+                }
+                Ok(ToGeneration::Stop) => {
+                    info!(epoch, connections = generation.open_connections(), "stopped by the supervisor");
+                    break End::Done;
+                }
+                Ok(ToGeneration::ReopenLogs) => generation.reopen_logs(),
+                Ok(other) => warn!(epoch, "unexpected message from the supervisor: {other:?}"),
+                Err(ChannelError::Closed) => {
+                    // The supervisor is gone (it crashed or was killed): nobody will tell this
+                    // generation when to stop, so it drains and leaves nothing behind.
+                    error!(epoch, "the supervisor is gone; draining and exiting");
+                    supervisor_gone = true;
+                    if drain.is_none() {
+                        drain = Some(Box::pin(generation.drain(config.drain.timeout, DrainStrategy::Immediate)));
+                    }
+                }
+                Err(e) => warn!(epoch, "bad message from the supervisor: {e}"),
+            },
+            _ = term.recv() => {
+                if drain.is_none() {
+                    info!("SIGTERM: stop accepting and drain");
+                    drain = Some(Box::pin(generation.drain(config.drain.timeout, DrainStrategy::Immediate)));
+                }
+            }
+            _ = int.recv() => {
+                info!(connections = generation.open_connections(), "SIGINT: stopping now");
+                break End::Done;
+            }
+            _ = usr1.recv() => {
+                info!("SIGUSR1: reopening access logs");
+                generation.reopen_logs();
+            }
+            _ = hup.recv() => {
+                if supervised {
+                    info!("SIGHUP ignored: send it to the supervisor (`baton reload`) to reload");
+                } else {
+                    warn!("SIGHUP ignored: a running baton-proxy does not reload itself; run it under the supervisor (`baton run`) to reload");
+                }
+            }
+        }
+    };
+    drop(drain);
+    if let Some(task) = admin_task {
+        task.abort();
+    }
+    generation.stop();
+    retire_own(&region);
+    info!(epoch, "exited");
+    ExitCode::SUCCESS
+}
+
+/// The next message from the supervisor; never resolves without one.
+async fn recv(link: &Option<Link>) -> Result<ToGeneration, ChannelError> {
+    match link {
+        Some(link) => link.recv().await.map(|r| r.msg),
+        None => std::future::pending().await,
+    }
+}
+
+/// Run alone: the stats region and every socket are made here.
+#[allow(clippy::type_complexity)]
+fn standalone_setup(
+    config: &Config,
+) -> Result<
+    (
+        Arc<Region>,
+        Vec<std::net::TcpListener>,
+        Option<std::net::TcpListener>,
+    ),
+    String,
+> {
+    // Bind the admin socket first, so that a taken admin port fails before anything else.
+    let admin = match &config.admin {
+        Some(admin) => Some(listen::bind_tcp(admin.address, 128).map_err(|e| {
+            format!(
+                "admin: cannot listen on {}: {e}; {}",
+                admin.address,
+                listen::bind_advice(&e)
+            )
+        })?),
+        None => None,
+    };
+    let region = Region::create_or_open(&config.stats.path, config.stats.capacities)
+        .map_err(|e| e.to_string())?;
+    // Rows of a proxy that died without retiring them: fold their counts in, so that counters
+    // carry on from where it stopped.
+    match region.reclaim_dead() {
+        Ok(0) => {}
+        Ok(n) => {
+            info!(shards = n, path = %region.path().display(), "retired the stats of processes that are gone")
+        }
+        Err(e) => warn!("{e}"),
+    }
+    let sockets = generation::bind_listeners(config).map_err(|e| e.to_string())?;
+    Ok((region, sockets, admin))
+}

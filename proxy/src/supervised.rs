@@ -1,0 +1,267 @@
+//! The proxy's side of the restart protocol, when a supervisor started it: the handshake, the
+//! listen sockets and stats region fetched by key, and the messages that drive its life.
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+
+use restart_protocol::{
+    CONTROL_FD_ENV, Channel, ChannelError, FEATURES, PROTOCOL_VERSIONS, Received, SocketKey,
+    ToGeneration, ToSupervisor,
+};
+use tokio::io::unix::AsyncFd;
+use tracing::{debug, info};
+
+use crate::config::Config;
+use crate::listen;
+
+/// The channel named by `BATON_CONTROL_FD`, if the proxy was started by a supervisor.
+#[allow(unsafe_code)] // Taking ownership of an inherited fd is what the OS demands here.
+pub fn channel_from_env() -> Result<Option<Channel>, String> {
+    let Some(value) = std::env::var_os(CONTROL_FD_ENV) else {
+        return Ok(None);
+    };
+    let fd: i32 = value
+        .to_str()
+        .and_then(|v| v.parse().ok())
+        .filter(|fd| *fd >= 3)
+        .ok_or_else(|| format!("{CONTROL_FD_ENV}={value:?} is not a file descriptor number"))?;
+    // The fd must be open: checking before taking ownership keeps a stray variable from making
+    // us own (and later close) a number that means something else.
+    nix::fcntl::fcntl(
+        // SAFETY: a borrowed fd only for this one check; F_GETFD fails cleanly on a closed fd.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+        nix::fcntl::FcntlArg::F_GETFD,
+    )
+    .map_err(|e| {
+        format!("{CONTROL_FD_ENV}={fd} is not open ({e}); is this process started by `baton run`?")
+    })?;
+    // SAFETY: the supervisor passed this fd to us (the variable names it) and nothing else in
+    // this process has taken it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Channel::from_fd(fd)
+        .map(Some)
+        .map_err(|e| format!("{CONTROL_FD_ENV}: {e}"))
+}
+
+/// A handshaken channel to the supervisor.
+pub struct Link {
+    channel: AsyncFd<Channel>,
+    next_id: u32,
+}
+
+impl Link {
+    /// Introduces this generation and waits for the supervisor's welcome.
+    #[allow(unsafe_code)] // Registering an fd with the reactor is unsafe in tokio's API.
+    pub async fn handshake(channel: Channel, epoch: u64) -> Result<Link, String> {
+        // SAFETY: a Channel owns its fd (an OwnedFd), keeps it open for its whole life and
+        // always returns the same number from as_raw_fd.
+        let registered = unsafe { AsyncFd::register(channel) };
+        let link = Link {
+            channel: registered.map_err(|e| format!("cannot watch the control channel: {e}"))?,
+            next_id: 1,
+        };
+        link.send(&ToSupervisor::Hello {
+            versions: PROTOCOL_VERSIONS,
+            features: FEATURES,
+            epoch,
+            pid: std::process::id(),
+            build: crate::admin::BUILD_ID.to_owned(),
+        })?;
+        match link
+            .recv()
+            .await
+            .map_err(|e| format!("no welcome from the supervisor: {e}"))?
+            .msg
+        {
+            ToGeneration::Welcome {
+                version,
+                supervisor_pid,
+                ..
+            } => {
+                info!(epoch, version, supervisor_pid, "joined the supervisor");
+                Ok(link)
+            }
+            ToGeneration::Refused { reason } => {
+                Err(format!("the supervisor refused this generation: {reason}"))
+            }
+            other => Err(format!("the supervisor answered the hello with {other:?}")),
+        }
+    }
+
+    pub fn send(&self, msg: &ToSupervisor) -> Result<(), String> {
+        self.channel
+            .get_ref()
+            .send(msg, &[])
+            .map_err(|e| format!("cannot talk to the supervisor: {e}"))
+    }
+
+    /// The next message from the supervisor.
+    pub async fn recv(&self) -> Result<Received<ToGeneration>, ChannelError> {
+        loop {
+            let mut guard = self.channel.readable().await?;
+            let got = guard.try_io(|c| match c.get_ref().recv() {
+                Ok(Some(received)) => Ok(Ok(received)),
+                Ok(None) => Err(std::io::ErrorKind::WouldBlock.into()),
+                Err(ChannelError::Io(e)) => Err(e),
+                Err(other) => Ok(Err(other)),
+            });
+            match got {
+                Ok(Ok(result)) => return result,
+                Ok(Err(e)) => return Err(ChannelError::Io(e)),
+                // Not readable after all; the guard cleared readiness, so wait again.
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Sends a request and waits for the answer with its id. Messages of another kind while
+    /// starting up mean the supervisor gave up on this generation.
+    async fn request(
+        &mut self,
+        make: impl FnOnce(u32) -> ToSupervisor,
+    ) -> Result<Received<ToGeneration>, String> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(&make(id))?;
+        let received = self
+            .recv()
+            .await
+            .map_err(|e| format!("lost the supervisor while starting: {e}"))?;
+        let answered = match &received.msg {
+            ToGeneration::Socket { id: got, .. }
+            | ToGeneration::NotFound { id: got, .. }
+            | ToGeneration::Deposited { id: got }
+            | ToGeneration::StatsRegion { id: got, .. }
+            | ToGeneration::Error { id: got, .. } => *got == id,
+            _ => false,
+        };
+        if !answered {
+            return Err(format!(
+                "the supervisor sent {:?} while this generation was starting",
+                received.msg
+            ));
+        }
+        if let ToGeneration::Error { message, .. } = &received.msg {
+            return Err(format!("the supervisor refused a request: {message}"));
+        }
+        Ok(received)
+    }
+
+    /// The stats region the supervisor created.
+    pub async fn stats_region(&mut self) -> Result<(File, PathBuf), String> {
+        let mut received = self
+            .request(|id| ToSupervisor::GetStatsRegion { id })
+            .await?;
+        let ToGeneration::StatsRegion { path, .. } = received.msg else {
+            return Err("the supervisor did not send the stats region".into());
+        };
+        let fd = received
+            .fds
+            .pop()
+            .ok_or("the supervisor sent no file with the stats region")?;
+        Ok((File::from(fd), PathBuf::from(path)))
+    }
+
+    /// The socket stored under `key`, or one bound here and deposited for the generations to
+    /// come.
+    pub async fn listen_socket(
+        &mut self,
+        key: SocketKey,
+        backlog: u32,
+    ) -> Result<TcpListener, String> {
+        let mut received = self
+            .request(|id| ToSupervisor::GetSocket { id, key })
+            .await?;
+        if let ToGeneration::Socket { .. } = received.msg {
+            let fd = received
+                .fds
+                .pop()
+                .ok_or_else(|| format!("the supervisor sent no socket for {key}"))?;
+            let listener = TcpListener::from(fd);
+            listener
+                .set_nonblocking(true)
+                .map_err(|e| format!("socket {key}: {e}"))?;
+            debug!(%key, "listen socket from the supervisor");
+            return Ok(listener);
+        }
+        let listener = listen::bind_tcp(key.address, backlog).map_err(|e| {
+            format!(
+                "cannot listen on {}: {e}; {}",
+                key.address,
+                listen::bind_advice(&e)
+            )
+        })?;
+        let deposited = self
+            .request_with_fd(
+                |id| ToSupervisor::DepositSocket { id, key },
+                listener.as_fd(),
+            )
+            .await?;
+        if !matches!(deposited.msg, ToGeneration::Deposited { .. }) {
+            return Err(format!("the supervisor did not take socket {key}"));
+        }
+        debug!(%key, "listen socket bound and deposited");
+        Ok(listener)
+    }
+
+    async fn request_with_fd(
+        &mut self,
+        make: impl FnOnce(u32) -> ToSupervisor,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Received<ToGeneration>, String> {
+        let id = self.next_id;
+        let msg = make(id);
+        self.channel
+            .get_ref()
+            .send(&msg, &[fd])
+            .map_err(|e| format!("cannot talk to the supervisor: {e}"))?;
+        self.next_id += 1;
+        let received = self
+            .recv()
+            .await
+            .map_err(|e| format!("lost the supervisor while starting: {e}"))?;
+        match &received.msg {
+            ToGeneration::Deposited { id: got } if *got == id => Ok(received),
+            ToGeneration::Error { message, .. } => {
+                Err(format!("the supervisor refused a request: {message}"))
+            }
+            other => Err(format!(
+                "the supervisor sent {other:?} while this generation was starting"
+            )),
+        }
+    }
+}
+
+/// Every listen socket of `config` and the admin socket, fetched from the supervisor's store or
+/// bound and deposited; returns the sockets (in config order), the admin socket, and every key.
+pub async fn sockets(
+    link: &mut Link,
+    config: &Config,
+) -> Result<(Vec<TcpListener>, Option<TcpListener>, Vec<SocketKey>), String> {
+    let mut keys = Vec::new();
+    let mut sockets = Vec::with_capacity(config.listeners.len());
+    for l in &config.listeners {
+        let key = SocketKey::tcp(l.address);
+        sockets.push(
+            link.listen_socket(key, l.backlog)
+                .await
+                .map_err(|e| format!("listener `{}`: {e}", l.name))?,
+        );
+        keys.push(key);
+    }
+    let admin = match &config.admin {
+        Some(admin) => {
+            let key = SocketKey::tcp(admin.address);
+            keys.push(key);
+            Some(
+                link.listen_socket(key, 128)
+                    .await
+                    .map_err(|e| format!("admin: {e}"))?,
+            )
+        }
+        None => None,
+    };
+    Ok((sockets, admin, keys))
+}
