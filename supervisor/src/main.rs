@@ -1,17 +1,248 @@
-//! `baton`, the supervisor of proxy generations.
+//! `baton`, the supervisor of proxy generations, and the commands that talk to it.
 //!
-//! The supervisor (generation lifecycle, socket store, restart protocol, control socket) is the
-//! subject of a later issue. Until it exists this binary only tells the user how to run the proxy
-//! on its own, so that nobody mistakes it for a working supervisor.
+//! `baton run` starts the supervisor: a small, single-threaded process that launches
+//! `baton-proxy` generations, keeps their listen sockets in a store of its own, and hands them
+//! from one generation to the next on reload (SIGHUP or `baton reload`) over a `SOCK_SEQPACKET`
+//! channel per generation, so that no connection is refused or dropped. It creates the
+//! shared-memory stats region and folds each generation's counts into it when the generation
+//! exits, so counters never go back. A generation that fails to start changes nothing: the
+//! active one keeps serving, and the requester of the reload is told why. A generation that
+//! crashes is replaced, while the kernel holds new connections in the listen sockets' queues.
+//!
+//! The supervisor never touches traffic and reads only its own part of the config, which is
+//! what keeps it small enough to almost never need an upgrade.
+//!
+//! The other subcommands are clients of the control socket (`control.rs`).
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+mod config;
+mod control;
+mod lifecycle;
+mod server;
+mod spawn;
+mod store;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::control::{Request, Response};
+
+/// Exit status for a configuration or usage the operator must fix (sysexits' EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+/// baton: a hot-restartable proxy. `baton run` supervises `baton-proxy` generations; the other
+/// commands control a running supervisor.
+#[derive(Debug, Parser)]
+#[command(name = "baton", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the supervisor in the foreground (under systemd, runit, or a terminal).
+    Run {
+        /// The configuration file (TOML), the same one every generation reads.
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: PathBuf,
+        /// Log lines as text or as JSON objects.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Start a new generation and drain the old one; waits for the outcome (exit 1 if it failed).
+    Reload(Target),
+    /// Drain every generation, then stop the supervisor.
+    Stop(Target),
+    /// Make every generation reopen its access logs (after log rotation).
+    ReopenLogs(Target),
+    /// Show the generations: epoch, pid, state, uptime, connections.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a configuration without running it (like `nginx -t`): exit 0 if valid, 1 if not.
+    Check {
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+/// Which supervisor to talk to.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct Target {
+    /// The config file the supervisor runs with (its control socket is found from it).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The supervisor's control socket.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 fn main() -> ExitCode {
-    eprintln!(
-        "baton: the supervisor is not built yet; run the proxy on its own with \
-         `baton-proxy --config FILE` (see README.md)"
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config, log_format } => {
+            init_logging(log_format);
+            let config = match config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("baton: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            ExitCode::from(server::run(config))
+        }
+        Command::Reload(target) => client(&target, Request::Reload, |r| {
+            println!("baton: reloaded: {}", r.message);
+        }),
+        Command::Stop(target) => {
+            client(&target, Request::Stop, |r| println!("baton: {}", r.message))
+        }
+        Command::ReopenLogs(target) => client(&target, Request::ReopenLogs, |r| {
+            println!("baton: {}", r.message)
+        }),
+        Command::Status { target, json } => client(&target, Request::Status, |r| {
+            let Some(status) = &r.status else { return };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(status).unwrap_or_default()
+                );
+            } else {
+                print!("{}", status_table(status));
+            }
+        }),
+        Command::Check { config } => check(&config),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Runs one control request and prints its answer; exit 1 when it failed.
+fn client(target: &Target, request: Request, print: impl FnOnce(&Response)) -> ExitCode {
+    let socket = match (&target.socket, &target.config) {
+        (Some(socket), _) => socket.clone(),
+        (None, Some(config)) => match config::load(config) {
+            Ok(c) => c.control_socket,
+            Err(e) => {
+                eprintln!("baton: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        (None, None) => unreachable!("clap requires --config or --socket"),
+    };
+    match control::call(&socket, request) {
+        Ok(response) if response.ok => {
+            print(&response);
+            ExitCode::SUCCESS
+        }
+        Ok(response) => {
+            eprintln!("baton: {}", response.message);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("baton: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn status_table(status: &control::Status) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "supervisor pid {}, instance {}, config {}",
+        status.supervisor_pid, status.instance, status.config
     );
-    ExitCode::from(69) // EX_UNAVAILABLE
+    let _ = writeln!(
+        out,
+        "listen sockets {}, reloads {}, failed {}, crashes {}{}",
+        status.sockets,
+        status.reloads,
+        status.reload_failures,
+        status.crashes,
+        status
+            .last_reload
+            .as_ref()
+            .map_or(String::new(), |r| format!("; last reload: {r}"))
+    );
+    let _ = writeln!(
+        out,
+        "{:>6}  {:>8}  {:<9}  {:>8}  {:>11}  {:>8}  BUILD",
+        "EPOCH", "PID", "STATE", "UPTIME", "CONNECTIONS", "REQUESTS"
+    );
+    for g in &status.generations {
+        let _ = writeln!(
+            out,
+            "{:>6}  {:>8}  {:<9}  {:>8}  {:>11}  {:>8}  {}",
+            g.epoch,
+            g.pid,
+            g.state,
+            humantime::format_duration(std::time::Duration::from_secs(g.uptime_seconds))
+                .to_string(),
+            g.connections,
+            g.requests,
+            g.build
+        );
+    }
+    out
+}
+
+/// Checks the supervisor's part of the config, then lets `baton-proxy --check` check the rest.
+fn check(path: &std::path::Path) -> ExitCode {
+    let config = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("baton: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let binary = match spawn::proxy_binary(config.proxy_binary.as_deref()) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("baton: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match std::process::Command::new(&binary)
+        .arg("--config")
+        .arg(path)
+        .arg("--check")
+        .status()
+    {
+        Ok(status) if status.success() => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("baton: cannot run {}: {e}", binary.display());
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,246 @@
+//! The parts of the config file the supervisor reads: the instance, the drain settings, the
+//! stats region, and its own `[supervisor]` table. Everything else is the proxy's to check.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use restart_protocol::DrainStrategy;
+use serde::Deserialize;
+use serde_spanned::Spanned;
+use shm_stats::Capacities;
+
+/// What the supervisor needs from the config.
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// The config file, as given: every generation is started with it.
+    pub path: PathBuf,
+    pub instance: String,
+    pub drain_timeout: Duration,
+    pub drain_strategy: DrainStrategy,
+    pub stats_path: PathBuf,
+    pub capacities: Capacities,
+    /// `supervisor.proxy_binary`, when set.
+    pub proxy_binary: Option<PathBuf>,
+    pub control_socket: PathBuf,
+    pub readiness_timeout: Duration,
+    pub max_draining: usize,
+}
+
+#[derive(Debug, Deserialize)]
+struct Raw {
+    instance: Option<String>,
+    drain_timeout: Option<Spanned<String>>,
+    drain_strategy: Option<Spanned<String>>,
+    stats: Option<RawStats>,
+    supervisor: Option<RawSupervisor>,
+    // The rest is the proxy's: it checks it, the supervisor ignores it.
+    #[serde(flatten)]
+    _rest: toml::Table,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawStats {
+    path: Option<String>,
+    max_stats: Option<u32>,
+    max_shards: Option<u32>,
+    cells_per_shard: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSupervisor {
+    proxy_binary: Option<String>,
+    control_socket: Option<String>,
+    readiness_timeout: Option<Spanned<String>>,
+    max_draining: Option<Spanned<i64>>,
+}
+
+/// Reads the supervisor's part of the config at `path`. Errors are one line:
+/// `file:line:column: what is wrong`.
+pub fn load(path: &Path) -> Result<SupervisorConfig, String> {
+    let source = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read the config file: {e}", path.display()))?;
+    parse(path, &source)
+}
+
+fn at(path: &Path, source: &str, offset: usize, message: impl std::fmt::Display) -> String {
+    let before = source.get(..offset.min(source.len())).unwrap_or(source);
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    format!("{}:{line}:{column}: {message}", path.display())
+}
+
+pub fn parse(path: &Path, source: &str) -> Result<SupervisorConfig, String> {
+    let raw: Raw = toml::from_str(source).map_err(|e| {
+        at(
+            path,
+            source,
+            e.span().map_or(0, |s| s.start),
+            e.message().trim_end(),
+        )
+    })?;
+    let duration = |field: &str, value: Option<Spanned<String>>, default: Duration| match value {
+        None => Ok(default),
+        Some(v) => humantime::parse_duration(v.get_ref()).map_err(|e| {
+            at(
+                path,
+                source,
+                v.span().start,
+                format!(
+                    "{field}: `{}` is not a duration ({e}); write it like \"5s\"",
+                    v.get_ref()
+                ),
+            )
+        }),
+    };
+    let instance = raw.instance.unwrap_or_else(|| "baton".to_owned());
+    let drain_timeout = duration("drain_timeout", raw.drain_timeout, Duration::from_secs(30))?;
+    let drain_strategy = match raw.drain_strategy {
+        None => DrainStrategy::Gradual,
+        Some(s) if s.get_ref() == "gradual" => DrainStrategy::Gradual,
+        Some(s) if s.get_ref() == "immediate" => DrainStrategy::Immediate,
+        Some(s) => {
+            return Err(at(
+                path,
+                source,
+                s.span().start,
+                format!(
+                    "drain_strategy: `{}` is not a strategy; use \"gradual\" or \"immediate\"",
+                    s.get_ref()
+                ),
+            ));
+        }
+    };
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let relative = |p: &str| match dir {
+        Some(dir) if Path::new(p).is_relative() => dir.join(p),
+        _ => PathBuf::from(p),
+    };
+    let defaults = Capacities::default();
+    let stats = raw.stats.unwrap_or(RawStats {
+        path: None,
+        max_stats: None,
+        max_shards: None,
+        cells_per_shard: None,
+    });
+    let supervisor = raw.supervisor.unwrap_or(RawSupervisor {
+        proxy_binary: None,
+        control_socket: None,
+        readiness_timeout: None,
+        max_draining: None,
+    });
+    let max_draining = match supervisor.max_draining {
+        None => 2,
+        Some(n) => usize::try_from(*n.get_ref())
+            .ok()
+            .filter(|n| (1..=64).contains(n))
+            .ok_or_else(|| {
+                at(
+                    path,
+                    source,
+                    n.span().start,
+                    "supervisor.max_draining: expected a number from 1 to 64",
+                )
+            })?,
+    };
+    Ok(SupervisorConfig {
+        path: path.to_owned(),
+        drain_timeout,
+        drain_strategy,
+        stats_path: stats
+            .path
+            .map_or_else(|| shm_stats::default_path(&instance), |p| relative(&p)),
+        capacities: Capacities {
+            max_stats: stats.max_stats.unwrap_or(defaults.max_stats),
+            max_shards: stats.max_shards.unwrap_or(defaults.max_shards),
+            cells_per_shard: stats.cells_per_shard.unwrap_or(defaults.cells_per_shard),
+        },
+        proxy_binary: supervisor.proxy_binary.map(|p| relative(&p)),
+        control_socket: supervisor
+            .control_socket
+            .map_or_else(|| default_control_socket(&instance), |p| relative(&p)),
+        readiness_timeout: duration(
+            "supervisor.readiness_timeout",
+            supervisor.readiness_timeout,
+            Duration::from_secs(30),
+        )?,
+        max_draining,
+        instance,
+    })
+}
+
+/// `$RUNTIME_DIRECTORY/<instance>.sock` under systemd (`RuntimeDirectory=baton`), else
+/// `/run/baton/<instance>.sock`.
+pub fn default_control_socket(instance: &str) -> PathBuf {
+    let dir = std::env::var_os("RUNTIME_DIRECTORY")
+        .and_then(|dirs| {
+            dirs.to_str()
+                .and_then(|d| d.split(':').next())
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from("/run/baton"));
+    dir.join(format!("{instance}.sock"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_its_own_part_and_leaves_the_rest() {
+        let c = parse(
+            Path::new("conf/baton.toml"),
+            r#"
+instance = "edge"
+drain_timeout = "5s"
+drain_strategy = "immediate"
+concurrency = 4
+
+[[listener]]
+name = "x"
+
+[stats]
+path = "stats.shm"
+
+[supervisor]
+proxy_binary = "/opt/baton/baton-proxy"
+control_socket = "run/edge.sock"
+readiness_timeout = "10s"
+max_draining = 3
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.instance, "edge");
+        assert_eq!(c.drain_timeout, Duration::from_secs(5));
+        assert_eq!(c.drain_strategy, DrainStrategy::Immediate);
+        assert_eq!(c.stats_path, Path::new("conf/stats.shm"));
+        assert_eq!(
+            c.proxy_binary.as_deref(),
+            Some(Path::new("/opt/baton/baton-proxy"))
+        );
+        assert_eq!(c.control_socket, Path::new("conf/run/edge.sock"));
+        assert_eq!(c.readiness_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_draining, 3);
+    }
+
+    #[test]
+    fn mistakes_in_the_supervisor_table_name_their_line() {
+        let e = parse(
+            Path::new("b.toml"),
+            "[supervisor]\nreadyness_timeout = \"1s\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("b.toml:2:1: unknown field `readyness_timeout`"),
+            "{e}"
+        );
+        let e = parse(Path::new("b.toml"), "drain_timeout = \"soon\"\n").unwrap_err();
+        assert!(
+            e.starts_with("b.toml:1:17: drain_timeout: `soon` is not a duration"),
+            "{e}"
+        );
+        let e = parse(Path::new("b.toml"), "[supervisor]\nmax_draining = 0\n").unwrap_err();
+        assert!(e.contains("b.toml:2:16: supervisor.max_draining"), "{e}");
+    }
+}

@@ -1,0 +1,105 @@
+//! The control socket's protocol: one JSON request per line, one JSON response per line, then
+//! the supervisor closes the connection. Shared by the supervisor and the `baton` subcommands.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// What a client asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Request {
+    /// The generations and counters.
+    Status,
+    /// Start a new generation; answered when it is active, or with why it failed.
+    Reload,
+    /// Drain every generation and exit.
+    Stop,
+    /// Forward SIGUSR1's job: every generation reopens its access logs.
+    ReopenLogs,
+}
+
+/// What the supervisor answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+}
+
+/// `baton status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub supervisor_pid: u32,
+    pub instance: String,
+    pub config: String,
+    pub active_epoch: Option<u64>,
+    pub generations: Vec<GenerationStatus>,
+    pub reloads: u64,
+    pub reload_failures: u64,
+    pub crashes: u64,
+    /// The outcome of the last reload, if any.
+    pub last_reload: Option<String>,
+    /// Listen sockets held in the store.
+    pub sockets: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationStatus {
+    pub epoch: u64,
+    pub pid: u32,
+    /// `starting`, `active` or `draining`.
+    pub state: String,
+    pub started_unix_ms: u64,
+    pub uptime_seconds: u64,
+    pub connections: u64,
+    pub requests: u64,
+    pub build: String,
+}
+
+/// Sends `request` to the supervisor listening at `socket` and waits for the answer.
+pub fn call(socket: &Path, request: Request) -> Result<Response, String> {
+    let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => format!(
+            "no supervisor is listening on {} ({e}); is `baton run` running with this config? (or pass --socket PATH)",
+            socket.display()
+        ),
+        std::io::ErrorKind::PermissionDenied => format!(
+            "not allowed to use {} ({e}); run as the user that runs `baton run`, or as root",
+            socket.display()
+        ),
+        _ => format!("cannot connect to {}: {e}", socket.display()),
+    })?;
+    let mut line = serde_json::to_string(&request).map_err(|e| e.to_string())?;
+    line.push('\n');
+    (&stream)
+        .write_all(line.as_bytes())
+        .map_err(|e| format!("cannot send to the supervisor: {e}"))?;
+    let mut answer = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut answer)
+        .map_err(|e| format!("no answer from the supervisor: {e}"))?;
+    if answer.is_empty() {
+        return Err("the supervisor closed the connection without an answer (did it stop?)".into());
+    }
+    serde_json::from_str(&answer).map_err(|e| format!("unreadable answer from the supervisor: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_one_readable_json_line() {
+        assert_eq!(
+            serde_json::to_string(&Request::ReopenLogs).unwrap(),
+            r#"{"command":"reopen-logs"}"#
+        );
+        let back: Request = serde_json::from_str(r#"{"command":"reload"}"#).unwrap();
+        assert_eq!(back, Request::Reload);
+        assert!(serde_json::from_str::<Request>(r#"{"command":"explode"}"#).is_err());
+    }
+}

@@ -1,0 +1,926 @@
+//! The generation lifecycle as a pure state machine: events in, actions out, no I/O.
+//!
+//! ```text
+//! Starting --Ready--> Active --Drain--> Draining --(exit)--> gone
+//!     \--Failed / exit / readiness timeout--> gone   (the Active generation stays Active)
+//! ```
+//!
+//! The event loop (`server.rs`) turns signals, control requests, channel messages and child
+//! exits into [`Event`]s, and carries out the [`Action`]s; everything that decides is here and
+//! is tested without processes.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use restart_protocol::DrainStrategy;
+
+/// Where a generation is in its life. Logs, `baton status` and tests use these names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Spawned; fetching sockets and initialising. The Active generation (if any) serves alone.
+    Starting,
+    /// Ready and serving: the generation new connections go to.
+    Active,
+    /// Told to drain: no longer accepting, finishing its connections.
+    Draining,
+}
+
+impl State {
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Active => "active",
+            State::Draining => "draining",
+        }
+    }
+}
+
+/// Who waits for the outcome of a reload (a `baton reload` client).
+pub type Waiter = u64;
+
+/// The lifecycle settings, from the config.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub readiness_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub strategy: DrainStrategy,
+    /// Draining generations allowed at once; past it the oldest is hurried.
+    pub max_draining: usize,
+    /// How long a generation may take to exit after a Stop, or past its drain timeout, before
+    /// it is killed.
+    pub kill_grace: Duration,
+    /// Drain time given to a draining generation hurried because too many drain at once.
+    pub hurry_timeout: Duration,
+}
+
+/// One generation as the lifecycle sees it.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub epoch: u64,
+    pub state: State,
+    /// Readiness deadline (Starting) or kill deadline (Draining, or after a Stop).
+    pub deadline: Option<Instant>,
+    /// When it became Draining, to pick the oldest.
+    pub draining_since: Option<Instant>,
+    /// A failure it reported, to tell the reload's requester.
+    pub failure: Option<String>,
+    /// Stopped or killed on purpose: its exit is no crash.
+    pub stopping: bool,
+}
+
+/// What the outside world tells the lifecycle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// SIGHUP (no waiter) or `baton reload` (its client waits).
+    Reload {
+        waiter: Option<Waiter>,
+    },
+    /// The process of `epoch` could not be started at all.
+    SpawnFailed {
+        epoch: u64,
+        error: String,
+    },
+    Ready {
+        epoch: u64,
+    },
+    /// The generation reported why it cannot start.
+    Failed {
+        epoch: u64,
+        reason: String,
+    },
+    /// The process exited; `status` is how, for logs and replies.
+    Exited {
+        epoch: u64,
+        status: String,
+    },
+    /// SIGTERM (graceful) or SIGINT.
+    Stop {
+        graceful: bool,
+    },
+    /// Time passed: deadlines may have come.
+    Tick,
+}
+
+/// What the lifecycle asks the outside world to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start generation `epoch` from the binary and config on disk.
+    Spawn { epoch: u64 },
+    Drain {
+        epoch: u64,
+        timeout: Duration,
+        strategy: DrainStrategy,
+    },
+    /// Tell it to close everything now.
+    Stop { epoch: u64 },
+    /// SIGKILL.
+    Kill { epoch: u64 },
+    /// `epoch` is now the Active generation: close the stored sockets it does not use.
+    Activated { epoch: u64, replaced: Option<u64> },
+    /// A reload ended: tell whoever waits.
+    Reply {
+        waiters: Vec<Waiter>,
+        result: Result<u64, String>,
+    },
+    /// Fold the stats of `epoch` into the retired row (it has exited).
+    Retire { epoch: u64 },
+    /// Exit the supervisor with this status.
+    Exit { code: u8 },
+}
+
+#[derive(Debug, Default)]
+struct Reload {
+    /// The generation being started by the reload in progress.
+    epoch: Option<u64>,
+    waiters: Vec<Waiter>,
+    /// Requests that came while one was in progress: one more reload, after it.
+    queued: Option<Vec<Waiter>>,
+}
+
+/// Restart delays after crashes: 100 ms, doubling to 10 s; back to 100 ms after a quiet minute.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+const QUIET: Duration = Duration::from_secs(60);
+
+/// Counts for the supervisor's stats.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub reloads: u64,
+    pub reload_failures: u64,
+    pub crashes: u64,
+}
+
+pub struct Lifecycle {
+    settings: Settings,
+    generations: BTreeMap<u64, Generation>,
+    next_epoch: u64,
+    reload: Reload,
+    /// A replacement for a crashed Active generation waits until then.
+    restart_at: Option<Instant>,
+    backoff: Duration,
+    last_crash: Option<Instant>,
+    /// Set by Stop: no new generations; exit when the last one is gone.
+    stopping: bool,
+    /// Whether a generation was ever Active (a first generation that fails ends the supervisor).
+    ever_active: bool,
+    pub counts: Counts,
+}
+
+impl Lifecycle {
+    pub fn new(settings: Settings, first_epoch: u64) -> Self {
+        Lifecycle {
+            settings,
+            generations: BTreeMap::new(),
+            next_epoch: first_epoch,
+            reload: Reload::default(),
+            restart_at: None,
+            backoff: FIRST_BACKOFF,
+            last_crash: None,
+            stopping: false,
+            ever_active: false,
+            counts: Counts::default(),
+        }
+    }
+
+    pub fn generations(&self) -> impl Iterator<Item = &Generation> {
+        self.generations.values()
+    }
+
+    pub fn active(&self) -> Option<u64> {
+        self.generations
+            .values()
+            .find(|g| g.state == State::Active)
+            .map(|g| g.epoch)
+    }
+
+    pub fn draining(&self) -> usize {
+        self.generations
+            .values()
+            .filter(|g| g.state == State::Draining)
+            .count()
+    }
+
+    /// The earliest moment a [`Event::Tick`] has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.generations
+            .values()
+            .filter_map(|g| g.deadline)
+            .chain(self.restart_at)
+            .min()
+    }
+
+    pub fn handle(&mut self, event: Event, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        match event {
+            Event::Reload { waiter } => self.reload(waiter, now, &mut actions),
+            Event::SpawnFailed { epoch, error } => {
+                self.generations.remove(&epoch);
+                self.start_failed(
+                    epoch,
+                    format!("cannot start generation {epoch}: {error}"),
+                    now,
+                    &mut actions,
+                );
+            }
+            Event::Ready { epoch } => self.ready(epoch, now, &mut actions),
+            Event::Failed { epoch, reason } => {
+                if let Some(g) = self.generations.get_mut(&epoch)
+                    && g.state == State::Starting
+                {
+                    g.failure = Some(reason);
+                    g.stopping = true;
+                    // It exits on its own after `Failed`; kill it if it does not.
+                    g.deadline = Some(now + self.settings.kill_grace);
+                }
+            }
+            Event::Exited { epoch, status } => self.exited(epoch, status, now, &mut actions),
+            Event::Stop { graceful } => self.stop(graceful, now, &mut actions),
+            Event::Tick => self.tick(now, &mut actions),
+        }
+        actions
+    }
+
+    fn spawn(&mut self, now: Instant, actions: &mut Vec<Action>) -> u64 {
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        self.generations.insert(
+            epoch,
+            Generation {
+                epoch,
+                state: State::Starting,
+                deadline: Some(now + self.settings.readiness_timeout),
+                draining_since: None,
+                failure: None,
+                stopping: false,
+            },
+        );
+        actions.push(Action::Spawn { epoch });
+        epoch
+    }
+
+    fn reload(&mut self, waiter: Option<Waiter>, now: Instant, actions: &mut Vec<Action>) {
+        if self.stopping {
+            if let Some(w) = waiter {
+                actions.push(Action::Reply {
+                    waiters: vec![w],
+                    result: Err("the supervisor is stopping".into()),
+                });
+            }
+            return;
+        }
+        if self.reload.epoch.is_some() {
+            // Coalesce: everything asked during this reload is served by one reload after it,
+            // which picks up whatever changed meanwhile.
+            self.reload
+                .queued
+                .get_or_insert_with(Vec::new)
+                .extend(waiter);
+            return;
+        }
+        // A replacement for a crash is superseded by the reload.
+        self.restart_at = None;
+        let epoch = self.spawn(now, actions);
+        self.reload.epoch = Some(epoch);
+        self.reload.waiters.extend(waiter);
+        self.counts.reloads += 1;
+    }
+
+    fn ready(&mut self, epoch: u64, now: Instant, actions: &mut Vec<Action>) {
+        let Some(g) = self.generations.get_mut(&epoch) else {
+            return;
+        };
+        if g.state != State::Starting || g.stopping {
+            return;
+        }
+        g.state = State::Active;
+        g.deadline = None;
+        self.ever_active = true;
+        let previous = self
+            .generations
+            .values()
+            .find(|o| o.state == State::Active && o.epoch != epoch)
+            .map(|o| o.epoch);
+        if let Some(old) = previous {
+            self.start_draining(
+                old,
+                self.settings.drain_timeout,
+                self.settings.strategy,
+                now,
+                actions,
+            );
+        }
+        actions.push(Action::Activated {
+            epoch,
+            replaced: previous,
+        });
+        self.limit_draining(now, actions);
+        if self.reload.epoch == Some(epoch) {
+            let waiters = std::mem::take(&mut self.reload.waiters);
+            actions.push(Action::Reply {
+                waiters,
+                result: Ok(epoch),
+            });
+            self.reload.epoch = None;
+            self.next_reload(now, actions);
+        }
+    }
+
+    fn start_draining(
+        &mut self,
+        epoch: u64,
+        timeout: Duration,
+        strategy: DrainStrategy,
+        now: Instant,
+        actions: &mut Vec<Action>,
+    ) {
+        let kill_grace = self.settings.kill_grace;
+        let Some(g) = self.generations.get_mut(&epoch) else {
+            return;
+        };
+        if g.state != State::Draining {
+            g.draining_since = Some(now);
+        }
+        g.state = State::Draining;
+        let deadline = now + timeout + kill_grace;
+        g.deadline = Some(g.deadline.map_or(deadline, |d| d.min(deadline)));
+        actions.push(Action::Drain {
+            epoch,
+            timeout,
+            strategy,
+        });
+    }
+
+    /// Past `max_draining`, the oldest draining generations are hurried: every answer now
+    /// closes its connection, and what is left is closed soon after. Killing them would cut
+    /// requests in flight; hurrying does not.
+    fn limit_draining(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        let mut draining: Vec<(Instant, u64)> = self
+            .generations
+            .values()
+            .filter(|g| g.state == State::Draining && !g.stopping)
+            .map(|g| (g.draining_since.unwrap_or(now), g.epoch))
+            .collect();
+        draining.sort();
+        let excess = draining.len().saturating_sub(self.settings.max_draining);
+        for &(_, epoch) in draining.iter().take(excess) {
+            let hurry = self.settings.hurry_timeout;
+            if let Some(g) = self.generations.get_mut(&epoch) {
+                g.stopping = true;
+            }
+            self.start_draining(epoch, hurry, DrainStrategy::Immediate, now, actions);
+        }
+    }
+
+    fn next_reload(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        if let Some(waiters) = self.reload.queued.take() {
+            self.reload(None, now, actions);
+            self.reload.waiters.extend(waiters);
+        }
+    }
+
+    /// A reload's new generation failed before it was ready: the Active one stays.
+    fn start_failed(
+        &mut self,
+        epoch: u64,
+        reason: String,
+        now: Instant,
+        actions: &mut Vec<Action>,
+    ) {
+        if self.reload.epoch == Some(epoch) {
+            self.counts.reload_failures += 1;
+            let waiters = std::mem::take(&mut self.reload.waiters);
+            actions.push(Action::Reply {
+                waiters,
+                result: Err(reason),
+            });
+            self.reload.epoch = None;
+            if !self.ever_active && !self.stopping {
+                // The very first generation failed: there is nothing to serve with.
+                self.stopping = true;
+                self.reload.queued = None;
+                actions.push(Action::Exit { code: 1 });
+                return;
+            }
+            self.next_reload(now, actions);
+        } else if !self.stopping && self.active().is_none() {
+            // A replacement for a crashed generation failed: try again later.
+            self.schedule_restart(now);
+        }
+    }
+
+    fn exited(&mut self, epoch: u64, status: String, now: Instant, actions: &mut Vec<Action>) {
+        let Some(g) = self.generations.remove(&epoch) else {
+            return;
+        };
+        actions.push(Action::Retire { epoch });
+        match g.state {
+            State::Starting => {
+                let reason = g.failure.unwrap_or_else(|| {
+                    format!("generation {epoch} exited before it was ready ({status})")
+                });
+                self.start_failed(epoch, reason, now, actions);
+            }
+            State::Active if !g.stopping && !self.stopping => {
+                // A crash: the listen sockets stay in the store, so clients queue in the kernel
+                // until the replacement accepts.
+                self.counts.crashes += 1;
+                self.schedule_restart(now);
+            }
+            State::Active | State::Draining => {}
+        }
+        if self.stopping && self.generations.is_empty() {
+            actions.push(Action::Exit { code: 0 });
+        }
+    }
+
+    fn schedule_restart(&mut self, now: Instant) {
+        self.backoff = match self.last_crash {
+            Some(last) if now.saturating_duration_since(last) < QUIET => {
+                (self.backoff * 2).min(MAX_BACKOFF)
+            }
+            _ => FIRST_BACKOFF,
+        };
+        self.last_crash = Some(now);
+        self.restart_at = Some(now + self.backoff);
+    }
+
+    fn stop(&mut self, graceful: bool, now: Instant, actions: &mut Vec<Action>) {
+        let already = self.stopping;
+        self.stopping = true;
+        self.restart_at = None;
+        let waiters: Vec<Waiter> = std::mem::take(&mut self.reload.waiters)
+            .into_iter()
+            .chain(self.reload.queued.take().into_iter().flatten())
+            .collect();
+        if !waiters.is_empty() {
+            actions.push(Action::Reply {
+                waiters,
+                result: Err("the supervisor is stopping".into()),
+            });
+        }
+        let epochs: Vec<(u64, State)> = self
+            .generations
+            .values()
+            .map(|g| (g.epoch, g.state))
+            .collect();
+        for (epoch, state) in epochs {
+            match (graceful, state) {
+                (true, State::Active | State::Draining) if !already => {
+                    let timeout = self.settings.drain_timeout;
+                    self.start_draining(epoch, timeout, DrainStrategy::Immediate, now, actions);
+                }
+                _ => {
+                    // Starting generations, a non-graceful stop, or a second stop request.
+                    actions.push(Action::Stop { epoch });
+                    if let Some(g) = self.generations.get_mut(&epoch) {
+                        g.stopping = true;
+                        let deadline = now + self.settings.kill_grace;
+                        g.deadline = Some(g.deadline.map_or(deadline, |d| d.min(deadline)));
+                    }
+                }
+            }
+        }
+        if self.generations.is_empty() {
+            actions.push(Action::Exit { code: 0 });
+        }
+    }
+
+    fn tick(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        let due: Vec<(u64, State, bool)> = self
+            .generations
+            .values()
+            .filter(|g| g.deadline.is_some_and(|d| d <= now))
+            .map(|g| (g.epoch, g.state, g.stopping))
+            .collect();
+        for (epoch, state, stopping) in due {
+            if state == State::Starting && !stopping {
+                // Not ready in time: give up on it; its exit ends the reload with this reason.
+                let timeout = self.settings.readiness_timeout;
+                if let Some(g) = self.generations.get_mut(&epoch) {
+                    g.failure = Some(format!(
+                        "generation {epoch} was not ready within the readiness timeout ({timeout:?})"
+                    ));
+                    g.stopping = true;
+                    g.deadline = Some(now + self.settings.kill_grace);
+                }
+                actions.push(Action::Kill { epoch });
+            } else {
+                if let Some(g) = self.generations.get_mut(&epoch) {
+                    g.deadline = None;
+                }
+                actions.push(Action::Kill { epoch });
+            }
+        }
+        if self.restart_at.is_some_and(|at| at <= now) {
+            self.restart_at = None;
+            if !self.stopping && self.active().is_none() && self.reload.epoch.is_none() {
+                self.spawn(now, actions);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            readiness_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(10),
+            strategy: DrainStrategy::Gradual,
+            max_draining: 2,
+            kill_grace: Duration::from_secs(5),
+            hurry_timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// A lifecycle with generation 0 Active.
+    fn running(t0: Instant) -> Lifecycle {
+        let mut l = Lifecycle::new(settings(), 0);
+        assert_eq!(
+            l.handle(Event::Reload { waiter: None }, t0),
+            [Action::Spawn { epoch: 0 }]
+        );
+        assert_eq!(
+            l.handle(Event::Ready { epoch: 0 }, t0),
+            [
+                Action::Activated {
+                    epoch: 0,
+                    replaced: None
+                },
+                Action::Reply {
+                    waiters: vec![],
+                    result: Ok(0)
+                }
+            ]
+        );
+        l
+    }
+
+    fn states(l: &Lifecycle) -> Vec<(u64, State)> {
+        l.generations().map(|g| (g.epoch, g.state)).collect()
+    }
+
+    #[test]
+    fn a_reload_drains_the_old_generation_once_the_new_one_is_ready() {
+        let t0 = Instant::now();
+        let mut l = running(t0);
+        assert_eq!(
+            l.handle(Event::Reload { waiter: Some(7) }, t0),
+            [Action::Spawn { epoch: 1 }]
+        );
+        assert_eq!(states(&l), [(0, State::Active), (1, State::Starting)]);
+        assert_eq!(
+            l.handle(Event::Ready { epoch: 1 }, t0),
+            [
+                Action::Drain {
+                    epoch: 0,
+                    timeout: Duration::from_secs(10),
+                    strategy: DrainStrategy::Gradual
+                },
+                Action::Activated {
+                    epoch: 1,
+                    replaced: Some(0)
+                },
+                Action::Reply {
+                    waiters: vec![7],
+                    result: Ok(1)
+                },
+            ]
+        );
+        assert_eq!(states(&l), [(0, State::Draining), (1, State::Active)]);
+        let exited = l.handle(
+            Event::Exited {
+                epoch: 0,
+                status: "exit 0".into(),
+            },
+            t0,
+        );
+        assert_eq!(exited, [Action::Retire { epoch: 0 }]);
+        assert_eq!(
+            l.counts,
+            Counts {
+                reloads: 2,
+                reload_failures: 0,
+                crashes: 0
+            }
+        );
+    }
+
+    #[test]
+    fn a_failed_reload_leaves_the_active_generation_alone() {
+        let t0 = Instant::now();
+        let mut l = running(t0);
+        l.handle(Event::Reload { waiter: Some(1) }, t0);
+        let reason = "baton.toml:3:1: unknown field `adress`".to_owned();
+        assert_eq!(
+            l.handle(
+                Event::Failed {
+                    epoch: 1,
+                    reason: reason.clone()
+                },
+                t0
+            ),
+            []
+        );
+        assert_eq!(
+            l.handle(
+                Event::Exited {
+                    epoch: 1,
+                    status: "exit status 64".into()
+                },
+                t0
+            ),
+            [
+                Action::Retire { epoch: 1 },
+                Action::Reply {
+                    waiters: vec![1],
+                    result: Err(reason)
+                }
+            ]
+        );
+        assert_eq!(states(&l), [(0, State::Active)]);
+        assert_eq!(l.counts.reload_failures, 1);
+        // The next reload works.
+        assert_eq!(
+            l.handle(Event::Reload { waiter: Some(2) }, t0),
+            [Action::Spawn { epoch: 2 }]
+        );
+    }
+
+    #[test]
+    fn a_generation_that_is_not_ready_in_time_is_killed_and_the_reload_fails() {
+        let t0 = Instant::now();
+        let mut l = running(t0);
+        l.handle(Event::Reload { waiter: Some(1) }, t0);
+        assert_eq!(l.next_deadline(), Some(t0 + Duration::from_secs(30)));
+        assert_eq!(l.handle(Event::Tick, t0 + Duration::from_secs(29)), []);
+        assert_eq!(
+            l.handle(Event::Tick, t0 + Duration::from_secs(30)),
+            [Action::Kill { epoch: 1 }]
+        );
+        let actions = l.handle(
+            Event::Exited {
+                epoch: 1,
+                status: "killed by SIGKILL".into(),
+            },
+            t0 + Duration::from_secs(30),
+        );
+        let Action::Reply {
+            result: Err(reason),
+            ..
+        } = &actions[1]
+        else {
+            panic!("{actions:?}")
+        };
+        assert!(
+            reason.contains("not ready within the readiness timeout"),
+            "{reason}"
+        );
+        assert_eq!(l.active(), Some(0));
+    }
+
+    #[test]
+    fn a_generation_killed_while_starting_does_not_block_the_next_reload() {
+        let t0 = Instant::now();
+        let mut l = running(t0);
+        l.handle(Event::Reload { waiter: None }, t0);
+        let actions = l.handle(
+            Event::Exited {
+                epoch: 1,
+                status: "killed by SIGKILL".into(),
+            },
+            t0,
+        );
+        assert!(
+            matches!(&actions[1], Action::Reply { result: Err(r), .. } if r.contains("exited before it was ready (killed by SIGKILL)"))
+        );
+        assert_eq!(
+            l.handle(Event::Reload { waiter: Some(3) }, t0),
+            [Action::Spawn { epoch: 2 }]
+        );
+        let ready = l.handle(Event::Ready { epoch: 2 }, t0);
+        assert!(ready.contains(&Action::Reply {
+            waiters: vec![3],
+            result: Ok(2)
+        }));
+    }
+
+    #[test]
+    fn reloads_asked_during_a_reload_are_coalesced_into_one_after_it() {
+        let t0 = Instant::now();
+        let mut l = running(t0);
+        l.handle(Event::Reload { waiter: Some(1) }, t0);
+        assert_eq!(l.handle(Event::Reload { waiter: Some(2) }, t0), []);
+        assert_eq!(l.handle(Event::Reload { waiter: None }, t0), []);
+        assert_eq!(l.handle(Event::Reload { waiter: Some(3) }, t0), []);
+        let actions = l.handle(Event::Ready { epoch: 1 }, t0);
+        assert!(actions.contains(&Action::Reply {
+            waiters: vec![1],
+            result: Ok(1)
+        }));
+        assert!(actions.contains(&Action::Spawn { epoch: 2 }), "{actions:?}");
+        let actions = l.handle(Event::Ready { epoch: 2 }, t0);
+        assert!(
+            actions.contains(&Action::Reply {
+                waiters: vec![2, 3],
+                result: Ok(2)
+            }),
+            "{actions:?}"
+        );
+        assert_eq!(l.counts.reloads, 3, "the first start and two reloads");
+    }
+
+    #[test]
+    fn a_crashed_active_generation_is_replaced_after_a_growing_delay() {
+        let t0 = Instant::now();
+        let mut l = running(t0);
+        assert_eq!(
+            l.handle(
+                Event::Exited {
+                    epoch: 0,
+                    status: "killed by SIGKILL".into()
+                },
+                t0
+            ),
+            [Action::Retire { epoch: 0 }]
+        );
+        assert_eq!(l.counts.crashes, 1);
+        assert_eq!(l.next_deadline(), Some(t0 + Duration::from_millis(100)));
+        assert_eq!(
+            l.handle(Event::Tick, t0 + Duration::from_millis(100)),
+            [Action::Spawn { epoch: 1 }]
+        );
+        let t1 = t0 + Duration::from_millis(200);
+        assert!(
+            l.handle(Event::Ready { epoch: 1 }, t1)
+                .contains(&Action::Activated {
+                    epoch: 1,
+                    replaced: None
+                })
+        );
+        // A second crash soon after waits twice as long.
+        l.handle(
+            Event::Exited {
+                epoch: 1,
+                status: "exit status 101".into(),
+            },
+            t1,
+        );
+        assert_eq!(l.next_deadline(), Some(t1 + Duration::from_millis(200)));
+        // A replacement that fails to start is retried.
+        l.handle(Event::Tick, t1 + Duration::from_millis(200));
+        let t2 = t1 + Duration::from_millis(300);
+        l.handle(
+            Event::Exited {
+                epoch: 2,
+                status: "exit status 1".into(),
+            },
+            t2,
+        );
+        assert_eq!(l.next_deadline(), Some(t2 + Duration::from_millis(400)));
+        // After a quiet minute, the delay is short again.
+        let t3 = t2 + Duration::from_secs(120);
+        l.handle(Event::Tick, t3);
+        l.handle(Event::Ready { epoch: 3 }, t3);
+        l.handle(
+            Event::Exited {
+                epoch: 3,
+                status: "exit status 101".into(),
+            },
+            t3,
+        );
+        assert_eq!(l.next_deadline(), Some(t3 + Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn the_first_generation_failing_ends_the_supervisor() {
+        let t0 = Instant::now();
+        let mut l = Lifecycle::new(settings(), 0);
+        l.handle(Event::Reload { waiter: None }, t0);
+        l.handle(
+            Event::Failed {
+                epoch: 0,
+                reason: "port in use".into(),
+            },
+            t0,
+        );
+        let actions = l.handle(
+            Event::Exited {
+                epoch: 0,
+                status: "exit status 1".into(),
+            },
+            t0,
+        );
+        assert!(actions.contains(&Action::Exit { code: 1 }), "{actions:?}");
+        let mut l = Lifecycle::new(settings(), 0);
+        l.handle(Event::Reload { waiter: None }, t0);
+        let actions = l.handle(
+            Event::SpawnFailed {
+                epoch: 0,
+                error: "no binary".into(),
+            },
+            t0,
+        );
+        assert!(actions.contains(&Action::Exit { code: 1 }), "{actions:?}");
+    }
+
+    #[test]
+    fn too_many_draining_generations_hurry_the_oldest() {
+        let t0 = Instant::now();
+        let mut l = running(t0);
+        for epoch in 1..=3u64 {
+            let t = t0 + Duration::from_millis(epoch * 10);
+            l.handle(Event::Reload { waiter: None }, t);
+            let actions = l.handle(Event::Ready { epoch }, t);
+            if epoch == 3 {
+                assert!(
+                    actions.contains(&Action::Drain {
+                        epoch: 0,
+                        timeout: Duration::from_secs(1),
+                        strategy: DrainStrategy::Immediate
+                    }),
+                    "{actions:?}"
+                );
+            }
+        }
+        assert_eq!(
+            l.draining(),
+            3,
+            "hurried, not killed: it still finishes its requests"
+        );
+    }
+
+    #[test]
+    fn a_graceful_stop_drains_everything_then_exits() {
+        let t0 = Instant::now();
+        let mut l = running(t0);
+        l.handle(Event::Reload { waiter: Some(5) }, t0);
+        let actions = l.handle(Event::Stop { graceful: true }, t0);
+        assert!(actions.contains(&Action::Reply {
+            waiters: vec![5],
+            result: Err("the supervisor is stopping".into())
+        }));
+        assert!(actions.contains(&Action::Drain {
+            epoch: 0,
+            timeout: Duration::from_secs(10),
+            strategy: DrainStrategy::Immediate
+        }));
+        assert!(
+            actions.contains(&Action::Stop { epoch: 1 }),
+            "a starting generation is just stopped"
+        );
+        assert_eq!(
+            l.handle(Event::Reload { waiter: Some(6) }, t0),
+            [Action::Reply {
+                waiters: vec![6],
+                result: Err("the supervisor is stopping".into())
+            }]
+        );
+        assert_eq!(
+            l.handle(
+                Event::Exited {
+                    epoch: 1,
+                    status: "exit 0".into()
+                },
+                t0
+            )[0],
+            Action::Retire { epoch: 1 }
+        );
+        let actions = l.handle(
+            Event::Exited {
+                epoch: 0,
+                status: "exit 0".into(),
+            },
+            t0,
+        );
+        assert_eq!(
+            actions,
+            [Action::Retire { epoch: 0 }, Action::Exit { code: 0 }]
+        );
+        assert_eq!(
+            l.counts.crashes, 0,
+            "generations leaving at a stop are no crash"
+        );
+    }
+
+    #[test]
+    fn a_generation_that_outlives_its_drain_is_killed() {
+        let t0 = Instant::now();
+        let mut l = running(t0);
+        l.handle(Event::Stop { graceful: false }, t0);
+        assert_eq!(
+            l.handle(Event::Tick, t0 + Duration::from_secs(5)),
+            [Action::Kill { epoch: 0 }]
+        );
+        let mut l = running(t0);
+        l.handle(Event::Reload { waiter: None }, t0);
+        l.handle(Event::Ready { epoch: 1 }, t0);
+        assert_eq!(l.handle(Event::Tick, t0 + Duration::from_secs(14)), []);
+        assert_eq!(
+            l.handle(Event::Tick, t0 + Duration::from_secs(15)),
+            [Action::Kill { epoch: 0 }]
+        );
+    }
+}

@@ -1,0 +1,867 @@
+//! The supervisor's event loop: one thread, one mio `Poll` over signals, the control socket, its
+//! clients and one channel per generation. Events become [`lifecycle::Event`]s; the lifecycle's
+//! [`Action`]s are carried out here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Child, ExitStatus};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use mio::net::{UnixListener, UnixStream};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use restart_protocol::{
+    Channel, ChannelError, FEATURES, Load, PROTOCOL_VERSIONS, Received, SocketKey, ToGeneration,
+    ToSupervisor, negotiate,
+};
+use shm_stats::{Counter, Gauge, Region, Shard, Spec};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use signal_hook_mio::v1_0::Signals;
+use tracing::{debug, error, info, warn};
+
+use crate::config::SupervisorConfig;
+use crate::control::{GenerationStatus, Request, Response, Status};
+use crate::lifecycle::{self, Action, Event, Lifecycle, Settings, Waiter};
+use crate::spawn;
+use crate::store::SocketStore;
+
+const SIGNALS: Token = Token(0);
+const CONTROL: Token = Token(1);
+/// Client `n` is `Token(CLIENTS + n)`; generation `e` is `Token(GENERATIONS + e)`.
+const CLIENTS: usize = 1 << 20;
+const GENERATIONS: usize = 1 << 40;
+
+/// The `epoch` of the supervisor's own shard in the stats region.
+const SUPERVISOR_SHARD_EPOCH: u64 = u64::MAX;
+
+/// A generation's process and channel.
+struct GenIo {
+    child: Child,
+    pid: u32,
+    /// `None` once the generation closed it.
+    channel: Option<Channel>,
+    started: SystemTime,
+    build: String,
+    load: Load,
+    /// The sockets it said it uses, in its `Ready`.
+    sockets: Vec<SocketKey>,
+}
+
+/// A control connection.
+struct Client {
+    stream: UnixStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+}
+
+/// The supervisor's own stats.
+struct SupervisorStats {
+    shard: Shard,
+    reloads: Counter,
+    failures: Counter,
+    crashes: Counter,
+    draining: Gauge,
+    written: lifecycle::Counts,
+}
+
+pub struct Supervisor {
+    config: SupervisorConfig,
+    poll: Poll,
+    signals: Signals,
+    control: UnixListener,
+    clients: HashMap<u64, Client>,
+    next_client: u64,
+    generations: BTreeMap<u64, GenIo>,
+    store: SocketStore,
+    region: Arc<Region>,
+    stats: SupervisorStats,
+    lifecycle: Lifecycle,
+    exit: Option<u8>,
+    last_reload: Option<String>,
+}
+
+/// Runs the supervisor until it is stopped; returns the exit status.
+pub fn run(config: SupervisorConfig) -> u8 {
+    let mut supervisor = match Supervisor::new(config) {
+        Ok(s) => s,
+        Err(e) => {
+            error!("{e}");
+            return 1;
+        }
+    };
+    info!(
+        pid = std::process::id(),
+        config = %supervisor.config.path.display(),
+        control = %supervisor.config.control_socket.display(),
+        stats = %supervisor.region.path().display(),
+        "supervisor started"
+    );
+    supervisor.apply(Event::Reload { waiter: None });
+    let mut events = Events::with_capacity(64);
+    while supervisor.exit.is_none() {
+        let timeout = supervisor
+            .lifecycle
+            .next_deadline()
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        if let Err(e) = supervisor.poll.poll(&mut events, timeout) {
+            if e.kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            error!("the event loop failed: {e}");
+            return 1;
+        }
+        for event in events.iter() {
+            supervisor.dispatch(event.token());
+        }
+        supervisor.apply(Event::Tick);
+    }
+    supervisor.finish()
+}
+
+fn now_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => {
+            let name = nix::sys::signal::Signal::try_from(signal).map_or("unknown", |s| s.as_str());
+            format!("killed by signal {signal} ({name})")
+        }
+        _ => format!("{status}"),
+    }
+}
+
+impl Supervisor {
+    fn new(config: SupervisorConfig) -> Result<Supervisor, String> {
+        let region = Region::create_or_open(&config.stats_path, config.capacities)
+            .map_err(|e| e.to_string())?;
+        match region.reclaim_dead() {
+            Ok(0) => {}
+            Ok(n) => info!(shards = n, "retired the stats of processes that are gone"),
+            Err(e) => warn!("{e}"),
+        }
+        region.set_supervisor_pid(std::process::id());
+        let stats = SupervisorStats {
+            reloads: region
+                .counter(Spec::new(
+                    "supervisor.reloads_total",
+                    &[],
+                    "Reloads started (the first start included).",
+                ))
+                .map_err(|e| e.to_string())?,
+            failures: region
+                .counter(Spec::new(
+                    "supervisor.reload_failures_total",
+                    &[],
+                    "Reloads whose new generation never became active.",
+                ))
+                .map_err(|e| e.to_string())?,
+            crashes: region
+                .counter(Spec::new(
+                    "supervisor.generation_crashes_total",
+                    &[],
+                    "Active generations that exited unasked.",
+                ))
+                .map_err(|e| e.to_string())?,
+            draining: region
+                .gauge(Spec::new(
+                    "supervisor.generations_draining",
+                    &[],
+                    "Generations draining now.",
+                ))
+                .map_err(|e| e.to_string())?,
+            shard: region
+                .attach_shard(SUPERVISOR_SHARD_EPOCH, 0)
+                .map_err(|e| e.to_string())?,
+            written: lifecycle::Counts::default(),
+        };
+
+        let poll = Poll::new().map_err(|e| format!("cannot create the event loop: {e}"))?;
+        let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT, SIGUSR1, SIGCHLD])
+            .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .map_err(|e| format!("cannot watch signals: {e}"))?;
+        let mut control = bind_control(&config.control_socket)?;
+        poll.registry()
+            .register(&mut control, CONTROL, Interest::READABLE)
+            .map_err(|e| format!("cannot watch the control socket: {e}"))?;
+
+        let settings = Settings {
+            readiness_timeout: config.readiness_timeout,
+            drain_timeout: config.drain_timeout,
+            strategy: config.drain_strategy,
+            max_draining: config.max_draining,
+            kill_grace: std::time::Duration::from_secs(5),
+            hurry_timeout: std::time::Duration::from_secs(2),
+        };
+        Ok(Supervisor {
+            lifecycle: Lifecycle::new(settings, 0),
+            config,
+            poll,
+            signals,
+            control,
+            clients: HashMap::new(),
+            next_client: 0,
+            generations: BTreeMap::new(),
+            store: SocketStore::default(),
+            region,
+            stats,
+            exit: None,
+            last_reload: None,
+        })
+    }
+
+    /// Feeds an event to the lifecycle and carries out what it decides.
+    fn apply(&mut self, event: Event) {
+        let actions = self.lifecycle.handle(event, Instant::now());
+        for action in actions {
+            self.execute(action);
+        }
+        self.update_stats();
+    }
+
+    fn update_stats(&mut self) {
+        let counts = self.lifecycle.counts;
+        let s = &mut self.stats;
+        s.shard.add(s.reloads, counts.reloads - s.written.reloads);
+        s.shard.add(
+            s.failures,
+            counts.reload_failures - s.written.reload_failures,
+        );
+        s.shard.add(s.crashes, counts.crashes - s.written.crashes);
+        s.written = counts;
+        s.shard.set(s.draining, self.lifecycle.draining() as i64);
+    }
+
+    fn execute(&mut self, action: Action) {
+        match action {
+            Action::Spawn { epoch } => self.spawn(epoch),
+            Action::Drain {
+                epoch,
+                timeout,
+                strategy,
+            } => {
+                info!(epoch, timeout = ?timeout, strategy = ?strategy, "draining");
+                let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+                if !self.send(
+                    epoch,
+                    &ToGeneration::Drain {
+                        timeout_ms,
+                        strategy,
+                    },
+                    &[],
+                ) {
+                    self.kill(epoch);
+                }
+            }
+            Action::Stop { epoch } => {
+                info!(epoch, "stopping");
+                if !self.send(epoch, &ToGeneration::Stop, &[]) {
+                    self.kill(epoch);
+                }
+            }
+            Action::Kill { epoch } => {
+                warn!(epoch, "killing a generation that did not finish in time");
+                self.kill(epoch);
+            }
+            Action::Activated { epoch, replaced } => {
+                let used = self
+                    .generations
+                    .get(&epoch)
+                    .map(|g| g.sockets.clone())
+                    .unwrap_or_default();
+                for key in self.store.retain(&used) {
+                    info!(%key, "closed a listen socket the active generation no longer uses");
+                }
+                self.region.set_current_epoch(epoch);
+                let pid = self.generations.get(&epoch).map_or(0, |g| g.pid);
+                info!(epoch, pid, replaced = ?replaced, "active");
+            }
+            Action::Reply { waiters, result } => {
+                let (ok, message) = match &result {
+                    Ok(epoch) => (true, format!("generation {epoch} is active")),
+                    Err(reason) => (false, reason.clone()),
+                };
+                if !ok {
+                    error!("reload failed: {message}");
+                }
+                self.last_reload = Some(if ok {
+                    message.clone()
+                } else {
+                    format!("failed: {message}")
+                });
+                for waiter in waiters {
+                    self.respond(
+                        waiter,
+                        Response {
+                            ok,
+                            message: message.clone(),
+                            status: None,
+                        },
+                    );
+                }
+            }
+            Action::Retire { epoch } => {
+                if let Some(mut g) = self.generations.remove(&epoch) {
+                    if let Some(channel) = g.channel.take() {
+                        let _ = self
+                            .poll
+                            .registry()
+                            .deregister(&mut SourceFd(&channel.as_raw_fd()));
+                    }
+                    if let Err(e) = self.region.retire_pid(g.pid) {
+                        warn!(epoch, "cannot retire its stats: {e}");
+                    }
+                }
+            }
+            Action::Exit { code } => self.exit = Some(code),
+        }
+    }
+
+    fn spawn(&mut self, epoch: u64) {
+        let spawned = spawn::proxy_binary(self.config.proxy_binary.as_deref()).and_then(|binary| {
+            spawn::spawn(&binary, &self.config.path, epoch)
+                .map_err(|e| format!("cannot run {}: {e}", binary.display()))
+        });
+        match spawned {
+            Ok((child, channel)) => {
+                let pid = child.id();
+                let token = Token(GENERATIONS + epoch as usize);
+                if let Err(e) = self.poll.registry().register(
+                    &mut SourceFd(&channel.as_raw_fd()),
+                    token,
+                    Interest::READABLE,
+                ) {
+                    error!(epoch, "cannot watch the generation's channel: {e}");
+                }
+                info!(epoch, pid, "spawned");
+                self.generations.insert(
+                    epoch,
+                    GenIo {
+                        child,
+                        pid,
+                        channel: Some(channel),
+                        started: SystemTime::now(),
+                        build: String::new(),
+                        load: Load::default(),
+                        sockets: Vec::new(),
+                    },
+                );
+            }
+            Err(error) => {
+                error!(epoch, "{error}");
+                self.apply(Event::SpawnFailed { epoch, error });
+            }
+        }
+    }
+
+    fn kill(&mut self, epoch: u64) {
+        if let Some(g) = self.generations.get_mut(&epoch)
+            && let Err(e) = g.child.kill()
+        {
+            debug!(epoch, "kill: {e}");
+        }
+    }
+
+    /// Sends to a generation; false if it cannot be reached.
+    fn send(
+        &mut self,
+        epoch: u64,
+        msg: &ToGeneration,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> bool {
+        let Some(channel) = self
+            .generations
+            .get(&epoch)
+            .and_then(|g| g.channel.as_ref())
+        else {
+            return false;
+        };
+        match channel.send(msg, fds) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(epoch, "cannot send to the generation: {e}");
+                false
+            }
+        }
+    }
+
+    fn dispatch(&mut self, token: Token) {
+        match token {
+            SIGNALS => self.signals(),
+            CONTROL => self.accept(),
+            Token(t) if t >= GENERATIONS => self.generation_readable((t - GENERATIONS) as u64),
+            Token(t) if t >= CLIENTS => self.client_ready((t - CLIENTS) as u64),
+            _ => {}
+        }
+    }
+
+    fn signals(&mut self) {
+        let pending: Vec<i32> = self.signals.pending().collect();
+        for signal in pending {
+            match signal {
+                SIGHUP => {
+                    info!("SIGHUP: reload");
+                    self.apply(Event::Reload { waiter: None });
+                }
+                SIGTERM => {
+                    info!("SIGTERM: drain every generation, then exit");
+                    self.apply(Event::Stop { graceful: true });
+                }
+                SIGINT => {
+                    info!("SIGINT: stop every generation now");
+                    self.apply(Event::Stop { graceful: false });
+                }
+                SIGUSR1 => {
+                    info!("SIGUSR1: every generation reopens its logs");
+                    self.reopen_logs();
+                }
+                SIGCHLD => self.reap(),
+                _ => {}
+            }
+        }
+    }
+
+    fn reopen_logs(&mut self) {
+        let epochs: Vec<u64> = self.generations.keys().copied().collect();
+        for epoch in epochs {
+            self.send(epoch, &ToGeneration::ReopenLogs, &[]);
+        }
+    }
+
+    fn reap(&mut self) {
+        let mut exited = Vec::new();
+        for (&epoch, g) in &mut self.generations {
+            match g.child.try_wait() {
+                Ok(Some(status)) => exited.push((epoch, g.pid, describe(status), g.load)),
+                Ok(None) => {}
+                Err(e) => warn!(epoch, "cannot check the generation's process: {e}"),
+            }
+        }
+        for (epoch, pid, status, load) in exited {
+            info!(epoch, pid, status = %status, connections_left = load.connections, "exited");
+            self.apply(Event::Exited { epoch, status });
+        }
+    }
+
+    fn generation_readable(&mut self, epoch: u64) {
+        loop {
+            let Some(channel) = self
+                .generations
+                .get(&epoch)
+                .and_then(|g| g.channel.as_ref())
+            else {
+                return;
+            };
+            match channel.recv::<ToSupervisor>() {
+                Ok(Some(received)) => self.on_message(epoch, received),
+                Ok(None) => return,
+                Err(ChannelError::Closed) => {
+                    debug!(epoch, "the generation closed its channel");
+                    if let Some(g) = self.generations.get_mut(&epoch)
+                        && let Some(channel) = g.channel.take()
+                    {
+                        let _ = self
+                            .poll
+                            .registry()
+                            .deregister(&mut SourceFd(&channel.as_raw_fd()));
+                    }
+                    // Its exit arrives with SIGCHLD; a process that closed the channel but lives on
+                    // is checked now in case the signal came first.
+                    self.reap();
+                    return;
+                }
+                Err(ChannelError::Io(e)) => {
+                    warn!(epoch, "cannot read from the generation: {e}");
+                    return;
+                }
+                Err(e) => warn!(epoch, "ignored a bad message from the generation: {e}"),
+            }
+        }
+    }
+
+    fn on_message(&mut self, epoch: u64, received: Received<ToSupervisor>) {
+        let Received { msg, fds } = received;
+        match msg {
+            ToSupervisor::Hello {
+                versions,
+                features,
+                build,
+                ..
+            } => match negotiate(PROTOCOL_VERSIONS, versions) {
+                Ok(version) => {
+                    if let Some(g) = self.generations.get_mut(&epoch) {
+                        g.build = build;
+                    }
+                    self.send(
+                        epoch,
+                        &ToGeneration::Welcome {
+                            version,
+                            features: FEATURES & features,
+                            supervisor_pid: std::process::id(),
+                        },
+                        &[],
+                    );
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    self.send(
+                        epoch,
+                        &ToGeneration::Refused {
+                            reason: reason.clone(),
+                        },
+                        &[],
+                    );
+                    self.apply(Event::Failed { epoch, reason });
+                }
+            },
+            ToSupervisor::GetSocket { id, key } => {
+                let stored = self.store.get(&key).map(|fd| fd.try_clone_to_owned());
+                match stored {
+                    Some(Ok(fd)) => {
+                        debug!(epoch, %key, "handing over a stored socket");
+                        self.send(epoch, &ToGeneration::Socket { id, key }, &[fd.as_fd()]);
+                    }
+                    Some(Err(e)) => {
+                        let message = format!("cannot copy socket {key}: {e}");
+                        self.send(epoch, &ToGeneration::Error { id, message }, &[]);
+                    }
+                    None => {
+                        self.send(epoch, &ToGeneration::NotFound { id, key }, &[]);
+                    }
+                }
+            }
+            ToSupervisor::DepositSocket { id, key } => match fds.into_iter().next() {
+                Some(fd) => {
+                    if self.store.insert(key, fd) {
+                        info!(epoch, %key, "stored a new listen socket");
+                    }
+                    self.send(epoch, &ToGeneration::Deposited { id }, &[]);
+                }
+                None => {
+                    let message = "no socket came with the deposit".to_owned();
+                    self.send(epoch, &ToGeneration::Error { id, message }, &[]);
+                }
+            },
+            ToSupervisor::GetStatsRegion { id } => {
+                let region = self.region.clone();
+                let path = region.path().display().to_string();
+                self.send(
+                    epoch,
+                    &ToGeneration::StatsRegion { id, path },
+                    &[region.file().as_fd()],
+                );
+            }
+            ToSupervisor::Ready { sockets } => {
+                if let Some(g) = self.generations.get_mut(&epoch) {
+                    g.sockets = sockets;
+                }
+                info!(epoch, "ready");
+                self.apply(Event::Ready { epoch });
+            }
+            ToSupervisor::Failed { reason } => {
+                error!(epoch, "generation failed to start: {reason}");
+                self.apply(Event::Failed { epoch, reason });
+            }
+            ToSupervisor::Load(load) => {
+                if let Some(g) = self.generations.get_mut(&epoch) {
+                    g.load = load;
+                }
+            }
+            ToSupervisor::Exiting { connections_left } => {
+                info!(epoch, connections_left, "generation is exiting");
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            match self.control.accept() {
+                Ok((mut stream, _)) => {
+                    if let Err(reason) = peer_allowed(&stream) {
+                        warn!("refused a control connection: {reason}");
+                        let refusal = Response {
+                            ok: false,
+                            message: reason,
+                            status: None,
+                        };
+                        let mut line = serde_json::to_vec(&refusal).unwrap_or_default();
+                        line.push(b'\n');
+                        let _ = stream.write(&line);
+                        continue;
+                    }
+                    let id = self.next_client;
+                    self.next_client += 1;
+                    if let Err(e) = self.poll.registry().register(
+                        &mut stream,
+                        Token(CLIENTS + id as usize),
+                        Interest::READABLE,
+                    ) {
+                        warn!("cannot watch a control connection: {e}");
+                        continue;
+                    }
+                    self.clients.insert(
+                        id,
+                        Client {
+                            stream,
+                            input: Vec::new(),
+                            output: Vec::new(),
+                        },
+                    );
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    warn!("control socket accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn client_ready(&mut self, id: u64) {
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
+        if !client.output.is_empty() {
+            self.flush(id);
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        let mut closed = false;
+        loop {
+            match client.stream.read(&mut buf) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(n) => client.input.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+            if client.input.len() > 64 * 1024 {
+                closed = true;
+                break;
+            }
+        }
+        let Some(end) = client.input.iter().position(|b| *b == b'\n') else {
+            if closed {
+                self.drop_client(id);
+            }
+            return;
+        };
+        let line = client.input[..end].to_vec();
+        client.input.clear();
+        match serde_json::from_slice::<Request>(&line) {
+            Ok(request) => self.request(id, request),
+            Err(e) => self.respond(
+                id,
+                Response {
+                    ok: false,
+                    message: format!("bad request: {e}"),
+                    status: None,
+                },
+            ),
+        }
+    }
+
+    fn request(&mut self, client: Waiter, request: Request) {
+        match request {
+            Request::Status => {
+                let status = self.status();
+                self.respond(
+                    client,
+                    Response {
+                        ok: true,
+                        message: String::new(),
+                        status: Some(status),
+                    },
+                );
+            }
+            Request::Reload => {
+                info!("reload requested over the control socket");
+                self.apply(Event::Reload {
+                    waiter: Some(client),
+                });
+            }
+            Request::Stop => {
+                info!("stop requested over the control socket: drain every generation, then exit");
+                self.respond(
+                    client,
+                    Response {
+                        ok: true,
+                        message: "stopping: every generation drains, then the supervisor exits"
+                            .into(),
+                        status: None,
+                    },
+                );
+                self.apply(Event::Stop { graceful: true });
+            }
+            Request::ReopenLogs => {
+                self.reopen_logs();
+                let count = self.generations.len();
+                self.respond(
+                    client,
+                    Response {
+                        ok: true,
+                        message: format!("asked {count} generation(s) to reopen their logs"),
+                        status: None,
+                    },
+                );
+            }
+        }
+    }
+
+    fn status(&self) -> Status {
+        let generations = self
+            .lifecycle
+            .generations()
+            .filter_map(|g| {
+                let io = self.generations.get(&g.epoch)?;
+                Some(GenerationStatus {
+                    epoch: g.epoch,
+                    pid: io.pid,
+                    state: g.state.name().to_owned(),
+                    started_unix_ms: now_ms(io.started),
+                    uptime_seconds: io.started.elapsed().map_or(0, |d| d.as_secs()),
+                    connections: io.load.connections,
+                    requests: io.load.requests,
+                    build: io.build.clone(),
+                })
+            })
+            .collect();
+        let counts = self.lifecycle.counts;
+        Status {
+            supervisor_pid: std::process::id(),
+            instance: self.config.instance.clone(),
+            config: self.config.path.display().to_string(),
+            active_epoch: self.lifecycle.active(),
+            generations,
+            reloads: counts.reloads,
+            reload_failures: counts.reload_failures,
+            crashes: counts.crashes,
+            last_reload: self.last_reload.clone(),
+            sockets: self.store.len(),
+        }
+    }
+
+    fn respond(&mut self, id: Waiter, response: Response) {
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
+        let mut line = serde_json::to_vec(&response).unwrap_or_default();
+        line.push(b'\n');
+        client.output = line;
+        self.flush(id);
+    }
+
+    /// Writes what is pending; closes the connection once all is written.
+    fn flush(&mut self, id: u64) {
+        let Some(client) = self.clients.get_mut(&id) else {
+            return;
+        };
+        while !client.output.is_empty() {
+            match client.stream.write(&client.output) {
+                Ok(n) => {
+                    client.output.drain(..n);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    let _ = self.poll.registry().reregister(
+                        &mut client.stream,
+                        Token(CLIENTS + id as usize),
+                        Interest::WRITABLE,
+                    );
+                    return;
+                }
+                Err(_) => break,
+            }
+        }
+        self.drop_client(id);
+    }
+
+    fn drop_client(&mut self, id: u64) {
+        if let Some(mut client) = self.clients.remove(&id) {
+            let _ = self.poll.registry().deregister(&mut client.stream);
+        }
+    }
+
+    /// Leaves nothing behind: the control socket file goes, the supervisor's stats fold into
+    /// the retired row.
+    fn finish(mut self) -> u8 {
+        let code = self.exit.unwrap_or(0);
+        for epoch in self.generations.keys().copied().collect::<Vec<_>>() {
+            self.kill(epoch);
+        }
+        let _ = std::fs::remove_file(&self.config.control_socket);
+        if let Err(e) = self.region.retire_pid(std::process::id()) {
+            warn!("cannot retire the supervisor's stats: {e}");
+        }
+        info!(code, "supervisor exited");
+        code
+    }
+}
+
+/// Binds the control socket, mode 0600. A live supervisor already there is an error; a stale
+/// socket file from one that died is replaced.
+fn bind_control(path: &Path) -> Result<UnixListener, String> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            format!(
+                "cannot create the folder of the control socket {}: {e}; set supervisor.control_socket to a writable place",
+                path.display()
+            )
+        })?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(format!(
+                "another supervisor is listening on {}: stop it, or give this one another instance or supervisor.control_socket",
+                path.display()
+            ));
+        }
+        std::fs::remove_file(path).map_err(|e| {
+            format!(
+                "cannot remove the stale control socket {}: {e}",
+                path.display()
+            )
+        })?;
+    }
+    // Created with no permissions for others from the start: no window where another user
+    // could connect.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    bound.map_err(|e| {
+        format!(
+            "cannot create the control socket {}: {e}; set supervisor.control_socket to a writable place",
+            path.display()
+        )
+    })
+}
+
+/// Only root and the supervisor's own user may control it.
+fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
+    let creds = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+    let own = nix::unistd::geteuid().as_raw();
+    if creds.uid() == 0 || creds.uid() == own {
+        Ok(())
+    } else {
+        Err(format!(
+            "user {} may not control this supervisor (only root and user {own} may)",
+            creds.uid()
+        ))
+    }
+}

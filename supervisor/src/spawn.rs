@@ -1,0 +1,73 @@
+//! Starting a generation: find `baton-proxy` on disk (again at every spawn, so that a replaced
+//! binary is picked up) and run it with its end of the control channel as fd 3.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use restart_protocol::{CONTROL_FD_ENV, Channel};
+
+/// The fd number a generation finds its channel at.
+const CHILD_CONTROL_FD: i32 = 3;
+
+/// Where `baton-proxy` is: the configured path, else beside the running `baton`.
+pub fn proxy_binary(configured: Option<&Path>) -> Result<PathBuf, String> {
+    let (candidate, how) = match configured {
+        Some(path) => (path.to_owned(), "supervisor.proxy_binary in the config"),
+        None => {
+            let exe = std::env::current_exe().map_err(|e| {
+                format!("cannot tell where baton itself is ({e}); set supervisor.proxy_binary")
+            })?;
+            let dir = exe.parent().unwrap_or(Path::new("/"));
+            (dir.join("baton-proxy"), "beside baton")
+        }
+    };
+    match std::fs::metadata(&candidate) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(candidate),
+        Ok(_) => Err(format!(
+            "{} ({how}) is not an executable file; fix its permissions or set supervisor.proxy_binary",
+            candidate.display()
+        )),
+        Err(e) => Err(format!(
+            "baton-proxy not found: looked for {} ({how}): {e}; install baton-proxy there or set supervisor.proxy_binary",
+            candidate.display()
+        )),
+    }
+}
+
+/// Starts `binary --config CONFIG --epoch EPOCH` with the other end of a fresh channel as fd 3.
+#[allow(unsafe_code)] // pre_exec: the child must get the channel at a known fd number.
+pub fn spawn(binary: &Path, config: &Path, epoch: u64) -> std::io::Result<(Child, Channel)> {
+    let (ours, theirs) = Channel::pair()?;
+    let theirs = OwnedFd::from(theirs);
+    let raw = theirs.as_raw_fd();
+    let mut command = Command::new(binary);
+    command
+        .arg("--config")
+        .arg(config)
+        .arg("--epoch")
+        .arg(epoch.to_string())
+        .env(CONTROL_FD_ENV, CHILD_CONTROL_FD.to_string())
+        .stdin(Stdio::null());
+    // SAFETY: the closure runs in the forked child before exec and only calls dup2 and fcntl,
+    // which are async-signal-safe; it touches no memory of the parent but the copied `raw`.
+    unsafe {
+        command.pre_exec(move || {
+            if raw == CHILD_CONTROL_FD {
+                // Already in place: clear close-on-exec, which dup2 would have cleared.
+                if libc::fcntl(raw, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(raw, CHILD_CONTROL_FD) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn()?;
+    // The child has its copy; ours must go, so that the channel closes when the child dies.
+    drop(theirs);
+    Ok((child, ours))
+}
