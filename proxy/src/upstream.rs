@@ -22,7 +22,110 @@ use crate::config::Cluster;
 use crate::worker::Worker;
 
 /// The body of a request sent upstream: the client's, or none when a request is sent again.
-pub type RequestBody = Either<Incoming, Empty<Bytes>>;
+pub type RequestBody = Either<TrackedBody, Empty<Bytes>>;
+
+/// How far a client's request body has come: when it last moved, and when it ended.
+pub struct BodyProgress {
+    last: Cell<Instant>,
+    ended: Cell<Option<Instant>>,
+    changed: tokio::sync::Notify,
+}
+
+impl BodyProgress {
+    pub fn new(already_ended: bool) -> Rc<Self> {
+        let now = Instant::now();
+        Rc::new(BodyProgress {
+            last: Cell::new(now),
+            ended: Cell::new(already_ended.then_some(now)),
+            changed: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn end(&self) {
+        if self.ended.get().is_none() {
+            self.ended.set(Some(Instant::now()));
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Resolves when the request has taken too long: `Response` when the upstream has not
+    /// answered within `response_timeout` of the end of the request body, `Body` when the body
+    /// has not moved for `idle_timeout`.
+    pub async fn timed_out(
+        &self,
+        response_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> RequestTimeout {
+        loop {
+            if let Some(ended) = self.ended.get() {
+                tokio::time::sleep_until((ended + response_timeout).into()).await;
+                return RequestTimeout::Response;
+            }
+            let last = self.last.get();
+            tokio::select! {
+                _ = tokio::time::sleep_until((last + idle_timeout).into()) => {
+                    if self.ended.get().is_none() && self.last.get() == last {
+                        return RequestTimeout::Body;
+                    }
+                }
+                _ = self.changed.notified() => {}
+            }
+        }
+    }
+}
+
+/// Which timeout a request ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestTimeout {
+    /// The upstream did not answer in time.
+    Response,
+    /// The client stopped sending its body.
+    Body,
+}
+
+/// The client's request body on its way upstream, reporting its progress, so that the request
+/// timeout starts when the upload is done (a slow upload is not a slow upstream).
+pub struct TrackedBody {
+    inner: Incoming,
+    progress: Rc<BodyProgress>,
+}
+
+impl TrackedBody {
+    pub fn new(inner: Incoming, progress: Rc<BodyProgress>) -> Self {
+        TrackedBody { inner, progress }
+    }
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(_))) => {
+                self.progress.last.set(Instant::now());
+                if self.inner.is_end_stream() {
+                    self.progress.end();
+                }
+            }
+            std::task::Poll::Ready(_) => self.progress.end(),
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 pub type Sender = http1::SendRequest<RequestBody>;
 
 /// How long a connection that has just finished a response may take to become usable again

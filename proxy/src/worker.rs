@@ -135,6 +135,8 @@ pub struct Worker {
     pub access_logs: Vec<Option<LogTarget>>,
     pub drain: DrainState,
     pub connections: Connections,
+    /// Set when the worker closes everything it still holds (drain deadline, stop).
+    pub stopping: Cell<bool>,
     /// Requests being answered (single writer: this worker).
     pub requests: Arc<AtomicUsize>,
     pub epoch_header: Option<::http::HeaderValue>,
@@ -167,6 +169,7 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
         },
         requests: setup.requests,
         epoch_header: setup.epoch_header,
+        stopping: Cell::new(false),
     });
     for (index, listener) in setup.listeners.into_iter().enumerate() {
         match TcpListener::from_std(listener) {
@@ -197,13 +200,21 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
             Command::Stop => break,
         }
     }
+    // What is still open is closed as the LocalSet drops its tasks; say why in their logs.
+    worker.stopping.set(true);
 }
 
 async fn accept_loop(worker: Rc<Worker>, index: usize, listener: TcpListener) {
     let http = matches!(worker.config.listeners[index].kind, ListenerKind::Http(_));
     loop {
         if worker.drain.is_draining() {
-            // Dropping the listener closes this worker's copy of the socket.
+            // Clients already in the accept queue finished their handshake and may have sent a
+            // request: take them (they are answered with `Connection: close`) rather than reset
+            // them when the socket closes. Then dropping the listener closes this worker's copy.
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            while let std::task::Poll::Ready(Ok((stream, peer))) = listener.poll_accept(&mut cx) {
+                spawn_connection(&worker, index, http, stream, peer);
+            }
             return;
         }
         let accepted = tokio::select! {

@@ -36,6 +36,12 @@ pub enum Flag {
     UpstreamReset,
     /// The client went away before the response was complete (`DC`).
     DownstreamClosed,
+    /// The client stopped sending its request (`DT`).
+    DownstreamTimeout,
+    /// The proxy closed the connection: the drain deadline came, or it was stopped (`SC`).
+    ProxyClosed,
+    /// The upstream's answer was not valid HTTP (`UPE`).
+    UpstreamProtocolError,
 }
 
 impl Flag {
@@ -47,6 +53,9 @@ impl Flag {
             Flag::UpstreamTimeout => "UT",
             Flag::UpstreamReset => "UR",
             Flag::DownstreamClosed => "DC",
+            Flag::DownstreamTimeout => "DT",
+            Flag::ProxyClosed => "SC",
+            Flag::UpstreamProtocolError => "UPE",
         }
     }
 }
@@ -135,7 +144,11 @@ impl Drop for Exchange {
             micros(self.start.elapsed()),
         );
         if !self.complete {
-            self.set_flag(Flag::DownstreamClosed);
+            self.set_flag(if self.worker.stopping.get() {
+                Flag::ProxyClosed
+            } else {
+                Flag::DownstreamClosed
+            });
         }
         let Some(log) = self.log.take() else { return };
         let Some(target) = &self.worker.access_logs[self.listener] else {
@@ -245,6 +258,15 @@ impl ResponseBody {
 
     pub fn flag(&mut self, flag: Flag) {
         self.exchange.set_flag(flag);
+    }
+
+    /// For answers that carry no body on the wire (HEAD, 204, 304): hyper never reads the body,
+    /// so the exchange is complete as it stands, with no byte sent.
+    pub fn bodyless_if(&mut self, bodyless: bool) {
+        if bodyless {
+            self.exchange.complete = true;
+            self.exchange.bytes = 0;
+        }
     }
 
     fn finish_upstream(&mut self) {

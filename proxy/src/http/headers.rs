@@ -4,8 +4,8 @@
 use std::net::IpAddr;
 
 use http::header::{
-    CONNECTION, EXPECT, HOST, HeaderMap, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE,
-    VIA,
+    CONNECTION, COOKIE, EXPECT, HOST, HeaderMap, HeaderName, HeaderValue, TE, TRANSFER_ENCODING,
+    UPGRADE, VIA,
 };
 use http::{Uri, Version, request, response};
 
@@ -35,6 +35,17 @@ pub fn prepare_request(parts: &mut request::Parts, downstream: Downstream) -> He
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers);
     headers.remove(EXPECT);
+    if parts.version == Version::HTTP_2 && headers.get_all(COOKIE).iter().nth(1).is_some() {
+        // HTTP/2 may split cookies over several fields; HTTP/1.1 wants one (RFC 9113, 8.2.3).
+        let joined: Vec<&[u8]> = headers
+            .get_all(COOKIE)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        if let Ok(value) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+            headers.insert(COOKIE, value);
+        }
+    }
 
     if let Some(authority) = parts.uri.authority()
         && let Ok(host) = HeaderValue::from_str(authority.as_str())
@@ -230,6 +241,18 @@ mod tests {
         assert_eq!(parts.uri, "/p?q");
         assert_eq!(parts.version, Version::HTTP_11);
         assert_eq!(parts.headers["via"], "2 baton");
+    }
+
+    #[test]
+    fn http2_cookies_are_joined_for_http1() {
+        let (parts, _) = prepared(
+            Request::get("http://a.test/")
+                .version(Version::HTTP_2)
+                .header("cookie", "a=1")
+                .header("cookie", "b=2"),
+        );
+        let cookies: Vec<_> = parts.headers.get_all("cookie").iter().collect();
+        assert_eq!(cookies, ["a=1; b=2"]);
     }
 
     #[test]

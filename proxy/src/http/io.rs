@@ -17,20 +17,23 @@ use crate::worker::Worker;
 
 /// What a connection has been doing, for the decision to close it while idle.
 pub struct Activity {
-    last_read: Cell<Instant>,
+    /// The last byte read, or the end of the last answer, whichever came later.
+    last_active: Cell<Instant>,
     in_flight: Cell<u32>,
 }
 
 impl Activity {
     pub fn new() -> Self {
         Activity {
-            last_read: Cell::new(Instant::now()),
+            last_active: Cell::new(Instant::now()),
             in_flight: Cell::new(0),
         }
     }
 
-    pub fn last_read(&self) -> Instant {
-        self.last_read.get()
+    /// Since when the connection has been idle (if nothing is in flight): a connection is idle
+    /// from the end of its last answer, not from the last byte it sent us.
+    pub fn idle_since(&self) -> Instant {
+        self.last_active.get()
     }
 
     /// Requests received and not yet fully answered.
@@ -44,6 +47,7 @@ impl Activity {
 
     pub fn request_finished(&self) {
         self.in_flight.set(self.in_flight.get().saturating_sub(1));
+        self.last_active.set(Instant::now());
     }
 }
 
@@ -95,7 +99,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {
         ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
         let n = buf.filled().len() - before;
         if n > 0 {
-            self.activity.last_read.set(Instant::now());
+            self.activity.last_active.set(Instant::now());
             self.bytes.worker.stats.shard.add(self.bytes.rx, n as u64);
         }
         Poll::Ready(Ok(()))

@@ -68,7 +68,11 @@ pub async fn serve(guard: ConnectionGuard, stream: TcpStream, peer: SocketAddr) 
             let io = ConnIo::new(stream, Bytes::new(), activity.clone(), bytes);
             let handshake =
                 tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT.min(idle_timeout), acceptor.accept(io));
-            let tls = match handshake.await {
+            let handshake = tokio::select! {
+                result = handshake => result,
+                _ = drained_while_silent(&worker) => return,
+            };
+            let tls = match handshake {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     debug!(worker = worker.id, %peer, "TLS handshake failed: {e}");
@@ -84,7 +88,10 @@ pub async fn serve(guard: ConnectionGuard, stream: TcpStream, peer: SocketAddr) 
         }
         None => {
             let mut stream = stream;
-            let sniffed = tokio::time::timeout(idle_timeout, sniff(&mut stream)).await;
+            let sniffed = tokio::select! {
+                result = tokio::time::timeout(idle_timeout, sniff(&mut stream)) => result,
+                _ = drained_while_silent(&worker) => return,
+            };
             let Ok(Some((prefix, h2))) = sniffed else {
                 return;
             };
@@ -95,6 +102,15 @@ pub async fn serve(guard: ConnectionGuard, stream: TcpStream, peer: SocketAddr) 
         }
     }
     drop(guard);
+}
+
+/// Resolves once a drain has begun and the idle grace has passed: a connection that has not
+/// sent a request by then is closed like an idle keep-alive connection.
+async fn drained_while_silent(worker: &crate::worker::Worker) {
+    while !worker.drain.is_draining() {
+        worker.drain.started().await;
+    }
+    tokio::time::sleep(worker.config.drain.idle_grace).await;
 }
 
 /// Reads the first bytes of a cleartext connection and tells whether they open HTTP/2. Returns
@@ -213,7 +229,7 @@ async fn drive<C>(
                     continue;
                 }
                 let limit = if drain_seen { drain_grace } else { idle_timeout };
-                let idle_since = Instant::from_std(activity.last_read());
+                let idle_since = Instant::from_std(activity.idle_since());
                 if activity.in_flight() == 0 && now.saturating_duration_since(idle_since) >= limit {
                     connection.as_mut().graceful_shutdown();
                     closing = true;

@@ -18,7 +18,9 @@ use super::headers::{self, Downstream, X_REQUEST_ID};
 use super::io::Activity;
 use crate::config::{ClusterId, DirectResponse, ListenerKind, RouteAction};
 use crate::stats;
-use crate::upstream::{self, ConnectError, RequestBody, Sender};
+use crate::upstream::{
+    self, BodyProgress, ConnectError, RequestBody, RequestTimeout, Sender, TrackedBody,
+};
 use crate::worker::Worker;
 
 static X_BATON_EPOCH: http::HeaderName = http::HeaderName::from_static("x-baton-epoch");
@@ -45,6 +47,23 @@ pub async fn handle(
         .is_some()
         .then(|| log_record(&ctx, &request));
     let exchange = Exchange::new(ctx.activity.clone(), worker.clone(), ctx.listener, log);
+    let bodyless = request.method() == Method::HEAD;
+
+    if request.version() == Version::HTTP_11
+        && request.uri().authority().is_none()
+        && !request.headers().contains_key(HOST)
+    {
+        // RFC 9112, section 3.2: an HTTP/1.1 request without Host is answered 400.
+        let mut response = local(
+            StatusCode::BAD_REQUEST,
+            "bad request: an HTTP/1.1 request needs a Host header\n",
+            exchange,
+            Flag::None,
+        );
+        stats.shard.inc(listener_stats.downstream_rq_class[3]);
+        response.body_mut().bodyless_if(bodyless);
+        return Ok(response);
+    }
 
     let route = match &worker.config.listeners[ctx.listener].kind {
         ListenerKind::Http(http) => {
@@ -68,6 +87,11 @@ pub async fn handle(
     if let Some(class) = stats::class_index(response.status().as_u16()) {
         stats.shard.inc(listener_stats.downstream_rq_class[class]);
     }
+    let status = response.status();
+    // Answers that carry no body, whatever the body object holds: hyper sends none.
+    response.body_mut().bodyless_if(
+        bodyless || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED,
+    );
     if !ctx.h2 && worker.drain.is_draining() && worker.drain.close_this_answer() {
         // Ask the client to reconnect (to the next generation) instead of closing the connection
         // under it: the only way to drain HTTP/1.1 without losing a request.
@@ -185,21 +209,22 @@ async fn proxy(
     }
     // A request without a body to an idempotent method may be sent again if a pooled connection
     // turns out to have been closed by the upstream under it (RFC 9110, section 9.2.2).
-    let replay = (body.is_end_stream() && is_idempotent(&parts.method)).then(|| {
-        (
-            parts.method.clone(),
-            parts.uri.clone(),
-            parts.headers.clone(),
-        )
-    });
-    let request = Request::from_parts(parts, Either::Left(body));
+    let replayable = body.is_end_stream() && is_idempotent(&parts.method);
+    let progress = BodyProgress::new(body.is_end_stream());
+    let request = Request::from_parts(
+        parts,
+        Either::Left(TrackedBody::new(body, progress.clone())),
+    );
 
     let started = std::time::Instant::now();
-    let sent = tokio::time::timeout(
-        cluster.request_timeout,
-        send(ctx, cluster_id, endpoint, request, replay),
-    )
-    .await;
+    let idle_timeout = match &worker.config.listeners[ctx.listener].kind {
+        ListenerKind::Http(http) => http.idle_timeout,
+        ListenerKind::Tcp { .. } => cluster.request_timeout,
+    };
+    let sent = tokio::select! {
+        sent = send(ctx, cluster_id, endpoint, request, replayable) => Ok(sent),
+        timeout = progress.timed_out(cluster.request_timeout, idle_timeout) => Err(timeout),
+    };
     match sent {
         Ok(Ok((response, sender))) => {
             let (mut parts, body) = response.into_parts();
@@ -231,6 +256,15 @@ async fn proxy(
                 ),
             }
         }
+        Ok(Err(SendError::Reset(e))) if e.is_parse() || e.is_parse_status() => {
+            debug!(worker = worker.id, upstream = %addr, "upstream answered with invalid HTTP: {e}");
+            local(
+                StatusCode::BAD_GATEWAY,
+                "upstream sent an invalid response\n",
+                exchange,
+                Flag::UpstreamProtocolError,
+            )
+        }
         Ok(Err(SendError::Reset(e))) => {
             debug!(worker = worker.id, upstream = %addr, "upstream request failed: {e}");
             stats.shard.inc(cluster_stats.upstream_rq_reset);
@@ -241,7 +275,7 @@ async fn proxy(
                 Flag::UpstreamReset,
             )
         }
-        Err(_) => {
+        Err(RequestTimeout::Response) => {
             stats.shard.inc(cluster_stats.upstream_rq_timeout);
             local(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -250,6 +284,12 @@ async fn proxy(
                 Flag::UpstreamTimeout,
             )
         }
+        Err(RequestTimeout::Body) => local(
+            StatusCode::REQUEST_TIMEOUT,
+            "request body timeout: the client stopped sending\n",
+            exchange,
+            Flag::DownstreamTimeout,
+        ),
     }
 }
 
@@ -260,11 +300,19 @@ async fn send(
     cluster_id: ClusterId,
     endpoint: usize,
     mut request: Request<RequestBody>,
-    replay: Option<(Method, Uri, HeaderMap)>,
+    replayable: bool,
 ) -> Result<(Response<Incoming>, Sender), SendError> {
     let worker = &ctx.worker;
     let pool = &worker.pools[cluster_id.0];
     if let Some(mut pooled) = pool.checkout(endpoint) {
+        // Kept only for a pooled connection, the one case where a request may need sending again.
+        let replay: Option<(Method, Uri, HeaderMap)> = replayable.then(|| {
+            (
+                request.method().clone(),
+                request.uri().clone(),
+                request.headers().clone(),
+            )
+        });
         match pooled.sender.try_send_request(request).await {
             Ok(response) => return Ok((response, pooled.sender)),
             Err(mut e) => {

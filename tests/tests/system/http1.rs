@@ -371,3 +371,92 @@ async fn read_until(stream: &mut TcpStream, end: &[u8]) -> Vec<u8> {
         .expect("the answer arrives");
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_not_a_slow_upstream() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _proxy = Proxy::start(&http_config(listen, admin, origin.addr));
+    let mut stream = TcpStream::connect(listen).await.unwrap();
+    stream
+        .write_all(b"POST /echo HTTP/1.1\r\nHost: x.test\r\nContent-Length: 10\r\n\r\nhello")
+        .await
+        .unwrap();
+    // Longer than the 1s request timeout: the timeout starts when the upload is done.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stream.write_all(b"world").await.unwrap();
+    let reply = String::from_utf8_lossy(&read_until(&mut stream, b"helloworld").await).into_owned();
+    assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_idle_from_the_end_of_its_last_answer() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let config = http_config(listen, admin, origin.addr)
+        .replace(
+            "access_log = \"access.log\"",
+            "access_log = \"access.log\"\nidle_timeout = \"1s\"",
+        )
+        .replace("request_timeout = \"1s\"", "request_timeout = \"5s\"");
+    let _proxy = Proxy::start(&config);
+    let mut c = H1::connect(listen).await.unwrap();
+    // The answer takes longer than the idle timeout; the connection is not idle meanwhile, and
+    // the client may reuse it right after.
+    assert_eq!(c.get("/slow/1500").await.unwrap().status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = c
+        .get("/again")
+        .await
+        .expect("the connection was kept after the slow answer");
+    assert_eq!(r.status, 200);
+    assert!(
+        baton_tests::wait_until(WAIT, || c.is_closed()),
+        "and closed once idle for 1s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_host_and_bad_upstream_answers_get_clear_errors() {
+    // An upstream that does not speak HTTP.
+    let junk = tokio::net::TcpListener::bind(free_addr()).await.unwrap();
+    let junk_addr = junk.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = junk.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(b"NOT HTTP AT ALL\r\n\r\n").await;
+        }
+    });
+    let (listen, admin) = (free_addr(), free_addr());
+    let proxy = Proxy::start(&http_config(listen, admin, junk_addr));
+    let r = client::get(listen, "/").await;
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str()),
+        (502, "upstream sent an invalid response\n")
+    );
+    assert!(proxy.wait_for_log_file("access.log", "\"GET / HTTP/1.1\" 502 34 ", WAIT));
+    assert!(proxy.read_file("access.log").contains(" UPE "));
+
+    let mut stream = TcpStream::connect(listen).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let reply =
+        String::from_utf8_lossy(&read_until(&mut stream, b"Host header\n").await).into_owned();
+    assert!(reply.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{reply}");
+
+    // HEAD sends no body, and the log says so.
+    let mut c = H1::connect(listen).await.unwrap();
+    let r = c
+        .send(request("HEAD", "direct.test", "/", ""))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201);
+    assert!(proxy.wait_for_log_file("access.log", "\"HEAD / HTTP/1.1\" 201 0 ", WAIT));
+    let head_line = proxy
+        .read_file("access.log")
+        .lines()
+        .find(|l| l.contains("\"HEAD"))
+        .unwrap()
+        .to_owned();
+    assert!(!head_line.contains(" DC "), "{head_line}");
+}
