@@ -37,9 +37,9 @@ struct Cli {
     /// The configuration file (TOML).
     #[arg(long, short = 'c', value_name = "FILE")]
     config: PathBuf,
-    /// Worker threads [default: `concurrency` from the config, else one per CPU core].
-    #[arg(long, value_name = "N")]
-    concurrency: Option<NonZeroUsize>,
+    /// Worker threads, 1 to 1024 [default: `concurrency` from the config, else one per CPU core].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    concurrency: Option<u16>,
     /// Check the configuration and exit: 0 when it is valid, 1 when it is not (like `nginx -t`).
     #[arg(long)]
     check: bool,
@@ -86,6 +86,7 @@ fn main() -> ExitCode {
     }
     let concurrency = cli
         .concurrency
+        .and_then(|n| NonZeroUsize::new(usize::from(n)))
         .or(config.concurrency)
         .or_else(|| std::thread::available_parallelism().ok())
         .map_or(1, NonZeroUsize::get);

@@ -8,14 +8,48 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_spanned::Spanned;
 
+/// A duration as written: `"250ms"`, `"5s"`, `"1m 30s"`, or a bare number of seconds (as in
+/// nginx's `keepalive_timeout 75;`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawDuration {
+    Text(String),
+    Seconds(i64),
+}
+
+impl<'de> serde::Deserialize<'de> for RawDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawDuration;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a duration such as \"5s\" or \"250ms\", or a number of seconds")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawDuration, E> {
+                Ok(RawDuration::Text(v.to_owned()))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RawDuration, E> {
+                Ok(RawDuration::Seconds(v))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawDuration, E> {
+                Ok(RawDuration::Seconds(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub instance: Option<Spanned<String>>,
     pub concurrency: Option<Spanned<i64>>,
-    pub drain_timeout: Option<Spanned<String>>,
-    pub drain_idle_grace: Option<Spanned<String>>,
+    pub drain_timeout: Option<Spanned<RawDuration>>,
+    pub drain_idle_grace: Option<Spanned<RawDuration>>,
     /// Read by the supervisor, which sends it with each drain; checked here all the same.
     #[serde(default, rename = "drain_strategy")]
     pub _drain_strategy: Option<RawDrainStrategy>,
@@ -69,7 +103,7 @@ pub struct RawListener {
     /// `tcp` listeners only: the cluster that takes every connection.
     pub cluster: Option<Spanned<String>>,
     pub access_log: Option<Spanned<String>>,
-    pub idle_timeout: Option<Spanned<String>>,
+    pub idle_timeout: Option<Spanned<RawDuration>>,
     pub backlog: Option<Spanned<i64>>,
     pub tls: Option<Spanned<RawTls>>,
     #[serde(default)]
@@ -115,8 +149,8 @@ pub struct RawDirectResponse {
 pub struct RawCluster {
     pub name: Spanned<String>,
     pub endpoints: Spanned<Vec<Spanned<String>>>,
-    pub connect_timeout: Option<Spanned<String>>,
-    pub request_timeout: Option<Spanned<String>>,
-    pub idle_timeout: Option<Spanned<String>>,
+    pub connect_timeout: Option<Spanned<RawDuration>>,
+    pub request_timeout: Option<Spanned<RawDuration>>,
+    pub idle_timeout: Option<Spanned<RawDuration>>,
     pub max_idle_per_endpoint: Option<Spanned<i64>>,
 }

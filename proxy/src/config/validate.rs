@@ -14,7 +14,8 @@ use http::{HeaderMap, StatusCode};
 use serde_spanned::Spanned;
 
 use super::raw::{
-    RawCluster, RawConfig, RawDirectResponse, RawListener, RawProtocol, RawRoute, RawStats, RawTls,
+    RawCluster, RawConfig, RawDirectResponse, RawDuration, RawListener, RawProtocol, RawRoute,
+    RawStats, RawTls,
 };
 use super::tls::{self, LoadedCertificate};
 use super::*;
@@ -23,7 +24,18 @@ pub fn validate(path: &Path, source: &str) -> Result<Config, ConfigError> {
     let v = Validator { path, source };
     let raw: RawConfig = toml::from_str(source).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
-        v.error(span, e.message().trim_end().to_owned())
+        // The parser's words name the type, not always the field: show the line too.
+        let line = source[..span.start.min(source.len())]
+            .rfind('\n')
+            .map_or(0, |i| i + 1);
+        let text = source[line..].lines().next().unwrap_or("").trim();
+        let message = e.message().trim_end();
+        let message = if text.is_empty() {
+            message.to_owned()
+        } else {
+            format!("{message} (in `{text}`)")
+        };
+        v.error(span, message)
     })?;
     v.config(raw)
 }
@@ -118,19 +130,27 @@ impl Validator<'_> {
                     ),
                 ));
             }
-            if let Some(other) = listeners.iter().find(|l| l.address == listener.address) {
-                return Err(self.error(
-                    address_span,
+            if let Some(other) = listeners
+                .iter()
+                .find(|l| overlap(l.address, listener.address))
+            {
+                let message = if other.address == listener.address {
                     format!(
                         "listener `{}` uses address {} that listener `{}` already uses",
                         listener.name, listener.address, other.name
-                    ),
-                ));
+                    )
+                } else {
+                    format!(
+                        "listener `{}` on {} overlaps listener `{}` on {}: a wildcard address takes the port on every address",
+                        listener.name, listener.address, other.name, other.address
+                    )
+                };
+                return Err(self.error(address_span, message));
             }
             listeners.push(listener);
         }
         if let Some(admin) = &admin
-            && let Some(other) = listeners.iter().find(|l| l.address == admin.address)
+            && let Some(other) = listeners.iter().find(|l| overlap(l.address, admin.address))
         {
             return Err(self.error(
                 admin_span.unwrap_or(0..0),
@@ -213,22 +233,26 @@ impl Validator<'_> {
         Ok(name.into_inner())
     }
 
-    fn duration(&self, field: &str, value: &Spanned<String>) -> Result<Duration> {
-        humantime::parse_duration(value.get_ref()).map_err(|e| {
-            self.error(
-                value.span(),
-                format!(
-                    "{field}: `{}` is not a duration ({e}); write it like \"250ms\", \"5s\" or \"2m\"",
-                    value.get_ref()
-                ),
-            )
-        })
+    fn duration(&self, field: &str, value: &Spanned<RawDuration>) -> Result<Duration> {
+        match value.get_ref() {
+            RawDuration::Seconds(s) => u64::try_from(*s).map(Duration::from_secs).map_err(|_| {
+                self.error(value.span(), format!("{field}: a duration cannot be negative"))
+            }),
+            RawDuration::Text(text) => humantime::parse_duration(text).map_err(|e| {
+                self.error(
+                    value.span(),
+                    format!(
+                        "{field}: `{text}` is not a duration ({e}); write it like \"250ms\", \"5s\" or \"2m\""
+                    ),
+                )
+            }),
+        }
     }
 
     fn duration_or(
         &self,
         field: &str,
-        value: Option<Spanned<String>>,
+        value: Option<Spanned<RawDuration>>,
         default: Duration,
     ) -> Result<Duration> {
         value.map_or(Ok(default), |v| self.duration(field, &v))
@@ -238,7 +262,7 @@ impl Validator<'_> {
     fn timeout_or(
         &self,
         field: &str,
-        value: Option<Spanned<String>>,
+        value: Option<Spanned<RawDuration>>,
         default: Duration,
     ) -> Result<Duration> {
         let Some(value) = value else {
@@ -282,7 +306,24 @@ impl Validator<'_> {
                     )
                 })?,
         };
-        let access_log = raw.access_log.map(|p| self.relative_path(p.get_ref()));
+        let access_log = match raw.access_log {
+            None => None,
+            Some(p) => {
+                let path = self.relative_path(p.get_ref());
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+                    && !dir.is_dir()
+                {
+                    return Err(self.error(
+                        p.span(),
+                        format!(
+                            "listener `{name}`: access_log folder {} does not exist; create it or fix the path",
+                            dir.display()
+                        ),
+                    ));
+                }
+                Some(path)
+            }
+        };
         let kind = match *raw.protocol.get_ref() {
             RawProtocol::Tcp => {
                 for (field, present) in [
@@ -627,6 +668,15 @@ impl Validator<'_> {
         if let Ok(addr) = value.get_ref().parse() {
             return Ok(addr);
         }
+        if value.get_ref().parse::<std::net::IpAddr>().is_ok() || !value.get_ref().contains(':') {
+            return Err(self.error(
+                value.span(),
+                format!(
+                    "cluster `{cluster}`: endpoint `{}` has no port; write it like \"127.0.0.1:8080\" or \"backend.internal:8080\"",
+                    value.get_ref()
+                ),
+            ));
+        }
         let resolved = value
             .get_ref()
             .to_socket_addrs()
@@ -669,4 +719,12 @@ impl From<HttpListener> for ListenerKind {
     fn from(http: HttpListener) -> Self {
         ListenerKind::Http(http)
     }
+}
+
+/// Whether two listen addresses take the same port: equal, or one is the wildcard of the
+/// other's family.
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }

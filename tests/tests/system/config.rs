@@ -116,6 +116,30 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
             "cluster `origin`: endpoints is empty",
         ),
         (
+            "a duration of the wrong type (the line is quoted)",
+            BASE.replace("endpoints = [", "request_timeout = true\nendpoints = ["),
+            14,
+            "expected a duration such as \"5s\" or \"250ms\", or a number of seconds (in `request_timeout = true`)",
+        ),
+        (
+            "an endpoint without a port",
+            BASE.replace("127.0.0.1:18081", "127.0.0.1"),
+            14,
+            "endpoint `127.0.0.1` has no port",
+        ),
+        (
+            "a wildcard listener overlapping another",
+            format!("{BASE}\n[[listener]]\nname = \"all\"\naddress = \"0.0.0.0:18080\"\nprotocol = \"tcp\"\ncluster = \"origin\"\n"),
+            18,
+            "listener `all` on 0.0.0.0:18080 overlaps listener `public` on 127.0.0.1:18080",
+        ),
+        (
+            "an access log in a folder that does not exist",
+            BASE.replace("protocol = \"http\"", "protocol = \"http\"\naccess_log = \"nodir/access.log\""),
+            7,
+            "access_log folder",
+        ),
+        (
             "no listener at all",
             "instance = \"test\"\n".to_owned(),
             1,
