@@ -125,13 +125,20 @@ fn flusher(mut files: Vec<LogFile>, rx: Receiver<Message>) {
 
 fn reopen_all(files: &mut [LogFile]) {
     flush_all(files);
+    let mut reopened = 0;
     for f in files.iter_mut() {
         match open(&f.path) {
-            Ok(file) => f.out = BufWriter::with_capacity(64 * 1024, file),
-            Err(e) => error!(path = %f.path.display(), "cannot reopen access log: {e}"),
+            Ok(file) => {
+                f.out = BufWriter::with_capacity(64 * 1024, file);
+                reopened += 1;
+            }
+            Err(e) => error!(
+                path = %f.path.display(),
+                "cannot reopen access log: {e}; lines keep going to the file it had open"
+            ),
         }
     }
-    info!(files = files.len(), "access logs reopened");
+    info!(reopened, of = files.len(), "access logs reopened");
 }
 
 fn write_line(f: &mut LogFile, line: &str) {

@@ -202,7 +202,9 @@ pub async fn run(
                 Err(e) => warn!(epoch, "bad message from the supervisor: {e}"),
             },
             _ = term.recv() => {
-                if drain.is_none() {
+                if drain.is_some() {
+                    info!(connections = generation.open_connections(), "SIGTERM: already draining (SIGINT stops now)");
+                } else {
                     info!("SIGTERM: stop accepting and drain");
                     drain = Some(Box::pin(generation.drain(config.drain.timeout, DrainStrategy::Immediate)));
                 }
@@ -275,6 +277,26 @@ fn standalone_setup(
             info!(shards = n, path = %region.path().display(), "retired the stats of processes that are gone")
         }
         Err(e) => warn!("{e}"),
+    }
+    // Another live proxy writing this region would mix its counts with ours.
+    let others: std::collections::BTreeSet<u32> = region
+        .snapshot()
+        .map_err(|e| e.to_string())?
+        .shards
+        .iter()
+        .map(|s| s.pid)
+        .filter(|pid| *pid != std::process::id())
+        .collect();
+    if !others.is_empty() {
+        let pids: Vec<String> = others.iter().map(u32::to_string).collect();
+        return Err(format!(
+            "stats region {} is in use by another running baton (pid {}); give this one another `instance` or `stats.path`",
+            region.path().display(),
+            pids.join(", ")
+        ));
+    }
+    if let Some(mismatch) = region.capacity_mismatch(config.stats.capacities) {
+        warn!("{mismatch}");
     }
     let sockets = generation::bind_listeners(config).map_err(|e| e.to_string())?;
     Ok((region, sockets, admin))

@@ -77,6 +77,15 @@ pub fn plain(stats: &[&Stat]) -> String {
     rows.join("\n") + "\n"
 }
 
+/// Which thread writes a shard: `worker-N`, a generation's `main` thread, or the `supervisor`.
+pub fn thread_name(shard: &crate::ShardInfo) -> String {
+    match (shard.epoch, shard.worker) {
+        (u64::MAX, _) => "supervisor".to_owned(),
+        (_, u32::MAX) => "main".to_owned(),
+        (_, w) => format!("worker-{w}"),
+    }
+}
+
 /// The region's facts and every stat, as one JSON document.
 pub fn json(snapshot: &Snapshot, path: &str, stats: &[&Stat]) -> String {
     let stats: Vec<Json> = stats
@@ -119,7 +128,7 @@ pub fn json(snapshot: &Snapshot, path: &str, stats: &[&Stat]) -> String {
     let shards: Vec<Json> = snapshot
         .shards
         .iter()
-        .map(|s| json!({"epoch": s.epoch, "worker": s.worker, "pid": s.pid}))
+        .map(|s| json!({"epoch": s.epoch, "thread": thread_name(s), "pid": s.pid}))
         .collect();
     let doc = json!({
         "region": {

@@ -74,6 +74,9 @@ pub mod slot {
     pub const EPOCH: u64 = 8;
     pub const PID: u64 = 16;
     pub const ATTACHED_UNIX_MS: u64 = 24;
+    /// u64: the writer's start time (`/proc/<pid>/stat` field 22), so that a reused pid is not
+    /// taken for the writer; 0 if unknown.
+    pub const START_TIME: u64 = 32;
 }
 
 /// What a shard slot holds.
@@ -264,7 +267,7 @@ pub fn cell_offset(cells: u64, cells_per_shard: u32, row: u32, cell: u32) -> u64
 const _: () = {
     assert!(header::CREATED_UNIX_MS + 8 <= HEADER_SIZE);
     assert!(entry::HELP + entry::HELP_MAX as u64 <= ENTRY_SIZE);
-    assert!(slot::ATTACHED_UNIX_MS + 8 <= SLOT_SIZE);
+    assert!(slot::START_TIME + 8 <= SLOT_SIZE);
     assert!(std::mem::size_of::<libc::pthread_mutex_t>() as u64 <= LOCK_SLOT_SIZE);
 };
 

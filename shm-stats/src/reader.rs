@@ -32,8 +32,8 @@ pub enum ReadError {
         #[source]
         source: std::io::Error,
     },
-    /// The file does not start with baton's magic: it is something else.
-    #[error("{}: not a baton stats region (bad magic)", path.display())]
+    /// The file does not start with baton's magic (or is a folder): it is something else.
+    #[error("{}: not a baton stats region", path.display())]
     Foreign { path: PathBuf },
     /// A layout this reader does not know: reader and writer come from different releases.
     #[error("{}: stats region layout version {found}, but this reader knows version {known}; use the baton-stats of the running baton", path.display())]
@@ -48,6 +48,13 @@ pub enum ReadError {
         path: PathBuf,
         expected: u64,
         actual: u64,
+    },
+    /// A retirement has kept the region's counts moving for longer than a reader waits; the
+    /// writer doing it may have died mid-way. Trying again usually works.
+    #[error("{}: stats region is busy: a retirement has been moving counts for over {waited:?}; try again", path.display())]
+    Busy {
+        path: PathBuf,
+        waited: std::time::Duration,
     },
     /// Offsets or entries are inconsistent: the region is damaged.
     #[error("{}: stats region is corrupt: {what}", path.display())]
@@ -148,6 +155,7 @@ pub struct Snapshot {
 /// A region mapped read-only.
 pub struct Reader {
     path: PathBuf,
+    file: File,
     _map: MmapRaw,
     view: View,
     header: HeaderInfo,
@@ -157,6 +165,11 @@ pub struct Reader {
 impl Reader {
     /// Maps the region at `path` read-only and validates its header.
     pub fn open(path: &Path) -> Result<Reader, ReadError> {
+        if path.is_dir() {
+            return Err(ReadError::Foreign {
+                path: path.to_owned(),
+            });
+        }
         let file = File::open(path).map_err(|source| ReadError::Open {
             path: path.to_owned(),
             source,
@@ -196,6 +209,7 @@ impl Reader {
         let header = read_header(path, view)?;
         Ok(Reader {
             path: path.to_owned(),
+            file,
             _map: map,
             view,
             header,
@@ -212,7 +226,19 @@ impl Reader {
     }
 
     /// Every stat, consistent with respect to retirements.
+    ///
+    /// A file cut short under the mapping would fault on access (SIGBUS), so its size is checked
+    /// first; only a truncation in the instant between the check and the read remains possible,
+    /// and only by the file's owner (the region is mode 0640).
     pub fn snapshot(&self) -> Result<Snapshot, ReadError> {
+        let size = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        if size < self.header.offsets.size {
+            return Err(ReadError::Truncated {
+                path: self.path.clone(),
+                expected: self.header.offsets.size,
+                actual: size,
+            });
+        }
         snapshot(&self.path, self.view, &self.header, &self.metas)
     }
 }
@@ -226,8 +252,10 @@ fn corrupt(path: &Path, what: impl Into<String>) -> ReadError {
 
 /// Validates the header of the region in `view`.
 pub(crate) fn read_header(path: &Path, view: View) -> Result<HeaderInfo, ReadError> {
+    // Only the fields fixed at creation (offsets 0..72) are copied; the others change while we
+    // read and are loaded atomically where they are used.
     let fixed = view
-        .copy(0, layout::HEADER_SIZE as usize)
+        .copy(0, header::STAT_COUNT as usize)
         .ok_or_else(|| ReadError::Truncated {
             path: path.to_owned(),
             expected: layout::HEADER_SIZE,
@@ -305,7 +333,9 @@ pub(crate) fn read_header(path: &Path, view: View) -> Result<HeaderInfo, ReadErr
         version,
         capacities,
         offsets,
-        created_unix_ms: u64_at(header::CREATED_UNIX_MS),
+        created_unix_ms: view
+            .load_u64(header::CREATED_UNIX_MS, Ordering::Relaxed)
+            .unwrap_or(0),
     })
 }
 
@@ -389,8 +419,8 @@ pub(crate) fn read_entry(
     })
 }
 
-/// How many times a snapshot is retried while retirements keep moving counts.
-const SNAPSHOT_ATTEMPTS: usize = 1000;
+/// How long a snapshot waits for retirements to finish before it reports the region busy.
+const SNAPSHOT_PATIENCE: std::time::Duration = std::time::Duration::from_millis(200);
 
 pub(crate) fn snapshot(
     path: &Path,
@@ -403,10 +433,12 @@ pub(crate) fn snapshot(
     let seq = view
         .atomic_u64(header::RETIRE_SEQ)
         .ok_or_else(|| corrupt(path, "header"))?;
-    for _ in 0..SNAPSHOT_ATTEMPTS {
+    let started = std::time::Instant::now();
+    while started.elapsed() < SNAPSHOT_PATIENCE {
         let before = seq.load(Ordering::Acquire);
         if before % 2 == 1 {
-            std::hint::spin_loop();
+            // A retirement takes microseconds; its thread may have been preempted.
+            std::thread::yield_now();
             continue;
         }
         let count = view
@@ -435,6 +467,16 @@ pub(crate) fn snapshot(
             }
             cached[..count as usize].to_vec()
         };
+        // Cached entries were checked against the cells handed out when they were read; the
+        // region can only have lost cells since if it was damaged.
+        if let Some(bad) = metas.iter().position(|m| {
+            u64::from(m.first_cell) + u64::from(layout::cells_of(m.kind)) > u64::from(cells_used)
+        }) {
+            return Err(corrupt(
+                path,
+                format!("entry {bad} has cells out of bounds"),
+            ));
+        }
 
         // Sum and maximum of every cell over the rows in use. The retired row holds no gauge
         // values (retirement drops them), so a gauge's sum is its sum over the live rows.
@@ -518,8 +560,8 @@ pub(crate) fn snapshot(
             stats,
         });
     }
-    Err(corrupt(
-        path,
-        "a retirement kept the region busy; try again (a writer may have died mid-retirement)",
-    ))
+    Err(ReadError::Busy {
+        path: path.to_owned(),
+        waited: SNAPSHOT_PATIENCE,
+    })
 }

@@ -45,7 +45,7 @@ pub enum StatsError {
         existing: &'static str,
     },
     /// A capacity of the region is exhausted.
-    #[error("stats region {}: {what} is full ({capacity}); create the region with a larger capacity (stats.{setting})", path.display())]
+    #[error("stats region {}: {what} is full ({capacity}); a region keeps the sizes it was created with: stop baton, remove the file (its counters start over) and raise stats.{setting}", path.display())]
     Full {
         path: PathBuf,
         what: &'static str,
@@ -279,6 +279,29 @@ impl Region {
         self.header.capacities
     }
 
+    /// An existing region keeps the sizes it was made with: a sentence saying so when
+    /// `configured` asks for others.
+    pub fn capacity_mismatch(&self, configured: Capacities) -> Option<String> {
+        let have = self.header.capacities;
+        let want = Capacities {
+            cells_per_shard: configured.cells_per_shard.div_ceil(layout::CELLS_PER_LINE)
+                * layout::CELLS_PER_LINE,
+            ..configured
+        };
+        (have != want).then(|| {
+            format!(
+                "stats region {} was created with max_stats={}, max_shards={}, cells_per_shard={}, not the configured {}, {}, {}; remove it while no baton runs (its counters start over) to apply the new sizes",
+                self.path.display(),
+                have.max_stats,
+                have.max_shards,
+                have.cells_per_shard,
+                want.max_stats,
+                want.max_shards,
+                want.cells_per_shard
+            )
+        })
+    }
+
     /// A consistent snapshot of every stat, read through this writer's own mapping.
     pub fn snapshot(&self) -> Result<reader::Snapshot, ReadError> {
         reader::snapshot(&self.path, self.view, &self.header, &self.metas)
@@ -474,11 +497,18 @@ impl Region {
                 .store(std::process::id(), Ordering::Relaxed);
             self.atomic_u64(s + slot::ATTACHED_UNIX_MS)
                 .store(now_ms(), Ordering::Relaxed);
+            self.atomic_u64(s + slot::START_TIME).store(
+                start_time(std::process::id()).unwrap_or(0),
+                Ordering::Relaxed,
+            );
             state.store(SlotState::Live as u32, Ordering::Release);
             let base = layout::cell_offset(o.cells, caps.cells_per_shard, row, 0);
+            // SAFETY: the row lies inside the mapping (validated offsets, row <= max_shards), and
+            // the pointer is derived from the mapping's own, valid for the whole row.
+            let base = unsafe { self.map.as_mut_ptr().add(base as usize) } as *const AtomicU64;
             return Ok(Shard {
                 region: self.clone(),
-                base: self.atomic_u64(base) as *const AtomicU64,
+                base,
                 cells: caps.cells_per_shard,
                 row,
                 _single_thread: PhantomData,
@@ -504,8 +534,20 @@ impl Region {
     }
 
     /// Retires the live shards whose process no longer exists (it crashed without retiring).
+    /// A process is the writer only if its pid exists with the start time the writer recorded,
+    /// so a reused pid does not keep a dead writer's row alive.
     pub fn reclaim_dead(&self) -> Result<usize, StatsError> {
-        self.retire_where(|s| !process_exists(s.pid))
+        let o = self.header.offsets;
+        self.retire_where(|s| {
+            let recorded = self
+                .view
+                .load_u64(
+                    layout::slot_offset(o.slots, s.row) + slot::START_TIME,
+                    Ordering::Relaxed,
+                )
+                .unwrap_or(0);
+            !process_alive(s.pid, recorded)
+        })
     }
 
     fn retire_where(
@@ -586,6 +628,22 @@ fn add(cell: &AtomicU64, v: u64) {
         cell.load(Ordering::Relaxed).wrapping_add(v),
         Ordering::Relaxed,
     );
+}
+
+/// A process's start time in clock ticks since boot, from `/proc/<pid>/stat`.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last `)`.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `pid` runs and is the process that recorded `recorded_start` (0: unknown).
+fn process_alive(pid: u32, recorded_start: u64) -> bool {
+    if recorded_start != 0 {
+        return start_time(pid) == Some(recorded_start);
+    }
+    process_exists(pid)
 }
 
 fn process_exists(pid: u32) -> bool {

@@ -205,7 +205,10 @@ fn full_tables_are_clear_errors() {
         err.to_string().contains("a shard's cells is full (8)"),
         "{err}"
     );
-    assert!(err.to_string().contains("stats.cells_per_shard"), "{err}");
+    assert!(
+        err.to_string().contains("raise stats.cells_per_shard"),
+        "{err}"
+    );
     region.counter(Spec::new("b", &[], "")).unwrap();
     let err = region.counter(Spec::new("c", &[], "")).unwrap_err();
     assert!(
@@ -458,4 +461,55 @@ fn a_process_killed_holding_a_lock_does_not_wedge_the_region() {
             assert_eq!(shards[0].pid, std::process::id());
         }
     }
+}
+
+#[test]
+fn a_region_damaged_after_it_was_read_is_an_error_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, region) = region_in(dir.path(), small());
+    region.histogram(Spec::new("h", &[], "")).unwrap();
+    let reader = Reader::open(&path).unwrap();
+    reader.snapshot().unwrap();
+    // Another process lowers the cells handed out below what the cached entry uses.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[layout::header::CELLS_USED as usize..][..4].copy_from_slice(&1u32.to_ne_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let err = reader.snapshot().unwrap_err();
+    assert!(err.to_string().contains("cells out of bounds"), "{err}");
+    // And one cuts the file short under the mapping: refused before it could fault.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let err = reader.snapshot().unwrap_err();
+    assert!(matches!(err, ReadError::Truncated { .. }), "{err}");
+    // A folder is not a region.
+    let err = Reader::open(dir.path()).err().unwrap();
+    assert!(
+        err.to_string().contains("not a baton stats region"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_reused_pid_does_not_keep_a_dead_writers_row_alive() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, region) = region_in(dir.path(), small());
+    let c = region.counter(Spec::new("c", &[], "")).unwrap();
+    let shard = region.attach_shard(1, 0).unwrap();
+    shard.add(c, 5);
+    assert_eq!(region.reclaim_dead().unwrap(), 0, "this process is alive");
+    // Make the row look written by an earlier process that had our pid: another start time.
+    let slot =
+        layout::HEADER_SIZE as usize + 4 * 64 + 64 * 256 + 64 + layout::slot::START_TIME as usize;
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[slot..slot + 8].copy_from_slice(&1u64.to_ne_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(region.reclaim_dead().unwrap(), 1);
+    assert_eq!(
+        value(&Reader::open(&path).unwrap(), "c", &[]),
+        Value::Counter(5)
+    );
 }

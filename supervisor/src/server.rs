@@ -148,6 +148,9 @@ impl Supervisor {
             Err(e) => warn!("{e}"),
         }
         region.set_supervisor_pid(std::process::id());
+        if let Some(mismatch) = region.capacity_mismatch(config.capacities) {
+            warn!("{mismatch}");
+        }
         let stats = SupervisorStats {
             reloads: region
                 .counter(Spec::new(

@@ -61,7 +61,13 @@ fn main() -> ExitCode {
             eprintln!("baton-stats: --watch takes a number of seconds above zero");
             return ExitCode::from(2);
         }
-        Some(secs) => Some(Duration::from_secs_f64(secs)),
+        Some(secs) => match Duration::try_from_secs_f64(secs) {
+            Ok(d) => Some(d),
+            Err(_) => {
+                eprintln!("baton-stats: --watch {secs} is more seconds than a clock can hold");
+                return ExitCode::from(2);
+            }
+        },
         None => None,
     };
     let path = cli
@@ -85,6 +91,9 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        if printed == 0 {
+            warn_if_stale(&snapshot);
+        }
         let stats: Vec<_> = snapshot
             .stats
             .iter()
@@ -126,5 +135,29 @@ fn main() -> ExitCode {
             }
             _ => return ExitCode::SUCCESS,
         }
+    }
+}
+
+/// Values nobody writes any more are worth a word on stderr: dashboards would show them as live.
+fn warn_if_stale(snapshot: &shm_stats::Snapshot) {
+    if snapshot.shards.is_empty() {
+        eprintln!(
+            "baton-stats: note: no process writes this region now; these are the values its last writers left"
+        );
+        return;
+    }
+    let mut gone: Vec<u32> = snapshot
+        .shards
+        .iter()
+        .map(|s| s.pid)
+        .filter(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+        .collect();
+    gone.dedup();
+    if !gone.is_empty() {
+        let pids: Vec<String> = gone.iter().map(u32::to_string).collect();
+        eprintln!(
+            "baton-stats: note: process(es) {} that write this region are not running here (or run in another pid namespace): their values may be stale",
+            pids.join(", ")
+        );
     }
 }

@@ -405,3 +405,27 @@ fn a_region_of_another_layout_stops_the_proxy_with_a_reason() {
         "the region is left as it was"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_do_not_share_a_region_and_a_stale_region_says_so() {
+    let shared = tempfile::tempdir().unwrap();
+    let region = shared.path().join("stats.shm");
+    let config = |listen: std::net::SocketAddr| {
+        format!(
+            "[[listener]]\nname = \"l\"\naddress = \"{listen}\"\nprotocol = \"http\"\n[[listener.route]]\ndirect_response = {{ status = 200 }}\n[stats]\npath = \"{}\"\n",
+            region.display()
+        )
+    };
+    let mut first = Proxy::start(&config(free_addr()));
+    let log = Proxy::start_with(&config(free_addr()), &[])
+        .err()
+        .expect("a second proxy on the same region is refused");
+    assert!(log.contains("is in use by another running baton"), "{log}");
+    assert!(log.contains(&format!("pid {}", first.pid())), "{log}");
+
+    first.signal(Signal::SIGTERM);
+    first.wait_exit(WAIT).expect("exits");
+    let (code, _, err) = baton_stats(&["--path", region.to_str().unwrap()]);
+    assert_eq!(code, Some(0));
+    assert!(err.contains("no process writes this region now"), "{err}");
+}
