@@ -258,7 +258,14 @@ impl Generation {
     /// `Connection: close` and idle connections close after the idle grace; HTTP/2 connections
     /// get a graceful GOAWAY; TCP sessions run until they end. Returns when the last connection
     /// is closed or at `timeout`, whichever comes first.
-    pub async fn drain(&self, timeout: Duration, strategy: DrainStrategy) -> DrainOutcome {
+    ///
+    /// `stopped_accepting` runs once no worker accepts any more (the supervisor is told then).
+    pub async fn drain(
+        &self,
+        timeout: Duration,
+        strategy: DrainStrategy,
+        stopped_accepting: impl FnOnce(),
+    ) -> DrainOutcome {
         let start = Instant::now();
         self.info
             .state
@@ -273,11 +280,15 @@ impl Generation {
         );
         self.deadline
             .set(Some(tokio::time::Instant::now() + timeout));
-        let waits: Vec<_> = self
+        let (accepting, waits): (Vec<_>, Vec<_>) = self
             .workers
             .iter()
             .map(|w| w.drain(timeout, strategy))
-            .collect();
+            .unzip();
+        for stopped in accepting {
+            let _ = stopped.await;
+        }
+        stopped_accepting();
         let mut timed_out = false;
         'workers: for mut done in waits {
             loop {

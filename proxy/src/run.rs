@@ -181,7 +181,7 @@ pub async fn run(
                         info!(epoch, timeout = ?timeout, "asked to hurry the drain");
                         generation.hurry(timeout);
                     } else {
-                        drain = Some(Box::pin(generation.drain(timeout, strategy)));
+                        drain = Some(Box::pin(generation.drain(timeout, strategy, || stopped_accepting(&link, &admin_task))));
                     }
                 }
                 Ok(ToGeneration::Stop) => {
@@ -196,7 +196,7 @@ pub async fn run(
                     error!(epoch, "the supervisor is gone; draining and exiting");
                     supervisor_gone = true;
                     if drain.is_none() {
-                        drain = Some(Box::pin(generation.drain(config.drain.timeout, DrainStrategy::Immediate)));
+                        drain = Some(Box::pin(generation.drain(config.drain.timeout, DrainStrategy::Immediate, || stopped_accepting(&link, &admin_task))));
                     }
                 }
                 Err(e) => warn!(epoch, "bad message from the supervisor: {e}"),
@@ -206,7 +206,7 @@ pub async fn run(
                     info!(connections = generation.open_connections(), "SIGTERM: already draining (SIGINT stops now)");
                 } else {
                     info!("SIGTERM: stop accepting and drain");
-                    drain = Some(Box::pin(generation.drain(config.drain.timeout, DrainStrategy::Immediate)));
+                    drain = Some(Box::pin(generation.drain(config.drain.timeout, DrainStrategy::Immediate, || stopped_accepting(&link, &admin_task))));
                 }
             }
             _ = int.recv() => {
@@ -234,6 +234,18 @@ pub async fn run(
     retire_own(&region);
     info!(epoch, "exited");
     ExitCode::SUCCESS
+}
+
+/// A draining generation under a supervisor stops answering on the admin socket too (the new
+/// generation answers there), and tells the supervisor that it no longer accepts. Run alone, the
+/// admin keeps answering, so that `/ready` shows DRAINING.
+fn stopped_accepting(link: &Option<Link>, admin: &Option<tokio::task::JoinHandle<()>>) {
+    if let Some(link) = link {
+        if let Some(admin) = admin {
+            admin.abort();
+        }
+        let _ = link.send(&ToSupervisor::Draining);
+    }
 }
 
 /// The next message from the supervisor; never resolves without one.

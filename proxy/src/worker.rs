@@ -34,6 +34,8 @@ pub enum Command {
     Drain {
         timeout: Duration,
         strategy: DrainStrategy,
+        /// Fires once the worker no longer accepts (its accept loops have ended).
+        stopped_accepting: oneshot::Sender<()>,
         done: oneshot::Sender<()>,
     },
     /// Close every connection now and end the thread.
@@ -101,16 +103,24 @@ impl WorkerHandle {
         })
     }
 
-    /// Asks the worker to drain; the receiver fires when its last connection has closed.
-    pub fn drain(&self, timeout: Duration, strategy: DrainStrategy) -> oneshot::Receiver<()> {
+    /// Asks the worker to drain; the first receiver fires when it no longer accepts, the
+    /// second when its last connection has closed.
+    pub fn drain(
+        &self,
+        timeout: Duration,
+        strategy: DrainStrategy,
+    ) -> (oneshot::Receiver<()>, oneshot::Receiver<()>) {
+        let (stopped_accepting, stopped) = oneshot::channel();
         let (done, rx) = oneshot::channel();
-        // A worker that already ended has no connections: its dropped `done` fires `rx` at once.
+        // A worker that already ended neither accepts nor holds connections: its dropped
+        // senders fire both receivers at once.
         let _ = self.commands.send(Command::Drain {
             timeout,
             strategy,
+            stopped_accepting,
             done,
         });
-        rx
+        (stopped, rx)
     }
 
     /// Ends the worker, closing whatever it still holds, and waits for its thread.
@@ -171,10 +181,15 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
         epoch_header: setup.epoch_header,
         stopping: Cell::new(false),
     });
+    let mut accepting = Vec::new();
     for (index, listener) in setup.listeners.into_iter().enumerate() {
         match TcpListener::from_std(listener) {
             Ok(listener) => {
-                tokio::task::spawn_local(accept_loop(worker.clone(), index, listener));
+                accepting.push(tokio::task::spawn_local(accept_loop(
+                    worker.clone(),
+                    index,
+                    listener,
+                )));
             }
             Err(e) => {
                 error!(worker = worker.id, listener = %config.listeners[index].name, "cannot register listen socket: {e}")
@@ -188,9 +203,15 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
             Command::Drain {
                 timeout,
                 strategy,
+                stopped_accepting,
                 done,
             } => {
                 worker.drain.begin(timeout, strategy);
+                // The accept loops see the drain at once, take what waits in the queue, and end.
+                for accept in accepting.drain(..) {
+                    let _ = accept.await;
+                }
+                let _ = stopped_accepting.send(());
                 let w = worker.clone();
                 tokio::task::spawn_local(async move {
                     w.connections.all_closed().await;

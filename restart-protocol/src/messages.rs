@@ -92,6 +92,9 @@ pub enum ToSupervisor {
     Failed { reason: String },
     /// What it holds, sent about twice a second.
     Load(Load),
+    /// Told to drain, it no longer accepts on any socket: from now on only newer generations
+    /// take new connections. The supervisor answers `baton reload` only after this.
+    Draining,
     /// Done draining (or stopped), about to exit.
     Exiting { connections_left: u64 },
 }

@@ -43,6 +43,7 @@ fn all_to_supervisor() -> Vec<ToSupervisor> {
             connections: 10,
             requests: 2,
         }),
+        ToSupervisor::Draining,
         ToSupervisor::Exiting {
             connections_left: 0,
         },

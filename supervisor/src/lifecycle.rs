@@ -83,6 +83,10 @@ pub enum Event {
     Ready {
         epoch: u64,
     },
+    /// A draining generation no longer accepts.
+    StoppedAccepting {
+        epoch: u64,
+    },
     /// The generation reported why it cannot start.
     Failed {
         epoch: u64,
@@ -135,7 +139,14 @@ struct Reload {
     waiters: Vec<Waiter>,
     /// Requests that came while one was in progress: one more reload, after it.
     queued: Option<Vec<Waiter>>,
+    /// The new generation is active; the reload ends once the one it replaced no longer
+    /// accepts (or has gone, or the deadline passed), so that when `baton reload` returns,
+    /// new connections go to the new generation only.
+    handover: Option<(u64, Instant)>,
 }
+
+/// How long a reload waits for the replaced generation to stop accepting.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Restart delays after crashes: 100 ms, doubling to 10 s; back to 100 ms after a quiet minute.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -206,6 +217,7 @@ impl Lifecycle {
             .values()
             .filter_map(|g| g.deadline)
             .chain(self.restart_at)
+            .chain(self.reload.handover.map(|(_, deadline)| deadline))
             .min()
     }
 
@@ -223,6 +235,11 @@ impl Lifecycle {
                 );
             }
             Event::Ready { epoch } => self.ready(epoch, now, &mut actions),
+            Event::StoppedAccepting { epoch } => {
+                if self.reload.handover.is_some_and(|(old, _)| old == epoch) {
+                    self.finish_reload(now, &mut actions);
+                }
+            }
             Event::Failed { epoch, reason } => {
                 if let Some(g) = self.generations.get_mut(&epoch)
                     && g.state == State::Starting
@@ -315,14 +332,26 @@ impl Lifecycle {
         });
         self.limit_draining(now, actions);
         if self.reload.epoch == Some(epoch) {
-            let waiters = std::mem::take(&mut self.reload.waiters);
-            actions.push(Action::Reply {
-                waiters,
-                result: Ok(epoch),
-            });
-            self.reload.epoch = None;
-            self.next_reload(now, actions);
+            match previous {
+                Some(old) => self.reload.handover = Some((old, now + HANDOVER_TIMEOUT)),
+                None => self.finish_reload(now, actions),
+            }
         }
+    }
+
+    /// The reload in progress is done: its new generation is active and the old one no longer
+    /// accepts.
+    fn finish_reload(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        let Some(epoch) = self.reload.epoch.take() else {
+            return;
+        };
+        self.reload.handover = None;
+        let waiters = std::mem::take(&mut self.reload.waiters);
+        actions.push(Action::Reply {
+            waiters,
+            result: Ok(epoch),
+        });
+        self.next_reload(now, actions);
     }
 
     fn start_draining(
@@ -413,6 +442,9 @@ impl Lifecycle {
             return;
         };
         actions.push(Action::Retire { epoch });
+        if self.reload.handover.is_some_and(|(old, _)| old == epoch) {
+            self.finish_reload(now, actions);
+        }
         match g.state {
             State::Starting => {
                 let reason = g.failure.unwrap_or_else(|| {
@@ -511,6 +543,13 @@ impl Lifecycle {
                 actions.push(Action::Kill { epoch });
             }
         }
+        if self
+            .reload
+            .handover
+            .is_some_and(|(_, deadline)| deadline <= now)
+        {
+            self.finish_reload(now, actions);
+        }
         if self.restart_at.is_some_and(|at| at <= now) {
             self.restart_at = None;
             if !self.stopping && self.active().is_none() && self.reload.epoch.is_none() {
@@ -583,13 +622,17 @@ mod tests {
                     epoch: 1,
                     replaced: Some(0)
                 },
-                Action::Reply {
-                    waiters: vec![7],
-                    result: Ok(1)
-                },
             ]
         );
         assert_eq!(states(&l), [(0, State::Draining), (1, State::Active)]);
+        // The reload is done once the old generation no longer accepts.
+        assert_eq!(
+            l.handle(Event::StoppedAccepting { epoch: 0 }, t0),
+            [Action::Reply {
+                waiters: vec![7],
+                result: Ok(1)
+            }]
+        );
         let exited = l.handle(
             Event::Exited {
                 epoch: 0,
@@ -605,6 +648,39 @@ mod tests {
                 reload_failures: 0,
                 crashes: 0
             }
+        );
+    }
+
+    #[test]
+    fn a_reload_ends_without_the_old_generations_word_if_it_is_gone_or_silent() {
+        let t0 = Instant::now();
+        let mut l = running(t0);
+        l.handle(Event::Reload { waiter: Some(1) }, t0);
+        l.handle(Event::Ready { epoch: 1 }, t0);
+        let gone = l.handle(
+            Event::Exited {
+                epoch: 0,
+                status: "exit 0".into(),
+            },
+            t0,
+        );
+        assert!(
+            gone.contains(&Action::Reply {
+                waiters: vec![1],
+                result: Ok(1)
+            }),
+            "{gone:?}"
+        );
+        l.handle(Event::Reload { waiter: Some(2) }, t0);
+        l.handle(Event::Ready { epoch: 2 }, t0);
+        assert_eq!(l.next_deadline(), Some(t0 + HANDOVER_TIMEOUT));
+        let silent = l.handle(Event::Tick, t0 + HANDOVER_TIMEOUT);
+        assert!(
+            silent.contains(&Action::Reply {
+                waiters: vec![2],
+                result: Ok(2)
+            }),
+            "{silent:?}"
         );
     }
 
@@ -700,7 +776,8 @@ mod tests {
             l.handle(Event::Reload { waiter: Some(3) }, t0),
             [Action::Spawn { epoch: 2 }]
         );
-        let ready = l.handle(Event::Ready { epoch: 2 }, t0);
+        l.handle(Event::Ready { epoch: 2 }, t0);
+        let ready = l.handle(Event::StoppedAccepting { epoch: 0 }, t0);
         assert!(ready.contains(&Action::Reply {
             waiters: vec![3],
             result: Ok(2)
@@ -715,16 +792,23 @@ mod tests {
         assert_eq!(l.handle(Event::Reload { waiter: Some(2) }, t0), []);
         assert_eq!(l.handle(Event::Reload { waiter: None }, t0), []);
         assert_eq!(l.handle(Event::Reload { waiter: Some(3) }, t0), []);
-        let actions = l.handle(Event::Ready { epoch: 1 }, t0);
+        l.handle(Event::Ready { epoch: 1 }, t0);
+        assert_eq!(
+            l.handle(Event::Reload { waiter: Some(4) }, t0),
+            [],
+            "still in progress until the old one stops accepting"
+        );
+        let actions = l.handle(Event::StoppedAccepting { epoch: 0 }, t0);
         assert!(actions.contains(&Action::Reply {
             waiters: vec![1],
             result: Ok(1)
         }));
         assert!(actions.contains(&Action::Spawn { epoch: 2 }), "{actions:?}");
-        let actions = l.handle(Event::Ready { epoch: 2 }, t0);
+        l.handle(Event::Ready { epoch: 2 }, t0);
+        let actions = l.handle(Event::StoppedAccepting { epoch: 1 }, t0);
         assert!(
             actions.contains(&Action::Reply {
-                waiters: vec![2, 3],
+                waiters: vec![2, 3, 4],
                 result: Ok(2)
             }),
             "{actions:?}"
@@ -834,6 +918,7 @@ mod tests {
             let t = t0 + Duration::from_millis(epoch * 10);
             l.handle(Event::Reload { waiter: None }, t);
             let actions = l.handle(Event::Ready { epoch }, t);
+            l.handle(Event::StoppedAccepting { epoch: epoch - 1 }, t);
             if epoch == 3 {
                 assert!(
                     actions.contains(&Action::Drain {
@@ -917,6 +1002,7 @@ mod tests {
         let mut l = running(t0);
         l.handle(Event::Reload { waiter: None }, t0);
         l.handle(Event::Ready { epoch: 1 }, t0);
+        l.handle(Event::StoppedAccepting { epoch: 0 }, t0);
         assert_eq!(l.handle(Event::Tick, t0 + Duration::from_secs(14)), []);
         assert_eq!(
             l.handle(Event::Tick, t0 + Duration::from_secs(15)),

@@ -450,6 +450,8 @@ impl Supervisor {
             }
         }
         for (epoch, pid, status, load) in exited {
+            // What it said before it died (a `Failed` with the reason) may still wait unread.
+            self.generation_readable(epoch);
             info!(epoch, pid, status = %status, connections_left = load.connections, "exited");
             self.apply(Event::Exited { epoch, status });
         }
@@ -477,9 +479,7 @@ impl Supervisor {
                             .registry()
                             .deregister(&mut SourceFd(&channel.as_raw_fd()));
                     }
-                    // Its exit arrives with SIGCHLD; a process that closed the channel but lives on
-                    // is checked now in case the signal came first.
-                    self.reap();
+                    // Its exit arrives with SIGCHLD (see `reap`).
                     return;
                 }
                 Err(ChannelError::Io(e)) => {
@@ -578,6 +578,10 @@ impl Supervisor {
                 if let Some(g) = self.generations.get_mut(&epoch) {
                     g.load = load;
                 }
+            }
+            ToSupervisor::Draining => {
+                debug!(epoch, "no longer accepting");
+                self.apply(Event::StoppedAccepting { epoch });
             }
             ToSupervisor::Exiting { connections_left } => {
                 info!(epoch, connections_left, "generation is exiting");

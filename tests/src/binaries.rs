@@ -19,9 +19,15 @@ pub fn stats() -> &'static Path {
     &built().stats
 }
 
+/// `baton`, the supervisor, freshly built.
+pub fn supervisor() -> &'static Path {
+    &built().supervisor
+}
+
 struct Built {
     proxy: PathBuf,
     stats: PathBuf,
+    supervisor: PathBuf,
 }
 
 fn built() -> &'static Built {
@@ -68,6 +74,7 @@ fn built() -> &'static Built {
         Built {
             proxy: profile_dir.join("baton-proxy"),
             stats: profile_dir.join("baton-stats"),
+            supervisor: profile_dir.join("baton"),
         }
     })
 }

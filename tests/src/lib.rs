@@ -7,7 +7,9 @@
 
 pub mod binaries;
 pub mod client;
+pub mod load;
 pub mod proxy;
+pub mod supervisor;
 pub mod tls;
 pub mod upstream;
 

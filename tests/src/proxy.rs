@@ -166,7 +166,7 @@ pub fn run_once(config: &str, check: bool) -> Output {
 
 /// Gives a test's proxy a stats region of its own in its folder (unless the config places it), so
 /// that tests running at once do not share counters.
-fn with_private_stats(config: &str) -> String {
+pub fn with_private_stats(config: &str) -> String {
     if config.contains("[stats]") {
         config.to_owned()
     } else {

@@ -11,6 +11,8 @@ mod drain;
 mod http1;
 /// HTTP/2 cleartext (prior knowledge) and TLS with ALPN and SNI.
 mod http2_tls;
+/// The supervisor: hot restart under load, failed reloads, crashes, binary upgrades.
+mod reload;
 /// The shared-memory stats region, read by `baton-stats` and the admin endpoints.
 mod stats;
 /// The L4 (TCP) proxy.

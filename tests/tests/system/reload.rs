@@ -1,0 +1,409 @@
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use baton_tests::client::{self, H1};
+use baton_tests::load::{Load, Mode};
+use baton_tests::supervisor::Supervisor;
+use baton_tests::upstream::{Origin, TcpEcho};
+use baton_tests::{free_addr, wait_until, wait_until_async};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::WAIT;
+
+/// Longest any load in these tests may run; each stops earlier by itself when the test is done.
+const LOAD_LIMIT: Duration = Duration::from_secs(120);
+
+fn config(listen: SocketAddr, admin: SocketAddr, origin: SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+instance = "reload"
+concurrency = 2
+epoch_header = true
+drain_timeout = "2s"
+drain_idle_grace = "500ms"
+{extra}
+
+[admin]
+address = "{admin}"
+
+[[listener]]
+name = "public"
+address = "{listen}"
+protocol = "http"
+
+[[listener.route]]
+cluster = "origin"
+
+[[cluster]]
+name = "origin"
+endpoints = ["{origin}"]
+"#
+    )
+}
+
+/// Waits until the load has had `more` more answers: the system is serving between steps.
+async fn answered(load: &Load, more: u64) {
+    let start = load.snapshot().ok;
+    let served = wait_until_async(WAIT, || {
+        let now = load.snapshot().ok;
+        async move { now >= start + more }
+    })
+    .await;
+    assert!(served, "the load stalled: {:?}", load.snapshot());
+}
+
+async fn reloads_under_load_lose_nothing(mode: Mode) {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let supervisor = Supervisor::start(&config(listen, admin, origin.addr, ""));
+    let load = Load::start(listen, "/x", mode, 4, LOAD_LIMIT);
+    answered(&load, 50).await;
+    for i in 0..20 {
+        let out = supervisor.reload();
+        assert_eq!(
+            out.code,
+            Some(0),
+            "reload {i}: {}{}",
+            out.stdout,
+            out.stderr
+        );
+        assert!(
+            out.stdout
+                .contains(&format!("generation {} is active", i + 1)),
+            "{}",
+            out.stdout
+        );
+        answered(&load, 20).await;
+    }
+    let report = load.stop().await;
+    assert_eq!(report.failures(), 0, "{report:?}\n{}", supervisor.log());
+    assert!(report.ok > 400, "{report:?}");
+    assert!(
+        report.epochs.len() >= 3,
+        "answers from at least 3 generations: {:?}",
+        report.epochs
+    );
+    assert!(
+        !report.epochs.contains_key("-"),
+        "every answer names its generation"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_reloads_under_keep_alive_load_lose_no_request() {
+    reloads_under_load_lose_nothing(Mode::KeepAlive).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_reloads_under_connection_per_request_load_lose_no_request() {
+    reloads_under_load_lose_nothing(Mode::PerRequest).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_and_tcp_sessions_in_flight_survive_a_reload() {
+    let origin = Origin::start("origin").await;
+    let echo = TcpEcho::start().await;
+    let (listen, admin, l4) = (free_addr(), free_addr(), free_addr());
+    let extra = format!(
+        "{}\n[[listener]]\nname = \"l4\"\naddress = \"{l4}\"\nprotocol = \"tcp\"\ncluster = \"echo\"\n\n[[cluster]]\nname = \"echo\"\nendpoints = [\"{}\"]\n",
+        config(listen, admin, origin.addr, "")
+            .replace("drain_timeout = \"2s\"", "drain_timeout = \"10s\""),
+        echo.addr
+    );
+    let supervisor = Supervisor::start(&extra);
+
+    let mut slow = H1::connect(listen).await.unwrap();
+    let in_flight = tokio::spawn(async move { slow.get("/slow/2000").await });
+    let mut session = TcpStream::connect(l4).await.unwrap();
+    let mut buf = [0u8; 5];
+    session.write_all(b"first").await.unwrap();
+    session.read_exact(&mut buf).await.unwrap();
+    assert!(wait_until(WAIT, || origin.requests() == 1));
+
+    let out = supervisor.reload();
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let r = in_flight
+        .await
+        .unwrap()
+        .expect("the request in flight completes");
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "slow done\n"));
+    assert_eq!(
+        r.header("x-baton-epoch"),
+        Some("0"),
+        "answered by the old generation"
+    );
+    // The TCP session opened before the reload keeps flowing.
+    session.write_all(b"after").await.unwrap();
+    session.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"after");
+    assert_eq!(
+        client::get(listen, "/new").await.header("x-baton-epoch"),
+        Some("1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_to_a_broken_config_fails_and_changes_nothing() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let good = config(listen, admin, origin.addr, "");
+    let supervisor = Supervisor::start(&good);
+    let load = Load::start(listen, "/x", Mode::KeepAlive, 2, LOAD_LIMIT);
+    answered(&load, 20).await;
+
+    supervisor.write_config(&good.replace("address = \"127.0.0.1", "adress = \"127.0.0.1"));
+    let out = supervisor.reload();
+    assert_eq!(out.code, Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("baton.toml:"),
+        "the error names the line: {}\n{}",
+        out.stderr,
+        supervisor.log()
+    );
+    assert!(
+        out.stderr.contains("unknown field `adress`"),
+        "{}",
+        out.stderr
+    );
+    answered(&load, 20).await;
+    let generations = supervisor.generations();
+    assert_eq!(generations.len(), 1, "{generations:?}");
+    assert_eq!((generations[0].0, generations[0].2.as_str()), (0, "active"));
+    let status = supervisor.command("status", &[]);
+    assert!(
+        status.stdout.contains("last reload: failed: "),
+        "{}",
+        status.stdout
+    );
+
+    supervisor.write_config(&good);
+    assert_eq!(supervisor.reload().code, Some(0), "the next reload works");
+    answered(&load, 20).await;
+    let report = load.stop().await;
+    assert_eq!(report.failures(), 0, "{report:?}");
+}
+
+/// A copy of `binary` whose build id reads differently: a new build, as far as anyone can tell.
+fn rebuilt(binary: &[u8], build_id: &str) -> Vec<u8> {
+    let mut other = build_id.to_owned();
+    let last = other.pop().unwrap();
+    other.push(if last == '0' { '1' } else { '0' });
+    let (from, to) = (build_id.as_bytes(), other.as_bytes());
+    let mut out = binary.to_vec();
+    let mut found = 0;
+    let mut i = 0;
+    while let Some(at) = out[i..].windows(from.len()).position(|w| w == from) {
+        out[i + at..i + at + to.len()].copy_from_slice(to);
+        i += at + to.len();
+        found += 1;
+    }
+    assert!(found > 0, "the build id is in the binary");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_replaced_on_disk_is_picked_up_by_the_next_reload() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let binary = std::fs::read(baton_tests::binaries::proxy()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("bin")).unwrap();
+    let installed = dir.path().join("bin/baton-proxy");
+    std::fs::write(&installed, &binary).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&installed, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let supervisor = Supervisor::start(&format!(
+        "{}\n[supervisor]\ncontrol_socket = \"baton.sock\"\nproxy_binary = \"{}\"\n",
+        config(listen, admin, origin.addr, ""),
+        installed.display()
+    ));
+    let before = client::get(admin, "/server_info").await.json()["build_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Replace it the way a package manager does: write a new file, rename it over the old one.
+    let staged = dir.path().join("bin/.baton-proxy.new");
+    std::fs::write(&staged, rebuilt(&binary, &before)).unwrap();
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&staged, &installed).unwrap();
+
+    assert_eq!(supervisor.reload().code, Some(0));
+    let after = client::get(admin, "/server_info").await.json();
+    assert_eq!(after["epoch"], 1);
+    let after = after["build_id"].as_str().unwrap().to_owned();
+    assert_ne!(after, before, "the new generation runs the new binary");
+    let status = supervisor.command("status", &[]);
+    assert!(status.stdout.contains(&after), "{}", status.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_generation_is_replaced_and_loses_only_what_it_had_in_flight() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let supervisor = Supervisor::start(&config(listen, admin, origin.addr, ""));
+    let keep_alive = Load::start(listen, "/x", Mode::KeepAlive, 4, LOAD_LIMIT);
+    let per_request = Load::start(listen, "/x", Mode::PerRequest, 2, LOAD_LIMIT);
+    answered(&keep_alive, 50).await;
+    answered(&per_request, 20).await;
+
+    let victim = supervisor.active_pid().expect("an active generation");
+    kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+    assert!(
+        wait_until(WAIT, || supervisor
+            .active_pid()
+            .is_some_and(|pid| pid != victim)),
+        "a replacement became active:\n{}",
+        supervisor.log()
+    );
+    answered(&keep_alive, 50).await;
+    answered(&per_request, 20).await;
+    let (a, b) = (keep_alive.stop().await, per_request.stop().await);
+    assert_eq!(
+        a.refused + b.refused,
+        0,
+        "no connection is refused: {a:?} {b:?}"
+    );
+    // At most one request per client was on the killed process.
+    assert!(a.failures() <= 4 && b.failures() <= 2, "{a:?} {b:?}");
+    assert!(supervisor.log().contains("killed by signal 9 (SIGKILL)"));
+    let status = supervisor.status();
+    assert_eq!(status["crashes"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_never_go_back_across_reloads_and_a_crash() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let supervisor = Supervisor::start(&config(listen, admin, origin.addr, ""));
+    let region = supervisor.dir().join("stats.shm");
+    let read = || -> u64 {
+        let (code, out, err) =
+            baton_tests::baton_stats(&["--path", region.to_str().unwrap(), "^downstream_rq_total"]);
+        assert_eq!(code, Some(0), "{err}");
+        out.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{out}"))
+    };
+    let mut sent = 0u64;
+    let mut last = 0u64;
+    for round in 0..11 {
+        for _ in 0..5 {
+            assert_eq!(client::get(listen, "/c").await.status, 200);
+            sent += 1;
+        }
+        assert!(
+            wait_until(WAIT, || read() == sent),
+            "round {round}: {} != {sent}",
+            read()
+        );
+        if round == 10 {
+            // Nothing is in flight: a crash now loses no request, and must lose no count.
+            let victim = supervisor.active_pid().unwrap();
+            kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+            assert!(wait_until(WAIT, || supervisor
+                .active_pid()
+                .is_some_and(|pid| pid != victim)));
+        } else {
+            assert_eq!(supervisor.reload().code, Some(0));
+        }
+        let now = read();
+        assert!(now >= last, "the counter went back from {last} to {now}");
+        last = now;
+    }
+    for _ in 0..5 {
+        client::get(listen, "/c").await;
+        sent += 1;
+    }
+    assert!(wait_until(WAIT, || read() == sent), "{} != {sent}", read());
+    let (_, out, _) =
+        baton_tests::baton_stats(&["--path", region.to_str().unwrap(), "^supervisor"]);
+    assert!(
+        out.contains("supervisor.reloads_total") && out.contains(" 11"),
+        "{out}"
+    );
+    assert!(
+        out.contains("supervisor.generation_crashes_total")
+            && out
+                .lines()
+                .any(|l| l.starts_with("supervisor.generation_crashes_total") && l.ends_with(" 1")),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_that_hangs_or_dies_while_starting_does_not_block_reloads() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let good = config(listen, admin, origin.addr, "");
+    let dir = tempfile::tempdir().unwrap();
+    // The control socket beside the config, where the harness looks for it.
+    let with_timeout = |c: &str| {
+        format!("{c}\n[supervisor]\ncontrol_socket = \"baton.sock\"\nreadiness_timeout = \"2s\"\n")
+    };
+    let supervisor = Supervisor::start(&with_timeout(&good));
+    // A certificate that is a FIFO: reading the config blocks until someone writes to it, so a
+    // generation started with it hangs in its start-up.
+    let fifo = dir.path().join("hang.pem");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let hanging = good.replace(
+        "[[listener.route]]",
+        &format!(
+            "[[listener.tls.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n\n[[listener.route]]",
+            fifo.display(),
+            fifo.display()
+        ),
+    );
+
+    // 1. Killed while starting.
+    supervisor.write_config(&with_timeout(&hanging));
+    let socket_path = supervisor.socket.clone();
+    let reload = std::thread::spawn(move || {
+        std::process::Command::new(baton_tests::binaries::supervisor())
+            .args(["reload", "--socket"])
+            .arg(socket_path)
+            .output()
+            .unwrap()
+    });
+    let mut starting = None;
+    assert!(wait_until(WAIT, || {
+        starting = supervisor
+            .generations()
+            .into_iter()
+            .find(|g| g.2 == "starting")
+            .map(|g| g.1);
+        starting.is_some()
+    }));
+    kill(Pid::from_raw(starting.unwrap() as i32), Signal::SIGKILL).unwrap();
+    let out = baton_tests::blocking(|| reload.join().unwrap());
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("exited before it was ready (killed by signal 9 (SIGKILL))"),
+        "{stderr}"
+    );
+
+    // 2. Hung past the readiness timeout: killed by the supervisor.
+    let out = supervisor.reload();
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stderr
+            .contains("not ready within the readiness timeout (2s)"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        supervisor.generations().len(),
+        1,
+        "only the active one is left"
+    );
+
+    // 3. The next normal reload works.
+    supervisor.write_config(&with_timeout(&good));
+    let out = supervisor.reload();
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(client::get(listen, "/after").await.status, 200);
+}
