@@ -169,17 +169,30 @@ pub fn parse(path: &Path, source: &str) -> Result<SupervisorConfig, String> {
     })
 }
 
-/// `$RUNTIME_DIRECTORY/<instance>.sock` under systemd (`RuntimeDirectory=baton`), else
-/// `/run/baton/<instance>.sock`.
+/// Where the control socket of `instance` is unless the config says: under systemd
+/// (`RuntimeDirectory=baton`) `$RUNTIME_DIRECTORY/<instance>.sock`; for root
+/// `/run/baton/<instance>.sock`; for other users `$XDG_RUNTIME_DIR/baton/<instance>.sock`, else
+/// `/tmp/baton-<uid>/<instance>.sock`. The `baton` commands find it the same way, run by the
+/// same user.
 pub fn default_control_socket(instance: &str) -> PathBuf {
-    let dir = std::env::var_os("RUNTIME_DIRECTORY")
-        .and_then(|dirs| {
+    let first = |var: &str| {
+        std::env::var_os(var).and_then(|dirs| {
             dirs.to_str()
                 .and_then(|d| d.split(':').next())
                 .filter(|d| !d.is_empty())
                 .map(PathBuf::from)
         })
-        .unwrap_or_else(|| PathBuf::from("/run/baton"));
+    };
+    let uid = nix::unistd::geteuid();
+    let dir = first("RUNTIME_DIRECTORY").unwrap_or_else(|| {
+        if uid.is_root() {
+            PathBuf::from("/run/baton")
+        } else {
+            first("XDG_RUNTIME_DIR")
+                .map(|d| d.join("baton"))
+                .unwrap_or_else(|| PathBuf::from(format!("/tmp/baton-{uid}")))
+        }
+    });
     dir.join(format!("{instance}.sock"))
 }
 
