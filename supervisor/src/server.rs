@@ -25,7 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::SupervisorConfig;
 use crate::control::{GenerationStatus, Request, Response, Status};
-use crate::lifecycle::{self, Action, Event, Lifecycle, Settings, Waiter};
+use crate::lifecycle::{self, Action, Event, Lifecycle, Settings, State, Waiter};
 use crate::spawn;
 use crate::store::SocketStore;
 
@@ -65,6 +65,9 @@ struct SupervisorStats {
     failures: Counter,
     crashes: Counter,
     draining: Gauge,
+    /// Connections and requests the draining generations still hold.
+    draining_connections: Gauge,
+    draining_requests: Gauge,
     written: lifecycle::Counts,
 }
 
@@ -180,6 +183,20 @@ impl Supervisor {
                     "Generations draining now.",
                 ))
                 .map_err(|e| e.to_string())?,
+            draining_connections: region
+                .gauge(Spec::new(
+                    "supervisor.draining_connections",
+                    &[],
+                    "Connections the draining generations still hold.",
+                ))
+                .map_err(|e| e.to_string())?,
+            draining_requests: region
+                .gauge(Spec::new(
+                    "supervisor.draining_requests",
+                    &[],
+                    "Requests the draining generations are still answering.",
+                ))
+                .map_err(|e| e.to_string())?,
             shard: region
                 .attach_shard(SUPERVISOR_SHARD_EPOCH, 0)
                 .map_err(|e| e.to_string())?,
@@ -242,6 +259,19 @@ impl Supervisor {
         s.shard.add(s.crashes, counts.crashes - s.written.crashes);
         s.written = counts;
         s.shard.set(s.draining, self.lifecycle.draining() as i64);
+        let (mut connections, mut requests) = (0, 0);
+        for g in self
+            .lifecycle
+            .generations()
+            .filter(|g| g.state == State::Draining)
+        {
+            if let Some(io) = self.generations.get(&g.epoch) {
+                connections += io.load.connections;
+                requests += io.load.requests;
+            }
+        }
+        s.shard.set(s.draining_connections, connections as i64);
+        s.shard.set(s.draining_requests, requests as i64);
     }
 
     fn execute(&mut self, action: Action) {
@@ -578,6 +608,7 @@ impl Supervisor {
                 if let Some(g) = self.generations.get_mut(&epoch) {
                     g.load = load;
                 }
+                self.update_stats();
             }
             ToSupervisor::Draining => {
                 debug!(epoch, "no longer accepting");

@@ -407,3 +407,62 @@ async fn a_generation_that_hangs_or_dies_while_starting_does_not_block_reloads()
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     assert_eq!(client::get(listen, "/after").await.status, 200);
 }
+
+#[test]
+fn baton_explains_what_it_cannot_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("baton.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\nname = \"l\"\naddress = \"{}\"\nprotocol = \"http\"\n[[listener.route]]\ndirect_response = {{ status = 200 }}\n[stats]\npath = \"stats.shm\"\n[supervisor]\ncontrol_socket = \"baton.sock\"\nproxy_binary = \"/nonexistent/baton-proxy\"\n",
+            free_addr()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let mut child = std::process::Command::new(baton_tests::binaries::supervisor())
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        assert!(
+            wait_until(WAIT, || matches!(child.try_wait(), Ok(Some(_)))),
+            "baton {args:?} kept running"
+        );
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let config = config.to_str().unwrap();
+    let (code, err) = run(&["run", "--config", config]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("baton-proxy not found: looked for /nonexistent/baton-proxy (supervisor.proxy_binary in the config)"),
+        "{err}"
+    );
+    let (code, err) = run(&["status", "--config", config]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("no supervisor is listening on") && err.contains("baton.sock"),
+        "{err}"
+    );
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        "[supervisor]\nreadyness_timeout = \"1s\"\n",
+    )
+    .unwrap();
+    let bad = dir.path().join("bad.toml");
+    let (code, err) = run(&["reload", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(64));
+    assert!(
+        err.contains("bad.toml:2:1: unknown field `readyness_timeout`"),
+        "{err}"
+    );
+    let (code, err) = run(&["reload"]);
+    assert_eq!(code, Some(2), "a command needs --config or --socket: {err}");
+}
