@@ -53,14 +53,9 @@ fn built() -> &'static Built {
         let mut command = Command::new(cargo);
         command
             .current_dir(workspace)
-            .args([
-                "build",
-                "--quiet",
-                "--bins",
-                "-p",
-                "baton-proxy",
-                "--target-dir",
-            ])
+            .args(["build", "--quiet", "--bins"])
+            .args(["-p", "baton-proxy", "-p", "shm-stats", "-p", "baton"])
+            .arg("--target-dir")
             .arg(target_dir);
         if profile == "release" {
             command.arg("--release");
