@@ -88,6 +88,11 @@ pub enum StartError {
     /// The system refused a thread or a socket copy (limits on threads or file descriptors).
     #[error("cannot start worker threads: {0}")]
     Workers(#[source] std::io::Error),
+    /// A listener names its socket only by `fd_name`: only `baton run` under systemd has it.
+    #[error(
+        "listener `{listener}` has only an fd_name: its socket comes from systemd through `baton run`; give it an address to run baton-proxy alone"
+    )]
+    NeedsSupervisor { listener: String },
     /// The stats region has no room for this generation's stats or shards.
     #[error("{0}")]
     Stats(#[from] shm_stats::StatsError),
@@ -356,9 +361,12 @@ pub fn bind_listeners(config: &Config) -> Result<Vec<TcpListener>, StartError> {
         .listeners
         .iter()
         .map(|l| {
-            listen::bind_tcp(l.address, l.backlog).map_err(|source| StartError::Bind {
+            let address = l.address.ok_or_else(|| StartError::NeedsSupervisor {
                 listener: l.name.clone(),
-                address: l.address,
+            })?;
+            listen::bind_tcp(address, l.backlog).map_err(|source| StartError::Bind {
+                listener: l.name.clone(),
+                address,
                 source,
             })
         })

@@ -137,7 +137,7 @@ pub async fn run(
     let listeners: Vec<String> = config
         .listeners
         .iter()
-        .map(|l| format!("{}={}", l.name, l.address))
+        .map(|l| format!("{}={}", l.name, l.describe()))
         .collect();
     info!(
         epoch,

@@ -206,6 +206,26 @@ impl Link {
         Ok(listener)
     }
 
+    /// The socket systemd passed under `FileDescriptorName=name`, and its key.
+    pub async fn named_socket(&mut self, name: &str) -> Result<(TcpListener, SocketKey), String> {
+        let name = name.to_owned();
+        let mut received = self
+            .request(|id| ToSupervisor::GetNamedSocket { id, name })
+            .await?;
+        let ToGeneration::Socket { key, .. } = received.msg else {
+            return Err("the supervisor sent no socket".into());
+        };
+        let fd = received
+            .fds
+            .pop()
+            .ok_or("the supervisor sent no socket with its answer")?;
+        let listener = TcpListener::from(fd);
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| format!("socket {key}: {e}"))?;
+        Ok((listener, key))
+    }
+
     async fn request_with_fd(
         &mut self,
         make: impl FnOnce(u32) -> ToSupervisor,
@@ -243,12 +263,16 @@ pub async fn sockets(
     let mut keys = Vec::new();
     let mut sockets = Vec::with_capacity(config.listeners.len());
     for l in &config.listeners {
-        let key = SocketKey::tcp(l.address);
-        sockets.push(
-            link.listen_socket(key, l.backlog)
-                .await
-                .map_err(|e| format!("listener `{}`: {e}", l.name))?,
-        );
+        let (socket, key) = match (&l.fd_name, l.address) {
+            (Some(name), _) => link.named_socket(name).await,
+            (None, Some(address)) => {
+                let key = SocketKey::tcp(address);
+                link.listen_socket(key, l.backlog).await.map(|s| (s, key))
+            }
+            (None, None) => Err("no address and no fd_name".to_owned()),
+        }
+        .map_err(|e| format!("listener `{}`: {e}", l.name))?;
+        sockets.push(socket);
         keys.push(key);
     }
     let admin = match &config.admin {

@@ -97,6 +97,9 @@ pub enum ToSupervisor {
     Draining,
     /// Done draining (or stopped), about to exit.
     Exiting { connections_left: u64 },
+    /// Asks for a socket systemd passed under `FileDescriptorName=name` (socket activation).
+    /// Answered by `Socket` (the fd attached, with its key) or `Error`.
+    GetNamedSocket { id: u32, name: String },
 }
 
 /// From the supervisor to a generation.

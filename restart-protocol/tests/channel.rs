@@ -44,6 +44,10 @@ fn all_to_supervisor() -> Vec<ToSupervisor> {
             requests: 2,
         }),
         ToSupervisor::Draining,
+        ToSupervisor::GetNamedSocket {
+            id: 4,
+            name: "public".into(),
+        },
         ToSupervisor::Exiting {
             connections_left: 0,
         },

@@ -24,6 +24,8 @@ pub struct SupervisorConfig {
     pub control_socket: PathBuf,
     pub readiness_timeout: Duration,
     pub max_draining: usize,
+    /// Push listen sockets to systemd's fd store even if `FDSTORE` is not set (systemd 252).
+    pub fd_store: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -53,6 +55,7 @@ struct RawSupervisor {
     control_socket: Option<String>,
     readiness_timeout: Option<Spanned<String>>,
     max_draining: Option<Spanned<i64>>,
+    fd_store: Option<bool>,
 }
 
 /// Reads the supervisor's part of the config at `path`. Errors are one line:
@@ -128,6 +131,7 @@ pub fn parse(path: &Path, source: &str) -> Result<SupervisorConfig, String> {
         control_socket: None,
         readiness_timeout: None,
         max_draining: None,
+        fd_store: None,
     });
     let max_draining = match supervisor.max_draining {
         None => 2,
@@ -165,6 +169,7 @@ pub fn parse(path: &Path, source: &str) -> Result<SupervisorConfig, String> {
             Duration::from_secs(30),
         )?,
         max_draining,
+        fd_store: supervisor.fd_store.unwrap_or(false),
         instance,
     })
 }

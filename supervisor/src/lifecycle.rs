@@ -204,6 +204,11 @@ impl Lifecycle {
             .map(|g| g.epoch)
     }
 
+    /// Whether a reload is in progress (a new generation starting or handing over).
+    pub fn reloading(&self) -> bool {
+        self.reload.epoch.is_some()
+    }
+
     pub fn draining(&self) -> usize {
         self.generations
             .values()

@@ -16,9 +16,11 @@
 
 #![deny(unsafe_code)]
 
+mod activation;
 mod config;
 mod control;
 mod lifecycle;
+mod notify;
 mod server;
 mod spawn;
 mod store;
@@ -29,6 +31,9 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::control::{Request, Response};
+
+/// The variable that hands a re-executed supervisor the state of the one it replaces.
+pub const UPGRADE_FD_ENV: &str = "BATON_UPGRADE_FD";
 
 /// Exit status for a configuration or usage the operator must fix (sysexits' EX_USAGE).
 const EXIT_USAGE: u8 = 64;

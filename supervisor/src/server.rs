@@ -5,15 +5,16 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Child, ExitStatus};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::{UnixListener, UnixStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
+use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
 use restart_protocol::{
     Channel, ChannelError, FEATURES, Load, PROTOCOL_VERSIONS, Received, SocketKey, ToGeneration,
     ToSupervisor, negotiate,
@@ -23,9 +24,11 @@ use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, error, info, warn};
 
+use crate::activation;
 use crate::config::SupervisorConfig;
 use crate::control::{GenerationStatus, Request, Response, Status};
 use crate::lifecycle::{self, Action, Event, Lifecycle, Settings, State, Waiter};
+use crate::notify::{Notifier, Watchdog};
 use crate::spawn;
 use crate::store::SocketStore;
 
@@ -38,9 +41,10 @@ const GENERATIONS: usize = 1 << 40;
 /// The `epoch` of the supervisor's own shard in the stats region.
 const SUPERVISOR_SHARD_EPOCH: u64 = u64::MAX;
 
-/// A generation's process and channel.
+/// A generation's process and channel. The process is known by pid, not by a
+/// `std::process::Child`, so that a re-executed supervisor can take it over: it is our child
+/// either way, so waiting on its pid is free of pid-reuse races.
 struct GenIo {
-    child: Child,
     pid: u32,
     /// `None` once the generation closed it.
     channel: Option<Channel>,
@@ -49,6 +53,8 @@ struct GenIo {
     load: Load,
     /// The sockets it said it uses, in its `Ready`.
     sockets: Vec<SocketKey>,
+    /// When its last load report came: its sign of life for the watchdog.
+    heard: Instant,
 }
 
 /// A control connection.
@@ -80,11 +86,19 @@ pub struct Supervisor {
     next_client: u64,
     generations: BTreeMap<u64, GenIo>,
     store: SocketStore,
+    /// `FileDescriptorName`s of sockets systemd passed, and their keys.
+    names: HashMap<String, SocketKey>,
+    /// Keys of sockets that came from a `.socket` unit (systemd keeps those itself).
+    activated: std::collections::HashSet<SocketKey>,
     region: Arc<Region>,
     stats: SupervisorStats,
     lifecycle: Lifecycle,
     exit: Option<u8>,
     last_reload: Option<String>,
+    notify: Notifier,
+    watchdog: Option<Watchdog>,
+    /// The last `STATUS=` sent, to send only changes.
+    status_line: String,
 }
 
 /// Runs the supervisor until it is stopped; returns the exit status.
@@ -109,6 +123,9 @@ pub fn run(config: SupervisorConfig) -> u8 {
         let timeout = supervisor
             .lifecycle
             .next_deadline()
+            .into_iter()
+            .chain(supervisor.watchdog.as_ref().map(|w| w.next))
+            .min()
             .map(|d| d.saturating_duration_since(Instant::now()));
         if let Err(e) = supervisor.poll.poll(&mut events, timeout) {
             if e.kind() == ErrorKind::Interrupted {
@@ -121,6 +138,7 @@ pub fn run(config: SupervisorConfig) -> u8 {
             supervisor.dispatch(event.token());
         }
         supervisor.apply(Event::Tick);
+        supervisor.watchdog();
     }
     supervisor.finish()
 }
@@ -130,14 +148,16 @@ fn now_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn describe(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit status {code}"),
-        (None, Some(signal)) => {
-            let name = nix::sys::signal::Signal::try_from(signal).map_or("unknown", |s| s.as_str());
-            format!("killed by signal {signal} ({name})")
-        }
-        _ => format!("{status}"),
+/// How a process ended, or `None` if it has not (stopped or continued).
+fn describe(status: WaitStatus) -> Option<String> {
+    match status {
+        WaitStatus::Exited(_, code) => Some(format!("exit status {code}")),
+        WaitStatus::Signaled(_, signal, _) => Some(format!(
+            "killed by signal {} ({})",
+            signal as i32,
+            signal.as_str()
+        )),
+        _ => None,
     }
 }
 
@@ -214,6 +234,19 @@ impl Supervisor {
             .register(&mut control, CONTROL, Interest::READABLE)
             .map_err(|e| format!("cannot watch the control socket: {e}"))?;
 
+        let notify = Notifier::from_env(config.fd_store);
+        // Sockets systemd passed (socket activation, or our own fd store) seed the store.
+        let mut store = SocketStore::default();
+        let mut names = HashMap::new();
+        let mut activated = std::collections::HashSet::new();
+        for passed in activation::passed() {
+            info!(key = %passed.key, name = ?passed.name, "listen socket from systemd");
+            if let Some(name) = passed.name {
+                names.insert(name, passed.key);
+                activated.insert(passed.key);
+            }
+            store.insert(passed.key, passed.fd);
+        }
         let settings = Settings {
             readiness_timeout: config.readiness_timeout,
             drain_timeout: config.drain_timeout,
@@ -231,21 +264,87 @@ impl Supervisor {
             clients: HashMap::new(),
             next_client: 0,
             generations: BTreeMap::new(),
-            store: SocketStore::default(),
+            store,
+            names,
+            activated,
             region,
             stats,
             exit: None,
             last_reload: None,
+            watchdog: notify.watchdog_interval().map(|every| Watchdog {
+                every,
+                next: Instant::now(),
+            }),
+            notify,
+            status_line: String::new(),
         })
     }
 
     /// Feeds an event to the lifecycle and carries out what it decides.
     fn apply(&mut self, event: Event) {
+        if matches!(event, Event::Stop { .. }) {
+            self.notify.stopping();
+        }
         let actions = self.lifecycle.handle(event, Instant::now());
         for action in actions {
             self.execute(action);
         }
         self.update_stats();
+        let line = self.status_line();
+        if line != self.status_line {
+            self.notify.status(&line);
+            self.status_line = line;
+        }
+    }
+
+    /// One line for `systemctl status`: the active generation, what drains, the last reload.
+    fn status_line(&self) -> String {
+        let active = match self.lifecycle.active() {
+            Some(epoch) => {
+                let pid = self.generations.get(&epoch).map_or(0, |g| g.pid);
+                format!("generation {epoch} active (pid {pid})")
+            }
+            None => "no active generation".to_owned(),
+        };
+        let draining = self.lifecycle.draining();
+        let draining = if draining > 0 {
+            format!(", {draining} draining")
+        } else {
+            String::new()
+        };
+        let last = self
+            .last_reload
+            .as_ref()
+            .map_or(String::new(), |r| format!("; last reload: {r}"));
+        format!("{active}{draining}{last}")
+    }
+
+    /// Pings systemd's watchdog when it is due, if the loop runs (it does, we are here) and the
+    /// active generation reported lately; a wedged active generation stops the pings, so that
+    /// systemd restarts the service.
+    fn watchdog(&mut self) {
+        let Some(watchdog) = &mut self.watchdog else {
+            return;
+        };
+        let now = Instant::now();
+        if now < watchdog.next {
+            return;
+        }
+        watchdog.next = now + watchdog.every;
+        let fresh = (watchdog.every * 2).max(std::time::Duration::from_secs(2));
+        let alive = match self.lifecycle.active() {
+            Some(epoch) => self
+                .generations
+                .get(&epoch)
+                .is_some_and(|g| now.saturating_duration_since(g.heard) <= fresh),
+            // Starting or replacing a crashed generation: the loop itself is alive.
+            None => true,
+        };
+        if alive {
+            self.notify.watchdog();
+        } else {
+            warn!("the active generation has not reported for {fresh:?}; not pinging the watchdog");
+        }
     }
 
     fn update_stats(&mut self) {
@@ -312,7 +411,17 @@ impl Supervisor {
                     .map(|g| g.sockets.clone())
                     .unwrap_or_default();
                 for key in self.store.retain(&used) {
-                    info!(%key, "closed a listen socket the active generation no longer uses");
+                    if self.activated.remove(&key) {
+                        let name = self
+                            .names
+                            .iter()
+                            .find(|(_, k)| **k == key)
+                            .map(|(n, _)| n.clone());
+                        warn!(%key, name = ?name, "systemd passed a socket that no listener uses; closing it");
+                    } else {
+                        info!(%key, "closed a listen socket the active generation no longer uses");
+                        self.notify.remove_fd(&activation::store_name(&key));
+                    }
                 }
                 self.region.set_current_epoch(epoch);
                 let pid = self.generations.get(&epoch).map_or(0, |g| g.pid);
@@ -331,6 +440,12 @@ impl Supervisor {
                 } else {
                     format!("failed: {message}")
                 });
+                // A reload (or the first start) ended: systemd's reload job is done either way.
+                if self.lifecycle.active().is_some() {
+                    let line = self.status_line();
+                    self.notify.ready(&line);
+                    self.status_line = line;
+                }
                 for waiter in waiters {
                     self.respond(
                         waiter,
@@ -360,6 +475,9 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, epoch: u64) {
+        if self.lifecycle.active().is_some() && self.lifecycle.reloading() {
+            self.notify.reloading();
+        }
         let spawned = spawn::proxy_binary(self.config.proxy_binary.as_deref()).and_then(|binary| {
             spawn::spawn(&binary, &self.config.path, epoch)
                 .map_err(|e| format!("cannot run {}: {e}", binary.display()))
@@ -367,6 +485,8 @@ impl Supervisor {
         match spawned {
             Ok((child, channel)) => {
                 let pid = child.id();
+                // Reaped by pid in `reap`; the handle itself holds nothing that needs it.
+                drop(child);
                 let token = Token(GENERATIONS + epoch as usize);
                 if let Err(e) = self.poll.registry().register(
                     &mut SourceFd(&channel.as_raw_fd()),
@@ -379,13 +499,13 @@ impl Supervisor {
                 self.generations.insert(
                     epoch,
                     GenIo {
-                        child,
                         pid,
                         channel: Some(channel),
                         started: SystemTime::now(),
                         build: String::new(),
                         load: Load::default(),
                         sockets: Vec::new(),
+                        heard: Instant::now(),
                     },
                 );
             }
@@ -397,8 +517,8 @@ impl Supervisor {
     }
 
     fn kill(&mut self, epoch: u64) {
-        if let Some(g) = self.generations.get_mut(&epoch)
-            && let Err(e) = g.child.kill()
+        if let Some(g) = self.generations.get(&epoch)
+            && let Err(e) = nix::sys::signal::kill(Pid::from_raw(g.pid as i32), Signal::SIGKILL)
         {
             debug!(epoch, "kill: {e}");
         }
@@ -472,10 +592,18 @@ impl Supervisor {
 
     fn reap(&mut self) {
         let mut exited = Vec::new();
-        for (&epoch, g) in &mut self.generations {
-            match g.child.try_wait() {
-                Ok(Some(status)) => exited.push((epoch, g.pid, describe(status), g.load)),
-                Ok(None) => {}
+        for (&epoch, g) in &self.generations {
+            match waitpid(Pid::from_raw(g.pid as i32), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => {}
+                Ok(status) => {
+                    if let Some(how) = describe(status) {
+                        exited.push((epoch, g.pid, how, g.load));
+                    }
+                }
+                // Not our child any more (already reaped): it is gone.
+                Err(nix::errno::Errno::ECHILD) => {
+                    exited.push((epoch, g.pid, "gone".to_owned(), g.load))
+                }
                 Err(e) => warn!(epoch, "cannot check the generation's process: {e}"),
             }
         }
@@ -574,6 +702,9 @@ impl Supervisor {
             }
             ToSupervisor::DepositSocket { id, key } => match fds.into_iter().next() {
                 Some(fd) => {
+                    // Kept by systemd too, so that a restart of the supervisor gets it back.
+                    self.notify
+                        .store_fd(&activation::store_name(&key), fd.as_fd());
                     if self.store.insert(key, fd) {
                         info!(epoch, %key, "stored a new listen socket");
                     }
@@ -584,6 +715,37 @@ impl Supervisor {
                     self.send(epoch, &ToGeneration::Error { id, message }, &[]);
                 }
             },
+            ToSupervisor::GetNamedSocket { id, name } => {
+                let found = self
+                    .names
+                    .get(&name)
+                    .and_then(|key| Some((*key, self.store.get(key)?.try_clone_to_owned())));
+                match found {
+                    Some((key, Ok(fd))) => {
+                        debug!(epoch, %key, name, "handing over a socket systemd passed");
+                        self.send(epoch, &ToGeneration::Socket { id, key }, &[fd.as_fd()]);
+                    }
+                    Some((key, Err(e))) => {
+                        let message = format!("cannot copy socket {key}: {e}");
+                        self.send(epoch, &ToGeneration::Error { id, message }, &[]);
+                    }
+                    None => {
+                        let mut known: Vec<&str> = self.names.keys().map(String::as_str).collect();
+                        known.sort_unstable();
+                        let message = if known.is_empty() {
+                            format!(
+                                "no socket named `{name}`: systemd passed none (is baton started by its .socket unit?)"
+                            )
+                        } else {
+                            format!(
+                                "no socket named `{name}` was passed by systemd (FileDescriptorName: {})",
+                                known.join(", ")
+                            )
+                        };
+                        self.send(epoch, &ToGeneration::Error { id, message }, &[]);
+                    }
+                }
+            }
             ToSupervisor::GetStatsRegion { id } => {
                 let region = self.region.clone();
                 let path = region.path().display().to_string();
@@ -607,6 +769,7 @@ impl Supervisor {
             ToSupervisor::Load(load) => {
                 if let Some(g) = self.generations.get_mut(&epoch) {
                     g.load = load;
+                    g.heard = Instant::now();
                 }
                 self.update_stats();
             }

@@ -50,7 +50,12 @@ pub fn spawn(binary: &Path, config: &Path, epoch: u64) -> std::io::Result<(Child
         .arg("--epoch")
         .arg(epoch.to_string())
         .env(CONTROL_FD_ENV, CHILD_CONTROL_FD.to_string())
+        .env_remove(crate::UPGRADE_FD_ENV)
         .stdin(Stdio::null());
+    // systemd's variables are for the supervisor (its main pid) alone.
+    for var in crate::notify::SYSTEMD_ENV {
+        command.env_remove(var);
+    }
     // SAFETY: the closure runs in the forked child before exec and only calls dup2 and fcntl,
     // which are async-signal-safe; it touches no memory of the parent but the copied `raw`.
     unsafe {

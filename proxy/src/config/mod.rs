@@ -79,7 +79,10 @@ pub struct Admin {
 #[derive(Debug)]
 pub struct Listener {
     pub name: String,
-    pub address: SocketAddr,
+    /// Where to listen; `None` when the socket comes from systemd by `fd_name` alone.
+    pub address: Option<SocketAddr>,
+    /// The `FileDescriptorName` of a socket systemd passes (socket activation).
+    pub fd_name: Option<String>,
     pub backlog: u32,
     pub access_log: Option<PathBuf>,
     pub kind: ListenerKind,
@@ -144,6 +147,17 @@ pub struct Cluster {
     pub request_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle_per_endpoint: usize,
+}
+
+impl Listener {
+    /// How logs name where it listens.
+    pub fn describe(&self) -> String {
+        match (&self.address, &self.fd_name) {
+            (Some(address), _) => address.to_string(),
+            (None, Some(name)) => format!("fd:{name}"),
+            (None, None) => "-".to_owned(),
+        }
+    }
 }
 
 impl Config {

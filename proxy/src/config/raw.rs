@@ -98,7 +98,9 @@ pub enum RawProtocol {
 #[serde(deny_unknown_fields)]
 pub struct RawListener {
     pub name: Spanned<String>,
-    pub address: Spanned<String>,
+    pub address: Option<Spanned<String>>,
+    /// Under systemd socket activation: the `FileDescriptorName` of the socket to use.
+    pub fd_name: Option<Spanned<String>>,
     pub protocol: Spanned<RawProtocol>,
     /// `tcp` listeners only: the cluster that takes every connection.
     pub cluster: Option<Spanned<String>>,

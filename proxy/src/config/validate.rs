@@ -119,7 +119,11 @@ impl Validator<'_> {
         let mut listeners: Vec<Listener> = Vec::with_capacity(raw.listener.len());
         for raw_listener in raw.listener {
             let raw_listener = raw_listener.into_inner();
-            let (name_span, address_span) = (raw_listener.name.span(), raw_listener.address.span());
+            let name_span = raw_listener.name.span();
+            let address_span = raw_listener
+                .address
+                .as_ref()
+                .map_or(name_span.clone(), |a| a.span());
             let listener = self.listener(raw_listener, &cluster_ids)?;
             if let Some(other) = listeners.iter().find(|l| l.name == listener.name) {
                 return Err(self.error(
@@ -130,27 +134,44 @@ impl Validator<'_> {
                     ),
                 ));
             }
-            if let Some(other) = listeners
-                .iter()
-                .find(|l| overlap(l.address, listener.address))
+            if let Some(address) = listener.address
+                && let Some((other, other_address)) = listeners
+                    .iter()
+                    .filter_map(|l| Some((l, l.address?)))
+                    .find(|(_, a)| overlap(*a, address))
             {
-                let message = if other.address == listener.address {
+                let message = if other_address == address {
                     format!(
-                        "listener `{}` uses address {} that listener `{}` already uses",
-                        listener.name, listener.address, other.name
+                        "listener `{}` uses address {address} that listener `{}` already uses",
+                        listener.name, other.name
                     )
                 } else {
                     format!(
-                        "listener `{}` on {} overlaps listener `{}` on {}: a wildcard address takes the port on every address",
-                        listener.name, listener.address, other.name, other.address
+                        "listener `{}` on {address} overlaps listener `{}` on {other_address}: a wildcard address takes the port on every address",
+                        listener.name, other.name
                     )
                 };
                 return Err(self.error(address_span, message));
             }
+            if let Some(fd_name) = &listener.fd_name
+                && let Some(other) = listeners
+                    .iter()
+                    .find(|l| l.fd_name.as_ref() == Some(fd_name))
+            {
+                return Err(self.error(
+                    name_span,
+                    format!(
+                        "listener `{}` uses fd_name `{fd_name}` that listener `{}` already uses",
+                        listener.name, other.name
+                    ),
+                ));
+            }
             listeners.push(listener);
         }
         if let Some(admin) = &admin
-            && let Some(other) = listeners.iter().find(|l| overlap(l.address, admin.address))
+            && let Some(other) = listeners
+                .iter()
+                .find(|l| l.address.is_some_and(|a| overlap(a, admin.address)))
         {
             return Err(self.error(
                 admin_span.unwrap_or(0..0),
@@ -293,7 +314,29 @@ impl Validator<'_> {
         clusters: &HashMap<String, ClusterId>,
     ) -> Result<Listener> {
         let name = self.name("listener.name", &raw.name)?;
-        let address = self.address("listener.address", &raw.address)?;
+        let address = raw
+            .address
+            .as_ref()
+            .map(|a| self.address("listener.address", a))
+            .transpose()?;
+        let fd_name = match &raw.fd_name {
+            Some(n) if n.get_ref().is_empty() || n.get_ref().contains(':') => {
+                return Err(self.error(
+                    n.span(),
+                    format!("listener `{name}`: fd_name `{}` is not a FileDescriptorName (non-empty, no `:`)", n.get_ref()),
+                ));
+            }
+            Some(n) => Some(n.get_ref().clone()),
+            None => None,
+        };
+        if address.is_none() && fd_name.is_none() {
+            return Err(self.error(
+                raw.name.span(),
+                format!(
+                    "listener `{name}` needs an `address` (or, under systemd socket activation, an `fd_name`)"
+                ),
+            ));
+        }
         let backlog = match raw.backlog {
             None => DEFAULT_BACKLOG,
             Some(b) => u32::try_from(*b.get_ref())
@@ -389,6 +432,7 @@ impl Validator<'_> {
         Ok(Listener {
             name,
             address,
+            fd_name,
             backlog,
             access_log,
             kind,
