@@ -19,6 +19,8 @@ pub enum Request {
     Stop,
     /// Forward SIGUSR1's job: every generation reopens its access logs.
     ReopenLogs,
+    /// SIGUSR2's job: the supervisor executes the `baton` binary on disk in its place.
+    UpgradeSupervisor,
 }
 
 /// What the supervisor answers.
@@ -34,6 +36,8 @@ pub struct Response {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
     pub supervisor_pid: u32,
+    /// The build of the running supervisor binary.
+    pub supervisor_build: String,
     pub instance: String,
     pub config: String,
     pub active_epoch: Option<u64>,

@@ -193,6 +193,41 @@ impl Lifecycle {
         }
     }
 
+    /// The lifecycle of a supervisor that took over from another (see `upgrade.rs`): its
+    /// generations, already active or draining, and its counts.
+    pub fn restore(
+        settings: Settings,
+        next_epoch: u64,
+        generations: Vec<(u64, State)>,
+        counts: Counts,
+        now: Instant,
+    ) -> Self {
+        let mut l = Lifecycle::new(settings, next_epoch);
+        l.counts = counts;
+        l.ever_active = true;
+        for (epoch, state) in generations {
+            let deadline = (state == State::Draining)
+                .then(|| now + settings.drain_timeout + settings.kill_grace);
+            l.generations.insert(
+                epoch,
+                Generation {
+                    epoch,
+                    state,
+                    deadline,
+                    draining_since: (state == State::Draining).then_some(now),
+                    failure: None,
+                    stopping: false,
+                },
+            );
+        }
+        l
+    }
+
+    /// The epoch the next generation gets.
+    pub fn next_epoch(&self) -> u64 {
+        self.next_epoch
+    }
+
     pub fn generations(&self) -> impl Iterator<Item = &Generation> {
         self.generations.values()
     }

@@ -24,6 +24,7 @@ mod notify;
 mod server;
 mod spawn;
 mod store;
+mod upgrade;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -77,6 +78,21 @@ enum Command {
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
     },
+    /// Execute the `baton` binary on disk in the running supervisor's place (same pid, same
+    /// generations and sockets), like SIGUSR2.
+    UpgradeSupervisor(Target),
+    /// Between `baton` binaries, not for people.
+    #[command(hide = true)]
+    Internal {
+        #[command(subcommand)]
+        command: Internal,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Internal {
+    /// Prints the versions of handed-over state this binary reads.
+    UpgradeCheck,
 }
 
 /// Which supervisor to talk to.
@@ -132,6 +148,13 @@ fn main() -> ExitCode {
             }
         }),
         Command::Check { config } => check(&config),
+        Command::UpgradeSupervisor(target) => upgrade_supervisor(&target),
+        Command::Internal {
+            command: Internal::UpgradeCheck,
+        } => {
+            println!("{}", upgrade::STATE_VERSION);
+            ExitCode::SUCCESS
+        }
     }
 }
 
@@ -152,16 +175,9 @@ fn init_logging(format: LogFormat) {
 
 /// Runs one control request and prints its answer; exit 1 when it failed.
 fn client(target: &Target, request: Request, print: impl FnOnce(&Response)) -> ExitCode {
-    let socket = match (&target.socket, &target.config) {
-        (Some(socket), _) => socket.clone(),
-        (None, Some(config)) => match config::load(config) {
-            Ok(c) => c.control_socket,
-            Err(e) => {
-                eprintln!("baton: {e}");
-                return ExitCode::from(EXIT_USAGE);
-            }
-        },
-        (None, None) => unreachable!("clap requires --config or --socket"),
+    let socket = match socket_of(target) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     match control::call(&socket, request) {
         Ok(response) if response.ok => {
@@ -179,13 +195,76 @@ fn client(target: &Target, request: Request, print: impl FnOnce(&Response)) -> E
     }
 }
 
+/// Asks for the upgrade, then waits for the supervisor to answer again and tells whether it
+/// now runs another build.
+fn upgrade_supervisor(target: &Target) -> ExitCode {
+    let socket = match socket_of(target) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let before = match control::call(&socket, Request::Status) {
+        Ok(r) => r.status.map(|s| (s.supervisor_pid, s.supervisor_build)),
+        Err(e) => {
+            eprintln!("baton: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match control::call(&socket, Request::UpgradeSupervisor) {
+        Ok(r) if r.ok => println!("baton: {}", r.message),
+        Ok(r) => {
+            eprintln!("baton: {}", r.message);
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("baton: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    // The new program answers on the same socket once it has taken over.
+    let after = control::call(&socket, Request::Status)
+        .ok()
+        .and_then(|r| r.status)
+        .map(|s| (s.supervisor_pid, s.supervisor_build));
+    match (before, after) {
+        (Some((pid, old)), Some((same_pid, new))) if pid == same_pid && old != new => {
+            println!("baton: supervisor pid {pid} now runs build {new} (was {old})");
+            ExitCode::SUCCESS
+        }
+        (Some((pid, old)), Some((same_pid, new))) if pid == same_pid && old == new => {
+            println!(
+                "baton: supervisor pid {pid} runs build {new} again (the binary on disk is the same build)"
+            );
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("baton: the supervisor did not come back as expected; see its log");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The control socket a command talks to.
+fn socket_of(target: &Target) -> Result<PathBuf, ExitCode> {
+    match (&target.socket, &target.config) {
+        (Some(socket), _) => Ok(socket.clone()),
+        (None, Some(config)) => config::load(config).map(|c| c.control_socket).map_err(|e| {
+            eprintln!("baton: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }),
+        (None, None) => {
+            eprintln!("baton: give --config FILE or --socket PATH");
+            Err(ExitCode::from(EXIT_USAGE))
+        }
+    }
+}
+
 fn status_table(status: &control::Status) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "supervisor pid {}, instance {}, config {}",
-        status.supervisor_pid, status.instance, status.config
+        "supervisor pid {} (build {}), instance {}, config {}",
+        status.supervisor_pid, status.supervisor_build, status.instance, status.config
     );
     let _ = writeln!(
         out,

@@ -20,7 +20,7 @@ use restart_protocol::{
     ToSupervisor, negotiate,
 };
 use shm_stats::{Counter, Gauge, Region, Shard, Spec};
-use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, error, info, warn};
 
@@ -31,6 +31,7 @@ use crate::lifecycle::{self, Action, Event, Lifecycle, Settings, State, Waiter};
 use crate::notify::{Notifier, Watchdog};
 use crate::spawn;
 use crate::store::SocketStore;
+use crate::upgrade;
 
 const SIGNALS: Token = Token(0);
 const CONTROL: Token = Token(1);
@@ -99,17 +100,22 @@ pub struct Supervisor {
     watchdog: Option<Watchdog>,
     /// The last `STATUS=` sent, to send only changes.
     status_line: String,
+    /// The binary and arguments this supervisor was started with, to execute again.
+    exe: std::path::PathBuf,
+    args: Vec<String>,
 }
 
 /// Runs the supervisor until it is stopped; returns the exit status.
 pub fn run(config: SupervisorConfig) -> u8 {
     let mut supervisor = match Supervisor::new(config) {
         Ok(s) => s,
-        Err(e) => {
+        Err(StartFailure::Fatal(e)) => {
             error!("{e}");
             return 1;
         }
+        Err(StartFailure::Orphaned(e)) => return orphaned(&e),
     };
+    let took_over = !supervisor.generations.is_empty();
     info!(
         pid = std::process::id(),
         config = %supervisor.config.path.display(),
@@ -117,7 +123,14 @@ pub fn run(config: SupervisorConfig) -> u8 {
         stats = %supervisor.region.path().display(),
         "supervisor started"
     );
-    supervisor.apply(Event::Reload { waiter: None });
+    if took_over {
+        // Children that exited while the binary was being replaced are reaped now.
+        supervisor.reap();
+        let line = supervisor.status_line();
+        supervisor.notify.ready(&line);
+    } else {
+        supervisor.apply(Event::Reload { waiter: None });
+    }
     let mut events = Events::with_capacity(64);
     while supervisor.exit.is_none() {
         let timeout = supervisor
@@ -143,6 +156,21 @@ pub fn run(config: SupervisorConfig) -> u8 {
     supervisor.finish()
 }
 
+/// The new program cannot take over what the old one handed over. The generations keep
+/// serving on the fds this process still holds; nothing manages them, so say so loudly and
+/// wait for the operator to stop the service.
+fn orphaned(reason: &str) -> u8 {
+    error!(
+        "the supervisor upgrade failed: {reason}; the generations keep serving unmanaged: restart the service when convenient"
+    );
+    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) {
+        Ok(s) => s,
+        Err(_) => return 1,
+    };
+    let _ = signals.forever().next();
+    1
+}
+
 fn now_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -161,8 +189,167 @@ fn describe(status: WaitStatus) -> Option<String> {
     }
 }
 
+/// Why the supervisor could not start.
+enum StartFailure {
+    /// Nothing runs yet: report and exit.
+    Fatal(String),
+    /// This process replaced a supervisor but cannot understand what it handed over: the
+    /// generations still serve (their fds stay open here), but nobody manages them.
+    Orphaned(String),
+}
+
+impl From<String> for StartFailure {
+    fn from(reason: String) -> Self {
+        StartFailure::Fatal(reason)
+    }
+}
+
+fn settings(config: &SupervisorConfig) -> Settings {
+    Settings {
+        readiness_timeout: config.readiness_timeout,
+        drain_timeout: config.drain_timeout,
+        strategy: config.drain_strategy,
+        max_draining: config.max_draining,
+        kill_grace: std::time::Duration::from_secs(5),
+        hurry_timeout: std::time::Duration::from_secs(2),
+    }
+}
+
+fn register_stats(region: &Arc<Region>) -> Result<SupervisorStats, String> {
+    let err = |e: shm_stats::StatsError| e.to_string();
+    Ok(SupervisorStats {
+        reloads: region
+            .counter(Spec::new(
+                "supervisor.reloads_total",
+                &[],
+                "Reloads started (the first start included).",
+            ))
+            .map_err(err)?,
+        failures: region
+            .counter(Spec::new(
+                "supervisor.reload_failures_total",
+                &[],
+                "Reloads whose new generation never became active.",
+            ))
+            .map_err(err)?,
+        crashes: region
+            .counter(Spec::new(
+                "supervisor.generation_crashes_total",
+                &[],
+                "Active generations that exited unasked.",
+            ))
+            .map_err(err)?,
+        draining: region
+            .gauge(Spec::new(
+                "supervisor.generations_draining",
+                &[],
+                "Generations draining now.",
+            ))
+            .map_err(err)?,
+        draining_connections: region
+            .gauge(Spec::new(
+                "supervisor.draining_connections",
+                &[],
+                "Connections the draining generations still hold.",
+            ))
+            .map_err(err)?,
+        draining_requests: region
+            .gauge(Spec::new(
+                "supervisor.draining_requests",
+                &[],
+                "Requests the draining generations are still answering.",
+            ))
+            .map_err(err)?,
+        shard: region
+            .attach_shard(SUPERVISOR_SHARD_EPOCH, 0)
+            .map_err(err)?,
+        written: lifecycle::Counts::default(),
+    })
+}
+
+/// What differs between a fresh start and a take-over.
+struct Parts {
+    region: Arc<Region>,
+    control: UnixListener,
+    store: SocketStore,
+    names: HashMap<String, SocketKey>,
+    activated: std::collections::HashSet<SocketKey>,
+    lifecycle: Lifecycle,
+    generations: BTreeMap<u64, GenIo>,
+    last_reload: Option<String>,
+}
+
 impl Supervisor {
-    fn new(config: SupervisorConfig) -> Result<Supervisor, String> {
+    fn new(config: SupervisorConfig) -> Result<Supervisor, StartFailure> {
+        let parts = match upgrade::inherited() {
+            None => Self::fresh(&config)?,
+            Some(Ok(state)) => Self::take_over(&config, state).map_err(StartFailure::Orphaned)?,
+            Some(Err(reason)) => return Err(StartFailure::Orphaned(reason)),
+        };
+        let Parts {
+            region,
+            mut control,
+            store,
+            names,
+            activated,
+            lifecycle,
+            generations,
+            last_reload,
+        } = parts;
+        region.set_supervisor_pid(std::process::id());
+        if let Some(mismatch) = region.capacity_mismatch(config.capacities) {
+            warn!("{mismatch}");
+        }
+        let stats = register_stats(&region)?;
+        let poll = Poll::new().map_err(|e| format!("cannot create the event loop: {e}"))?;
+        let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGCHLD])
+            .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .map_err(|e| format!("cannot watch signals: {e}"))?;
+        poll.registry()
+            .register(&mut control, CONTROL, Interest::READABLE)
+            .map_err(|e| format!("cannot watch the control socket: {e}"))?;
+        for (&epoch, g) in &generations {
+            if let Some(channel) = &g.channel {
+                poll.registry()
+                    .register(
+                        &mut SourceFd(&channel.as_raw_fd()),
+                        Token(GENERATIONS + epoch as usize),
+                        Interest::READABLE,
+                    )
+                    .map_err(|e| format!("cannot watch generation {epoch}'s channel: {e}"))?;
+            }
+        }
+        let notify = Notifier::from_env(config.fd_store);
+        Ok(Supervisor {
+            lifecycle,
+            config,
+            poll,
+            signals,
+            control,
+            clients: HashMap::new(),
+            next_client: 0,
+            generations,
+            store,
+            names,
+            activated,
+            region,
+            stats,
+            exit: None,
+            last_reload,
+            watchdog: notify.watchdog_interval().map(|every| Watchdog {
+                every,
+                next: Instant::now(),
+            }),
+            notify,
+            status_line: String::new(),
+            exe: upgrade::binary_path(),
+            args: std::env::args().collect(),
+        })
+    }
+
+    fn fresh(config: &SupervisorConfig) -> Result<Parts, String> {
         let region = Region::create_or_open(&config.stats_path, config.capacities)
             .map_err(|e| e.to_string())?;
         match region.reclaim_dead() {
@@ -170,71 +357,7 @@ impl Supervisor {
             Ok(n) => info!(shards = n, "retired the stats of processes that are gone"),
             Err(e) => warn!("{e}"),
         }
-        region.set_supervisor_pid(std::process::id());
-        if let Some(mismatch) = region.capacity_mismatch(config.capacities) {
-            warn!("{mismatch}");
-        }
-        let stats = SupervisorStats {
-            reloads: region
-                .counter(Spec::new(
-                    "supervisor.reloads_total",
-                    &[],
-                    "Reloads started (the first start included).",
-                ))
-                .map_err(|e| e.to_string())?,
-            failures: region
-                .counter(Spec::new(
-                    "supervisor.reload_failures_total",
-                    &[],
-                    "Reloads whose new generation never became active.",
-                ))
-                .map_err(|e| e.to_string())?,
-            crashes: region
-                .counter(Spec::new(
-                    "supervisor.generation_crashes_total",
-                    &[],
-                    "Active generations that exited unasked.",
-                ))
-                .map_err(|e| e.to_string())?,
-            draining: region
-                .gauge(Spec::new(
-                    "supervisor.generations_draining",
-                    &[],
-                    "Generations draining now.",
-                ))
-                .map_err(|e| e.to_string())?,
-            draining_connections: region
-                .gauge(Spec::new(
-                    "supervisor.draining_connections",
-                    &[],
-                    "Connections the draining generations still hold.",
-                ))
-                .map_err(|e| e.to_string())?,
-            draining_requests: region
-                .gauge(Spec::new(
-                    "supervisor.draining_requests",
-                    &[],
-                    "Requests the draining generations are still answering.",
-                ))
-                .map_err(|e| e.to_string())?,
-            shard: region
-                .attach_shard(SUPERVISOR_SHARD_EPOCH, 0)
-                .map_err(|e| e.to_string())?,
-            written: lifecycle::Counts::default(),
-        };
-
-        let poll = Poll::new().map_err(|e| format!("cannot create the event loop: {e}"))?;
-        let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT, SIGUSR1, SIGCHLD])
-            .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-        poll.registry()
-            .register(&mut signals, SIGNALS, Interest::READABLE)
-            .map_err(|e| format!("cannot watch signals: {e}"))?;
-        let mut control = bind_control(&config.control_socket)?;
-        poll.registry()
-            .register(&mut control, CONTROL, Interest::READABLE)
-            .map_err(|e| format!("cannot watch the control socket: {e}"))?;
-
-        let notify = Notifier::from_env(config.fd_store);
+        let control = bind_control(&config.control_socket)?;
         // Sockets systemd passed (socket activation, or our own fd store) seed the store.
         let mut store = SocketStore::default();
         let mut names = HashMap::new();
@@ -247,37 +370,148 @@ impl Supervisor {
             }
             store.insert(passed.key, passed.fd);
         }
-        let settings = Settings {
-            readiness_timeout: config.readiness_timeout,
-            drain_timeout: config.drain_timeout,
-            strategy: config.drain_strategy,
-            max_draining: config.max_draining,
-            kill_grace: std::time::Duration::from_secs(5),
-            hurry_timeout: std::time::Duration::from_secs(2),
-        };
-        Ok(Supervisor {
-            lifecycle: Lifecycle::new(settings, 0),
-            config,
-            poll,
-            signals,
+        Ok(Parts {
+            region,
             control,
-            clients: HashMap::new(),
-            next_client: 0,
-            generations: BTreeMap::new(),
             store,
             names,
             activated,
-            region,
-            stats,
-            exit: None,
+            lifecycle: Lifecycle::new(settings(config), 0),
+            generations: BTreeMap::new(),
             last_reload: None,
-            watchdog: notify.watchdog_interval().map(|every| Watchdog {
-                every,
-                next: Instant::now(),
-            }),
-            notify,
-            status_line: String::new(),
         })
+    }
+
+    /// Takes over from the supervisor this process replaced (see `upgrade.rs`). Entries that
+    /// do not check out (a process gone, an fd that is not what it should be) are left out,
+    /// with a word in the log.
+    fn take_over(config: &SupervisorConfig, state: upgrade::Inherited) -> Result<Parts, String> {
+        let control = upgrade::adopt(state.control_fd)
+            .map(std::os::unix::net::UnixListener::from)
+            .ok_or("the control socket was not handed over")?;
+        control
+            .set_nonblocking(true)
+            .map_err(|e| format!("control socket: {e}"))?;
+        let control = UnixListener::from_std(control);
+        let region_file = upgrade::adopt(state.region_fd)
+            .map(std::fs::File::from)
+            .ok_or("the stats region was not handed over")?;
+        let region =
+            Region::from_file(&config.stats_path, region_file).map_err(|e| e.to_string())?;
+        let mut store = SocketStore::default();
+        for (key, fd) in &state.sockets {
+            match upgrade::adopt(*fd) {
+                Some(fd) => {
+                    store.insert(*key, fd);
+                }
+                None => warn!(%key, "a handed-over listen socket is not open; left out"),
+            }
+        }
+        let now = Instant::now();
+        let mut generations = BTreeMap::new();
+        let mut states = Vec::new();
+        for g in &state.generations {
+            let alive = nix::sys::signal::kill(Pid::from_raw(g.pid as i32), None).is_ok();
+            let channel = upgrade::adopt(g.channel_fd).and_then(|fd| Channel::from_fd(fd).ok());
+            let (Some(gen_state), true, Some(channel)) = (g.state(), alive, channel) else {
+                warn!(
+                    epoch = g.epoch,
+                    pid = g.pid,
+                    "a handed-over generation does not check out; left out"
+                );
+                continue;
+            };
+            states.push((g.epoch, gen_state));
+            generations.insert(
+                g.epoch,
+                GenIo {
+                    pid: g.pid,
+                    channel: Some(channel),
+                    started: UNIX_EPOCH + std::time::Duration::from_millis(g.started_unix_ms),
+                    build: g.build.clone(),
+                    load: g.load(),
+                    sockets: g.sockets.clone(),
+                    heard: now,
+                },
+            );
+        }
+        info!(
+            generations = generations.len(),
+            sockets = store.len(),
+            "took over from the supervisor this one replaced"
+        );
+        let lifecycle = Lifecycle::restore(
+            settings(config),
+            state.next_epoch,
+            states,
+            state.counts(),
+            now,
+        );
+        Ok(Parts {
+            region,
+            control,
+            store,
+            names: state.names.into_iter().collect(),
+            activated: state.activated.into_iter().collect(),
+            lifecycle,
+            generations,
+            last_reload: state.last_reload,
+        })
+    }
+
+    /// SIGUSR2 and `baton upgrade-supervisor`: execute the `baton` binary on disk in this
+    /// process's place. Returns why not, if it did not happen.
+    fn upgrade(&mut self) -> Result<(), String> {
+        if self.lifecycle.reloading() {
+            return Err("a reload is in progress; upgrade the supervisor once it has ended".into());
+        }
+        upgrade::check(&self.exe)?;
+        let state = upgrade::Inherited {
+            version: upgrade::STATE_VERSION,
+            control_fd: self.control.as_raw_fd(),
+            region_fd: self.region.file().as_raw_fd(),
+            sockets: self.store.fds(),
+            names: self.names.iter().map(|(n, k)| (n.clone(), *k)).collect(),
+            activated: self.activated.iter().copied().collect(),
+            generations: self
+                .lifecycle
+                .generations()
+                .filter_map(|g| {
+                    let io = self.generations.get(&g.epoch)?;
+                    Some(upgrade::InheritedGeneration {
+                        epoch: g.epoch,
+                        pid: io.pid,
+                        state: g.state.name().to_owned(),
+                        channel_fd: io.channel.as_ref()?.as_raw_fd(),
+                        started_unix_ms: now_ms(io.started),
+                        build: io.build.clone(),
+                        sockets: io.sockets.clone(),
+                        load: (io.load.connections, io.load.requests),
+                    })
+                })
+                .collect(),
+            next_epoch: self.lifecycle.next_epoch(),
+            counts: (
+                self.lifecycle.counts.reloads,
+                self.lifecycle.counts.reload_failures,
+                self.lifecycle.counts.crashes,
+            ),
+            last_reload: self.last_reload.clone(),
+        };
+        info!(binary = %self.exe.display(), "upgrading the supervisor: executing the binary on disk in place");
+        self.notify.reloading();
+        // The new program attaches its own stats row; this one's counts fold in first.
+        if let Err(e) = self.region.retire_epoch(SUPERVISOR_SHARD_EPOCH) {
+            warn!("cannot retire the supervisor's stats: {e}");
+        }
+        let error = upgrade::exec(&self.exe, &self.args, &state);
+        // Still here: the exec failed and nothing was handed over.
+        match register_stats(&self.region) {
+            Ok(stats) => self.stats = stats,
+            Err(e) => warn!("cannot count the supervisor's stats again: {e}"),
+        }
+        self.notify.ready(&self.status_line);
+        Err(error)
     }
 
     /// Feeds an event to the lifecycle and carries out what it decides.
@@ -576,6 +810,12 @@ impl Supervisor {
                 SIGUSR1 => {
                     info!("SIGUSR1: every generation reopens its logs");
                     self.reopen_logs();
+                }
+                SIGUSR2 => {
+                    info!("SIGUSR2: upgrade the supervisor in place");
+                    if let Err(e) = self.upgrade() {
+                        error!("the supervisor was not upgraded: {e}");
+                    }
                 }
                 SIGCHLD => self.reap(),
                 _ => {}
@@ -908,6 +1148,21 @@ impl Supervisor {
                 );
                 self.apply(Event::Stop { graceful: true });
             }
+            Request::UpgradeSupervisor => {
+                info!("supervisor upgrade requested over the control socket");
+                // Answer first: the connection does not survive the exec.
+                self.respond(
+                    client,
+                    Response {
+                        ok: true,
+                        message: format!("upgrading: executing {} in place", self.exe.display()),
+                        status: None,
+                    },
+                );
+                if let Err(e) = self.upgrade() {
+                    error!("the supervisor was not upgraded: {e}");
+                }
+            }
             Request::ReopenLogs => {
                 self.reopen_logs();
                 let count = self.generations.len();
@@ -944,6 +1199,7 @@ impl Supervisor {
         let counts = self.lifecycle.counts;
         Status {
             supervisor_pid: std::process::id(),
+            supervisor_build: env!("BATON_BUILD_ID").to_owned(),
             instance: self.config.instance.clone(),
             config: self.config.path.display().to_string(),
             active_epoch: self.lifecycle.active(),

@@ -40,6 +40,15 @@ impl SocketStore {
         unused
     }
 
+    /// Every socket's key and fd number (for handing them over to a new supervisor).
+    pub fn fds(&self) -> Vec<(SocketKey, std::os::fd::RawFd)> {
+        use std::os::fd::AsRawFd;
+        self.sockets
+            .iter()
+            .map(|(k, fd)| (*k, fd.as_raw_fd()))
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.sockets.len()
     }
