@@ -11,6 +11,14 @@ use nix::unistd::Pid;
 use crate::proxy::{START_TIMEOUT, with_private_stats};
 use crate::{binaries, blocking, wait_until};
 
+/// How to start a supervisor.
+#[derive(Debug, Default)]
+pub struct Options {
+    /// A `baton` binary among the files written beside the config, instead of the built one.
+    pub binary: Option<String>,
+    pub env: Vec<(String, String)>,
+}
+
 pub struct Supervisor {
     child: Child,
     dir: tempfile::TempDir,
@@ -37,6 +45,12 @@ impl Supervisor {
 
     /// Like [`Supervisor::start`], with `files` (name, bytes) written beside the config first.
     pub fn start_with_files(config: &str, files: &[(&str, &[u8])]) -> Supervisor {
+        Self::start_with(config, files, &Options::default())
+    }
+
+    /// The most general start: files beside the config, another `baton` binary, more
+    /// environment variables.
+    pub fn start_with(config: &str, files: &[(&str, &[u8])], options: &Options) -> Supervisor {
         let dir = tempfile::tempdir().expect("a temporary folder");
         for (name, content) in files {
             let path = dir.path().join(name);
@@ -49,7 +63,13 @@ impl Supervisor {
         std::fs::write(&config_path, Self::complete(config, &socket))
             .expect("the config can be written");
         let log = dir.path().join("supervisor.log");
-        let child = Command::new(binaries::supervisor())
+        let binary = options
+            .binary
+            .as_ref()
+            .map(|b| dir.path().join(b))
+            .unwrap_or_else(|| binaries::supervisor().to_owned());
+        let child = Command::new(binary)
+            .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .arg("run")
             .arg("--config")
             .arg(&config_path)

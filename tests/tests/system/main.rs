@@ -15,6 +15,8 @@ mod http2_tls;
 mod reload;
 /// The shared-memory stats region, read by `baton-stats` and the admin endpoints.
 mod stats;
+/// Life under systemd: sd_notify, the watchdog, the supervisor upgrading itself.
+mod systemd;
 /// The L4 (TCP) proxy.
 mod tcp;
 
