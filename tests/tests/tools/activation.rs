@@ -1,0 +1,115 @@
+use std::fs::File;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use baton_tests::client;
+use baton_tests::load::{Load, Mode};
+use baton_tests::upstream::Origin;
+use baton_tests::{free_addr, wait_until};
+
+use crate::{WAIT, tool};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activation_serves_on_the_passed_socket_and_reloads_under_load() {
+    let activate = tool("systemd-socket-activate", "systemd");
+    let origin = Origin::start("origin").await;
+    let (listen, spare) = (free_addr(), free_addr());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("baton.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+drain_timeout = "2s"
+epoch_header = true
+
+[[listener]]
+name = "public"
+fd_name = "public"
+protocol = "http"
+
+[[listener.route]]
+cluster = "origin"
+
+[[cluster]]
+name = "origin"
+endpoints = ["{}"]
+
+[stats]
+path = "stats.shm"
+
+[supervisor]
+control_socket = "baton.sock"
+"#,
+            origin.addr
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("baton.log");
+    // systemd binds both sockets and starts baton on the first connection; `spare` is passed
+    // too but no listener names it.
+    let mut child = Command::new(activate)
+        .args([
+            "-l",
+            &listen.to_string(),
+            "-l",
+            &spare.to_string(),
+            "--fdname=public:spare",
+        ])
+        .args(["-E", "BATON_LOG=info"])
+        .arg(baton_tests::binaries::supervisor())
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        wait_until(WAIT, || read_log().contains("Listening on")),
+        "{}",
+        read_log()
+    );
+
+    // The first connection starts baton, and is served by it.
+    let first = client::get(listen, "/first").await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("x-baton-epoch"), Some("0"));
+    let logged = read_log();
+    assert!(
+        logged.contains("listen socket from systemd") && logged.contains("name=Some(\"public\")"),
+        "{logged}"
+    );
+    assert!(
+        logged.contains("systemd passed a socket that no listener uses"),
+        "{logged}"
+    );
+
+    let socket = dir.path().join("baton.sock");
+    let baton = |command: &str| {
+        baton_tests::blocking(|| {
+            Command::new(baton_tests::binaries::supervisor())
+                .args([command, "--socket"])
+                .arg(&socket)
+                .output()
+                .unwrap()
+        })
+    };
+    let load = Load::start(listen, "/x", Mode::KeepAlive, 4, Duration::from_secs(120));
+    assert!(wait_until(WAIT, || load.snapshot().ok > 50));
+    for _ in 0..5 {
+        assert!(baton("reload").status.success(), "{}", read_log());
+        let start = load.snapshot().ok;
+        assert!(wait_until(WAIT, || load.snapshot().ok > start + 20));
+    }
+    let report = load.stop().await;
+    assert_eq!(report.failures(), 0, "{report:?}\n{}", read_log());
+    assert!(report.epochs.len() >= 2, "{:?}", report.epochs);
+
+    assert!(baton("stop").status.success());
+    assert!(
+        wait_until(WAIT, || matches!(child.try_wait(), Ok(Some(_)))),
+        "baton stops"
+    );
+}
