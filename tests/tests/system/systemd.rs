@@ -329,3 +329,71 @@ async fn the_supervisor_upgrades_itself_under_load_without_losing_a_request() {
     assert_eq!(report.failures(), 0, "{report:?}\n{}", supervisor.log());
     drop(idle);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_sockets_go_to_the_fd_store() {
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+
+    let listen = free_addr();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let config = format!(
+        "[[listener]]\nname = \"l\"\naddress = \"{listen}\"\nprotocol = \"http\"\n[[listener.route]]\ndirect_response = {{ status = 200 }}\n[supervisor]\ncontrol_socket = \"baton.sock\"\nfd_store = true\n"
+    );
+    let env = vec![("NOTIFY_SOCKET".to_owned(), path.display().to_string())];
+    let _supervisor = Supervisor::start_with(&config, &[], &Options { binary: None, env });
+
+    let wanted = format!(
+        "FDSTORE=1\nFDNAME=baton_tcp_{}_{}",
+        listen.ip(),
+        listen.port()
+    );
+    let mut stored = None;
+    let found = wait_until(WAIT, || {
+        let mut buf = [0u8; 1024];
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let Ok(msg) = recvmsg::<()>(
+            socket.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::empty(),
+        ) else {
+            return false;
+        };
+        let fds: Vec<i32> = msg
+            .cmsgs()
+            .unwrap()
+            .filter_map(|c| match c {
+                ControlMessageOwned::ScmRights(fds) => Some(fds),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let text = String::from_utf8_lossy(iov[0].as_ref())
+            .trim_end_matches('\0')
+            .to_owned();
+        if text.starts_with(&wanted) && fds.len() == 1 {
+            stored = Some(fds[0]);
+            true
+        } else {
+            false
+        }
+    });
+    assert!(found, "no {wanted:?} with an fd");
+    // SAFETY: the kernel just installed this fd in our process with the message.
+    let fd =
+        unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(stored.unwrap()) };
+    let listener = std::net::TcpListener::from(fd);
+    assert_eq!(
+        listener.local_addr().unwrap(),
+        listen,
+        "the stored fd is the listen socket"
+    );
+}

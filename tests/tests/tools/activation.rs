@@ -113,3 +113,59 @@ control_socket = "baton.sock"
         "baton stops"
     );
 }
+
+/// A restart of the service under systemd gets the sockets back from the fd store, in
+/// `LISTEN_FDS`, named after their keys: the new supervisor serves on them instead of binding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_come_back_from_the_fd_store() {
+    let activate = tool("systemd-socket-activate", "systemd");
+    let listen = free_addr();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("baton.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listener]]\nname = \"l\"\naddress = \"{listen}\"\nprotocol = \"http\"\n[[listener.route]]\ndirect_response = {{ status = 200, body = \"from the stored socket\\n\" }}\n[stats]\npath = \"stats.shm\"\n[supervisor]\ncontrol_socket = \"baton.sock\"\n"
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("baton.log");
+    let name = format!("--fdname=baton_tcp_{}_{}", listen.ip(), listen.port());
+    let mut child = Command::new(activate)
+        .args(["-l", &listen.to_string(), &name])
+        .args(["-E", "BATON_LOG=info"])
+        .arg(baton_tests::binaries::supervisor())
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        wait_until(WAIT, || read_log().contains("Listening on")),
+        "{}",
+        read_log()
+    );
+    let r = client::get(listen, "/").await;
+    assert_eq!(r.text(), "from the stored socket\n");
+    let logged = read_log();
+    assert!(
+        logged.contains(&format!(
+            "listen socket from systemd key=tcp:{listen} name=None"
+        )),
+        "{logged}"
+    );
+    assert!(
+        !logged.contains("stored a new listen socket"),
+        "it was not bound again: {logged}"
+    );
+    let stop = Command::new(baton_tests::binaries::supervisor())
+        .args(["stop", "--socket"])
+        .arg(dir.path().join("baton.sock"))
+        .output()
+        .unwrap();
+    assert!(stop.status.success());
+    assert!(wait_until(WAIT, || matches!(child.try_wait(), Ok(Some(_)))));
+}
