@@ -93,6 +93,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                // Frees the sniffing buffer: an idle keep-alive connection should not hold it.
+                self.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();

@@ -66,8 +66,12 @@ pub async fn serve(guard: ConnectionGuard, stream: TcpStream, peer: SocketAddr) 
         Some(acceptor) => {
             // Under TLS, so that activity and byte counts see the bytes on the wire.
             let io = ConnIo::new(stream, Bytes::new(), activity.clone(), bytes);
-            let handshake =
-                tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT.min(idle_timeout), acceptor.accept(io));
+            // Boxed, as the connections below: a task is as large as its largest state, and
+            // every idle connection would otherwise pay for the TLS handshake's and HTTP/2's.
+            let handshake = tokio::time::timeout(
+                TLS_HANDSHAKE_TIMEOUT.min(idle_timeout),
+                Box::pin(acceptor.accept(io)),
+            );
             let handshake = tokio::select! {
                 result = handshake => result,
                 _ = drained_while_silent(&worker) => return,
@@ -84,7 +88,7 @@ pub async fn serve(guard: ConnectionGuard, stream: TcpStream, peer: SocketAddr) 
                 }
             };
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            run(ctx(true, h2), tls, idle_timeout).await;
+            Box::pin(run(ctx(true, h2), tls, idle_timeout)).await;
         }
         None => {
             let mut stream = stream;
@@ -98,7 +102,7 @@ pub async fn serve(guard: ConnectionGuard, stream: TcpStream, peer: SocketAddr) 
             // The sniffed bytes are replayed by ConnIo, which does not count them again.
             worker.stats.shard.add(bytes.rx, prefix.len() as u64);
             let io = ConnIo::new(stream, prefix, activity.clone(), bytes);
-            run(ctx(false, h2), io, idle_timeout).await;
+            Box::pin(run(ctx(false, h2), io, idle_timeout)).await;
         }
     }
     drop(guard);
@@ -148,14 +152,14 @@ where
         let connection = http2::Builder::new(LocalExec)
             .timer(TokioTimer::new())
             .serve_connection(io, service);
-        drive(
+        Box::pin(drive(
             connection,
             &worker,
             &activity,
             idle_timeout,
             drain_grace,
             true,
-        )
+        ))
         .await;
     } else {
         let connection = http1::Builder::new()
@@ -164,14 +168,14 @@ where
             // long a client may take to send one request's headers.
             .header_read_timeout(idle_timeout)
             .serve_connection(io, service);
-        drive(
+        Box::pin(drive(
             connection,
             &worker,
             &activity,
             idle_timeout,
             drain_grace,
             false,
-        )
+        ))
         .await;
     }
 }

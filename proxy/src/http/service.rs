@@ -81,7 +81,11 @@ pub async fn handle(
             Flag::NoRoute,
         ),
         Some(RouteAction::Direct(direct)) => direct_response(direct, exchange),
-        Some(RouteAction::Cluster(cluster)) => proxy(&ctx, *cluster, request, exchange).await,
+        // Boxed: hyper keeps room for this future for the connection's whole life, and an idle
+        // connection should not hold the upstream exchange's state.
+        Some(RouteAction::Cluster(cluster)) => {
+            Box::pin(proxy(&ctx, *cluster, request, exchange)).await
+        }
     };
 
     if let Some(class) = stats::class_index(response.status().as_u16()) {
