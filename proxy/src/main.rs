@@ -12,6 +12,7 @@ mod config;
 mod generation;
 mod http;
 mod listen;
+mod relay;
 mod run;
 mod stats;
 mod supervised;

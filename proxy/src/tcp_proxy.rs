@@ -2,7 +2,8 @@
 //!
 //! Half-close is passed on: when one side shuts down its sending half, the other side's
 //! sending half is shut down too, and the session lasts until both directions are done. A drain
-//! lets sessions run until they end (or until the drain deadline stops the worker).
+//! lets sessions run until they end (or until the drain deadline stops the worker). The bytes
+//! move by splice(2) (`relay`), and are counted as they go.
 
 use std::net::SocketAddr;
 use std::time::{Instant, SystemTime};
@@ -11,10 +12,11 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::config::ListenerKind;
+use crate::relay;
 use crate::upstream;
 use crate::worker::ConnectionGuard;
 
-pub async fn serve(guard: ConnectionGuard, mut downstream: TcpStream, peer: SocketAddr) {
+pub async fn serve(guard: ConnectionGuard, downstream: TcpStream, peer: SocketAddr) {
     let worker = guard.worker.clone();
     let listener = &worker.config.listeners[guard.listener];
     let ListenerKind::Tcp {
@@ -33,18 +35,24 @@ pub async fn serve(guard: ConnectionGuard, mut downstream: TcpStream, peer: Sock
     let outcome = match upstream::connect_tcp(addr, cluster.connect_timeout, &worker, cluster_id.0)
         .await
     {
-        Ok(mut upstream) => {
+        Ok(upstream) => {
             stats.shard.gauge_add(cluster_stats.upstream_cx_active, 1);
-            let copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+            let copied = relay::relay(
+                &downstream,
+                &upstream,
+                |n| {
+                    stats
+                        .shard
+                        .add(listener_stats.downstream_cx_rx_bytes_total, n)
+                },
+                |n| {
+                    stats
+                        .shard
+                        .add(listener_stats.downstream_cx_tx_bytes_total, n)
+                },
+            )
+            .await;
             stats.shard.gauge_add(cluster_stats.upstream_cx_active, -1);
-            if let Ok((from_client, to_client)) = copied {
-                stats
-                    .shard
-                    .add(listener_stats.downstream_cx_rx_bytes_total, from_client);
-                stats
-                    .shard
-                    .add(listener_stats.downstream_cx_tx_bytes_total, to_client);
-            }
             match copied {
                 Ok((sent, received)) => Ok((sent, received)),
                 Err(e) => {

@@ -1,8 +1,8 @@
 use std::time::Duration;
 
-use baton_tests::free_addr;
 use baton_tests::proxy::Proxy;
 use baton_tests::upstream::{TcpEcho, pattern};
+use baton_tests::{baton_stats, free_addr, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -61,6 +61,44 @@ async fn proxies_bytes_both_ways_and_passes_half_close_on() {
             .read_file("tcp.log")
             .contains(&format!("\"TCP\" - {} ", sent.len()))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_a_sessions_bytes_while_it_runs() {
+    let echo = TcpEcho::start().await;
+    let listen = free_addr();
+    let proxy = Proxy::start(&tcp_config(listen, echo.addr));
+    let region = proxy.dir().join("stats.shm");
+
+    let stream = TcpStream::connect(listen).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let sent: Vec<u8> = (0..300_000).map(pattern).collect();
+    let mut received = vec![0u8; sent.len()];
+    let (wrote, echoed) = tokio::join!(
+        write.write_all(&sent),
+        tokio::time::timeout(WAIT, read.read_exact(&mut received))
+    );
+    wrote.unwrap();
+    echoed.expect("the echo comes back").unwrap();
+    assert!(received == sent);
+
+    // The session is still open: its bytes are counted already, both ways.
+    let counted = |name: &str| {
+        let (code, out, err) = baton_stats(&["--path", region.to_str().unwrap()]);
+        assert_eq!(code, Some(0), "{err}");
+        out.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+    };
+    let rx = "downstream_cx_rx_bytes_total{listener=l4}";
+    let tx = "downstream_cx_tx_bytes_total{listener=l4}";
+    assert!(
+        wait_until(WAIT, || counted(rx) == Some(sent.len() as u64)
+            && counted(tx) == Some(sent.len() as u64)),
+        "rx {:?}, tx {:?}",
+        counted(rx),
+        counted(tx)
+    );
+    drop(write);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
