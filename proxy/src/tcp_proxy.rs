@@ -5,6 +5,7 @@
 //! lets sessions run until they end (or until the drain deadline stops the worker). The bytes
 //! move by splice(2) (`relay`), and are counted as they go.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::time::{Instant, SystemTime};
 
@@ -32,20 +33,23 @@ pub async fn serve(guard: ConnectionGuard, downstream: TcpStream, peer: SocketAd
     let stats = &worker.stats;
     let cluster_stats = &stats.ids.clusters[cluster_id.0];
     let listener_stats = &stats.ids.listeners[guard.listener];
-    let outcome = match upstream::connect_tcp(addr, cluster.connect_timeout, &worker, cluster_id.0)
+    let (sent, received) = (Cell::new(0u64), Cell::new(0u64));
+    let flag = match upstream::connect_tcp(addr, cluster.connect_timeout, &worker, cluster_id.0)
         .await
     {
         Ok(upstream) => {
             stats.shard.gauge_add(cluster_stats.upstream_cx_active, 1);
-            let copied = relay::relay(
+            let relayed = relay::relay(
                 &downstream,
                 &upstream,
                 |n| {
+                    sent.set(sent.get() + n);
                     stats
                         .shard
                         .add(listener_stats.downstream_cx_rx_bytes_total, n)
                 },
                 |n| {
+                    received.set(received.get() + n);
                     stats
                         .shard
                         .add(listener_stats.downstream_cx_tx_bytes_total, n)
@@ -53,24 +57,22 @@ pub async fn serve(guard: ConnectionGuard, downstream: TcpStream, peer: SocketAd
             )
             .await;
             stats.shard.gauge_add(cluster_stats.upstream_cx_active, -1);
-            match copied {
-                Ok((sent, received)) => Ok((sent, received)),
+            match relayed {
+                Ok(()) => "-",
                 Err(e) => {
                     debug!(worker = worker.id, %peer, upstream = %addr, "tcp session ended: {e}");
-                    Err("UR")
+                    "UR"
                 }
             }
         }
         Err(e) => {
             debug!(worker = worker.id, %peer, "{e}");
-            Err("UF")
+            "UF"
         }
     };
     if let Some(target) = &worker.access_logs[guard.listener] {
-        let (sent, received, flag) = match outcome {
-            Ok((s, r)) => (s, r, "-"),
-            Err(flag) => (0, 0, flag),
-        };
+        // What was delivered, also for a session that ended in error.
+        let (sent, received) = (sent.get(), received.get());
         let line = format!(
             "{} {} {peer} \"TCP\" - {received} {:.3} {addr} {flag} sent={sent}",
             humantime::format_rfc3339_millis(SystemTime::now()),
