@@ -429,3 +429,91 @@ async fn two_proxies_do_not_share_a_region_and_a_stale_region_says_so() {
     assert_eq!(code, Some(0));
     assert!(err.contains("no process writes this region now"), "{err}");
 }
+
+/// `shm-stats/tools/read_stats.py`: a reader written from `shm-stats/LAYOUT.md` alone, in
+/// another language, must find what `baton-stats` finds in a live region.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_reader_written_from_the_layout_document_agrees_with_baton_stats() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let proxy = Proxy::start(&http_config(listen, admin, origin.addr));
+    let region = proxy.dir().join("stats.shm");
+    let mut c = H1::connect(listen).await.unwrap();
+    for i in 0..6 {
+        assert_eq!(c.get(&format!("/p{i}")).await.unwrap().status, 200);
+    }
+    drop(c);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shm-stats/tools/read_stats.py");
+    let python = |args: &[&str]| {
+        baton_tests::blocking(|| {
+            std::process::Command::new("python3")
+                .arg(&script)
+                .args(args)
+                .output()
+                .expect("python3 can be run")
+        })
+    };
+    // Compared once the proxy is quiet: the connection closed and two reads of `baton-stats`
+    // agree (the uptime gauge moves every second and is left out).
+    let quiet = |text: &HashMap<String, String>| {
+        text.get("downstream_cx_active{listener=public}")
+            .is_some_and(|v| v == "0")
+    };
+    let mut agreed = false;
+    for _ in 0..20 {
+        let before = text_stats(&region);
+        let out = python(&["--json", region.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let after = text_stats(&region);
+        let strip = |m: &HashMap<String, String>| {
+            let mut m = m.clone();
+            m.remove("server.uptime");
+            m
+        };
+        if !quiet(&after) || strip(&before) != strip(&after) {
+            baton_tests::wait_until(WAIT, || quiet(&text_stats(&region)));
+            continue;
+        }
+        let read: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&out.stdout).expect("JSON from the Python reader");
+        assert_eq!(
+            read.len(),
+            after.len(),
+            "the same stats: {:?} vs {:?}",
+            read.keys().collect::<Vec<_>>(),
+            after.keys().collect::<Vec<_>>()
+        );
+        for (name, value) in &after {
+            let got = &read
+                .get(name)
+                .unwrap_or_else(|| panic!("the Python reader misses {name}"));
+            if name == "server.uptime" {
+                continue;
+            }
+            let got = match got {
+                serde_json::Value::Object(h) => format!("count={}", h["count"]),
+                other => other.to_string(),
+            };
+            let want = value.split(' ').next().unwrap();
+            assert_eq!(got, want, "{name}");
+        }
+        assert_eq!(read["downstream_rq_total{listener=public}"], 6);
+        agreed = true;
+        break;
+    }
+    assert!(agreed, "the proxy never went quiet");
+
+    let junk = proxy.dir().join("junk");
+    std::fs::write(&junk, vec![7u8; 4096]).unwrap();
+    let out = python(&[junk.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a baton stats region"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
