@@ -31,6 +31,12 @@ pub struct Admin {
     pub config: Arc<Config>,
     pub info: Arc<Info>,
     pub region: Arc<shm_stats::Region>,
+    /// Tells the main loop to ask the supervisor for a drain (`/drain_listeners`); `None` when
+    /// no supervisor can take it (run alone, or a supervisor too old for the request).
+    pub drain: Option<Rc<tokio::sync::Notify>>,
+    /// Debug builds: wedge a worker (`POST /debug/wedge?worker=N&ms=M`), to test the guard dog.
+    #[cfg(debug_assertions)]
+    pub wedgers: Vec<tokio::sync::mpsc::UnboundedSender<crate::worker::Command>>,
 }
 
 /// Serves admin requests until the task is dropped.
@@ -73,6 +79,9 @@ fn route(admin: &Admin, request: &Request<Incoming>) -> Response<Full<Bytes>> {
             admin.info.set_healthcheck_failed(true);
             text(StatusCode::OK, "OK\n".to_owned())
         }),
+        "/drain_listeners" => only_post(method).unwrap_or_else(|| drain_listeners(admin)),
+        #[cfg(debug_assertions)]
+        "/debug/wedge" => only_post(method).unwrap_or_else(|| wedge(admin, request.uri().query())),
         "/healthcheck/ok" => only_post(method).unwrap_or_else(|| {
             admin.info.set_healthcheck_failed(false);
             text(StatusCode::OK, "OK\n".to_owned())
@@ -93,6 +102,8 @@ baton-proxy admin
   GET  /stats/prometheus  every stat in the Prometheus text format
   POST /healthcheck/fail  make /ready answer 503 (take this proxy out of rotation)
   POST /healthcheck/ok    undo /healthcheck/fail
+  POST /drain_listeners   stop accepting and drain this generation; none replaces it until
+                          `baton reload` (as `baton drain`); clients wait in the accept queue
 ";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,6 +183,54 @@ fn ready(admin: &Admin) -> Response<Full<Bytes>> {
             "FAILED_HEALTHCHECK\n".to_owned(),
         ),
         (State::Draining, _) => text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n".to_owned()),
+    }
+}
+
+/// Debug builds only: blocks a worker's thread, as a bug would.
+#[cfg(debug_assertions)]
+fn wedge(admin: &Admin, query: Option<&str>) -> Response<Full<Bytes>> {
+    let (mut worker, mut ms) = (0usize, 0u64);
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*key {
+            "worker" => worker = value.parse().unwrap_or(usize::MAX),
+            "ms" => ms = value.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    let sent = admin.wedgers.get(worker).is_some_and(|w| {
+        w.send(crate::worker::Command::Wedge(
+            std::time::Duration::from_millis(ms),
+        ))
+        .is_ok()
+    });
+    if sent {
+        text(
+            StatusCode::OK,
+            format!("wedging worker {worker} for {ms} ms\n"),
+        )
+    } else {
+        text(StatusCode::NOT_FOUND, format!("no worker {worker}\n"))
+    }
+}
+
+fn drain_listeners(admin: &Admin) -> Response<Full<Bytes>> {
+    if admin.info.state() == State::Draining {
+        return text(StatusCode::OK, "already draining\n".to_owned());
+    }
+    match &admin.drain {
+        Some(request) => {
+            request.notify_one();
+            text(
+                StatusCode::ACCEPTED,
+                "draining: this generation stops accepting and finishes its connections; `baton reload` starts a new one\n"
+                    .to_owned(),
+            )
+        }
+        None => text(
+            StatusCode::CONFLICT,
+            "not drained: this baton-proxy runs without a supervisor to hold its listen sockets while drained; run it with `baton run`, or send it SIGTERM to drain and exit\n"
+                .to_owned(),
+        ),
     }
 }
 

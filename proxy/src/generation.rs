@@ -7,16 +7,17 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use std::net::TcpListener;
 
 use restart_protocol::DrainStrategy;
-use tracing::info;
+use tracing::{error, info, warn};
 
 use crate::access_log::AccessLog;
-use crate::config::Config;
+use crate::config::{Config, GuardDogSettings};
+use crate::limits::ConnectionLimits;
 use crate::listen;
 use crate::stats::{StatIds, ThreadStats};
 use crate::worker::{LogTarget, WorkerHandle, WorkerSetup};
@@ -116,6 +117,9 @@ pub struct Generation {
     /// When the drain in progress closes what is left.
     deadline: std::cell::Cell<Option<tokio::time::Instant>>,
     hurried: tokio::sync::Notify,
+    guard_dog: GuardDogSettings,
+    /// Per worker: 0 beating, 1 missed, 2 mega-missed (so each stall is counted once).
+    stalls: std::cell::RefCell<Vec<u8>>,
 }
 
 /// The `worker` index of the main thread's shard in the stats region.
@@ -172,6 +176,9 @@ impl Generation {
             })
             .collect();
 
+        let limits = Arc::new(ConnectionLimits::new(&config));
+        let clock = Instant::now();
+        let beat_every = beat_every(config.guard_dog.miss);
         let mut workers = Vec::with_capacity(concurrency);
         for id in 0..concurrency {
             let spawned = sockets
@@ -194,6 +201,10 @@ impl Generation {
                         open: Default::default(),
                         requests: Default::default(),
                         epoch_header: config.epoch_header.then(|| http::HeaderValue::from(epoch)),
+                        limits: limits.clone(),
+                        heartbeat: Arc::new(AtomicU64::new(0)),
+                        clock,
+                        beat_every,
                     })
                 });
             match spawned {
@@ -217,10 +228,12 @@ impl Generation {
         region.set_current_epoch(epoch);
         Ok(Generation {
             main,
+            guard_dog: config.guard_dog,
+            stalls: std::cell::RefCell::new(vec![0; concurrency]),
             info: Arc::new(Info {
                 epoch,
                 concurrency,
-                started: Instant::now(),
+                started: clock,
                 state: AtomicU8::new(State::Live as u8),
                 healthcheck_failed: AtomicBool::new(false),
             }),
@@ -249,6 +262,73 @@ impl Generation {
                 .map(|w| w.requests.load(Ordering::Relaxed) as u64)
                 .sum(),
         }
+    }
+
+    /// How often the main thread should run [`Generation::guard_dog`].
+    pub fn guard_dog_every(&self) -> Duration {
+        beat_every(self.guard_dog.miss)
+    }
+
+    /// Looks at every running worker's heartbeat: a worker whose event loop has not run for
+    /// `miss_timeout` is counted, for `mega_miss_timeout` logged too, and for `kill_timeout`
+    /// aborts the whole process, so that the supervisor replaces a generation that a wedged
+    /// worker would otherwise leave holding its connections.
+    pub fn guard_dog(&self) {
+        let now = self.info.started.elapsed();
+        let mut stalls = self.stalls.borrow_mut();
+        let server = &self.main.ids.server;
+        for (worker, stall) in self.workers.iter().zip(stalls.iter_mut()) {
+            if !worker.running() {
+                continue;
+            }
+            let beat = Duration::from_millis(worker.heartbeat.load(Ordering::Relaxed));
+            // The first beat comes as the worker starts; until then its start is the beat.
+            let silent = now.saturating_sub(beat);
+            let GuardDogSettings {
+                miss,
+                mega_miss,
+                kill,
+            } = self.guard_dog;
+            if let Some(kill) = kill
+                && silent >= kill
+            {
+                error!(
+                    epoch = self.info.epoch,
+                    worker = worker.id,
+                    "worker {} has not run its event loop for {silent:?} (guard_dog.kill_timeout {kill:?}); aborting this generation so that it is replaced",
+                    worker.id
+                );
+                std::process::abort();
+            }
+            let level = if silent >= mega_miss {
+                2
+            } else if silent >= miss {
+                1
+            } else {
+                0
+            };
+            if level > *stall {
+                if *stall == 0 {
+                    self.main.shard.inc(server.watchdog_miss);
+                }
+                if level == 2 {
+                    self.main.shard.inc(server.watchdog_mega_miss);
+                    warn!(
+                        epoch = self.info.epoch,
+                        worker = worker.id,
+                        "worker {} has not run its event loop for {silent:?} (guard_dog.mega_miss_timeout {mega_miss:?})",
+                        worker.id
+                    );
+                }
+            }
+            *stall = level;
+        }
+    }
+
+    /// Debug builds: handles that wedge a worker (the admin's `/debug/wedge`).
+    #[cfg(debug_assertions)]
+    pub fn wedgers(&self) -> Vec<tokio::sync::mpsc::UnboundedSender<crate::worker::Command>> {
+        self.workers.iter().map(WorkerHandle::wedger).collect()
     }
 
     /// Updates the stats that change with time alone; the main thread calls it every second.
@@ -353,6 +433,11 @@ impl Generation {
             log.finish();
         }
     }
+}
+
+/// How often workers beat and the guard dog looks: often enough to see a miss soon after it.
+fn beat_every(miss: Duration) -> Duration {
+    (miss / 4).clamp(Duration::from_millis(10), Duration::from_millis(250))
 }
 
 /// Binds every listener of `config` itself, as a proxy running alone does.

@@ -11,6 +11,7 @@ mod admin;
 mod config;
 mod generation;
 mod http;
+mod limits;
 mod listen;
 mod relay;
 mod run;

@@ -8,7 +8,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use restart_protocol::{Channel, ChannelError, DrainStrategy, ToGeneration, ToSupervisor};
+use restart_protocol::{
+    Channel, ChannelError, DrainStrategy, FEATURE_DRAIN_REQUEST, ToGeneration, ToSupervisor,
+};
 use shm_stats::Region;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
@@ -106,6 +108,11 @@ pub async fn run(
                 return fail(link.as_ref(), e.to_string());
             }
         };
+    // `/drain_listeners` asks the supervisor, which drains this generation as `baton drain` does.
+    let drain_request = link
+        .as_ref()
+        .is_some_and(|l| l.features & FEATURE_DRAIN_REQUEST != 0)
+        .then(|| Rc::new(tokio::sync::Notify::new()));
     let admin_task = match admin_socket
         .map(tokio::net::TcpListener::from_std)
         .transpose()
@@ -115,6 +122,9 @@ pub async fn run(
                 config: config.clone(),
                 info: generation.info.clone(),
                 region: region.clone(),
+                drain: drain_request.clone(),
+                #[cfg(debug_assertions)]
+                wedgers: generation.wedgers(),
             });
             tokio::task::spawn_local(admin::serve(admin, listener))
         }),
@@ -152,12 +162,23 @@ pub async fn run(
     );
 
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut guard_dog = tokio::time::interval(generation.guard_dog_every());
+    guard_dog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut report = tokio::time::interval(LOAD_INTERVAL);
     let mut drain: Option<Pin<Box<dyn Future<Output = DrainOutcome> + '_>>> = None;
     let mut supervisor_gone = !supervised;
     let End::Done = loop {
         tokio::select! {
             _ = tick.tick() => generation.tick(),
+            _ = guard_dog.tick() => generation.guard_dog(),
+            _ = async { drain_request.as_ref().expect("guarded by is_some").notified().await },
+                if drain_request.is_some() && drain.is_none() && !supervisor_gone => {
+                if let Some(link) = &link
+                    && let Err(e) = link.send(&ToSupervisor::DrainRequested)
+                {
+                    warn!(epoch, "cannot ask the supervisor for a drain: {e}");
+                }
+            }
             _ = report.tick(), if !supervisor_gone => {
                 if let Some(link) = &link {
                     let _ = link.send(&ToSupervisor::Load(generation.load()));

@@ -18,6 +18,18 @@ pub struct ListenerStats {
     /// Responses by class: 1xx, 2xx, 3xx, 4xx, 5xx.
     pub downstream_rq_class: [Counter; 5],
     pub downstream_rq_time: Histogram,
+    /// Connections closed because the listener's `max_connections` was reached.
+    pub downstream_cx_overflow: Counter,
+    /// Connections closed because the generation's `max_connections` was reached.
+    pub downstream_global_cx_overflow: Counter,
+    /// Connections closed after `idle_timeout` without a request.
+    pub downstream_cx_idle_timeout: Counter,
+    /// Connections cut off by `request_header_timeout` (408 when part of a request came).
+    pub downstream_rq_header_timeout: Counter,
+    /// Requests whose line and headers were over the size or count limit (431).
+    pub downstream_rq_headers_too_large: Counter,
+    /// Requests whose body was over `max_request_body` (413).
+    pub downstream_rq_too_large: Counter,
 }
 
 /// Stats of one cluster.
@@ -40,6 +52,8 @@ pub struct ServerStats {
     pub live: Gauge,
     pub concurrency: Gauge,
     pub access_log_dropped: Counter,
+    pub watchdog_miss: Counter,
+    pub watchdog_mega_miss: Counter,
 }
 
 /// Every stat of a generation; shared by all its threads.
@@ -111,6 +125,30 @@ impl StatIds {
                             "Time from a request's arrival to the end of its response.",
                         )
                         .unit(Unit::Microseconds),
+                    )?,
+                    downstream_cx_overflow: counter(
+                        "downstream_cx_overflow",
+                        "Connections closed at once: the listener's max_connections was reached.",
+                    )?,
+                    downstream_global_cx_overflow: counter(
+                        "downstream_global_cx_overflow",
+                        "Connections closed at once: the generation's max_connections was reached.",
+                    )?,
+                    downstream_cx_idle_timeout: counter(
+                        "downstream_cx_idle_timeout",
+                        "Connections closed after idle_timeout without a request.",
+                    )?,
+                    downstream_rq_header_timeout: counter(
+                        "downstream_rq_header_timeout",
+                        "Connections cut off by request_header_timeout: a request's headers came too slowly (answered 408), or nothing came.",
+                    )?,
+                    downstream_rq_headers_too_large: counter(
+                        "downstream_rq_headers_too_large",
+                        "Requests refused (431) for headers over max_request_header_size or max_request_headers.",
+                    )?,
+                    downstream_rq_too_large: counter(
+                        "downstream_rq_too_large",
+                        "Requests refused (413) for a body over max_request_body.",
                     )?,
                 })
             })
@@ -191,6 +229,16 @@ impl StatIds {
                 "server.access_log_dropped",
                 &[],
                 "Access log lines dropped because the disk fell behind.",
+            ))?,
+            watchdog_miss: region.counter(Spec::new(
+                "server.watchdog_miss",
+                &[],
+                "Times a worker's event loop stalled past guard_dog.miss_timeout.",
+            ))?,
+            watchdog_mega_miss: region.counter(Spec::new(
+                "server.watchdog_mega_miss",
+                &[],
+                "Times a worker's event loop stalled past guard_dog.mega_miss_timeout.",
             ))?,
         };
         Ok(StatIds {

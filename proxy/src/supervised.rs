@@ -49,6 +49,8 @@ pub fn channel_from_env() -> Result<Option<Channel>, String> {
 pub struct Link {
     channel: AsyncFd<Channel>,
     next_id: u32,
+    /// The features both sides have (see `restart_protocol::FEATURES`).
+    pub features: u64,
 }
 
 impl Link {
@@ -58,9 +60,10 @@ impl Link {
         // SAFETY: a Channel owns its fd (an OwnedFd), keeps it open for its whole life and
         // always returns the same number from as_raw_fd.
         let registered = unsafe { AsyncFd::register(channel) };
-        let link = Link {
+        let mut link = Link {
             channel: registered.map_err(|e| format!("cannot watch the control channel: {e}"))?,
             next_id: 1,
+            features: 0,
         };
         link.send(&ToSupervisor::Hello {
             versions: PROTOCOL_VERSIONS,
@@ -78,9 +81,10 @@ impl Link {
             ToGeneration::Welcome {
                 version,
                 supervisor_pid,
-                ..
+                features,
             } => {
                 info!(epoch, version, supervisor_pid, "joined the supervisor");
+                link.features = features;
                 Ok(link)
             }
             ToGeneration::Refused { reason } => {

@@ -29,6 +29,8 @@ pub struct BodyProgress {
     last: Cell<Instant>,
     ended: Cell<Option<Instant>>,
     changed: tokio::sync::Notify,
+    /// Set when the body went past the listener's `max_request_body`.
+    too_large: Cell<bool>,
 }
 
 impl BodyProgress {
@@ -38,7 +40,13 @@ impl BodyProgress {
             last: Cell::new(now),
             ended: Cell::new(already_ended.then_some(now)),
             changed: tokio::sync::Notify::new(),
+            too_large: Cell::new(false),
         })
+    }
+
+    /// Whether the body was cut off for going past `max_request_body`.
+    pub fn too_large(&self) -> bool {
+        self.too_large.get()
     }
 
     fn end(&self) {
@@ -84,29 +92,48 @@ pub enum RequestTimeout {
 }
 
 /// The client's request body on its way upstream, reporting its progress, so that the request
-/// timeout starts when the upload is done (a slow upload is not a slow upstream).
+/// timeout starts when the upload is done (a slow upload is not a slow upstream), and cut off
+/// past the listener's `max_request_body`.
 pub struct TrackedBody {
     inner: Incoming,
     progress: Rc<BodyProgress>,
+    /// Bytes the body may still bring.
+    allowed: u64,
 }
 
+/// A request body went past `max_request_body`.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body is larger than max_request_body")]
+pub struct BodyTooLarge;
+
 impl TrackedBody {
-    pub fn new(inner: Incoming, progress: Rc<BodyProgress>) -> Self {
-        TrackedBody { inner, progress }
+    pub fn new(inner: Incoming, progress: Rc<BodyProgress>, max: Option<u64>) -> Self {
+        TrackedBody {
+            inner,
+            progress,
+            allowed: max.unwrap_or(u64::MAX),
+        }
     }
 }
 
 impl http_body::Body for TrackedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
-            std::task::Poll::Ready(Some(Ok(_))) => {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                if len > self.allowed {
+                    self.progress.too_large.set(true);
+                    self.progress.end();
+                    return std::task::Poll::Ready(Some(Err(BodyTooLarge.into())));
+                }
+                self.allowed -= len;
                 self.progress.last.set(Instant::now());
                 if self.inner.is_end_stream() {
                     self.progress.end();
@@ -115,7 +142,7 @@ impl http_body::Body for TrackedBody {
             std::task::Poll::Ready(_) => self.progress.end(),
             std::task::Poll::Pending => {}
         }
-        polled
+        polled.map(|frame| frame.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {

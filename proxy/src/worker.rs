@@ -7,7 +7,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -22,7 +22,8 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, warn};
 
 use crate::access_log::LogSender;
-use crate::config::{Config, ListenerKind};
+use crate::config::{Config, ListenerKind, Overflow};
+use crate::limits::{ConnectionLimits, Full};
 use crate::stats::ThreadStats;
 use crate::upstream::ClusterPool;
 use crate::{http, tcp_proxy};
@@ -40,6 +41,10 @@ pub enum Command {
     },
     /// Close every connection now and end the thread.
     Stop,
+    /// Debug builds: block the worker's thread for this long, as a bug would (to test the
+    /// guard dog).
+    #[cfg(debug_assertions)]
+    Wedge(Duration),
 }
 
 /// The main thread's handle on a worker thread.
@@ -49,6 +54,9 @@ pub struct WorkerHandle {
     pub open: Arc<AtomicUsize>,
     /// Requests the worker is answering; only the worker writes it.
     pub requests: Arc<AtomicUsize>,
+    /// When the worker's event loop last ran its heartbeat, in milliseconds since the
+    /// generation's clock started.
+    pub heartbeat: Arc<AtomicU64>,
     commands: mpsc::UnboundedSender<Command>,
     thread: JoinHandle<()>,
 }
@@ -76,6 +84,14 @@ pub struct WorkerSetup {
     pub requests: Arc<AtomicUsize>,
     /// The value of `x-baton-epoch`, when the config asks for it.
     pub epoch_header: Option<::http::HeaderValue>,
+    /// The generation's connection limits, shared by its workers.
+    pub limits: Arc<ConnectionLimits>,
+    /// Where the worker's event loop beats, for the guard dog.
+    pub heartbeat: Arc<AtomicU64>,
+    /// The generation's clock: heartbeats are milliseconds since it.
+    pub clock: Instant,
+    /// How often the event loop beats.
+    pub beat_every: Duration,
 }
 
 impl WorkerHandle {
@@ -83,6 +99,7 @@ impl WorkerHandle {
         let id = setup.id;
         let open = setup.open.clone();
         let requests = setup.requests.clone();
+        let heartbeat = setup.heartbeat.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -98,9 +115,21 @@ impl WorkerHandle {
             id,
             open,
             requests,
+            heartbeat,
             commands,
             thread,
         })
+    }
+
+    /// Whether the worker's thread still runs (a drained worker ends it).
+    pub fn running(&self) -> bool {
+        !self.thread.is_finished()
+    }
+
+    /// Debug builds: a handle that can wedge this worker.
+    #[cfg(debug_assertions)]
+    pub fn wedger(&self) -> mpsc::UnboundedSender<Command> {
+        self.commands.clone()
     }
 
     /// Asks the worker to drain; the first receiver fires when it no longer accepts, the
@@ -150,7 +179,14 @@ pub struct Worker {
     /// Requests being answered (single writer: this worker).
     pub requests: Arc<AtomicUsize>,
     pub epoch_header: Option<::http::HeaderValue>,
+    pub limits: Arc<ConnectionLimits>,
+    /// Connections being answered 503 because a limit was reached (see [`MAX_REFUSING`]).
+    pub refusing: Cell<usize>,
 }
+
+/// Connections past a limit that a worker answers 503 at once; past this, it closes them
+/// without an answer, so that refusing cannot itself exhaust the worker.
+const MAX_REFUSING: usize = 64;
 
 async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>) {
     let config = setup.config;
@@ -179,6 +215,8 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
         },
         requests: setup.requests,
         epoch_header: setup.epoch_header,
+        limits: setup.limits,
+        refusing: Cell::new(0),
         stopping: Cell::new(false),
     });
     let mut accepting = Vec::new();
@@ -197,6 +235,7 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
         }
     }
     tokio::task::spawn_local(sweep_pools(worker.clone()));
+    tokio::task::spawn_local(beat(setup.heartbeat, setup.clock, setup.beat_every));
 
     while let Some(command) = commands.recv().await {
         match command {
@@ -219,6 +258,16 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
                 });
             }
             Command::Stop => break,
+            #[cfg(debug_assertions)]
+            Command::Wedge(time) => {
+                warn!(
+                    worker = worker.id,
+                    ?time,
+                    "wedging this worker, as asked (debug build)"
+                );
+                #[allow(clippy::disallowed_methods)] // Blocking the loop is the point here.
+                std::thread::sleep(time);
+            }
         }
     }
     // What is still open is closed as the LocalSet drops its tasks; say why in their logs.
@@ -227,6 +276,8 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
 
 async fn accept_loop(worker: Rc<Worker>, index: usize, listener: TcpListener) {
     let http = matches!(worker.config.listeners[index].kind, ListenerKind::Http(_));
+    let wait_for_room =
+        worker.limits.limited(index) && worker.config.listeners[index].overflow == Overflow::Wait;
     loop {
         if worker.drain.is_draining() {
             // Clients already in the accept queue finished their handshake and may have sent a
@@ -234,9 +285,17 @@ async fn accept_loop(worker: Rc<Worker>, index: usize, listener: TcpListener) {
             // them when the socket closes. Then dropping the listener closes this worker's copy.
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
             while let std::task::Poll::Ready(Ok((stream, peer))) = listener.poll_accept(&mut cx) {
-                spawn_connection(&worker, index, http, stream, peer);
+                admit(&worker, index, http, stream, peer);
             }
             return;
+        }
+        if wait_for_room {
+            // At the limit, clients wait in the accept queue until a connection closes.
+            tokio::select! {
+                biased;
+                _ = worker.drain.started() => continue,
+                _ = worker.limits.room(index) => {}
+            }
         }
         let accepted = tokio::select! {
             biased;
@@ -244,7 +303,7 @@ async fn accept_loop(worker: Rc<Worker>, index: usize, listener: TcpListener) {
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, peer)) => spawn_connection(&worker, index, http, stream, peer),
+            Ok((stream, peer)) => admit(&worker, index, http, stream, peer),
             Err(e) if is_resource_exhaustion(&e) => {
                 // Out of file descriptors or memory: accepting again at once would spin. Back off
                 // so that closing connections can free some; the accept queue keeps the clients.
@@ -256,15 +315,64 @@ async fn accept_loop(worker: Rc<Worker>, index: usize, listener: TcpListener) {
     }
 }
 
-fn spawn_connection(
-    worker: &Rc<Worker>,
-    index: usize,
-    http: bool,
-    stream: TcpStream,
-    peer: SocketAddr,
-) {
+/// Serves an accepted connection if the connection limits leave it a place; otherwise closes
+/// it (an HTTP/1.1 client is first answered 503) or, with `max_connections_action = "wait"`,
+/// holds it unserved until a place frees: it was accepted by an accept loop that was already
+/// waiting in `accept` when another worker took the last place.
+fn admit(worker: &Rc<Worker>, index: usize, http: bool, stream: TcpStream, peer: SocketAddr) {
+    let limited = worker.limits.limited(index);
+    if limited && let Err(full) = worker.limits.try_take(index) {
+        let listener = &worker.config.listeners[index];
+        if listener.overflow == Overflow::Wait {
+            // Counted as open, so that a drain waits for it; it holds no place yet.
+            let mut guard = ConnectionGuard::new(worker.clone(), index, false);
+            tokio::task::spawn_local(async move {
+                let worker = guard.worker.clone();
+                loop {
+                    if worker.drain.is_draining() {
+                        // A draining generation serves what it accepted, past the limit.
+                        worker.limits.force_take(index);
+                        break;
+                    }
+                    tokio::select! {
+                        _ = worker.drain.started() => continue,
+                        _ = worker.limits.room(index) => {}
+                    }
+                    if worker.limits.try_take(index).is_ok() {
+                        break;
+                    }
+                }
+                guard.limited = true;
+                let _ = stream.set_nodelay(true);
+                if http {
+                    http::serve(guard, stream, peer).await;
+                } else {
+                    tcp_proxy::serve(guard, stream, peer).await;
+                }
+            });
+            return;
+        } else {
+            let ids = &worker.stats.ids.listeners[index];
+            let counter = match full {
+                Full::Listener => ids.downstream_cx_overflow,
+                Full::Total => ids.downstream_global_cx_overflow,
+            };
+            worker.stats.shard.inc(counter);
+            debug!(worker = worker.id, listener = %listener.name, %peer, "connection limit reached ({full:?}); closing");
+            if http && worker.tls[index].is_none() && worker.refusing.get() < MAX_REFUSING {
+                worker.refusing.set(worker.refusing.get() + 1);
+                let worker = worker.clone();
+                tokio::task::spawn_local(async move {
+                    http::refuse(&worker, stream).await;
+                    worker.refusing.set(worker.refusing.get() - 1);
+                });
+            }
+            return;
+        }
+    }
     let _ = stream.set_nodelay(true);
-    let guard = ConnectionGuard::new(worker.clone(), index);
+    let guard = ConnectionGuard::new(worker.clone(), index, limited);
+    // Spawned as they are, so that a connection's task is no larger than its protocol needs.
     if http {
         tokio::task::spawn_local(http::serve(guard, stream, peer));
     } else {
@@ -277,6 +385,18 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
+}
+
+/// Tells the guard dog that the event loop runs: a task that can only run when the loop gets
+/// around to it, so a loop stalled by a blocking call or an endless poll stops beating.
+async fn beat(heartbeat: Arc<AtomicU64>, clock: Instant, every: Duration) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let now = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
+        heartbeat.store(now, Ordering::Relaxed);
+    }
 }
 
 async fn sweep_pools(worker: Rc<Worker>) {
@@ -394,16 +514,22 @@ impl Connections {
 pub struct ConnectionGuard {
     pub worker: Rc<Worker>,
     pub listener: usize,
+    /// Holds a place in the connection limits.
+    limited: bool,
 }
 
 impl ConnectionGuard {
-    fn new(worker: Rc<Worker>, listener: usize) -> Self {
+    fn new(worker: Rc<Worker>, listener: usize, limited: bool) -> Self {
         let stats = &worker.stats;
         let ids = &stats.ids.listeners[listener];
         stats.shard.inc(ids.downstream_cx_total);
         stats.shard.gauge_add(ids.downstream_cx_active, 1);
         worker.connections.set(worker.connections.open() + 1);
-        ConnectionGuard { worker, listener }
+        ConnectionGuard {
+            worker,
+            listener,
+            limited,
+        }
     }
 }
 
@@ -417,6 +543,9 @@ impl Drop for ConnectionGuard {
         connections.set(connections.open() - 1);
         if connections.open() == 0 {
             connections.closed.notify_waiters();
+        }
+        if self.limited {
+            self.worker.limits.give_back(self.listener);
         }
     }
 }

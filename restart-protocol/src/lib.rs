@@ -24,7 +24,9 @@ mod version;
 
 pub use channel::{Channel, ChannelError, MAX_FDS, MAX_MESSAGE, Received};
 pub use messages::{DrainStrategy, Load, Protocol, SocketKey, ToGeneration, ToSupervisor};
-pub use version::{FEATURES, NoCommonVersion, PROTOCOL_VERSIONS, VersionRange, negotiate};
+pub use version::{
+    FEATURE_DRAIN_REQUEST, FEATURES, NoCommonVersion, PROTOCOL_VERSIONS, VersionRange, negotiate,
+};
 
 /// The environment variable that tells a generation which fd is its end of the channel.
 pub const CONTROL_FD_ENV: &str = "BATON_CONTROL_FD";

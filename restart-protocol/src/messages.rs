@@ -100,6 +100,10 @@ pub enum ToSupervisor {
     /// Asks for a socket systemd passed under `FileDescriptorName=name` (socket activation).
     /// Answered by `Socket` (the fd attached, with its key) or `Error`.
     GetNamedSocket { id: u32, name: String },
+    /// The generation's admin was asked to drain it (`/drain_listeners`): the supervisor drains
+    /// it as `baton drain` does, with `Drain`. Sent only when both sides have
+    /// [`FEATURE_DRAIN_REQUEST`](crate::FEATURE_DRAIN_REQUEST).
+    DrainRequested,
 }
 
 /// From the supervisor to a generation.

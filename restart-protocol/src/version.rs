@@ -13,8 +13,12 @@ pub struct VersionRange {
 /// an old version can no longer be served.
 pub const PROTOCOL_VERSIONS: VersionRange = VersionRange { min: 1, max: 1 };
 
-/// Feature flags this build offers (none yet); both sides use the intersection.
-pub const FEATURES: u64 = 0;
+/// The supervisor understands `ToSupervisor::DrainRequested` (a message added after version 1;
+/// an older supervisor could not decode it).
+pub const FEATURE_DRAIN_REQUEST: u64 = 1 << 0;
+
+/// Feature flags this build offers; both sides use the intersection.
+pub const FEATURES: u64 = FEATURE_DRAIN_REQUEST;
 
 /// The two ranges share no version: the peers come from releases too far apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

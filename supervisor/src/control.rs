@@ -15,6 +15,9 @@ pub enum Request {
     Status,
     /// Start a new generation; answered when it is active, or with why it failed.
     Reload,
+    /// SIGWINCH's job: the active generation drains and none replaces it until the next
+    /// reload; answered once it no longer accepts.
+    Drain,
     /// Drain every generation and exit.
     Stop,
     /// Forward SIGUSR1's job: every generation reopens its access logs.
@@ -41,6 +44,10 @@ pub struct Status {
     pub instance: String,
     pub config: String,
     pub active_epoch: Option<u64>,
+    /// Drained by `baton drain` (or SIGWINCH, or `/drain_listeners`): no generation accepts
+    /// until the next reload.
+    #[serde(default)]
+    pub drained: bool,
     pub generations: Vec<GenerationStatus>,
     pub reloads: u64,
     pub reload_failures: u64,

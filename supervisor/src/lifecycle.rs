@@ -5,6 +5,10 @@
 //!     \--Failed / exit / readiness timeout--> gone   (the Active generation stays Active)
 //! ```
 //!
+//! Drained (`baton drain`, SIGWINCH): the Active generation drains as on a reload, but nothing
+//! replaces it until the next reload; the listen sockets stay in the store, so clients wait in
+//! the accept queue.
+//!
 //! The event loop (`server.rs`) turns signals, control requests, channel messages and child
 //! exits into [`Event`]s, and carries out the [`Action`]s; everything that decides is here and
 //! is tested without processes.
@@ -101,6 +105,11 @@ pub enum Event {
     Stop {
         graceful: bool,
     },
+    /// SIGWINCH, `baton drain` (its client waits) or the Active generation's
+    /// `/drain_listeners`: drain without a successor, until the next reload.
+    Drain {
+        waiter: Option<Waiter>,
+    },
     /// Time passed: deadlines may have come.
     Tick,
 }
@@ -125,6 +134,11 @@ pub enum Action {
     Reply {
         waiters: Vec<Waiter>,
         result: Result<u64, String>,
+    },
+    /// A drain took effect (the generation it drained, if one was active) or was refused.
+    DrainReply {
+        waiters: Vec<Waiter>,
+        result: Result<Option<u64>, String>,
     },
     /// Fold the stats of `epoch` into the retired row (it has exited).
     Retire { epoch: u64 },
@@ -174,6 +188,11 @@ pub struct Lifecycle {
     stopping: bool,
     /// Whether a generation was ever Active (a first generation that fails ends the supervisor).
     ever_active: bool,
+    /// Drained on request: no generation takes new connections until the next reload.
+    drained: bool,
+    /// The drain in progress: the generation that stops accepting, by when at the latest, and
+    /// who waits for it.
+    drain: Option<(u64, Instant, Vec<Waiter>)>,
     pub counts: Counts,
 }
 
@@ -189,6 +208,8 @@ impl Lifecycle {
             last_crash: None,
             stopping: false,
             ever_active: false,
+            drained: false,
+            drain: None,
             counts: Counts::default(),
         }
     }
@@ -220,6 +241,8 @@ impl Lifecycle {
                 },
             );
         }
+        // Taken over while drained: stay drained.
+        l.drained = l.active().is_none();
         l
     }
 
@@ -237,6 +260,11 @@ impl Lifecycle {
             .values()
             .find(|g| g.state == State::Active)
             .map(|g| g.epoch)
+    }
+
+    /// Whether the supervisor is drained: no generation takes new connections until a reload.
+    pub fn drained(&self) -> bool {
+        self.drained
     }
 
     /// Whether a reload is in progress (a new generation starting or handing over).
@@ -258,6 +286,7 @@ impl Lifecycle {
             .filter_map(|g| g.deadline)
             .chain(self.restart_at)
             .chain(self.reload.handover.map(|(_, deadline)| deadline))
+            .chain(self.drain.as_ref().map(|(_, deadline, _)| *deadline))
             .min()
     }
 
@@ -279,6 +308,9 @@ impl Lifecycle {
                 if self.reload.handover.is_some_and(|(old, _)| old == epoch) {
                     self.finish_reload(now, &mut actions);
                 }
+                if self.drain.as_ref().is_some_and(|(e, ..)| *e == epoch) {
+                    self.finish_drain(&mut actions);
+                }
             }
             Event::Failed { epoch, reason } => {
                 if let Some(g) = self.generations.get_mut(&epoch)
@@ -292,6 +324,7 @@ impl Lifecycle {
             }
             Event::Exited { epoch, status } => self.exited(epoch, status, now, &mut actions),
             Event::Stop { graceful } => self.stop(graceful, now, &mut actions),
+            Event::Drain { waiter } => self.drain(waiter, now, &mut actions),
             Event::Tick => self.tick(now, &mut actions),
         }
         actions
@@ -352,6 +385,7 @@ impl Lifecycle {
         g.state = State::Active;
         g.deadline = None;
         self.ever_active = true;
+        self.drained = false;
         let previous = self
             .generations
             .values()
@@ -440,6 +474,67 @@ impl Lifecycle {
         }
     }
 
+    fn drain(&mut self, waiter: Option<Waiter>, now: Instant, actions: &mut Vec<Action>) {
+        let refuse = if self.stopping {
+            Some("the supervisor is stopping".to_owned())
+        } else {
+            self.generations
+                .values()
+                .find(|g| g.state == State::Starting)
+                .map(|g| {
+                    format!(
+                        "generation {} is starting (a reload or a restart); drain again once `baton status` shows it active",
+                        g.epoch
+                    )
+                })
+        };
+        if let Some(reason) = refuse {
+            actions.push(Action::DrainReply {
+                waiters: waiter.into_iter().collect(),
+                result: Err(reason),
+            });
+            return;
+        }
+        self.drained = true;
+        // A replacement for a crash would undo the drain.
+        self.restart_at = None;
+        match self.active() {
+            Some(epoch) => {
+                self.start_draining(
+                    epoch,
+                    self.settings.drain_timeout,
+                    self.settings.strategy,
+                    now,
+                    actions,
+                );
+                // Answered once it no longer accepts (or has gone, or the deadline passed).
+                let drain = self
+                    .drain
+                    .get_or_insert_with(|| (epoch, now + HANDOVER_TIMEOUT, Vec::new()));
+                drain.2.extend(waiter);
+            }
+            None => {
+                // Already drained; a drain in progress answers this waiter too.
+                match &mut self.drain {
+                    Some((.., waiters)) => waiters.extend(waiter),
+                    None => actions.push(Action::DrainReply {
+                        waiters: waiter.into_iter().collect(),
+                        result: Ok(None),
+                    }),
+                }
+            }
+        }
+    }
+
+    fn finish_drain(&mut self, actions: &mut Vec<Action>) {
+        if let Some((epoch, _, waiters)) = self.drain.take() {
+            actions.push(Action::DrainReply {
+                waiters,
+                result: Ok(Some(epoch)),
+            });
+        }
+    }
+
     fn next_reload(&mut self, now: Instant, actions: &mut Vec<Action>) {
         if let Some(waiters) = self.reload.queued.take() {
             self.reload(None, now, actions);
@@ -471,7 +566,7 @@ impl Lifecycle {
                 return;
             }
             self.next_reload(now, actions);
-        } else if !self.stopping && self.active().is_none() {
+        } else if !self.stopping && !self.drained && self.active().is_none() {
             // A replacement for a crashed generation failed: try again later.
             self.schedule_restart(now);
         }
@@ -484,6 +579,9 @@ impl Lifecycle {
         actions.push(Action::Retire { epoch });
         if self.reload.handover.is_some_and(|(old, _)| old == epoch) {
             self.finish_reload(now, actions);
+        }
+        if self.drain.as_ref().is_some_and(|(e, ..)| *e == epoch) {
+            self.finish_drain(actions);
         }
         match g.state {
             State::Starting => {
@@ -530,6 +628,8 @@ impl Lifecycle {
                 result: Err("the supervisor is stopping".into()),
             });
         }
+        // The drained generation is among those drained now.
+        self.finish_drain(actions);
         let epochs: Vec<(u64, State)> = self
             .generations
             .values()
@@ -589,6 +689,13 @@ impl Lifecycle {
             .is_some_and(|(_, deadline)| deadline <= now)
         {
             self.finish_reload(now, actions);
+        }
+        if self
+            .drain
+            .as_ref()
+            .is_some_and(|(_, deadline, _)| *deadline <= now)
+        {
+            self.finish_drain(actions);
         }
         if self.restart_at.is_some_and(|at| at <= now) {
             self.restart_at = None;
@@ -1048,5 +1155,104 @@ mod tests {
             l.handle(Event::Tick, t0 + Duration::from_secs(15)),
             [Action::Kill { epoch: 0 }]
         );
+    }
+
+    #[test]
+    fn a_drain_lasts_until_the_next_reload() {
+        let t0 = Instant::now();
+        let mut l = running(t0);
+        assert_eq!(
+            l.handle(Event::Drain { waiter: Some(7) }, t0),
+            [Action::Drain {
+                epoch: 0,
+                timeout: Duration::from_secs(10),
+                strategy: DrainStrategy::Gradual
+            }]
+        );
+        assert!(l.drained());
+        assert_eq!(
+            l.handle(Event::StoppedAccepting { epoch: 0 }, t0),
+            [Action::DrainReply {
+                waiters: vec![7],
+                result: Ok(Some(0))
+            }],
+            "`baton drain` returns once the generation no longer accepts"
+        );
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(
+            l.handle(
+                Event::Exited {
+                    epoch: 0,
+                    status: "exit 0".into()
+                },
+                later
+            ),
+            [Action::Retire { epoch: 0 }],
+            "a drained generation leaving is no crash, and nothing replaces it"
+        );
+        assert_eq!(l.counts.crashes, 0);
+        assert_eq!(l.next_deadline(), None);
+        assert!(l.handle(Event::Tick, t0 + QUIET * 2).is_empty());
+        assert_eq!(
+            l.handle(Event::Drain { waiter: Some(8) }, later),
+            [Action::DrainReply {
+                waiters: vec![8],
+                result: Ok(None)
+            }],
+            "draining again while drained is no error"
+        );
+
+        assert_eq!(
+            l.handle(Event::Reload { waiter: Some(9) }, later),
+            [Action::Spawn { epoch: 1 }]
+        );
+        assert_eq!(
+            l.handle(Event::Ready { epoch: 1 }, later),
+            [
+                Action::Activated {
+                    epoch: 1,
+                    replaced: None
+                },
+                Action::Reply {
+                    waiters: vec![9],
+                    result: Ok(1)
+                }
+            ]
+        );
+        assert!(!l.drained());
+        assert_eq!(l.active(), Some(1));
+    }
+
+    #[test]
+    fn a_drain_is_refused_while_a_generation_starts() {
+        let t0 = Instant::now();
+        let mut l = running(t0);
+        l.handle(Event::Reload { waiter: None }, t0);
+        let actions = l.handle(Event::Drain { waiter: Some(3) }, t0);
+        let [
+            Action::DrainReply {
+                waiters,
+                result: Err(reason),
+            },
+        ] = &actions[..]
+        else {
+            panic!("refused: {actions:?}");
+        };
+        assert_eq!(waiters, &[3]);
+        assert!(reason.contains("generation 1 is starting"), "{reason}");
+        assert!(!l.drained());
+        assert_eq!(l.active(), Some(0), "the active generation is untouched");
+    }
+
+    #[test]
+    fn a_drain_answers_at_the_handover_deadline_if_the_generation_stays_silent() {
+        let t0 = Instant::now();
+        let mut l = running(t0);
+        l.handle(Event::Drain { waiter: Some(4) }, t0);
+        let actions = l.handle(Event::Tick, t0 + HANDOVER_TIMEOUT);
+        assert!(actions.contains(&Action::DrainReply {
+            waiters: vec![4],
+            result: Ok(Some(0))
+        }));
     }
 }

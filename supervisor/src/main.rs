@@ -61,6 +61,10 @@ enum Command {
     },
     /// Start a new generation and drain the old one; waits for the outcome (exit 1 if it failed).
     Reload(Target),
+    /// Take this host out of rotation without stopping: the active generation stops accepting
+    /// and finishes its connections, and none replaces it until `baton reload` (like SIGWINCH).
+    /// New connections wait in the accept queue meanwhile; none is refused.
+    Drain(Target),
     /// Drain every generation, then stop the supervisor.
     Stop(Target),
     /// Make every generation reopen its access logs (after log rotation).
@@ -129,6 +133,9 @@ fn main() -> ExitCode {
         }
         Command::Reload(target) => client(&target, Request::Reload, |r| {
             println!("baton: reloaded: {}", r.message);
+        }),
+        Command::Drain(target) => client(&target, Request::Drain, |r| {
+            println!("baton: {}", r.message)
         }),
         Command::Stop(target) => {
             client(&target, Request::Stop, |r| println!("baton: {}", r.message))
@@ -278,6 +285,12 @@ fn status_table(status: &control::Status) -> String {
             .as_ref()
             .map_or(String::new(), |r| format!("; last reload: {r}"))
     );
+    if status.drained {
+        let _ = writeln!(
+            out,
+            "DRAINED: no generation accepts new connections; `baton reload` starts one"
+        );
+    }
     let _ = writeln!(
         out,
         "{:>6}  {:>8}  {:<9}  {:>8}  {:>11}  {:>8}  BUILD",

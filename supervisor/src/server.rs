@@ -20,7 +20,7 @@ use restart_protocol::{
     ToSupervisor, negotiate,
 };
 use shm_stats::{Counter, Gauge, Region, Shard, Spec};
-use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH};
 use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, error, info, warn};
 
@@ -302,8 +302,9 @@ impl Supervisor {
         }
         let stats = register_stats(&region)?;
         let poll = Poll::new().map_err(|e| format!("cannot create the event loop: {e}"))?;
-        let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGCHLD])
-            .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+        let mut signals =
+            Signals::new([SIGHUP, SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGWINCH, SIGCHLD])
+                .map_err(|e| format!("cannot install signal handlers: {e}"))?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(|e| format!("cannot watch signals: {e}"))?;
@@ -538,6 +539,9 @@ impl Supervisor {
                 let pid = self.generations.get(&epoch).map_or(0, |g| g.pid);
                 format!("generation {epoch} active (pid {pid})")
             }
+            None if self.lifecycle.drained() => {
+                "drained: no generation accepts until `baton reload`".to_owned()
+            }
             None => "no active generation".to_owned(),
         };
         let draining = self.lifecycle.draining();
@@ -680,16 +684,31 @@ impl Supervisor {
                     self.notify.ready(&line);
                     self.status_line = line;
                 }
-                for waiter in waiters {
-                    self.respond(
-                        waiter,
-                        Response {
-                            ok,
-                            message: message.clone(),
-                            status: None,
-                        },
-                    );
+                self.respond_all(waiters, ok, &message);
+            }
+            Action::DrainReply { waiters, result } => {
+                let (ok, message) = match &result {
+                    Ok(Some(epoch)) => (
+                        true,
+                        format!(
+                            "drained: generation {epoch} no longer accepts and finishes its connections; new connections wait in the accept queue until `baton reload`"
+                        ),
+                    ),
+                    Ok(None) => (
+                        true,
+                        "already drained: no generation accepts; `baton reload` starts one".into(),
+                    ),
+                    Err(reason) => (false, format!("not drained: {reason}")),
+                };
+                if ok {
+                    info!("{message}");
+                } else {
+                    warn!("{message}");
                 }
+                let line = self.status_line();
+                self.notify.status(&line);
+                self.status_line = line;
+                self.respond_all(waiters, ok, &message);
             }
             Action::Retire { epoch } => {
                 if let Some(mut g) = self.generations.remove(&epoch) {
@@ -810,6 +829,10 @@ impl Supervisor {
                 SIGUSR1 => {
                     info!("SIGUSR1: every generation reopens its logs");
                     self.reopen_logs();
+                }
+                SIGWINCH => {
+                    info!("SIGWINCH: drain the active generation; none serves until a reload");
+                    self.apply(Event::Drain { waiter: None });
                 }
                 SIGUSR2 => {
                     info!("SIGUSR2: upgrade the supervisor in place");
@@ -1020,6 +1043,20 @@ impl Supervisor {
             ToSupervisor::Exiting { connections_left } => {
                 info!(epoch, connections_left, "generation is exiting");
             }
+            ToSupervisor::DrainRequested => {
+                if self.lifecycle.active() == Some(epoch) {
+                    info!(
+                        epoch,
+                        "the active generation asks to be drained (/drain_listeners)"
+                    );
+                    self.apply(Event::Drain { waiter: None });
+                } else {
+                    debug!(
+                        epoch,
+                        "drain request from a generation that is not active; ignored"
+                    );
+                }
+            }
         }
     }
 
@@ -1129,6 +1166,12 @@ impl Supervisor {
                     },
                 );
             }
+            Request::Drain => {
+                info!("drain requested over the control socket");
+                self.apply(Event::Drain {
+                    waiter: Some(client),
+                });
+            }
             Request::Reload => {
                 info!("reload requested over the control socket");
                 self.apply(Event::Reload {
@@ -1203,12 +1246,27 @@ impl Supervisor {
             instance: self.config.instance.clone(),
             config: self.config.path.display().to_string(),
             active_epoch: self.lifecycle.active(),
+            drained: self.lifecycle.drained(),
             generations,
             reloads: counts.reloads,
             reload_failures: counts.reload_failures,
             crashes: counts.crashes,
             last_reload: self.last_reload.clone(),
             sockets: self.store.len(),
+        }
+    }
+
+    /// Answers every waiter of a reload or a drain alike.
+    fn respond_all(&mut self, waiters: Vec<Waiter>, ok: bool, message: &str) {
+        for waiter in waiters {
+            self.respond(
+                waiter,
+                Response {
+                    ok,
+                    message: message.to_owned(),
+                    status: None,
+                },
+            );
         }
     }
 

@@ -26,6 +26,7 @@ use crate::free_addr;
 /// An HTTP/1.1 origin on loopback. Paths:
 /// - `/headers`: the request as JSON (`method`, `uri`, `version`, `headers`);
 /// - `/echo...`: the request body back, streamed;
+/// - `/collect`: reads the whole request body, then answers `received <n> bytes`;
 /// - `/slow/<ms>`: answers after `ms` milliseconds;
 /// - `/bytes/<n>`: `n` bytes of a known pattern ([`pattern`]), with a content length;
 /// - `/chunked/<n>`: `n` chunks, streamed without a content length;
@@ -127,6 +128,14 @@ async fn handle(
             .headers_mut()
             .insert("x-echo", "1".parse().unwrap());
         response
+    } else if path == "/collect" {
+        match request.into_body().collect().await {
+            Ok(body) => full(
+                StatusCode::OK,
+                format!("received {} bytes\n", body.to_bytes().len()),
+            ),
+            Err(e) => full(StatusCode::BAD_REQUEST, format!("body failed: {e}\n")),
+        }
     } else if let Some(ms) = number("/slow/") {
         tokio::time::sleep(Duration::from_millis(ms as u64)).await;
         full(StatusCode::OK, "slow done\n".into())

@@ -37,6 +37,20 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default number of idle connections a worker keeps per upstream endpoint.
 pub const DEFAULT_MAX_IDLE_PER_ENDPOINT: usize = 128;
+/// Default time a client may take to send a request's line and headers, from its first byte
+/// (from the accept for a connection's first request): HAProxy's advised `timeout http-request`.
+pub const DEFAULT_REQUEST_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default largest request line and headers, in bytes (Envoy's 60 KiB).
+pub const DEFAULT_MAX_REQUEST_HEADER_SIZE: usize = 60 * 1024;
+/// Default most header fields in a request (Envoy's and hyper's 100).
+pub const DEFAULT_MAX_REQUEST_HEADERS: usize = 100;
+/// Default time a worker's event loop may stall before the guard dog counts a miss (Envoy's).
+pub const DEFAULT_GUARD_DOG_MISS: Duration = Duration::from_millis(200);
+/// Default time for a mega miss (Envoy's).
+pub const DEFAULT_GUARD_DOG_MEGA_MISS: Duration = Duration::from_secs(1);
+/// Default time after which a stalled worker aborts its generation: no worker of baton blocks
+/// for long on purpose, so one stalled this long is wedged, and its connections with it.
+pub const DEFAULT_GUARD_DOG_KILL: Duration = Duration::from_secs(30);
 
 /// A validated configuration.
 #[derive(Debug)]
@@ -50,8 +64,11 @@ pub struct Config {
     pub drain: DrainSettings,
     pub admin: Option<Admin>,
     pub stats: StatsSettings,
+    pub guard_dog: GuardDogSettings,
     /// Add `x-baton-epoch: <epoch>` to every HTTP response (to see which generation answered).
     pub epoch_header: bool,
+    /// Downstream connections the generation holds over all its listeners, if limited.
+    pub max_connections: Option<usize>,
     pub listeners: Vec<Listener>,
     pub clusters: Vec<Cluster>,
 }
@@ -62,6 +79,17 @@ pub struct DrainSettings {
     pub timeout: Duration,
     /// An idle HTTP/1.1 connection is closed by a drain only once it has been idle this long.
     pub idle_grace: Duration,
+}
+
+/// When the guard dog on the main thread says a worker's event loop is stalled.
+#[derive(Debug, Clone, Copy)]
+pub struct GuardDogSettings {
+    /// Counted in `server.watchdog_miss`.
+    pub miss: Duration,
+    /// Counted in `server.watchdog_mega_miss`, and logged.
+    pub mega_miss: Duration,
+    /// The generation aborts, so that the supervisor replaces it; `None`: never.
+    pub kill: Option<Duration>,
 }
 
 /// Where the shared-memory stats region is, and its sizes when this process creates it.
@@ -85,7 +113,22 @@ pub struct Listener {
     pub fd_name: Option<String>,
     pub backlog: u32,
     pub access_log: Option<PathBuf>,
+    /// Connections this listener holds at most, if limited.
+    pub max_connections: Option<usize>,
+    /// What happens to a connection past this listener's or the generation's limit.
+    pub overflow: Overflow,
     pub kind: ListenerKind,
+}
+
+/// What a listener does with a connection past a connection limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Accept it and close it at once (an HTTP client is first answered 503), counting it in
+    /// `downstream_cx_overflow`: clients learn at once, as with Envoy's `max_connections`.
+    Close,
+    /// Stop accepting until a connection closes; clients wait in the accept queue (bounded by
+    /// the backlog), as with HAProxy's `maxconn`.
+    Wait,
 }
 
 #[derive(Debug)]
@@ -102,6 +145,20 @@ pub struct HttpListener {
     pub routes: Vec<Route>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub idle_timeout: Duration,
+    pub limits: RequestLimits,
+}
+
+/// What an HTTP listener accepts of a request.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    /// Time to send the request line and headers (408 past it).
+    pub header_timeout: Duration,
+    /// Bytes of the request line and headers (431 past it).
+    pub max_header_size: usize,
+    /// Header fields (431 past it).
+    pub max_headers: usize,
+    /// Bytes of a request body, if limited (413 past it).
+    pub max_body: Option<u64>,
 }
 
 /// Index of a cluster in [`Config::clusters`].

@@ -54,11 +54,14 @@ pub struct RawConfig {
     #[serde(default, rename = "drain_strategy")]
     pub _drain_strategy: Option<RawDrainStrategy>,
     pub epoch_header: Option<Spanned<bool>>,
+    /// Downstream connections a generation holds over all its listeners.
+    pub max_connections: Option<Spanned<i64>>,
     /// Read and checked by the supervisor (`baton`); the proxy only lets it be.
     #[serde(default, rename = "supervisor")]
     pub _supervisor: Option<serde::de::IgnoredAny>,
     pub admin: Option<Spanned<RawAdmin>>,
     pub stats: Option<Spanned<RawStats>>,
+    pub guard_dog: Option<Spanned<RawGuardDog>>,
     #[serde(default)]
     pub listener: Vec<Spanned<RawListener>>,
     #[serde(default)]
@@ -69,6 +72,14 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub address: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGuardDog {
+    pub miss_timeout: Option<Spanned<RawDuration>>,
+    pub mega_miss_timeout: Option<Spanned<RawDuration>>,
+    pub kill_timeout: Option<Spanned<RawDuration>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,6 +96,47 @@ pub struct RawStats {
 pub enum RawDrainStrategy {
     Gradual,
     Immediate,
+}
+
+/// What a listener does with a connection past its `max_connections`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawOverflow {
+    Close,
+    Wait,
+}
+
+/// A size as written: `65536`, `"64KiB"`, `"1MiB"`, `"10m"` (as in nginx's `client_max_body_size`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawSize {
+    Text(String),
+    Bytes(i64),
+}
+
+impl<'de> serde::Deserialize<'de> for RawSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawSize;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a size such as \"64KiB\" or \"1MiB\", or a number of bytes")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawSize, E> {
+                Ok(RawSize::Text(v.to_owned()))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RawSize, E> {
+                Ok(RawSize::Bytes(v))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawSize, E> {
+                Ok(RawSize::Bytes(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -107,6 +159,12 @@ pub struct RawListener {
     pub access_log: Option<Spanned<String>>,
     pub idle_timeout: Option<Spanned<RawDuration>>,
     pub backlog: Option<Spanned<i64>>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub max_connections_action: Option<Spanned<RawOverflow>>,
+    pub request_header_timeout: Option<Spanned<RawDuration>>,
+    pub max_request_header_size: Option<Spanned<RawSize>>,
+    pub max_request_headers: Option<Spanned<i64>>,
+    pub max_request_body: Option<Spanned<RawSize>>,
     pub tls: Option<Spanned<RawTls>>,
     #[serde(default)]
     pub route: Vec<Spanned<RawRoute>>,

@@ -14,8 +14,8 @@ use http::{HeaderMap, StatusCode};
 use serde_spanned::Spanned;
 
 use super::raw::{
-    RawCluster, RawConfig, RawDirectResponse, RawDuration, RawListener, RawProtocol, RawRoute,
-    RawStats, RawTls,
+    RawCluster, RawConfig, RawDirectResponse, RawDuration, RawGuardDog, RawListener, RawOverflow,
+    RawProtocol, RawRoute, RawSize, RawStats, RawTls,
 };
 use super::tls::{self, LoadedCertificate};
 use super::*;
@@ -182,8 +182,15 @@ impl Validator<'_> {
             ));
         }
 
+        let max_connections = raw
+            .max_connections
+            .map(|n| self.count("max_connections", &n, 1_000_000_000))
+            .transpose()?;
         let stats = self.stats(&instance, raw.stats)?;
+        let guard_dog = self.guard_dog(raw.guard_dog)?;
         Ok(Config {
+            guard_dog,
+            max_connections,
             path: self.path.to_owned(),
             stats,
             epoch_header: raw.epoch_header.is_some_and(|b| *b.get_ref()),
@@ -231,6 +238,45 @@ impl Validator<'_> {
                     1 << 24,
                 )?,
             },
+        })
+    }
+
+    fn guard_dog(&self, raw: Option<Spanned<RawGuardDog>>) -> Result<GuardDogSettings> {
+        let Some(raw) = raw else {
+            return Ok(GuardDogSettings {
+                miss: DEFAULT_GUARD_DOG_MISS,
+                mega_miss: DEFAULT_GUARD_DOG_MEGA_MISS,
+                kill: Some(DEFAULT_GUARD_DOG_KILL),
+            });
+        };
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let miss = self.timeout_or(
+            "guard_dog.miss_timeout",
+            raw.miss_timeout,
+            DEFAULT_GUARD_DOG_MISS,
+        )?;
+        let mega_miss = self.timeout_or(
+            "guard_dog.mega_miss_timeout",
+            raw.mega_miss_timeout,
+            DEFAULT_GUARD_DOG_MEGA_MISS.max(miss),
+        )?;
+        let kill = self.duration_or(
+            "guard_dog.kill_timeout",
+            raw.kill_timeout,
+            DEFAULT_GUARD_DOG_KILL.max(mega_miss),
+        )?;
+        let kill = (!kill.is_zero()).then_some(kill);
+        if miss > mega_miss || kill.is_some_and(|k| k < mega_miss) {
+            return Err(self.error(
+                span,
+                "guard_dog: the timeouts must grow: miss_timeout <= mega_miss_timeout <= kill_timeout (kill_timeout = \"0s\" turns the kill off)",
+            ));
+        }
+        Ok(GuardDogSettings {
+            miss,
+            mega_miss,
+            kill,
         })
     }
 
@@ -294,6 +340,36 @@ impl Validator<'_> {
             return Err(self.error(value.span(), format!("{field}: must be more than zero")));
         }
         Ok(d)
+    }
+
+    /// A whole number from 1 to `max`.
+    fn count(&self, field: &str, value: &Spanned<i64>, max: usize) -> Result<usize> {
+        usize::try_from(*value.get_ref())
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| {
+                self.error(
+                    value.span(),
+                    format!("{field}: expected a number from 1 to {max}"),
+                )
+            })
+    }
+
+    /// A size in bytes from 1 to `max`: a number of bytes, or a number with a unit (`k`, `KiB`,
+    /// `m`, `MiB`, `g`, `GiB`; every unit counts in 1024s, as nginx's sizes do).
+    fn size(&self, field: &str, value: &Spanned<RawSize>, max: u64) -> Result<u64> {
+        let bytes = match value.get_ref() {
+            RawSize::Bytes(n) => u64::try_from(*n).ok(),
+            RawSize::Text(text) => parse_size(text),
+        };
+        bytes.filter(|n| (1..=max).contains(n)).ok_or_else(|| {
+            self.error(
+                value.span(),
+                format!(
+                    "{field}: expected a size from 1 byte to {max} bytes, written like 65536, \"64KiB\" or \"10MiB\""
+                ),
+            )
+        })
     }
 
     fn address(&self, field: &str, value: &Spanned<String>) -> Result<SocketAddr> {
@@ -367,12 +443,37 @@ impl Validator<'_> {
                 Some(path)
             }
         };
+        let max_connections = raw
+            .max_connections
+            .as_ref()
+            .map(|n| self.count("listener.max_connections", n, 1_000_000_000))
+            .transpose()?;
+        let overflow = match raw.max_connections_action.as_ref().map(|a| *a.get_ref()) {
+            None | Some(RawOverflow::Close) => Overflow::Close,
+            Some(RawOverflow::Wait) => Overflow::Wait,
+        };
         let kind = match *raw.protocol.get_ref() {
             RawProtocol::Tcp => {
                 for (field, present) in [
                     ("route", raw.route.first().map(|r| r.span())),
                     ("tls", raw.tls.as_ref().map(|t| t.span())),
                     ("idle_timeout", raw.idle_timeout.as_ref().map(|t| t.span())),
+                    (
+                        "request_header_timeout",
+                        raw.request_header_timeout.as_ref().map(|t| t.span()),
+                    ),
+                    (
+                        "max_request_header_size",
+                        raw.max_request_header_size.as_ref().map(|t| t.span()),
+                    ),
+                    (
+                        "max_request_headers",
+                        raw.max_request_headers.as_ref().map(|t| t.span()),
+                    ),
+                    (
+                        "max_request_body",
+                        raw.max_request_body.as_ref().map(|t| t.span()),
+                    ),
                 ] {
                     if let Some(span) = present {
                         return Err(self.error(
@@ -417,6 +518,31 @@ impl Validator<'_> {
                     .map(|(i, r)| self.route(&name, i + 1, r, clusters))
                     .collect::<Result<Vec<_>>>()?;
                 let tls = raw.tls.map(|t| self.tls(&name, t)).transpose()?;
+                let limits = RequestLimits {
+                    header_timeout: self.timeout_or(
+                        "listener.request_header_timeout",
+                        raw.request_header_timeout,
+                        DEFAULT_REQUEST_HEADER_TIMEOUT,
+                    )?,
+                    max_header_size: raw.max_request_header_size.as_ref().map_or(
+                        Ok(DEFAULT_MAX_REQUEST_HEADER_SIZE),
+                        |s| {
+                            self.size("listener.max_request_header_size", s, 16 << 20)
+                                .map(|n| n as usize)
+                        },
+                    )?,
+                    max_headers: raw
+                        .max_request_headers
+                        .as_ref()
+                        .map_or(Ok(DEFAULT_MAX_REQUEST_HEADERS), |n| {
+                            self.count("listener.max_request_headers", n, 10_000)
+                        })?,
+                    max_body: raw
+                        .max_request_body
+                        .as_ref()
+                        .map(|s| self.size("listener.max_request_body", s, u64::MAX))
+                        .transpose()?,
+                };
                 HttpListener {
                     routes,
                     tls,
@@ -425,6 +551,7 @@ impl Validator<'_> {
                         raw.idle_timeout,
                         DEFAULT_LISTENER_IDLE_TIMEOUT,
                     )?,
+                    limits,
                 }
                 .into()
             }
@@ -435,6 +562,8 @@ impl Validator<'_> {
             fd_name,
             backlog,
             access_log,
+            max_connections,
+            overflow,
             kind,
         })
     }
@@ -767,8 +896,43 @@ impl From<HttpListener> for ListenerKind {
 
 /// Whether two listen addresses take the same port: equal, or one is the wildcard of the
 /// other's family.
+/// `"64KiB"`, `"10m"`, `"1 GiB"`, `"512"`: a number of bytes with an optional unit, every
+/// unit a power of 1024. `None` if it is not such a size or does not fit in 64 bits.
+fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number.parse().ok()?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return None,
+    };
+    number.checked_mul(1 << shift)
+}
+
 fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port()
         && a.is_ipv4() == b.is_ipv4()
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_count_in_1024s() {
+        assert_eq!(parse_size("512"), Some(512));
+        assert_eq!(parse_size("64KiB"), Some(64 * 1024));
+        assert_eq!(parse_size("64k"), Some(64 * 1024));
+        assert_eq!(parse_size("10 MiB"), Some(10 << 20));
+        assert_eq!(parse_size("1g"), Some(1 << 30));
+        assert_eq!(parse_size("1.5m"), None);
+        assert_eq!(parse_size("ten"), None);
+        assert_eq!(parse_size("99999999999999999999k"), None);
+        assert_eq!(parse_size("20000000000000g"), None);
+    }
 }

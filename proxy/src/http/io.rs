@@ -15,19 +15,41 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::worker::Worker;
 
-/// What a connection has been doing, for the decision to close it while idle.
+/// What a connection has been doing, for the decision to close it while idle or while a
+/// client takes too long to send a request's headers.
 pub struct Activity {
     /// The last byte read, or the end of the last answer, whichever came later.
     last_active: Cell<Instant>,
     in_flight: Cell<u32>,
+    /// Since when the connection has been waiting for the rest of a request's headers: from
+    /// the accept for its first request, from the first byte after an answer for a later one.
+    head_since: Cell<Option<Instant>>,
+    /// Whether a byte of that request has arrived.
+    head_bytes: Cell<bool>,
 }
 
 impl Activity {
-    pub fn new() -> Self {
+    /// A connection accepted now; `sent` if its client has already sent bytes.
+    pub fn new(sent: bool) -> Self {
+        let now = Instant::now();
         Activity {
-            last_active: Cell::new(Instant::now()),
+            last_active: Cell::new(now),
             in_flight: Cell::new(0),
+            head_since: Cell::new(Some(now)),
+            head_bytes: Cell::new(sent),
         }
+    }
+
+    /// The TLS handshake is done: the bytes read so far were not a request's.
+    pub fn handshake_done(&self) {
+        self.head_bytes.set(false);
+    }
+
+    /// While no request is in flight: since when the connection has been waiting for a
+    /// request's headers (`None` if the next request has not begun), and whether any of its
+    /// bytes arrived.
+    pub fn head(&self) -> (Option<Instant>, bool) {
+        (self.head_since.get(), self.head_bytes.get())
     }
 
     /// Since when the connection has been idle (if nothing is in flight): a connection is idle
@@ -43,6 +65,8 @@ impl Activity {
 
     pub fn request_started(&self) {
         self.in_flight.set(self.in_flight.get() + 1);
+        self.head_since.set(None);
+        self.head_bytes.set(false);
     }
 
     pub fn request_finished(&self) {
@@ -103,7 +127,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {
         ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
         let n = buf.filled().len() - before;
         if n > 0 {
-            self.activity.last_active.set(Instant::now());
+            let now = Instant::now();
+            let activity = &self.activity;
+            activity.last_active.set(now);
+            if activity.in_flight.get() == 0 {
+                // A new request begins (or, under TLS before the handshake ends, the handshake).
+                if activity.head_since.get().is_none() {
+                    activity.head_since.set(Some(now));
+                }
+                activity.head_bytes.set(true);
+            }
             self.bytes.worker.stats.shard.add(self.bytes.rx, n as u64);
         }
         Poll::Ready(Ok(()))

@@ -4,37 +4,51 @@
 //! preface (prior knowledge), HTTP/1.1 otherwise. A connection is closed by the proxy only when
 //! it is idle: past the listener's idle timeout, or, during a drain, past the drain's idle grace.
 //! HTTP/2 connections get a graceful two-step GOAWAY when the drain begins.
+//!
+//! Limits: an HTTP/1.1 client that takes longer than `request_header_timeout` to send a
+//! request's line and headers is answered 408 and cut off (slowloris); hyper answers 431 to
+//! headers over `max_request_header_size` or `max_request_headers`.
 
 mod body;
 mod headers;
 mod io;
 mod service;
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, SERVER};
+use http::{Response, StatusCode};
+use http_body_util::Full;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
 use self::io::{Activity, ByteStats, ConnIo};
 use self::service::ConnCtx;
-use crate::config::ListenerKind;
-use crate::worker::ConnectionGuard;
+use crate::config::{ListenerKind, RequestLimits};
+use crate::worker::{ConnectionGuard, Worker};
 
 /// The first bytes of every HTTP/2 connection (RFC 9113, section 3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Longest a TLS handshake may take.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The answer to a client that took too long to send its request's headers. Written as bytes
+/// because hyper has given the connection up by then (it has no request to answer).
+const REQUEST_TIMEOUT_RESPONSE: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nserver: baton\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 59\r\nconnection: close\r\n\r\nrequest timeout: the request headers took too long to come\n";
+/// How long a connection refused for a connection limit may take to send its request before it
+/// is closed without the 503.
+const REFUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Serves one accepted connection of an HTTP listener until it closes.
 pub async fn serve(guard: ConnectionGuard, stream: TcpStream, peer: SocketAddr) {
@@ -44,7 +58,10 @@ pub async fn serve(guard: ConnectionGuard, stream: TcpStream, peer: SocketAddr) 
         return;
     };
     let idle_timeout = config.idle_timeout;
-    let activity = Rc::new(Activity::new());
+    let limits = config.limits;
+    let tls_acceptor = worker.tls[listener].clone();
+    // A cleartext connection is served once its first bytes came (see `sniff`).
+    let activity = Rc::new(Activity::new(tls_acceptor.is_none()));
     let ctx = |tls, h2| {
         Rc::new(ConnCtx {
             worker: worker.clone(),
@@ -62,14 +79,16 @@ pub async fn serve(guard: ConnectionGuard, stream: TcpStream, peer: SocketAddr) 
         rx: ids.downstream_cx_rx_bytes_total,
         tx: ids.downstream_cx_tx_bytes_total,
     };
-    match worker.tls[listener].clone() {
+    match tls_acceptor {
         Some(acceptor) => {
             // Under TLS, so that activity and byte counts see the bytes on the wire.
             let io = ConnIo::new(stream, Bytes::new(), activity.clone(), bytes);
             // Boxed, as the connections below: a task is as large as its largest state, and
             // every idle connection would otherwise pay for the TLS handshake's and HTTP/2's.
             let handshake = tokio::time::timeout(
-                TLS_HANDSHAKE_TIMEOUT.min(idle_timeout),
+                TLS_HANDSHAKE_TIMEOUT
+                    .min(limits.header_timeout)
+                    .min(idle_timeout),
                 Box::pin(acceptor.accept(io)),
             );
             let handshake = tokio::select! {
@@ -87,22 +106,37 @@ pub async fn serve(guard: ConnectionGuard, stream: TcpStream, peer: SocketAddr) 
                     return;
                 }
             };
+            activity.handshake_done();
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            Box::pin(run(ctx(true, h2), tls, idle_timeout)).await;
+            Box::pin(run(ctx(true, h2), tls, idle_timeout, limits)).await;
         }
         None => {
             let mut stream = stream;
+            // A client that sends nothing is closed, without an answer, when its request's
+            // headers are due.
+            let first_bytes = idle_timeout.min(limits.header_timeout);
             let sniffed = tokio::select! {
-                result = tokio::time::timeout(idle_timeout, sniff(&mut stream)) => result,
+                result = tokio::time::timeout(first_bytes, sniff(&mut stream)) => result,
                 _ = drained_while_silent(&worker) => return,
             };
-            let Ok(Some((prefix, h2))) = sniffed else {
-                return;
+            let (prefix, h2) = match sniffed {
+                Ok(Some(sniffed)) => sniffed,
+                Ok(None) => return,
+                Err(_elapsed) => {
+                    let ids = &worker.stats.ids.listeners[listener];
+                    let counter = if limits.header_timeout <= idle_timeout {
+                        ids.downstream_rq_header_timeout
+                    } else {
+                        ids.downstream_cx_idle_timeout
+                    };
+                    worker.stats.shard.inc(counter);
+                    return;
+                }
             };
             // The sniffed bytes are replayed by ConnIo, which does not count them again.
             worker.stats.shard.add(bytes.rx, prefix.len() as u64);
             let io = ConnIo::new(stream, prefix, activity.clone(), bytes);
-            Box::pin(run(ctx(false, h2), io, idle_timeout)).await;
+            Box::pin(run(ctx(false, h2), io, idle_timeout, limits)).await;
         }
     }
     drop(guard);
@@ -138,67 +172,114 @@ async fn sniff(stream: &mut TcpStream) -> Option<(Bytes, bool)> {
 }
 
 /// Runs hyper's HTTP/1.1 or HTTP/2 server on the connection.
-async fn run<S>(ctx: Rc<ConnCtx>, io: S, idle_timeout: Duration)
+async fn run<S>(ctx: Rc<ConnCtx>, io: S, idle_timeout: Duration, limits: RequestLimits)
 where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let h2 = ctx.h2;
     let activity = ctx.activity.clone();
     let worker = ctx.worker.clone();
+    let listener = ctx.listener;
     let service = service_fn(move |request| service::handle(ctx.clone(), request));
     let io = TokioIo::new(io);
-    let drain_grace = worker.config.drain.idle_grace;
+    let settings = DriveSettings {
+        idle_timeout,
+        drain_grace: worker.config.drain.idle_grace,
+        // HTTP/2 clients send headers in one frame; their streams end with the connection's
+        // idle timeout.
+        header_timeout: (!h2).then_some(limits.header_timeout),
+        h2,
+    };
     if h2 {
         let connection = http2::Builder::new(LocalExec)
             .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX))
             .serve_connection(io, service);
-        Box::pin(drive(
-            connection,
-            &worker,
-            &activity,
-            idle_timeout,
-            drain_grace,
-            true,
-        ))
-        .await;
+        let mut connection = Box::pin(connection);
+        drive(connection.as_mut(), &worker, listener, &activity, settings).await;
     } else {
-        let connection = http1::Builder::new()
+        let mut builder = http1::Builder::new();
+        builder
             .timer(TokioTimer::new())
-            // The proxy closes idle connections itself (see `drive`); this only bounds how
-            // long a client may take to send one request's headers.
-            .header_read_timeout(idle_timeout)
-            .serve_connection(io, service);
-        Box::pin(drive(
-            connection,
+            // The proxy times out idle connections and slow request headers itself (see
+            // `drive`): hyper's timer would count a keep-alive wait as header time.
+            .header_read_timeout(None)
+            .max_header_size(limits.max_header_size);
+        if limits.max_headers != crate::config::DEFAULT_MAX_REQUEST_HEADERS {
+            // hyper's default; setting any value moves the parsed headers to the heap.
+            builder.max_headers(limits.max_headers);
+        }
+        let mut connection = Box::new(builder.serve_connection(io, service));
+        let ended = drive(
+            Pin::new(&mut *connection),
             &worker,
+            listener,
             &activity,
-            idle_timeout,
-            drain_grace,
-            false,
-        ))
+            settings,
+        )
         .await;
+        if ended == Ended::HeaderTimeout {
+            let ids = &worker.stats.ids.listeners[listener];
+            worker.stats.shard.inc(ids.downstream_rq_header_timeout);
+            if activity.head().1 {
+                worker.stats.shard.inc(ids.downstream_rq_class[3]);
+                // Nothing is being written: hyper waits for a request head.
+                let mut io = connection.into_parts().io.into_inner();
+                let answer = async {
+                    io.write_all(REQUEST_TIMEOUT_RESPONSE).await?;
+                    io.shutdown().await
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+            }
+        }
     }
+}
+
+/// The timeouts [`drive`] keeps.
+#[derive(Clone, Copy)]
+struct DriveSettings {
+    idle_timeout: Duration,
+    drain_grace: Duration,
+    /// HTTP/1.1 only: how long a request's line and headers may take.
+    header_timeout: Option<Duration>,
+    h2: bool,
+}
+
+/// How [`drive`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The connection closed (or failed); nothing is left to do.
+    Closed,
+    /// A client took longer than the header timeout to send a request's headers: the
+    /// connection is left for the caller to answer 408 and close.
+    HeaderTimeout,
 }
 
 /// Polls the connection to completion, closing it gracefully when it has been idle too long or
 /// when a drain asks for it.
 async fn drive<C>(
-    connection: C,
-    worker: &crate::worker::Worker,
+    mut connection: Pin<&mut C>,
+    worker: &Worker,
+    listener: usize,
     activity: &Activity,
-    idle_timeout: Duration,
-    drain_grace: Duration,
-    h2: bool,
-) where
-    C: GracefulConnection,
-    C::Error: std::fmt::Display,
+    settings: DriveSettings,
+) -> Ended
+where
+    C: GracefulConnection<Error = hyper::Error>,
 {
-    let mut connection = pin!(connection);
+    let DriveSettings {
+        idle_timeout,
+        drain_grace,
+        header_timeout,
+        h2,
+    } = settings;
+    let ids = &worker.stats.ids.listeners[listener];
     let mut drain_seen = false;
     let mut closing = false;
     // HTTP/2: when to send the graceful GOAWAY once a drain began.
     let mut goaway_at: Option<Instant> = None;
-    let mut check = pin!(tokio::time::sleep(idle_timeout));
+    let first_check = header_timeout.map_or(idle_timeout, |h| h.min(idle_timeout));
+    let mut check = std::pin::pin!(tokio::time::sleep(first_check));
     loop {
         if worker.drain.is_draining() && !closing {
             let now = Instant::now();
@@ -217,9 +298,14 @@ async fn drive<C>(
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(e) = result {
+                    if e.is_parse_too_large() {
+                        // hyper answered 431.
+                        worker.stats.shard.inc(ids.downstream_rq_headers_too_large);
+                        worker.stats.shard.inc(ids.downstream_rq_class[3]);
+                    }
                     debug!(worker = worker.id, "connection ended: {e}");
                 }
-                return;
+                return Ended::Closed;
             }
             // Wakes at every drain command, the first and any hurry after it.
             _ = worker.drain.started(), if !closing => {}
@@ -232,21 +318,66 @@ async fn drive<C>(
                     closing = true;
                     continue;
                 }
+                let idle = activity.in_flight() == 0;
+                // The request whose headers are awaited, and when they are due. Without one,
+                // look again within the header timeout: a request that begins meanwhile is
+                // then still seen before its headers are due.
+                let (head_due, head_check) = match (header_timeout, activity.head().0) {
+                    (Some(timeout), Some(since)) if idle => {
+                        let due = Instant::from_std(since) + timeout;
+                        (Some(due), due)
+                    }
+                    (Some(timeout), _) => (None, now + timeout),
+                    (None, _) => (None, now + idle_timeout),
+                };
+                if head_due.is_some_and(|due| now >= due) {
+                    return Ended::HeaderTimeout;
+                }
                 let limit = if drain_seen { drain_grace } else { idle_timeout };
                 let idle_since = Instant::from_std(activity.idle_since());
-                if activity.in_flight() == 0 && now.saturating_duration_since(idle_since) >= limit {
+                if idle && now.saturating_duration_since(idle_since) >= limit {
+                    if !drain_seen {
+                        worker.stats.shard.inc(ids.downstream_cx_idle_timeout);
+                    }
                     connection.as_mut().graceful_shutdown();
                     closing = true;
                 } else {
-                    let next = if activity.in_flight() == 0 {
-                        (idle_since + limit).max(now + Duration::from_millis(10))
+                    let next = if idle {
+                        (idle_since + limit).min(head_check).max(now + Duration::from_millis(10))
                     } else {
-                        now + limit
+                        (now + limit).min(head_check)
                     };
                     check.as_mut().reset(goaway_at.map_or(next, |at| at.min(next)));
                 }
             }
         }
+    }
+}
+
+/// Answers 503 to the first request of a connection that found no place under the connection
+/// limits, then closes it; a client that does not send a request soon is closed without one.
+pub async fn refuse(worker: &Worker, stream: TcpStream) {
+    let service = service_fn(|_request| async {
+        let mut response = Response::new(Full::new(Bytes::from_static(
+            b"connection limit reached: the proxy holds as many connections as it is allowed; try again later\n",
+        )));
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        headers.insert(SERVER, HeaderValue::from_static("baton"));
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        Ok::<_, Infallible>(response)
+    });
+    let connection = http1::Builder::new()
+        .keep_alive(false)
+        .timer(TokioTimer::new())
+        .header_read_timeout(REFUSE_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    if let Ok(Err(e)) = tokio::time::timeout(REFUSE_TIMEOUT * 2, connection).await {
+        debug!(worker = worker.id, "refused connection ended: {e}");
     }
 }
 

@@ -65,6 +65,17 @@ pub async fn handle(
         return Ok(response);
     }
 
+    let max_body = match &worker.config.listeners[ctx.listener].kind {
+        ListenerKind::Http(http) => http.limits.max_body,
+        ListenerKind::Tcp { .. } => None,
+    };
+    if let Some(max) = max_body
+        && request.body().size_hint().lower() > max
+    {
+        // A declared length over the limit: refused before anything is sent upstream.
+        return Ok(too_large(&ctx, exchange, bodyless));
+    }
+
     let route = match &worker.config.listeners[ctx.listener].kind {
         ListenerKind::Http(http) => {
             let host = request_host(&request);
@@ -84,7 +95,10 @@ pub async fn handle(
         // Boxed: hyper keeps room for this future for the connection's whole life, and an idle
         // connection should not hold the upstream exchange's state.
         Some(RouteAction::Cluster(cluster)) => {
-            Box::pin(proxy(&ctx, *cluster, request, exchange)).await
+            match Box::pin(proxy(&ctx, *cluster, request, exchange, max_body)).await {
+                Ok(response) => response,
+                Err(TooLarge(exchange)) => return Ok(too_large(&ctx, exchange, bodyless)),
+            }
         }
     };
 
@@ -110,6 +124,36 @@ pub async fn handle(
     }
     Ok(response)
 }
+
+/// The answer to a request whose body is over `max_request_body`: 413, and the connection
+/// closes (the rest of the body is not read).
+fn too_large(ctx: &ConnCtx, exchange: Exchange, bodyless: bool) -> Response<ResponseBody> {
+    let stats = &ctx.worker.stats;
+    let ids = &stats.ids.listeners[ctx.listener];
+    stats.shard.inc(ids.downstream_rq_too_large);
+    stats.shard.inc(ids.downstream_rq_class[3]);
+    let mut response = local(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "request body too large: it is over the listener's max_request_body\n",
+        exchange,
+        Flag::None,
+    );
+    response.body_mut().bodyless_if(bodyless);
+    if !ctx.h2 {
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    if let Some(epoch) = &ctx.worker.epoch_header {
+        response
+            .headers_mut()
+            .insert(X_BATON_EPOCH.clone(), epoch.clone());
+    }
+    response
+}
+
+/// A request body went past `max_request_body` before the upstream answered.
+struct TooLarge(Exchange);
 
 fn log_record(ctx: &ConnCtx, request: &Request<Incoming>) -> Box<LogRecord> {
     Box::new(LogRecord {
@@ -189,7 +233,8 @@ async fn proxy(
     cluster_id: ClusterId,
     request: Request<Incoming>,
     mut exchange: Exchange,
-) -> Response<ResponseBody> {
+    max_body: Option<u64>,
+) -> Result<Response<ResponseBody>, TooLarge> {
     let worker = &ctx.worker;
     let cluster = worker.config.cluster(cluster_id);
     let stats = &worker.stats;
@@ -217,7 +262,7 @@ async fn proxy(
     let progress = BodyProgress::new(body.is_end_stream());
     let request = Request::from_parts(
         parts,
-        Either::Left(TrackedBody::new(body, progress.clone())),
+        Either::Left(TrackedBody::new(body, progress.clone(), max_body)),
     );
 
     let started = std::time::Instant::now();
@@ -229,7 +274,10 @@ async fn proxy(
         sent = send(ctx, cluster_id, endpoint, request, replayable) => Ok(sent),
         timeout = progress.timed_out(cluster.request_timeout, idle_timeout) => Err(timeout),
     };
-    match sent {
+    if progress.too_large() && !matches!(sent, Ok(Ok(_))) {
+        return Err(TooLarge(exchange));
+    }
+    Ok(match sent {
         Ok(Ok((response, sender))) => {
             let (mut parts, body) = response.into_parts();
             headers::prepare_response(&mut parts, Version::HTTP_11);
@@ -294,7 +342,7 @@ async fn proxy(
             exchange,
             Flag::DownstreamTimeout,
         ),
-    }
+    })
 }
 
 /// Sends on a pooled connection when one is ready, else on a new one. A request that a pooled

@@ -76,6 +76,16 @@ async fn admin_endpoints_report_and_control_the_proxy() {
         200,
         "the GET changed nothing"
     );
+    let r = c
+        .send(request("POST", "admin", "/drain_listeners", ""))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status, 409,
+        "run alone, nothing would hold the sockets while drained"
+    );
+    assert!(r.text().contains("baton run"), "{}", r.text());
+    assert_eq!(client::get(listen, "/still-serving").await.status, 200);
     let r = c.get("/nope").await.unwrap();
     assert_eq!(r.status, 404);
     assert!(c.get("/").await.unwrap().text().contains("/server_info"));

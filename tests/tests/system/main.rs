@@ -7,10 +7,14 @@ mod admin;
 mod config;
 /// SIGTERM drain, SIGINT.
 mod drain;
+/// The guard dog: stalled workers counted, wedged generations replaced.
+mod guard_dog;
 /// Routing, proxying, bodies, keep-alive, pipelining, proxy headers, upstream failures, access log.
 mod http1;
 /// HTTP/2 cleartext (prior knowledge) and TLS with ALPN and SNI.
 mod http2_tls;
+/// Limits: slow request headers (408), large headers (431), large bodies (413), connections.
+mod limits;
 /// The supervisor: hot restart under load, failed reloads, crashes, binary upgrades.
 mod reload;
 /// The shared-memory stats region, read by `baton-stats` and the admin endpoints.

@@ -466,3 +466,109 @@ fn baton_explains_what_it_cannot_do() {
     let (code, err) = run(&["reload"]);
     assert_eq!(code, Some(2), "a command needs --config or --socket: {err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_host_queues_new_clients_until_a_reload_and_loses_none() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let supervisor = Supervisor::start(&config(listen, admin, origin.addr, ""));
+    let keep_alive = Load::start(listen, "/x", Mode::KeepAlive, 2, LOAD_LIMIT);
+    let per_request = Load::start(listen, "/x", Mode::PerRequest, 2, LOAD_LIMIT);
+    answered(&keep_alive, 20).await;
+    answered(&per_request, 20).await;
+
+    let out = supervisor.command("drain", &[]);
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout
+            .contains("drained: generation 0 no longer accepts"),
+        "{}",
+        out.stdout
+    );
+    // The drained generation finishes its connections and leaves; nothing replaces it.
+    assert!(
+        wait_until(WAIT, || supervisor.generations().is_empty()),
+        "{:?}",
+        supervisor.generations()
+    );
+    let status = supervisor.status();
+    assert_eq!(status["drained"], true, "{status}");
+    assert_eq!(status["active_epoch"], serde_json::Value::Null);
+    let table = supervisor.command("status", &[]).stdout;
+    assert!(table.contains("DRAINED"), "{table}");
+    // Clients are not refused: their connections wait in the accept queue.
+    let waiting = std::net::TcpStream::connect(listen);
+    assert!(
+        waiting.is_ok(),
+        "a drained host accepts into its queue: {waiting:?}"
+    );
+
+    let out = supervisor.reload();
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("generation 1 is active"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(supervisor.status()["drained"], false);
+    answered(&keep_alive, 20).await;
+    answered(&per_request, 20).await;
+
+    for (name, load) in [("keep-alive", keep_alive), ("per-request", per_request)] {
+        let report = load.stop().await;
+        assert_eq!(
+            report.failures(),
+            0,
+            "{name}: {report:?}\n{}",
+            supervisor.log()
+        );
+        assert!(
+            report.epochs.contains_key("0") && report.epochs.contains_key("1"),
+            "{name}: answers before the drain and after the reload: {:?}",
+            report.epochs
+        );
+    }
+    assert_eq!(supervisor.status()["crashes"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigwinch_and_drain_listeners_drain_like_baton_drain() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let supervisor = Supervisor::start(&config(listen, admin, origin.addr, ""));
+
+    supervisor.signal(Signal::SIGWINCH);
+    assert!(
+        wait_until(WAIT, || supervisor.status()["drained"] == true),
+        "{}",
+        supervisor.log()
+    );
+    assert!(wait_until(WAIT, || supervisor.generations().is_empty()));
+    let out = supervisor.command("drain", &[]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stdout.contains("already drained"), "{}", out.stdout);
+    assert_eq!(supervisor.reload().code, Some(0));
+    assert_eq!(
+        client::get(listen, "/x").await.header("x-baton-epoch"),
+        Some("1")
+    );
+
+    // The active generation's admin endpoint asks the supervisor for the same drain.
+    let mut c = H1::connect(admin).await.unwrap();
+    let r = c
+        .send(client::request("POST", "admin", "/drain_listeners", ""))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert!(
+        wait_until(WAIT, || supervisor.status()["drained"] == true),
+        "{}",
+        supervisor.log()
+    );
+    assert_eq!(supervisor.reload().code, Some(0));
+    assert_eq!(
+        client::get(listen, "/x").await.header("x-baton-epoch"),
+        Some("2")
+    );
+    assert_eq!(supervisor.status()["crashes"], 0);
+}
