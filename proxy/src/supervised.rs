@@ -7,8 +7,8 @@ use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 
 use restart_protocol::{
-    CONTROL_FD_ENV, Channel, ChannelError, FEATURES, PROTOCOL_VERSIONS, Received, SocketKey,
-    ToGeneration, ToSupervisor,
+    CONTROL_FD_ENV, Channel, ChannelError, FEATURE_BIND_SOCKET, FEATURES, PROTOCOL_VERSIONS,
+    Received, SocketKey, ToGeneration, ToSupervisor,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info};
@@ -190,13 +190,36 @@ impl Link {
             debug!(%key, "listen socket from the supervisor");
             return Ok(listener);
         }
-        let listener = listen::bind_tcp(key.address, backlog).map_err(|e| {
-            format!(
-                "cannot listen on {}: {e}; {}",
-                key.address,
-                listen::bind_advice(&e)
-            )
-        })?;
+        let listener = match listen::bind_tcp(key.address, backlog) {
+            Ok(listener) => listener,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::PermissionDenied
+                    && self.features & FEATURE_BIND_SOCKET != 0 =>
+            {
+                // Running as an unprivileged user: the supervisor binds it, and keeps it.
+                let mut received = self
+                    .request(|id| ToSupervisor::BindSocket { id, key, backlog })
+                    .await?;
+                let fd = match received.msg {
+                    ToGeneration::Socket { .. } => received.fds.pop(),
+                    _ => None,
+                }
+                .ok_or_else(|| format!("the supervisor sent no socket for {key}"))?;
+                let listener = TcpListener::from(fd);
+                listener
+                    .set_nonblocking(true)
+                    .map_err(|e| format!("socket {key}: {e}"))?;
+                debug!(%key, "listen socket bound by the supervisor");
+                return Ok(listener);
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot listen on {}: {e}; {}",
+                    key.address,
+                    listen::bind_advice(&e)
+                ));
+            }
+        };
         let deposited = self
             .request_with_fd(
                 |id| ToSupervisor::DepositSocket { id, key },

@@ -25,7 +25,8 @@ mod version;
 pub use channel::{Channel, ChannelError, MAX_FDS, MAX_MESSAGE, Received};
 pub use messages::{DrainStrategy, Load, Protocol, SocketKey, ToGeneration, ToSupervisor};
 pub use version::{
-    FEATURE_DRAIN_REQUEST, FEATURES, NoCommonVersion, PROTOCOL_VERSIONS, VersionRange, negotiate,
+    FEATURE_BIND_SOCKET, FEATURE_DRAIN_REQUEST, FEATURES, NoCommonVersion, PROTOCOL_VERSIONS,
+    VersionRange, negotiate,
 };
 
 /// The environment variable that tells a generation which fd is its end of the channel.

@@ -104,6 +104,15 @@ pub enum ToSupervisor {
     /// it as `baton drain` does, with `Drain`. Sent only when both sides have
     /// [`FEATURE_DRAIN_REQUEST`](crate::FEATURE_DRAIN_REQUEST).
     DrainRequested,
+    /// Asks the supervisor to bind a listen socket this generation may not bind itself (a port
+    /// below 1024, the generation running as an unprivileged user). Answered by `Socket` (the
+    /// fd attached; the supervisor stores it) or `Error`. Sent only when both sides have
+    /// [`FEATURE_BIND_SOCKET`](crate::FEATURE_BIND_SOCKET).
+    BindSocket {
+        id: u32,
+        key: SocketKey,
+        backlog: u32,
+    },
 }
 
 /// From the supervisor to a generation.

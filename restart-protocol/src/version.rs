@@ -17,8 +17,11 @@ pub const PROTOCOL_VERSIONS: VersionRange = VersionRange { min: 1, max: 1 };
 /// an older supervisor could not decode it).
 pub const FEATURE_DRAIN_REQUEST: u64 = 1 << 0;
 
+/// The supervisor binds sockets on request (`ToSupervisor::BindSocket`).
+pub const FEATURE_BIND_SOCKET: u64 = 1 << 1;
+
 /// Feature flags this build offers; both sides use the intersection.
-pub const FEATURES: u64 = FEATURE_DRAIN_REQUEST;
+pub const FEATURES: u64 = FEATURE_DRAIN_REQUEST | FEATURE_BIND_SOCKET;
 
 /// The two ranges share no version: the peers come from releases too far apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -26,6 +26,16 @@ pub struct SupervisorConfig {
     pub max_draining: usize,
     /// Push listen sockets to systemd's fd store even if `FDSTORE` is not set (systemd 252).
     pub fd_store: bool,
+    /// `supervisor.user` / `supervisor.group`: whom generations run as, when set.
+    pub run_as: Option<RunAs>,
+}
+
+/// The unprivileged user (and group) a root supervisor starts its generations as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub user: String,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,6 +66,8 @@ struct RawSupervisor {
     readiness_timeout: Option<Spanned<String>>,
     max_draining: Option<Spanned<i64>>,
     fd_store: Option<bool>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
 }
 
 /// Reads the supervisor's part of the config at `path`. Errors are one line:
@@ -132,6 +144,8 @@ pub fn parse(path: &Path, source: &str) -> Result<SupervisorConfig, String> {
         readiness_timeout: None,
         max_draining: None,
         fd_store: None,
+        user: None,
+        group: None,
     });
     let max_draining = match supervisor.max_draining {
         None => 2,
@@ -147,7 +161,22 @@ pub fn parse(path: &Path, source: &str) -> Result<SupervisorConfig, String> {
                 )
             })?,
     };
+    let run_as = match (supervisor.user, supervisor.group) {
+        (None, None) => None,
+        (None, Some(group)) => {
+            return Err(at(
+                path,
+                source,
+                group.span().start,
+                "supervisor.group needs supervisor.user: name the user generations run as",
+            ));
+        }
+        (Some(user), group) => Some(
+            run_as(&user, group.as_ref()).map_err(|e| at(path, source, user.span().start, e))?,
+        ),
+    };
     Ok(SupervisorConfig {
+        run_as,
         path: path.to_owned(),
         drain_timeout,
         drain_strategy,
@@ -171,6 +200,37 @@ pub fn parse(path: &Path, source: &str) -> Result<SupervisorConfig, String> {
         max_draining,
         fd_store: supervisor.fd_store.unwrap_or(false),
         instance,
+    })
+}
+
+/// Looks `user` (and `group`, else the user's own group) up in the system's user database.
+fn run_as(user: &Spanned<String>, group: Option<&Spanned<String>>) -> Result<RunAs, String> {
+    use nix::unistd::{Group, User};
+    let name = user.get_ref();
+    let found = User::from_name(name)
+        .map_err(|e| format!("supervisor.user: cannot look up user `{name}`: {e}"))?
+        .ok_or_else(|| {
+            format!("supervisor.user: no user `{name}` on this system; create it (useradd --system {name}) or fix the name")
+        })?;
+    if found.uid.is_root() {
+        return Err(format!(
+            "supervisor.user: `{name}` is root; name an unprivileged user, or leave supervisor.user out"
+        ));
+    }
+    let gid = match group {
+        None => found.gid,
+        Some(group) => {
+            let group = group.get_ref();
+            Group::from_name(group)
+                .map_err(|e| format!("supervisor.group: cannot look up group `{group}`: {e}"))?
+                .ok_or_else(|| format!("supervisor.group: no group `{group}` on this system"))?
+                .gid
+        }
+    };
+    Ok(RunAs {
+        user: name.clone(),
+        uid: found.uid.as_raw(),
+        gid: gid.as_raw(),
     })
 }
 
@@ -199,6 +259,34 @@ pub fn default_control_socket(instance: &str) -> PathBuf {
         }
     });
     dir.join(format!("{instance}.sock"))
+}
+
+/// The addresses the config at `path` listens on (`listener.address`, `admin.address`): what
+/// the supervisor agrees to bind for a generation that asks (`BindSocket`), so that a
+/// generation can have it bind nothing the operator did not configure. Read again at every
+/// request, since a reload may add a listener.
+pub fn listen_addresses(path: &Path) -> Result<Vec<std::net::SocketAddr>, String> {
+    let source = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read the config file: {e}", path.display()))?;
+    let table: toml::Table = toml::from_str(&source)
+        .map_err(|e| format!("{}: {}", path.display(), e.message().trim_end()))?;
+    let address = |t: &toml::Table| {
+        t.get("address")
+            .and_then(toml::Value::as_str)
+            .and_then(|a| a.parse().ok())
+    };
+    let listeners = table
+        .get("listener")
+        .and_then(toml::Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(toml::Value::as_table)
+        .filter_map(address);
+    let admin = table
+        .get("admin")
+        .and_then(toml::Value::as_table)
+        .and_then(address);
+    Ok(listeners.chain(admin).collect())
 }
 
 #[cfg(test)]

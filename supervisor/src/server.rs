@@ -25,12 +25,12 @@ use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, error, info, warn};
 
 use crate::activation;
-use crate::config::SupervisorConfig;
+use crate::config::{self, SupervisorConfig};
 use crate::control::{GenerationStatus, Request, Response, Status};
 use crate::lifecycle::{self, Action, Event, Lifecycle, Settings, State, Waiter};
 use crate::notify::{Notifier, Watchdog};
 use crate::spawn;
-use crate::store::SocketStore;
+use crate::store::{self, SocketStore};
 use crate::upgrade;
 
 const SIGNALS: Token = Token(0);
@@ -351,8 +351,33 @@ impl Supervisor {
     }
 
     fn fresh(config: &SupervisorConfig) -> Result<Parts, String> {
+        if let Some(run_as) = &config.run_as {
+            let me = nix::unistd::geteuid();
+            if !me.is_root() && me.as_raw() != run_as.uid {
+                return Err(format!(
+                    "supervisor.user = \"{}\": only a supervisor started as root can run generations as another user; start `baton run` as root (it binds the ports and starts generations as {}), or leave supervisor.user out",
+                    run_as.user, run_as.user
+                ));
+            }
+        }
         let region = Region::create_or_open(&config.stats_path, config.capacities)
             .map_err(|e| e.to_string())?;
+        if let Some(run_as) = &config.run_as {
+            // Generations write through the descriptor the supervisor hands them; the group
+            // lets `baton-stats` run as their user read the region (mode 0640).
+            nix::unistd::fchown(
+                region.file(),
+                None,
+                Some(nix::unistd::Gid::from_raw(run_as.gid)),
+            )
+            .map_err(|e| {
+                format!(
+                    "cannot give the stats region {} to group {}: {e}",
+                    config.stats_path.display(),
+                    run_as.gid
+                )
+            })?;
+        }
         match region.reclaim_dead() {
             Ok(0) => {}
             Ok(n) => info!(shards = n, "retired the stats of processes that are gone"),
@@ -732,8 +757,13 @@ impl Supervisor {
             self.notify.reloading();
         }
         let spawned = spawn::proxy_binary(self.config.proxy_binary.as_deref()).and_then(|binary| {
-            spawn::spawn(&binary, &self.config.path, epoch)
-                .map_err(|e| format!("cannot run {}: {e}", binary.display()))
+            spawn::spawn(
+                &binary,
+                &self.config.path,
+                epoch,
+                self.config.run_as.as_ref(),
+            )
+            .map_err(|e| format!("cannot run {}: {e}", binary.display()))
         });
         match spawned {
             Ok((child, channel)) => {
@@ -1042,6 +1072,41 @@ impl Supervisor {
             }
             ToSupervisor::Exiting { connections_left } => {
                 info!(epoch, connections_left, "generation is exiting");
+            }
+            ToSupervisor::BindSocket { id, key, backlog } => {
+                let bound = config::listen_addresses(&self.config.path).and_then(|configured| {
+                    if !configured.contains(&key.address) {
+                        return Err(format!(
+                            "{} is not a listener or admin address of {}",
+                            key.address,
+                            self.config.path.display()
+                        ));
+                    }
+                    if let Some(fd) = self.store.get(&key) {
+                        return fd
+                            .try_clone_to_owned()
+                            .map_err(|e| format!("cannot copy socket {key}: {e}"));
+                    }
+                    let fd = store::bind_listen_socket(key.address, backlog)
+                        .map_err(|e| format!("cannot listen on {}: {e}", key.address))?;
+                    let copy = fd
+                        .try_clone()
+                        .map_err(|e| format!("cannot copy socket {key}: {e}"))?;
+                    self.notify
+                        .store_fd(&activation::store_name(&key), copy.as_fd());
+                    self.store.insert(key, copy);
+                    info!(epoch, %key, "bound a listen socket for an unprivileged generation");
+                    Ok(fd)
+                });
+                match bound {
+                    Ok(fd) => {
+                        self.send(epoch, &ToGeneration::Socket { id, key }, &[fd.as_fd()]);
+                    }
+                    Err(message) => {
+                        warn!(epoch, "{message}");
+                        self.send(epoch, &ToGeneration::Error { id, message }, &[]);
+                    }
+                }
             }
             ToSupervisor::DrainRequested => {
                 if self.lifecycle.active() == Some(epoch) {

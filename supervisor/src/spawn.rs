@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 
 use restart_protocol::{CONTROL_FD_ENV, Channel};
 
+use crate::config::RunAs;
+
 /// The fd number a generation finds its channel at.
 const CHILD_CONTROL_FD: i32 = 3;
 
@@ -37,9 +39,16 @@ pub fn proxy_binary(configured: Option<&Path>) -> Result<PathBuf, String> {
     }
 }
 
-/// Starts `binary --config CONFIG --epoch EPOCH` with the other end of a fresh channel as fd 3.
+/// Starts `binary --config CONFIG --epoch EPOCH` with the other end of a fresh channel as fd 3,
+/// as `run_as` when given (std drops the supplementary groups, then sets the group and user:
+/// the generation can never become root again), and unable to gain privileges through exec.
 #[allow(unsafe_code)] // pre_exec: the child must get the channel at a known fd number.
-pub fn spawn(binary: &Path, config: &Path, epoch: u64) -> std::io::Result<(Child, Channel)> {
+pub fn spawn(
+    binary: &Path,
+    config: &Path,
+    epoch: u64,
+    run_as: Option<&RunAs>,
+) -> std::io::Result<(Child, Channel)> {
     let (ours, theirs) = Channel::pair()?;
     let theirs = OwnedFd::from(theirs);
     let raw = theirs.as_raw_fd();
@@ -56,10 +65,17 @@ pub fn spawn(binary: &Path, config: &Path, epoch: u64) -> std::io::Result<(Child
     for var in crate::notify::SYSTEMD_ENV {
         command.env_remove(var);
     }
-    // SAFETY: the closure runs in the forked child before exec and only calls dup2 and fcntl,
-    // which are async-signal-safe; it touches no memory of the parent but the copied `raw`.
+    if let Some(run_as) = run_as {
+        command.uid(run_as.uid).gid(run_as.gid);
+    }
+    // SAFETY: the closure runs in the forked child before exec and only calls dup2, fcntl and
+    // prctl, which are async-signal-safe; it touches no memory of the parent but the copied `raw`.
     unsafe {
         command.pre_exec(move || {
+            // No setuid binary or file capability can raise what the generation may do.
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
             if raw == CHILD_CONTROL_FD {
                 // Already in place: clear close-on-exec, which dup2 would have cleared.
                 if libc::fcntl(raw, libc::F_SETFD, 0) == -1 {

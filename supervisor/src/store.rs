@@ -1,7 +1,13 @@
 //! The socket store: every listen socket by key, kept open across generations and crashes.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use nix::sys::socket::{
+    AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt, socket,
+    sockopt,
+};
 
 use restart_protocol::SocketKey;
 
@@ -52,6 +58,26 @@ impl SocketStore {
     pub fn len(&self) -> usize {
         self.sockets.len()
     }
+}
+
+/// Binds a listen socket for a generation that may not bind it itself (it runs as an
+/// unprivileged user and the port is below 1024), with the options `baton-proxy` binds with:
+/// close-on-exec, `SO_REUSEADDR`, IPv6 only for an IPv6 address.
+pub fn bind_listen_socket(address: SocketAddr, backlog: u32) -> nix::Result<OwnedFd> {
+    let family = if address.is_ipv6() {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    if address.is_ipv6() {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+    }
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(address))?;
+    let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
+    listen(&fd, Backlog::new(backlog).unwrap_or(Backlog::MAXCONN))?;
+    Ok(fd)
 }
 
 #[cfg(test)]

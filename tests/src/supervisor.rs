@@ -17,6 +17,8 @@ pub struct Options {
     /// A `baton` binary among the files written beside the config, instead of the built one.
     pub binary: Option<String>,
     pub env: Vec<(String, String)>,
+    /// Make the folder readable by every user (for generations that run as another user).
+    pub shared_dir: bool,
 }
 
 pub struct Supervisor {
@@ -52,6 +54,11 @@ impl Supervisor {
     /// environment variables.
     pub fn start_with(config: &str, files: &[(&str, &[u8])], options: &Options) -> Supervisor {
         let dir = tempfile::tempdir().expect("a temporary folder");
+        if options.shared_dir {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+        }
         for (name, content) in files {
             let path = dir.path().join(name);
             std::fs::write(&path, content).expect("a file beside the config");

@@ -15,6 +15,8 @@ mod http1;
 mod http2_tls;
 /// Limits: slow request headers (408), large headers (431), large bodies (413), connections.
 mod limits;
+/// Generations as an unprivileged user, on ports the supervisor binds.
+mod privileges;
 /// The supervisor: hot restart under load, failed reloads, crashes, binary upgrades.
 mod reload;
 /// The shared-memory stats region, read by `baton-stats` and the admin endpoints.

@@ -111,7 +111,15 @@ async fn sd_notify_tells_systemd_about_start_reloads_stop_and_health() {
         ("WATCHDOG_USEC".to_owned(), "1000000".to_owned()),
     ];
     let good = config(listen, origin.addr);
-    let mut supervisor = Supervisor::start_with(&good, &[], &Options { binary: None, env });
+    let mut supervisor = Supervisor::start_with(
+        &good,
+        &[],
+        &Options {
+            binary: None,
+            env,
+            ..Options::default()
+        },
+    );
     assert!(
         wait_until(WAIT, || notify.lifecycle() == ["READY=1"]),
         "{:?}",
@@ -203,7 +211,15 @@ async fn sd_notify_reaches_an_abstract_socket() {
         "[[listener]]\nname = \"l\"\naddress = \"{listen}\"\nprotocol = \"http\"\n[[listener.route]]\ndirect_response = {{ status = 200 }}\n"
     );
     let env = vec![("NOTIFY_SOCKET".to_owned(), notify.address.clone())];
-    let _supervisor = Supervisor::start_with(&config, &[], &Options { binary: None, env });
+    let _supervisor = Supervisor::start_with(
+        &config,
+        &[],
+        &Options {
+            binary: None,
+            env,
+            ..Options::default()
+        },
+    );
     assert!(
         wait_until(WAIT, || notify.lifecycle() == ["READY=1"]),
         "{:?}",
@@ -249,7 +265,7 @@ async fn the_supervisor_upgrades_itself_under_load_without_losing_a_request() {
         &[("baton", &baton)],
         &Options {
             binary: Some("baton".into()),
-            env: Vec::new(),
+            ..Options::default()
         },
     );
     let load = Load::start(listen, "/x", Mode::KeepAlive, 4, Duration::from_secs(120));
@@ -347,7 +363,15 @@ async fn listen_sockets_go_to_the_fd_store() {
         "[[listener]]\nname = \"l\"\naddress = \"{listen}\"\nprotocol = \"http\"\n[[listener.route]]\ndirect_response = {{ status = 200 }}\n[supervisor]\ncontrol_socket = \"baton.sock\"\nfd_store = true\n"
     );
     let env = vec![("NOTIFY_SOCKET".to_owned(), path.display().to_string())];
-    let _supervisor = Supervisor::start_with(&config, &[], &Options { binary: None, env });
+    let _supervisor = Supervisor::start_with(
+        &config,
+        &[],
+        &Options {
+            binary: None,
+            env,
+            ..Options::default()
+        },
+    );
 
     let wanted = format!(
         "FDSTORE=1\nFDNAME=baton_tcp_{}_{}",

@@ -1,0 +1,157 @@
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+
+use baton_tests::client;
+use baton_tests::supervisor::{Options, Supervisor};
+
+/// The unprivileged user the tests run generations as; created when missing.
+const USER: &str = "baton-test";
+
+/// The user's uid and gid, creating the user if it does not exist. `None` (with the reason
+/// printed) when the test cannot run here.
+fn test_user() -> Option<(u32, u32)> {
+    if !nix::unistd::geteuid().is_root() {
+        println!(
+            "skipped: running generations as another user needs root, and this runs as a normal user"
+        );
+        return None;
+    }
+    if nix::unistd::User::from_name(USER).ok().flatten().is_none() {
+        let made = std::process::Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                USER,
+            ])
+            .status();
+        // Another test binary may have made it meanwhile.
+        if !matches!(made, Ok(s) if s.success())
+            && nix::unistd::User::from_name(USER).ok().flatten().is_none()
+        {
+            println!("skipped: cannot create user {USER} with useradd ({made:?})");
+            return None;
+        }
+    }
+    let user = nix::unistd::User::from_name(USER).ok().flatten()?;
+    Some((user.uid.as_raw(), user.gid.as_raw()))
+}
+
+/// A free port below 1024 on 127.0.0.1: only root may bind it.
+fn privileged_addr(after: u16) -> SocketAddr {
+    (after..1024)
+        .map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+        .find(|addr| TcpListener::bind(addr).is_ok())
+        .expect("a free port below 1024")
+}
+
+fn config(listeners: &[SocketAddr]) -> String {
+    let mut config = format!(
+        "instance = \"privileges\"\nepoch_header = true\n\n[supervisor]\ncontrol_socket = \"baton.sock\"\nuser = \"{USER}\"\n"
+    );
+    for (i, addr) in listeners.iter().enumerate() {
+        config.push_str(&format!(
+            "\n[[listener]]\nname = \"l{i}\"\naddress = \"{addr}\"\nprotocol = \"http\"\n\n[[listener.route]]\ndirect_response = {{ status = 200, body = \"listener {i}\\n\" }}\n"
+        ));
+    }
+    config
+}
+
+/// `Uid:`, `Gid:`, `Groups:` and `NoNewPrivs:` of a process, from /proc.
+fn credentials(pid: u32) -> Vec<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .filter(|l| {
+            ["Uid:", "Gid:", "Groups:", "NoNewPrivs:"]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generations_run_as_the_configured_user_on_ports_only_root_may_bind() {
+    let Some((uid, gid)) = test_user() else {
+        return;
+    };
+    let first = privileged_addr(700);
+    let supervisor = Supervisor::start_with(
+        &config(&[first]),
+        &[],
+        &Options {
+            shared_dir: true,
+            ..Options::default()
+        },
+    );
+    let check = |pid: u32| {
+        assert_eq!(
+            credentials(pid),
+            [
+                format!("Uid: {uid} {uid} {uid} {uid}"),
+                format!("Gid: {gid} {gid} {gid} {gid}"),
+                "Groups:".to_owned(),
+                "NoNewPrivs: 1".to_owned(),
+            ],
+            "real, effective, saved and filesystem ids are all the user's: no way back to root"
+        );
+    };
+    check(supervisor.active_pid().expect("an active generation"));
+    let r = client::get(first, "/").await;
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str()),
+        (200, "listener 0\n")
+    );
+
+    // A reload that adds a second port below 1024: the supervisor binds it for the generation.
+    let second = privileged_addr(first.port() + 1);
+    supervisor.write_config(&config(&[first, second]));
+    let out = supervisor.reload();
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    check(supervisor.active_pid().expect("an active generation"));
+    let r = client::get(second, "/").await;
+    assert_eq!(r.text(), "listener 1\n");
+    assert_eq!(r.header("x-baton-epoch"), Some("1"));
+    let unprivileged_from: u16 =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1024);
+    if second.port() < unprivileged_from {
+        assert!(
+            supervisor
+                .log()
+                .contains("bound a listen socket for an unprivileged generation"),
+            "{}",
+            supervisor.log()
+        );
+    } else {
+        println!(
+            "this kernel lets any user bind port {}: the supervisor had nothing to bind",
+            second.port()
+        );
+    }
+}
+
+#[test]
+fn an_unknown_user_is_a_config_error_that_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baton.toml");
+    std::fs::write(
+        &path,
+        "[supervisor]\nuser = \"no-such-user-here\"\n\n[[listener]]\nname = \"l\"\naddress = \"127.0.0.1:1\"\nprotocol = \"http\"\n\n[[listener.route]]\ndirect_response = { status = 200 }\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(baton_tests::binaries::supervisor())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("no user `no-such-user-here`") && stderr.contains(":2:"),
+        "{stderr}"
+    );
+}
