@@ -120,6 +120,8 @@ pub struct Generation {
     guard_dog: GuardDogSettings,
     /// Per worker: 0 beating, 1 missed, 2 mega-missed (so each stall is counted once).
     stalls: std::cell::RefCell<Vec<u8>>,
+    /// When the guard dog last looked (since the clock's start).
+    guard_dog_ran: std::cell::Cell<Duration>,
 }
 
 /// The `worker` index of the main thread's shard in the stats region.
@@ -135,6 +137,7 @@ impl Generation {
         epoch: u64,
         region: Arc<shm_stats::Region>,
         sockets: Vec<TcpListener>,
+        supervised: bool,
     ) -> Result<Self, StartError> {
         let ids = Arc::new(StatIds::register(&region, &config)?);
         let main = ThreadStats {
@@ -203,6 +206,10 @@ impl Generation {
                         epoch_header: config.epoch_header.then(|| http::HeaderValue::from(epoch)),
                         limits: limits.clone(),
                         heartbeat: Arc::new(AtomicU64::new(0)),
+                        // Alone, its sockets close when it drains: it takes the clients queued
+                        // in them. Supervised, the sockets stay open and the next generation
+                        // takes them.
+                        take_queue_on_drain: !supervised,
                         clock,
                         beat_every,
                     })
@@ -230,6 +237,7 @@ impl Generation {
             main,
             guard_dog: config.guard_dog,
             stalls: std::cell::RefCell::new(vec![0; concurrency]),
+            guard_dog_ran: std::cell::Cell::new(Duration::ZERO),
             info: Arc::new(Info {
                 epoch,
                 concurrency,
@@ -275,6 +283,12 @@ impl Generation {
     /// worker would otherwise leave holding its connections.
     pub fn guard_dog(&self) {
         let now = self.info.started.elapsed();
+        let late = now.saturating_sub(self.guard_dog_ran.replace(now));
+        if late >= self.guard_dog.miss + self.guard_dog_every() {
+            // The main thread did not run either: the whole process was paused (SIGSTOP, a
+            // frozen cgroup, a debugger, a paused VM). The workers get a beat to show they run.
+            return;
+        }
         let mut stalls = self.stalls.borrow_mut();
         let server = &self.main.ids.server;
         for (worker, stall) in self.workers.iter().zip(stalls.iter_mut()) {

@@ -60,6 +60,8 @@ pub struct ConnectionLimits {
     listeners: Vec<Option<Limit>>,
     /// Wakes accept loops that wait for a place (`max_connections_action = "wait"`).
     freed: Notify,
+    /// Whether any listener waits for places (else nobody listens to `freed`).
+    waiting: bool,
 }
 
 impl ConnectionLimits {
@@ -72,6 +74,10 @@ impl ConnectionLimits {
                 .map(|l| Limit::new(l.max_connections))
                 .collect(),
             freed: Notify::new(),
+            waiting: config
+                .listeners
+                .iter()
+                .any(|l| l.overflow == crate::config::Overflow::Wait),
         }
     }
 
@@ -89,6 +95,7 @@ impl ConnectionLimits {
         if self.total.as_ref().is_some_and(|t| !t.try_take()) {
             if let Some(own) = own {
                 own.give_back();
+                self.freed_one();
             }
             return Err(Full::Total);
         }
@@ -114,7 +121,11 @@ impl ConnectionLimits {
         if let Some(total) = &self.total {
             total.give_back();
         }
-        if self.limited(listener) {
+        self.freed_one();
+    }
+
+    fn freed_one(&self) {
+        if self.waiting {
             self.freed.notify_waiters();
         }
     }
@@ -150,6 +161,7 @@ mod tests {
             total: Limit::new(total),
             listeners: vec![Limit::new(listener), None],
             freed: Notify::new(),
+            waiting: true,
         }
     }
 

@@ -8,7 +8,6 @@
 
 mod access_log;
 mod admin;
-mod config;
 mod generation;
 mod http;
 mod limits;
@@ -26,6 +25,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+// In the library, so that the fuzz targets can parse configs too.
+use baton_proxy::config;
 use clap::Parser;
 use tracing::error;
 

@@ -100,14 +100,20 @@ pub async fn run(
         }
     };
 
-    let generation =
-        match Generation::start(config.clone(), concurrency, epoch, region.clone(), sockets) {
-            Ok(g) => g,
-            Err(e) => {
-                retire_own(&region);
-                return fail(link.as_ref(), e.to_string());
-            }
-        };
+    let generation = match Generation::start(
+        config.clone(),
+        concurrency,
+        epoch,
+        region.clone(),
+        sockets,
+        supervised,
+    ) {
+        Ok(g) => g,
+        Err(e) => {
+            retire_own(&region);
+            return fail(link.as_ref(), e.to_string());
+        }
+    };
     // `/drain_listeners` asks the supervisor, which drains this generation as `baton drain` does.
     let drain_request = link
         .as_ref()

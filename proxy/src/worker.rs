@@ -92,6 +92,8 @@ pub struct WorkerSetup {
     pub clock: Instant,
     /// How often the event loop beats.
     pub beat_every: Duration,
+    /// Whether a drain accepts what waits in the listen sockets' queues before it stops.
+    pub take_queue_on_drain: bool,
 }
 
 impl WorkerHandle {
@@ -219,6 +221,7 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
         refusing: Cell::new(0),
         stopping: Cell::new(false),
     });
+    let take_queue = setup.take_queue_on_drain;
     let mut accepting = Vec::new();
     for (index, listener) in setup.listeners.into_iter().enumerate() {
         match TcpListener::from_std(listener) {
@@ -227,6 +230,7 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
                     worker.clone(),
                     index,
                     listener,
+                    take_queue,
                 )));
             }
             Err(e) => {
@@ -274,18 +278,22 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
     worker.stopping.set(true);
 }
 
-async fn accept_loop(worker: Rc<Worker>, index: usize, listener: TcpListener) {
+async fn accept_loop(worker: Rc<Worker>, index: usize, listener: TcpListener, take_queue: bool) {
     let http = matches!(worker.config.listeners[index].kind, ListenerKind::Http(_));
     let wait_for_room =
         worker.limits.limited(index) && worker.config.listeners[index].overflow == Overflow::Wait;
     loop {
         if worker.drain.is_draining() {
-            // Clients already in the accept queue finished their handshake and may have sent a
-            // request: take them (they are answered with `Connection: close`) rather than reset
-            // them when the socket closes. Then dropping the listener closes this worker's copy.
-            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            while let std::task::Poll::Ready(Ok((stream, peer))) = listener.poll_accept(&mut cx) {
-                admit(&worker, index, http, stream, peer);
+            // Run alone, the socket closes with this generation: clients already in the accept
+            // queue finished their handshake and may have sent a request, so take them (they
+            // are answered with `Connection: close`) rather than reset them. Under the
+            // supervisor the socket stays open and they are the next generation's.
+            if take_queue {
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                while let std::task::Poll::Ready(Ok((stream, peer))) = listener.poll_accept(&mut cx)
+                {
+                    admit(&worker, index, http, stream, peer);
+                }
             }
             return;
         }

@@ -164,8 +164,9 @@ impl Channel {
     }
 }
 
-/// Decodes exactly one message from `bytes`: trailing bytes are an error.
-pub(crate) fn decode<M: DeserializeOwned>(bytes: &[u8]) -> Result<M, ChannelError> {
+/// Decodes exactly one message from `bytes`: trailing bytes are an error. Public for the fuzz
+/// targets (`fuzz/`), which feed it arbitrary bytes.
+pub fn decode<M: DeserializeOwned>(bytes: &[u8]) -> Result<M, ChannelError> {
     match postcard::take_from_bytes::<M>(bytes) {
         Ok((msg, [])) => Ok(msg),
         Ok((_, rest)) => Err(ChannelError::Malformed(format!(

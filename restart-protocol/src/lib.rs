@@ -22,7 +22,7 @@ mod channel;
 mod messages;
 mod version;
 
-pub use channel::{Channel, ChannelError, MAX_FDS, MAX_MESSAGE, Received};
+pub use channel::{Channel, ChannelError, MAX_FDS, MAX_MESSAGE, Received, decode};
 pub use messages::{DrainStrategy, Load, Protocol, SocketKey, ToGeneration, ToSupervisor};
 pub use version::{
     FEATURE_BIND_SOCKET, FEATURE_DRAIN_REQUEST, FEATURES, NoCommonVersion, PROTOCOL_VERSIONS,

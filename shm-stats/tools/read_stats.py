@@ -64,6 +64,7 @@ def check_header(buf, size):
     if region_size != size or want_size != size:
         raise RegionError(f"region_size {region_size} is not the file's size {size}")
     return {
+        "max_stats": max_stats,
         "max_shards": max_shards,
         "cells_per_shard": cells_per_shard,
         "names": names,
@@ -74,6 +75,8 @@ def check_header(buf, size):
 
 def read_once(buf, layout):
     stat_count, cells_used = struct.unpack_from("=II", buf, 72)
+    if stat_count > layout["max_stats"] or cells_used > layout["cells_per_shard"]:
+        raise RegionError("stat_count or cells_used is past the region's capacities")
     entries = []
     for i in range(stat_count):
         at = layout["names"] + i * ENTRY_SIZE
@@ -81,10 +84,17 @@ def read_once(buf, layout):
         first_cell, cell_count = struct.unpack_from("=II", buf, at + 8)
         if kind not in KINDS:
             raise RegionError(f"entry {i} has an unknown kind {kind}")
+        if cell_count != (HISTOGRAM_CELLS if KINDS[kind] == "histogram" else 1):
+            raise RegionError(f"entry {i} has {cell_count} cells, which its kind does not")
+        if name_len > 64 or tags_len > 80 or help_len > 96:
+            raise RegionError(f"entry {i} has a name, tags or help longer than they may be")
         if first_cell + cell_count > cells_used:
             raise RegionError(f"entry {i} points past the cells in use")
-        name = bytes(buf[at + 16 : at + 16 + name_len]).decode()
-        tags = bytes(buf[at + 80 : at + 80 + tags_len]).decode()
+        try:
+            name = bytes(buf[at + 16 : at + 16 + name_len]).decode()
+            tags = bytes(buf[at + 80 : at + 80 + tags_len]).decode()
+        except UnicodeDecodeError:
+            raise RegionError(f"entry {i} has a name or tags that are not UTF-8") from None
         entries.append((KINDS[kind], merge, first_cell, name, tags))
 
     rows = []

@@ -221,6 +221,7 @@ impl Lifecycle {
         next_epoch: u64,
         generations: Vec<(u64, State)>,
         counts: Counts,
+        drained: bool,
         now: Instant,
     ) -> Self {
         let mut l = Lifecycle::new(settings, next_epoch);
@@ -241,8 +242,11 @@ impl Lifecycle {
                 },
             );
         }
-        // Taken over while drained: stay drained.
-        l.drained = l.active().is_none();
+        l.drained = drained;
+        if !drained && l.active().is_none() {
+            // Taken over between a crash and its replacement: replace it now.
+            l.restart_at = Some(now);
+        }
         l
     }
 
@@ -265,6 +269,15 @@ impl Lifecycle {
     /// Whether the supervisor is drained: no generation takes new connections until a reload.
     pub fn drained(&self) -> bool {
         self.drained
+    }
+
+    /// Whether a generation is starting, or one is to be started after a crash.
+    pub fn starting(&self) -> bool {
+        self.restart_at.is_some()
+            || self
+                .generations
+                .values()
+                .any(|g| g.state == State::Starting)
     }
 
     /// Whether a reload is in progress (a new generation starting or handing over).

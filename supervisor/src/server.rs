@@ -471,6 +471,7 @@ impl Supervisor {
             state.next_epoch,
             states,
             state.counts(),
+            state.drained,
             now,
         );
         Ok(Parts {
@@ -490,6 +491,12 @@ impl Supervisor {
     fn upgrade(&mut self) -> Result<(), String> {
         if self.lifecycle.reloading() {
             return Err("a reload is in progress; upgrade the supervisor once it has ended".into());
+        }
+        if self.lifecycle.starting() {
+            return Err(
+                "a generation is starting (replacing one that crashed); upgrade the supervisor once `baton status` shows it active"
+                    .into(),
+            );
         }
         upgrade::check(&self.exe)?;
         let state = upgrade::Inherited {
@@ -523,6 +530,7 @@ impl Supervisor {
                 self.lifecycle.counts.crashes,
             ),
             last_reload: self.last_reload.clone(),
+            drained: self.lifecycle.drained(),
         };
         info!(binary = %self.exe.display(), "upgrading the supervisor: executing the binary on disk in place");
         self.notify.reloading();
@@ -859,6 +867,12 @@ impl Supervisor {
                 SIGUSR1 => {
                     info!("SIGUSR1: every generation reopens its logs");
                     self.reopen_logs();
+                }
+                SIGWINCH if in_terminal() => {
+                    // A terminal sends it on every resize of its window.
+                    info!(
+                        "SIGWINCH ignored: baton runs in a terminal, which sends it when the window is resized; use `baton drain`"
+                    );
                 }
                 SIGWINCH => {
                     info!("SIGWINCH: drain the active generation; none serves until a reload");
@@ -1393,6 +1407,12 @@ impl Supervisor {
 
 /// Binds the control socket, mode 0600. A live supervisor already there is an error; a stale
 /// socket file from one that died is replaced.
+/// Whether the supervisor runs attached to a terminal (its standard input or output is one).
+fn in_terminal() -> bool {
+    nix::unistd::isatty(std::io::stdin()).unwrap_or(false)
+        || nix::unistd::isatty(std::io::stdout()).unwrap_or(false)
+}
+
 fn bind_control(path: &Path) -> Result<UnixListener, String> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
         && !dir.is_dir()

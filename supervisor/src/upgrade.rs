@@ -35,6 +35,10 @@ pub struct Inherited {
     pub next_epoch: u64,
     pub counts: (u64, u64, u64),
     pub last_reload: Option<String>,
+    /// Drained on request (`baton drain`): nothing is to be started until a reload. Absent
+    /// from the state of a supervisor that did not know drains.
+    #[serde(default)]
+    pub drained: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -26,6 +26,11 @@ pub struct Activity {
     head_since: Cell<Option<Instant>>,
     /// Whether a byte of that request has arrived.
     head_bytes: Cell<bool>,
+    /// The last write could not go out: the client is not reading.
+    write_blocked: Cell<bool>,
+    /// An answer was sent before the request body was read (413): close lingering, reading
+    /// what the client still sends, so that the answer is not lost to a reset.
+    pub linger: Cell<bool>,
 }
 
 impl Activity {
@@ -37,7 +42,14 @@ impl Activity {
             in_flight: Cell::new(0),
             head_since: Cell::new(Some(now)),
             head_bytes: Cell::new(sent),
+            write_blocked: Cell::new(false),
+            linger: Cell::new(false),
         }
+    }
+
+    /// Whether the last write to the client could not go out (it does not read).
+    pub fn write_blocked(&self) -> bool {
+        self.write_blocked.get()
     }
 
     /// The TLS handshake is done: the bytes read so far were not a request's.
@@ -149,7 +161,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let n = ready!(Pin::new(&mut self.inner).poll_write(cx, buf))?;
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.activity.write_blocked.set(polled.is_pending());
+        let n = ready!(polled)?;
         self.sent(n);
         Poll::Ready(Ok(n))
     }
@@ -159,7 +173,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let n = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs))?;
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.activity.write_blocked.set(polled.is_pending());
+        let n = ready!(polled)?;
         self.sent(n);
         Poll::Ready(Ok(n))
     }

@@ -49,6 +49,10 @@ const REQUEST_TIMEOUT_RESPONSE: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nserver
 /// How long a connection refused for a connection limit may take to send its request before it
 /// is closed without the 503.
 const REFUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A lingering close (after a 413) reads what the client still sends for at most this long,
+/// and gives up after a pause of [`LINGER_PAUSE`] (nginx's `lingering_time`/`_timeout` idea).
+const LINGER_TIME: Duration = Duration::from_secs(5);
+const LINGER_PAUSE: Duration = Duration::from_secs(1);
 
 /// Serves one accepted connection of an HTTP listener until it closes.
 pub async fn serve(guard: ConnectionGuard, stream: TcpStream, peer: SocketAddr) {
@@ -221,7 +225,9 @@ where
         if ended == Ended::HeaderTimeout {
             let ids = &worker.stats.ids.listeners[listener];
             worker.stats.shard.inc(ids.downstream_rq_header_timeout);
-            if activity.head().1 {
+            // Not to a client that does not read: hyper may still hold part of the last
+            // answer, and the 408 would follow a cut-off response.
+            if activity.head().1 && !activity.write_blocked() {
                 worker.stats.shard.inc(ids.downstream_rq_class[3]);
                 // Nothing is being written: hyper waits for a request head.
                 let mut io = connection.into_parts().io.into_inner();
@@ -231,6 +237,17 @@ where
                 };
                 let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
             }
+        } else if activity.linger.get() {
+            // hyper has sent the answer and shut down its side; read what the client still
+            // sends so that closing does not reset the connection under the answer.
+            let mut io = connection.into_parts().io.into_inner();
+            let linger = async {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(Ok(n)) = tokio::time::timeout(LINGER_PAUSE, io.read(&mut buf)).await
+                    && n > 0
+                {}
+            };
+            let _ = tokio::time::timeout(LINGER_TIME, linger).await;
         }
     }
 }

@@ -131,6 +131,7 @@ fn too_large(ctx: &ConnCtx, exchange: Exchange, bodyless: bool) -> Response<Resp
     let stats = &ctx.worker.stats;
     let ids = &stats.ids.listeners[ctx.listener];
     stats.shard.inc(ids.downstream_rq_too_large);
+    ctx.activity.linger.set(true);
     stats.shard.inc(ids.downstream_rq_class[3]);
     let mut response = local(
         StatusCode::PAYLOAD_TOO_LARGE,
