@@ -222,13 +222,13 @@ fn drain_listeners(admin: &Admin) -> Response<Full<Bytes>> {
             request.notify_one();
             text(
                 StatusCode::ACCEPTED,
-                "draining: this generation stops accepting and finishes its connections; `baton reload` starts a new one\n"
+                "drain asked of the supervisor: this generation stops accepting and finishes its connections, unless a generation is starting (see `baton status`); `baton reload` starts a new one\n"
                     .to_owned(),
             )
         }
         None => text(
             StatusCode::CONFLICT,
-            "not drained: this baton-proxy runs without a supervisor to hold its listen sockets while drained; run it with `baton run`, or send it SIGTERM to drain and exit\n"
+            "not drained: no supervisor that can hold this generation's listen sockets while it is drained (it runs alone, or under a supervisor too old for this request); run it under `baton run`, use `baton drain`, or send it SIGTERM to drain and exit\n"
                 .to_owned(),
         ),
     }
