@@ -557,8 +557,16 @@ impl Region {
         let _guard = self.registry()?;
         let o = self.header.offsets;
         let caps = self.header.capacities;
-        let used = self.atomic_u32(header::CELLS_USED).load(Ordering::Relaxed);
-        let count = self.atomic_u32(header::STAT_COUNT).load(Ordering::Relaxed);
+        // Bounded by the capacities: the region may be written by a less trusted process (a
+        // generation running as another user), and this runs in the supervisor.
+        let used = self
+            .atomic_u32(header::CELLS_USED)
+            .load(Ordering::Relaxed)
+            .min(caps.cells_per_shard);
+        let count = self
+            .atomic_u32(header::STAT_COUNT)
+            .load(Ordering::Relaxed)
+            .min(caps.max_stats);
         let entries = (0..count)
             .map(|i| reader::read_entry(self.view, &self.header, i, used))
             .collect::<Result<Vec<_>, _>>()

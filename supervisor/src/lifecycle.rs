@@ -190,6 +190,8 @@ pub struct Lifecycle {
     ever_active: bool,
     /// Drained on request: no generation takes new connections until the next reload.
     drained: bool,
+    /// Taken over from the supervisor this process replaced (not a fresh start).
+    restored: bool,
     /// The drain in progress: the generation that stops accepting, by when at the latest, and
     /// who waits for it.
     drain: Option<(u64, Instant, Vec<Waiter>)>,
@@ -209,6 +211,7 @@ impl Lifecycle {
             stopping: false,
             ever_active: false,
             drained: false,
+            restored: false,
             drain: None,
             counts: Counts::default(),
         }
@@ -243,6 +246,7 @@ impl Lifecycle {
             );
         }
         l.drained = drained;
+        l.restored = true;
         if !drained && l.active().is_none() {
             // Taken over between a crash and its replacement: replace it now.
             l.restart_at = Some(now);
@@ -264,6 +268,11 @@ impl Lifecycle {
             .values()
             .find(|g| g.state == State::Active)
             .map(|g| g.epoch)
+    }
+
+    /// Whether this lifecycle was taken over from a replaced supervisor (see [`Self::restore`]).
+    pub fn restored(&self) -> bool {
+        self.restored
     }
 
     /// Whether the supervisor is drained: no generation takes new connections until a reload.

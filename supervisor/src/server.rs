@@ -16,8 +16,8 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use restart_protocol::{
-    Channel, ChannelError, FEATURES, Load, PROTOCOL_VERSIONS, Received, SocketKey, ToGeneration,
-    ToSupervisor, negotiate,
+    Channel, ChannelError, FEATURE_BIND_SOCKET, FEATURES, Load, PROTOCOL_VERSIONS, Received,
+    SocketKey, ToGeneration, ToSupervisor, negotiate,
 };
 use shm_stats::{Counter, Gauge, Region, Shard, Spec};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH};
@@ -115,7 +115,7 @@ pub fn run(config: SupervisorConfig) -> u8 {
         }
         Err(StartFailure::Orphaned(e)) => return orphaned(&e),
     };
-    let took_over = !supervisor.generations.is_empty();
+    let took_over = supervisor.lifecycle.restored();
     info!(
         pid = std::process::id(),
         config = %supervisor.config.path.display(),
@@ -357,6 +357,19 @@ impl Supervisor {
                 return Err(format!(
                     "supervisor.user = \"{}\": only a supervisor started as root can run generations as another user; start `baton run` as root (it binds the ports and starts generations as {}), or leave supervisor.user out",
                     run_as.user, run_as.user
+                ));
+            }
+        }
+        if let Ok(meta) = std::fs::metadata(&config.stats_path) {
+            use std::os::unix::fs::MetadataExt;
+            let me = nix::unistd::geteuid().as_raw();
+            if meta.uid() != me {
+                // Someone else made it (or a generation's user): this supervisor would trust
+                // what another user wrote.
+                return Err(format!(
+                    "stats region {} belongs to uid {}, not to this supervisor's uid {me}; remove it, or set stats.path to a place of this user's",
+                    config.stats_path.display(),
+                    meta.uid()
                 ));
             }
         }
@@ -969,11 +982,18 @@ impl Supervisor {
                     if let Some(g) = self.generations.get_mut(&epoch) {
                         g.build = build;
                     }
+                    // Binding for a generation is for one that runs unprivileged; others bind
+                    // themselves and report their own errors, with their advice.
+                    let offered = if self.config.run_as.is_some() {
+                        FEATURES
+                    } else {
+                        FEATURES & !FEATURE_BIND_SOCKET
+                    };
                     self.send(
                         epoch,
                         &ToGeneration::Welcome {
                             version,
-                            features: FEATURES & features,
+                            features: offered & features,
                             supervisor_pid: std::process::id(),
                         },
                         &[],
@@ -1405,14 +1425,14 @@ impl Supervisor {
     }
 }
 
-/// Binds the control socket, mode 0600. A live supervisor already there is an error; a stale
-/// socket file from one that died is replaced.
 /// Whether the supervisor runs attached to a terminal (its standard input or output is one).
 fn in_terminal() -> bool {
     nix::unistd::isatty(std::io::stdin()).unwrap_or(false)
         || nix::unistd::isatty(std::io::stdout()).unwrap_or(false)
 }
 
+/// Binds the control socket, mode 0600. A live supervisor already there is an error; a stale
+/// socket file from one that died is replaced.
 fn bind_control(path: &Path) -> Result<UnixListener, String> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
         && !dir.is_dir()

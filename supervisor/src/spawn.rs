@@ -65,15 +65,20 @@ pub fn spawn(
     for var in crate::notify::SYSTEMD_ENV {
         command.env_remove(var);
     }
+    let own_session = run_as.is_some();
     if let Some(run_as) = run_as {
         command.uid(run_as.uid).gid(run_as.gid);
     }
-    // SAFETY: the closure runs in the forked child before exec and only calls dup2, fcntl and
-    // prctl, which are async-signal-safe; it touches no memory of the parent but the copied `raw`.
+    // SAFETY: the closure runs in the forked child before exec and only calls dup2, fcntl,
+    // prctl and setsid, which are async-signal-safe; it touches no memory of the parent but the copied `raw`.
     unsafe {
         command.pre_exec(move || {
             // No setuid binary or file capability can raise what the generation may do.
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // An unprivileged generation loses root's terminal (it could push input into it).
+            if own_session && libc::setsid() == -1 {
                 return Err(std::io::Error::last_os_error());
             }
             if raw == CHILD_CONTROL_FD {

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use baton_tests::client::{self, H1};
 use baton_tests::load::{Load, Mode};
-use baton_tests::supervisor::Supervisor;
+use baton_tests::supervisor::{Options, Supervisor};
 use baton_tests::upstream::{Origin, TcpEcho};
 use baton_tests::{free_addr, wait_until, wait_until_async};
 use nix::sys::signal::{Signal, kill};
@@ -571,4 +571,50 @@ async fn sigwinch_and_drain_listeners_drain_like_baton_drain() {
         Some("2")
     );
     assert_eq!(supervisor.status()["crashes"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_supervisor_stays_drained_through_its_own_upgrade() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let baton = std::fs::read(baton_tests::binaries::supervisor()).unwrap();
+    let supervisor = Supervisor::start_with(
+        &format!(
+            "{}\n[supervisor]\ncontrol_socket = \"baton.sock\"\nproxy_binary = \"{}\"\n",
+            config(listen, admin, origin.addr, ""),
+            baton_tests::binaries::proxy().display()
+        ),
+        &[("baton", &baton)],
+        &Options {
+            binary: Some("baton".into()),
+            ..Options::default()
+        },
+    );
+    let out = supervisor.command("drain", &[]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(wait_until(WAIT, || supervisor.generations().is_empty()));
+    let pid = supervisor.status()["supervisor_pid"].clone();
+
+    let out = supervisor.command("upgrade-supervisor", &[]);
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    assert!(
+        supervisor.wait_for_log("took over from the supervisor this one replaced", WAIT),
+        "{}",
+        supervisor.log()
+    );
+    let status = supervisor.status();
+    assert_eq!(status["supervisor_pid"], pid, "upgraded in place");
+    assert_eq!(status["drained"], true, "{status}");
+    // Nothing was started on the way: the next reload starts generation 1.
+    let out = supervisor.reload();
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("generation 1 is active"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        client::get(listen, "/x").await.header("x-baton-epoch"),
+        Some("1")
+    );
 }
