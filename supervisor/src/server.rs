@@ -375,22 +375,7 @@ impl Supervisor {
         }
         let region = Region::create_or_open(&config.stats_path, config.capacities)
             .map_err(|e| e.to_string())?;
-        if let Some(run_as) = &config.run_as {
-            // Generations write through the descriptor the supervisor hands them; the group
-            // lets `baton-stats` run as their user read the region (mode 0640).
-            nix::unistd::fchown(
-                region.file(),
-                None,
-                Some(nix::unistd::Gid::from_raw(run_as.gid)),
-            )
-            .map_err(|e| {
-                format!(
-                    "cannot give the stats region {} to group {}: {e}",
-                    config.stats_path.display(),
-                    run_as.gid
-                )
-            })?;
-        }
+        share_region(config, &region)?;
         match region.reclaim_dead() {
             Ok(0) => {}
             Ok(n) => info!(shards = n, "retired the stats of processes that are gone"),
@@ -437,6 +422,8 @@ impl Supervisor {
             .ok_or("the stats region was not handed over")?;
         let region =
             Region::from_file(&config.stats_path, region_file).map_err(|e| e.to_string())?;
+        // The new binary's config may have gained `supervisor.user`.
+        share_region(config, &region)?;
         let mut store = SocketStore::default();
         for (key, fd) in &state.sockets {
             match upgrade::adopt(*fd) {
@@ -867,6 +854,7 @@ impl Supervisor {
             match signal {
                 SIGHUP => {
                     info!("SIGHUP: reload");
+                    self.warn_if_user_changed();
                     self.apply(Event::Reload { waiter: None });
                 }
                 SIGTERM => {
@@ -900,6 +888,18 @@ impl Supervisor {
                 SIGCHLD => self.reap(),
                 _ => {}
             }
+        }
+    }
+
+    /// The supervisor reads `supervisor.user` when it starts: say so when a reload would not
+    /// apply a change of it.
+    fn warn_if_user_changed(&self) {
+        if let Ok(now) = config::load(&self.config.path)
+            && now.run_as != self.config.run_as
+        {
+            warn!(
+                "supervisor.user/group changed in the config; a reload does not apply that: the supervisor reads them when it starts (`baton upgrade-supervisor` or a restart)"
+            );
         }
     }
 
@@ -1273,6 +1273,7 @@ impl Supervisor {
             }
             Request::Reload => {
                 info!("reload requested over the control socket");
+                self.warn_if_user_changed();
                 self.apply(Event::Reload {
                     waiter: Some(client),
                 });
@@ -1423,6 +1424,28 @@ impl Supervisor {
         info!(code, "supervisor exited");
         code
     }
+}
+
+/// With `supervisor.user`, gives the stats region to the generations' group: they write through
+/// the descriptor the supervisor hands them, and the group lets `baton-stats` run as their user
+/// read it (mode 0640).
+fn share_region(config: &SupervisorConfig, region: &Region) -> Result<(), String> {
+    let Some(run_as) = &config.run_as else {
+        return Ok(());
+    };
+    nix::unistd::fchown(
+        region.file(),
+        None,
+        Some(nix::unistd::Gid::from_raw(run_as.gid)),
+    )
+    .map_err(|e| {
+        format!(
+            "cannot give the stats region {} to group {} of supervisor.user {}: {e}; start `baton run` as root",
+            config.stats_path.display(),
+            run_as.gid,
+            run_as.user
+        )
+    })
 }
 
 /// Whether the supervisor runs attached to a terminal (its standard input or output is one).
