@@ -1,7 +1,7 @@
 //! The restart-protocol decoder on arbitrary bytes: what a generation (or a supervisor) of
 //! another build, or a broken one, may send. Decoding must never panic, and a message that
-//! decodes must encode back to the same bytes (postcard is canonical), so that nothing is
-//! silently misread.
+//! decodes must come back unchanged through encoding and decoding again, so that what a peer
+//! reads is what the sender meant.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
