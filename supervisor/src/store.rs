@@ -2,12 +2,9 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use nix::sys::socket::{
-    AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt, socket,
-    sockopt,
-};
+use socket2::{Domain, Protocol as SocketProtocol, Socket, Type};
 
 use restart_protocol::SocketKey;
 
@@ -62,22 +59,21 @@ impl SocketStore {
 
 /// Binds a listen socket for a generation that may not bind it itself (it runs as an
 /// unprivileged user and the port is below 1024), with the options `baton-proxy` binds with:
-/// close-on-exec, `SO_REUSEADDR`, IPv6 only for an IPv6 address.
-pub fn bind_listen_socket(address: SocketAddr, backlog: u32) -> nix::Result<OwnedFd> {
-    let family = if address.is_ipv6() {
-        AddressFamily::Inet6
-    } else {
-        AddressFamily::Inet
-    };
-    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+/// close-on-exec, `SO_REUSEADDR`, IPv6 only for an IPv6 address, and the backlog as given (the
+/// kernel caps it at `net.core.somaxconn`).
+pub fn bind_listen_socket(address: SocketAddr, backlog: u32) -> std::io::Result<OwnedFd> {
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM.cloexec(),
+        Some(SocketProtocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
     if address.is_ipv6() {
-        setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+        socket.set_only_v6(true)?;
     }
-    bind(fd.as_raw_fd(), &SockaddrStorage::from(address))?;
-    let backlog = i32::try_from(backlog).unwrap_or(i32::MAX);
-    listen(&fd, Backlog::new(backlog).unwrap_or(Backlog::MAXCONN))?;
-    Ok(fd)
+    socket.bind(&address.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(socket.into())
 }
 
 #[cfg(test)]
