@@ -19,6 +19,7 @@
 //! - A peer that closes its end is reported as [`ChannelError::Closed`], an event like any other.
 
 mod channel;
+pub mod listen;
 mod messages;
 mod version;
 

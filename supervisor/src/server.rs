@@ -30,7 +30,7 @@ use crate::control::{GenerationStatus, Request, Response, Status};
 use crate::lifecycle::{self, Action, Event, Lifecycle, Settings, State, Waiter};
 use crate::notify::{Notifier, Watchdog};
 use crate::spawn;
-use crate::store::{self, SocketStore};
+use crate::store::SocketStore;
 use crate::upgrade;
 
 const SIGNALS: Token = Token(0);
@@ -1121,8 +1121,12 @@ impl Supervisor {
                             .try_clone_to_owned()
                             .map_err(|e| format!("cannot copy socket {key}: {e}"));
                     }
-                    let fd = store::bind_listen_socket(key.address, backlog)
-                        .map_err(|e| format!("cannot listen on {}: {e}", key.address))?;
+                    // Bound as baton-proxy binds its own (the generation makes it non-blocking
+                    // either way).
+                    let fd = std::os::fd::OwnedFd::from(
+                        restart_protocol::listen::bind_tcp(key.address, backlog)
+                            .map_err(|e| format!("cannot listen on {}: {e}", key.address))?,
+                    );
                     let copy = fd
                         .try_clone()
                         .map_err(|e| format!("cannot copy socket {key}: {e}"))?;

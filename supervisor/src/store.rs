@@ -1,10 +1,7 @@
 //! The socket store: every listen socket by key, kept open across generations and crashes.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-
-use socket2::{Domain, Protocol as SocketProtocol, Socket, Type};
 
 use restart_protocol::SocketKey;
 
@@ -55,25 +52,6 @@ impl SocketStore {
     pub fn len(&self) -> usize {
         self.sockets.len()
     }
-}
-
-/// Binds a listen socket for a generation that may not bind it itself (it runs as an
-/// unprivileged user and the port is below 1024), with the options `baton-proxy` binds with:
-/// close-on-exec, `SO_REUSEADDR`, IPv6 only for an IPv6 address, and the backlog as given (the
-/// kernel caps it at `net.core.somaxconn`).
-pub fn bind_listen_socket(address: SocketAddr, backlog: u32) -> std::io::Result<OwnedFd> {
-    let socket = Socket::new(
-        Domain::for_address(address),
-        Type::STREAM.cloexec(),
-        Some(SocketProtocol::TCP),
-    )?;
-    socket.set_reuse_address(true)?;
-    if address.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.bind(&address.into())?;
-    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
-    Ok(socket.into())
 }
 
 #[cfg(test)]
