@@ -363,10 +363,15 @@ impl Validator<'_> {
             RawSize::Text(text) => parse_size(text),
         };
         bytes.filter(|n| (1..=max).contains(n)).ok_or_else(|| {
+            let range = if max == u64::MAX {
+                "more than zero".to_owned()
+            } else {
+                format!("from 1 byte to {max} bytes")
+            };
             self.error(
                 value.span(),
                 format!(
-                    "{field}: expected a size from 1 byte to {max} bytes, written like 65536, \"64KiB\" or \"10MiB\""
+                    "{field}: expected a size {range}, written like 65536, \"64KiB\" or \"10MiB\""
                 ),
             )
         })
