@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http::header::{ALLOW, CONTENT_TYPE, HeaderValue};
@@ -31,6 +32,7 @@ pub struct Admin {
     pub config: Arc<Config>,
     pub info: Arc<Info>,
     pub region: Arc<shm_stats::Region>,
+    pub clusters: Rc<crate::cluster::manager::Manager>,
     /// Tells the main loop to ask the supervisor for a drain (`/drain_listeners`); `None` when
     /// no supervisor can take it (run alone, or a supervisor too old for the request).
     pub drain: Option<Rc<tokio::sync::Notify>>,
@@ -79,6 +81,7 @@ fn route(admin: &Admin, request: &Request<Incoming>) -> Response<Full<Bytes>> {
             admin.info.set_healthcheck_failed(true);
             text(StatusCode::OK, "OK\n".to_owned())
         }),
+        "/clusters" => only_get(method).unwrap_or_else(|| clusters(admin, request.uri().query())),
         "/drain_listeners" => only_post(method).unwrap_or_else(|| drain_listeners(admin)),
         #[cfg(debug_assertions)]
         "/debug/wedge" => only_post(method).unwrap_or_else(|| wedge(admin, request.uri().query())),
@@ -100,6 +103,8 @@ baton-proxy admin
   GET  /stats             every stat, one `name{tags}: value` per line;
                           ?format=json for JSON, ?filter=REGEX to select by `name{tags}`
   GET  /stats/prometheus  every stat in the Prometheus text format
+  GET  /clusters          every cluster's endpoints: health, weight, requests, ejection;
+                          ?format=json for JSON
   POST /healthcheck/fail  make /ready answer 503 (take this proxy out of rotation)
   POST /healthcheck/ok    undo /healthcheck/fail
   POST /drain_listeners   stop accepting and drain this generation; none replaces it until
@@ -271,6 +276,87 @@ fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
     response
         .headers_mut()
         .insert(ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
+/// `/clusters`: each cluster's current snapshot, as the workers see it; Envoy's
+/// `cluster::host::field::value` lines, or JSON.
+fn clusters(admin: &Admin, query: Option<&str>) -> Response<Full<Bytes>> {
+    let json = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .any(|(k, v)| k == "format" && v == "json");
+    let handles = admin.clusters.handles();
+    let mut lines = String::new();
+    let mut list = Vec::new();
+    for (cluster, handle) in admin.config.clusters.iter().zip(&handles) {
+        let snapshot = handle.snapshot.load();
+        let name = &cluster.name;
+        let b = cluster.breakers;
+        let breakers = [
+            ("max_connections", b.max_connections),
+            ("max_pending_requests", b.max_pending_requests),
+            ("max_requests", b.max_requests),
+            ("max_retries", b.max_retries),
+        ];
+        for (field, value) in breakers {
+            lines.push_str(&format!("{name}::default_priority::{field}::{value}\n"));
+        }
+        lines.push_str(&format!(
+            "{name}::lb_policy::{}\n{name}::panic::{}\n",
+            cluster.lb_policy.name(),
+            snapshot.panic
+        ));
+        let mut hosts = Vec::new();
+        for (host, flags) in &snapshot.hosts {
+            let a = host.address;
+            let rq_active = host.rq_active.load(Ordering::Relaxed);
+            let rq_total = host.rq_total.load(Ordering::Relaxed);
+            let rq_error = host.rq_error.load(Ordering::Relaxed);
+            lines.push_str(&format!(
+                "{name}::{a}::health_flags::{}\n{name}::{a}::weight::{}\n{name}::{a}::rq_active::{rq_active}\n{name}::{a}::rq_total::{rq_total}\n{name}::{a}::rq_error::{rq_error}\n",
+                flags.describe(),
+                host.weight
+            ));
+            hosts.push(serde_json::json!({
+                "address": a.to_string(),
+                "weight": host.weight,
+                "health_flags": flags.describe(),
+                "healthy": flags.healthy(),
+                "failed_active_health_check": flags.failed_active_hc,
+                "pending_active_health_check": flags.pending_active_hc,
+                "ejected": flags.ejected,
+                "pending_removal": flags.pending_removal,
+                "rq_active": rq_active,
+                "rq_total": rq_total,
+                "rq_error": rq_error,
+            }));
+        }
+        list.push(serde_json::json!({
+            "name": name,
+            "lb_policy": cluster.lb_policy.name(),
+            "version": snapshot.version,
+            "panic": snapshot.panic,
+            "circuit_breakers": {
+                "max_connections": b.max_connections,
+                "max_pending_requests": b.max_pending_requests,
+                "max_requests": b.max_requests,
+                "max_retries": b.max_retries,
+                "connections": handle.cx_active.load(Ordering::Relaxed),
+                "pending_requests": handle.rq_pending.load(Ordering::Relaxed),
+                "requests": handle.rq_active.load(Ordering::Relaxed),
+                "retries": handle.retries_active.load(Ordering::Relaxed),
+            },
+            "hosts": hosts,
+        }));
+    }
+    if !json {
+        return text(StatusCode::OK, lines);
+    }
+    let body =
+        serde_json::to_string_pretty(&serde_json::json!({ "clusters": list })).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(body + "\n")));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -16,10 +17,11 @@ use restart_protocol::DrainStrategy;
 use tracing::{error, info, warn};
 
 use crate::access_log::AccessLog;
+use crate::cluster::ClusterHandle;
 use crate::config::{Config, GuardDogSettings};
 use crate::limits::ConnectionLimits;
 use crate::listen;
-use crate::stats::{StatIds, ThreadStats};
+use crate::stats::ThreadStats;
 use crate::worker::{LogTarget, WorkerHandle, WorkerSetup};
 
 /// Where a generation is in its life, as `/ready`, `/server_info` and logs name it.
@@ -111,7 +113,7 @@ pub struct DrainOutcome {
 pub struct Generation {
     pub info: Arc<Info>,
     /// The main thread's shard: server-wide stats.
-    main: ThreadStats,
+    main: Rc<ThreadStats>,
     workers: Vec<WorkerHandle>,
     access_log: Option<AccessLog>,
     /// When the drain in progress closes what is left.
@@ -131,6 +133,7 @@ impl Generation {
     /// Registers its stats in `region`, opens the access logs and starts `concurrency` workers
     /// accepting on `sockets` (one per listener of the config, in order). Nothing is left running
     /// if any step fails (shards it attached stay for the caller to retire).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         config: Arc<Config>,
         concurrency: usize,
@@ -138,12 +141,10 @@ impl Generation {
         region: Arc<shm_stats::Region>,
         sockets: Vec<TcpListener>,
         supervised: bool,
+        main: Rc<ThreadStats>,
+        clusters: Vec<Arc<ClusterHandle>>,
     ) -> Result<Self, StartError> {
-        let ids = Arc::new(StatIds::register(&region, &config)?);
-        let main = ThreadStats {
-            shard: region.attach_shard(epoch, MAIN_THREAD_SHARD)?,
-            ids: ids.clone(),
-        };
+        let ids = main.ids.clone();
         let mut shards = (0..concurrency)
             .map(|w| region.attach_shard(epoch, w as u32))
             .collect::<Result<Vec<_>, _>>()?
@@ -210,6 +211,7 @@ impl Generation {
                         // in them. Supervised, the sockets stay open and the next generation
                         // takes them.
                         take_queue_on_drain: !supervised,
+                        clusters: clusters.clone(),
                         clock,
                         beat_every,
                     })

@@ -16,9 +16,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::admin;
+use crate::cluster;
 use crate::config::Config;
 use crate::generation::{self, DrainOutcome, Generation};
 use crate::listen;
+use crate::stats::{StatIds, ThreadStats};
 use crate::supervised::{self, Link};
 
 /// How often a supervised generation tells the supervisor what it holds.
@@ -100,6 +102,24 @@ pub async fn run(
         }
     };
 
+    // The clusters first: their first health checks and DNS answers come in before the workers
+    // take a request, so that a new generation does not send its first requests to endpoints
+    // the old one knew were down.
+    let main_stats = match StatIds::register(&region, &config).and_then(|ids| {
+        Ok(Rc::new(ThreadStats {
+            shard: region.attach_shard(epoch, generation::MAIN_THREAD_SHARD)?,
+            ids: Arc::new(ids),
+        }))
+    }) {
+        Ok(stats) => stats,
+        Err(e) => {
+            retire_own(&region);
+            return fail(link.as_ref(), e.to_string());
+        }
+    };
+    let clusters = cluster::manager::Manager::start(config.clone(), main_stats.clone());
+    clusters.warmed(clusters.warm_limit()).await;
+
     let generation = match Generation::start(
         config.clone(),
         concurrency,
@@ -107,6 +127,8 @@ pub async fn run(
         region.clone(),
         sockets,
         supervised,
+        main_stats,
+        clusters.handles(),
     ) {
         Ok(g) => g,
         Err(e) => {
@@ -128,6 +150,7 @@ pub async fn run(
                 config: config.clone(),
                 info: generation.info.clone(),
                 region: region.clone(),
+                clusters: clusters.clone(),
                 drain: drain_request.clone(),
                 #[cfg(debug_assertions)]
                 wedgers: generation.wedgers(),
@@ -258,6 +281,7 @@ pub async fn run(
         task.abort();
     }
     generation.stop();
+    clusters.stop();
     retire_own(&region);
     info!(epoch, "exited");
     ExitCode::SUCCESS

@@ -30,6 +30,8 @@ pub struct ListenerStats {
     pub downstream_rq_headers_too_large: Counter,
     /// Requests whose body was over `max_request_body` (413).
     pub downstream_rq_too_large: Counter,
+    /// Requests refused (429) by a route's rate limit.
+    pub downstream_rq_rate_limited: Counter,
 }
 
 /// Stats of one cluster.
@@ -43,6 +45,26 @@ pub struct ClusterStats {
     pub upstream_rq_reset: Counter,
     pub upstream_rq_retry: Counter,
     pub upstream_rq_time: Histogram,
+    pub upstream_rq_retry_success: Counter,
+    pub upstream_rq_retry_overflow: Counter,
+    pub upstream_rq_per_try_timeout: Counter,
+    pub upstream_cx_overflow: Counter,
+    pub upstream_rq_pending_overflow: Counter,
+    pub upstream_rq_overflow: Counter,
+    pub upstream_cx_none_healthy: Counter,
+    pub upstream_rq_mirror: Counter,
+    pub lb_healthy_panic: Counter,
+    pub outlier_ejections_total: Counter,
+    pub outlier_ejections_overflow: Counter,
+    pub health_check_attempt: Counter,
+    pub health_check_success: Counter,
+    pub health_check_failure: Counter,
+    pub update_attempt: Counter,
+    pub update_success: Counter,
+    pub update_failure: Counter,
+    pub membership_total: Gauge,
+    pub membership_healthy: Gauge,
+    pub outlier_ejections_active: Gauge,
 }
 
 /// Stats of the whole generation, written by its main thread.
@@ -150,6 +172,10 @@ impl StatIds {
                         "downstream_rq_too_large",
                         "Requests refused (413) for a body over max_request_body.",
                     )?,
+                    downstream_rq_rate_limited: counter(
+                        "downstream_rq_rate_limited",
+                        "Requests refused (429) by a route's rate_limit.",
+                    )?,
                 })
             })
             .collect::<Result<Vec<_>, StatsError>>()?;
@@ -188,7 +214,7 @@ impl StatIds {
                     )?,
                     upstream_rq_retry: counter(
                         "upstream_rq_retry",
-                        "Requests sent again after a pooled connection closed under them.",
+                        "Requests sent again: by a route's retry policy, or after a pooled connection closed under them.",
                     )?,
                     upstream_rq_time: region.histogram(
                         Spec::new(
@@ -197,6 +223,83 @@ impl StatIds {
                             "Time from sending a request upstream to the end of its response.",
                         )
                         .unit(Unit::Microseconds),
+                    )?,
+                    upstream_rq_retry_success: counter(
+                        "upstream_rq_retry_success",
+                        "Requests that succeeded on a retry.",
+                    )?,
+                    upstream_rq_retry_overflow: counter(
+                        "upstream_rq_retry_overflow",
+                        "Retries not made: the retry budget or circuit_breakers.max_retries was reached.",
+                    )?,
+                    upstream_rq_per_try_timeout: counter(
+                        "upstream_rq_per_try_timeout",
+                        "Tries that ran past the route's per_try_timeout.",
+                    )?,
+                    upstream_cx_overflow: counter(
+                        "upstream_cx_overflow",
+                        "Times a connection could not be opened: circuit_breakers.max_connections was reached.",
+                    )?,
+                    upstream_rq_pending_overflow: counter(
+                        "upstream_rq_pending_overflow",
+                        "Requests answered 503: circuit_breakers.max_pending_requests was reached.",
+                    )?,
+                    upstream_rq_overflow: counter(
+                        "upstream_rq_overflow",
+                        "Requests answered 503: circuit_breakers.max_requests was reached.",
+                    )?,
+                    upstream_cx_none_healthy: counter(
+                        "upstream_cx_none_healthy",
+                        "Requests answered 503: the cluster had no endpoint to send them to.",
+                    )?,
+                    upstream_rq_mirror: counter(
+                        "upstream_rq_mirror",
+                        "Requests copied to this cluster by a route's mirror.",
+                    )?,
+                    lb_healthy_panic: counter(
+                        "lb_healthy_panic",
+                        "Requests balanced over all endpoints because too few were healthy (panic_threshold).",
+                    )?,
+                    outlier_ejections_total: counter(
+                        "outlier_ejections_total",
+                        "Endpoints ejected by outlier detection.",
+                    )?,
+                    outlier_ejections_overflow: counter(
+                        "outlier_ejections_overflow",
+                        "Ejections not made: max_ejection_percent was reached.",
+                    )?,
+                    health_check_attempt: counter(
+                        "health_check_attempt",
+                        "Active health checks made.",
+                    )?,
+                    health_check_success: counter(
+                        "health_check_success",
+                        "Active health checks passed.",
+                    )?,
+                    health_check_failure: counter(
+                        "health_check_failure",
+                        "Active health checks failed.",
+                    )?,
+                    update_attempt: counter(
+                        "update_attempt",
+                        "DNS resolutions of a strict_dns cluster.",
+                    )?,
+                    update_success: counter(
+                        "update_success",
+                        "DNS resolutions that answered.",
+                    )?,
+                    update_failure: counter(
+                        "update_failure",
+                        "DNS resolutions that failed (the last answer was kept).",
+                    )?,
+                    membership_total: region.gauge(
+                        Spec::new("membership_total", &tags, "Endpoints in the cluster.").merge(Merge::Max),
+                    )?,
+                    membership_healthy: region.gauge(
+                        Spec::new("membership_healthy", &tags, "Endpoints taking requests (not failing health checks, not ejected).").merge(Merge::Max),
+                    )?,
+                    outlier_ejections_active: region.gauge(
+                        Spec::new("outlier_ejections_active", &tags, "Endpoints ejected now.").merge(Merge::Max),
                     )?,
                 })
             })

@@ -12,9 +12,10 @@ use std::time::{Instant, SystemTime};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::cluster::{self, HostRequest, Outcome};
 use crate::config::ListenerKind;
 use crate::relay;
-use crate::upstream;
+use crate::upstream::{self, ConnectionSlot};
 use crate::worker::ConnectionGuard;
 
 pub async fn serve(guard: ConnectionGuard, downstream: TcpStream, peer: SocketAddr) {
@@ -28,15 +29,42 @@ pub async fn serve(guard: ConnectionGuard, downstream: TcpStream, peer: SocketAd
     };
     let cluster = worker.config.cluster(cluster_id);
     let start = Instant::now();
-    let endpoint = worker.pools[cluster_id.0].pick();
-    let addr = cluster.endpoints[endpoint];
+    let wc = &worker.clusters[cluster_id.0];
     let stats = &worker.stats;
     let cluster_stats = &stats.ids.clusters[cluster_id.0];
     let listener_stats = &stats.ids.listeners[guard.listener];
+    let hash = cluster::request_hash(
+        cluster.hash_key.as_ref(),
+        &http::HeaderMap::new(),
+        peer.ip(),
+    );
+    let Some(pick) = wc.handle.pick(cluster.lb_policy, &wc.cursor, hash, &[]) else {
+        stats.shard.inc(cluster_stats.upstream_cx_none_healthy);
+        debug!(worker = worker.id, %peer, cluster = %cluster.name, "no healthy upstream; closing");
+        return;
+    };
+    if pick.panic {
+        stats.shard.inc(cluster_stats.lb_healthy_panic);
+    }
+    let addr = pick.host.address;
+    let Some(slot) = ConnectionSlot::take(&wc.handle, cluster.breakers.max_connections) else {
+        stats.shard.inc(cluster_stats.upstream_cx_overflow);
+        debug!(worker = worker.id, %peer, cluster = %cluster.name, "circuit_breakers.max_connections reached; closing");
+        return;
+    };
+    let _host = HostRequest::new(pick.host.clone());
     let (sent, received) = (Cell::new(0u64), Cell::new(0u64));
-    let flag = match upstream::connect_tcp(addr, cluster.connect_timeout, &worker, cluster_id.0)
-        .await
-    {
+    let connected =
+        upstream::connect_tcp(addr, cluster.connect_timeout, &worker, cluster_id.0).await;
+    // A session that connects counts as a success for outlier detection; one that cannot, as a
+    // local failure (as Envoy's TCP proxy reports them).
+    let outcome = match &connected {
+        Ok(_) => Outcome::Status(200),
+        Err(_) => Outcome::LocalFailure,
+    };
+    wc.handle
+        .report(&pick.host, outcome, cluster.outlier.as_ref());
+    let flag = match connected {
         Ok(upstream) => {
             stats.shard.gauge_add(cluster_stats.upstream_cx_active, 1);
             let relayed = relay::relay(
@@ -83,5 +111,6 @@ pub async fn serve(guard: ConnectionGuard, downstream: TcpStream, peer: SocketAd
             stats.shard.inc(stats.ids.server.access_log_dropped);
         }
     }
+    drop(slot);
     drop(guard);
 }

@@ -1,13 +1,16 @@
-//! Upstream connections: connecting with a timeout, and each worker's pool of idle HTTP/1.1
-//! connections per endpoint.
+//! Upstream connections: connecting with a timeout, the cluster's connection limit, and each
+//! worker's pool of idle HTTP/1.1 connections per endpoint.
 //!
 //! A pool belongs to one worker and is only touched from its thread, so it is a `RefCell`, not a
 //! lock. Connections are taken most-recently-used first, which keeps a small hot set warm and lets
 //! the rest reach their idle timeout and close.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::cluster::ClusterHandle;
 use crate::config::Cluster;
 use crate::worker::Worker;
 
@@ -207,12 +211,14 @@ pub async fn connect_tcp(
     }
 }
 
-/// Opens an HTTP/1.1 connection and runs it on this worker.
+/// Opens an HTTP/1.1 connection and runs it on this worker. `slot` is the cluster's
+/// connection count it takes (`circuit_breakers.max_connections`), given back when it closes.
 pub async fn connect_http1(
     addr: SocketAddr,
     cluster: &Cluster,
     worker: &Rc<Worker>,
     cluster_index: usize,
+    slot: ConnectionSlot,
 ) -> Result<Sender, ConnectError> {
     let stream = connect_tcp(addr, cluster.connect_timeout, worker, cluster_index).await?;
     let (sender, connection) = http1::Builder::new()
@@ -227,17 +233,44 @@ pub async fn connect_http1(
             debug!(upstream = %addr, "upstream connection ended: {e}");
         }
         worker.stats.shard.gauge_add(active, -1);
+        drop(slot);
     });
     Ok(sender)
 }
 
-/// One worker's idle connections to the endpoints of one cluster, and its round-robin position.
+/// One of a cluster's `max_connections`, held for a connection's life.
+pub struct ConnectionSlot {
+    handle: Arc<ClusterHandle>,
+}
+
+impl ConnectionSlot {
+    /// Takes a slot if the cluster is under `max` connections (over all workers).
+    pub fn take(handle: &Arc<ClusterHandle>, max: usize) -> Option<ConnectionSlot> {
+        if handle.cx_active.fetch_add(1, Ordering::Relaxed) >= max {
+            handle.cx_active.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(ConnectionSlot {
+            handle: handle.clone(),
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.handle.cx_active.fetch_sub(1, Ordering::Relaxed);
+        self.handle.cx_freed.notify_waiters();
+    }
+}
+
+/// One worker's idle connections to the endpoints of one cluster, by address (endpoints come
+/// and go with the cluster's snapshots; a connection to one that left expires unused).
 pub struct ClusterPool {
-    endpoints: usize,
-    next: Cell<usize>,
-    idle: RefCell<Vec<Vec<IdleConnection>>>,
+    idle: RefCell<HashMap<SocketAddr, Vec<IdleConnection>>>,
     max_idle: usize,
     idle_timeout: Duration,
+    /// Wakes requests waiting for a connection of this worker's (`max_connections` reached).
+    pub freed: tokio::sync::Notify,
 }
 
 struct IdleConnection {
@@ -253,30 +286,19 @@ pub struct Checkout {
 }
 
 impl ClusterPool {
-    /// `start` spreads the workers' round-robin positions over the endpoints.
-    pub fn new(cluster: &Cluster, start: usize) -> Self {
-        let endpoints = cluster.endpoints.len();
+    pub fn new(cluster: &Cluster) -> Self {
         ClusterPool {
-            endpoints,
-            next: Cell::new(start % endpoints.max(1)),
-            idle: RefCell::new((0..endpoints).map(|_| Vec::new()).collect()),
+            idle: RefCell::new(HashMap::new()),
             max_idle: cluster.max_idle_per_endpoint,
             idle_timeout: cluster.idle_timeout,
+            freed: tokio::sync::Notify::new(),
         }
     }
 
-    /// The next endpoint in round-robin order.
-    pub fn pick(&self) -> usize {
-        let i = self.next.get();
-        self.next
-            .set(if i + 1 >= self.endpoints { 0 } else { i + 1 });
-        i
-    }
-
     /// A ready idle connection to `endpoint`, dropping any that closed or expired.
-    pub fn checkout(&self, endpoint: usize) -> Option<Checkout> {
+    pub fn checkout(&self, endpoint: SocketAddr) -> Option<Checkout> {
         let mut idle = self.idle.borrow_mut();
-        let list = idle.get_mut(endpoint)?;
+        let list = idle.get_mut(&endpoint)?;
         let now = Instant::now();
         while let Some(conn) = list.pop() {
             let idle_for = now.saturating_duration_since(conn.since);
@@ -295,7 +317,7 @@ impl ClusterPool {
 
     /// Returns a connection whose response is complete. If it is not ready for the next request
     /// yet (its last bytes are still being processed), a task waits for it briefly.
-    pub fn release(self: &Rc<Self>, endpoint: usize, mut sender: Sender) {
+    pub fn release(self: &Rc<Self>, endpoint: SocketAddr, mut sender: Sender) {
         if sender.is_closed() {
             return;
         }
@@ -311,25 +333,26 @@ impl ClusterPool {
         });
     }
 
-    fn put(&self, endpoint: usize, sender: Sender) {
+    fn put(&self, endpoint: SocketAddr, sender: Sender) {
         let mut idle = self.idle.borrow_mut();
-        if let Some(list) = idle.get_mut(endpoint)
-            && list.len() < self.max_idle
-        {
+        let list = idle.entry(endpoint).or_default();
+        if list.len() < self.max_idle {
             list.push(IdleConnection {
                 sender,
                 since: Instant::now(),
             });
+            self.freed.notify_one();
         }
     }
 
     /// Closes connections idle past the timeout, so upstreams are not held open for nothing.
     pub fn sweep(&self) {
         let now = Instant::now();
-        for list in self.idle.borrow_mut().iter_mut() {
+        self.idle.borrow_mut().retain(|_, list| {
             list.retain(|c| {
                 now.saturating_duration_since(c.since) < self.idle_timeout && !c.sender.is_closed()
             });
-        }
+            !list.is_empty()
+        });
     }
 }

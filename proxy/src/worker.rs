@@ -22,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, warn};
 
 use crate::access_log::LogSender;
+use crate::cluster::ClusterHandle;
 use crate::config::{Config, ListenerKind, Overflow};
 use crate::limits::{ConnectionLimits, Full};
 use crate::stats::ThreadStats;
@@ -94,6 +95,8 @@ pub struct WorkerSetup {
     pub beat_every: Duration,
     /// Whether a drain accepts what waits in the listen sockets' queues before it stops.
     pub take_queue_on_drain: bool,
+    /// One per cluster of the config, published by the main thread's cluster manager.
+    pub clusters: Vec<Arc<ClusterHandle>>,
 }
 
 impl WorkerHandle {
@@ -163,13 +166,21 @@ impl WorkerHandle {
     }
 }
 
+/// A cluster as one worker uses it: the shared snapshot, and this worker's own pool and
+/// round-robin position.
+pub struct WorkerCluster {
+    pub handle: Arc<ClusterHandle>,
+    pub pool: Rc<ClusterPool>,
+    pub cursor: Cell<usize>,
+}
+
 /// A worker's state, shared by the tasks on its thread.
 pub struct Worker {
     pub id: usize,
     pub config: Arc<Config>,
     pub stats: ThreadStats,
     /// One per cluster of the config.
-    pub pools: Vec<Rc<ClusterPool>>,
+    pub clusters: Vec<WorkerCluster>,
     /// One per listener of the config.
     pub tls: Vec<Option<TlsAcceptor>>,
     /// One per listener of the config.
@@ -194,10 +205,16 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
     let config = setup.config;
     let worker = Rc::new(Worker {
         id: setup.id,
-        pools: config
+        clusters: config
             .clusters
             .iter()
-            .map(|c| Rc::new(ClusterPool::new(c, setup.id)))
+            .zip(setup.clusters)
+            .map(|(c, handle)| WorkerCluster {
+                handle,
+                pool: Rc::new(ClusterPool::new(c)),
+                // Spread the workers' round-robin positions.
+                cursor: Cell::new(setup.id.wrapping_mul(7919)),
+            })
             .collect(),
         tls: config
             .listeners
@@ -421,8 +438,8 @@ async fn sweep_pools(worker: Rc<Worker>) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        for pool in &worker.pools {
-            pool.sweep();
+        for cluster in &worker.clusters {
+            cluster.pool.sweep();
         }
     }
 }

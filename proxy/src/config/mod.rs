@@ -37,6 +37,17 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default number of idle connections a worker keeps per upstream endpoint.
 pub const DEFAULT_MAX_IDLE_PER_ENDPOINT: usize = 128;
+/// Default time between two resolutions of a `strict_dns` cluster's names (Envoy's).
+pub const DEFAULT_DNS_REFRESH_RATE: Duration = Duration::from_secs(5);
+/// Default panic threshold, in percent of healthy endpoints (Envoy's).
+pub const DEFAULT_PANIC_THRESHOLD: f64 = 50.0;
+/// Default circuit-breaker limits (Envoy's).
+pub const DEFAULT_BREAKERS: CircuitBreakers = CircuitBreakers {
+    max_connections: 1024,
+    max_pending_requests: 1024,
+    max_requests: 1024,
+    max_retries: 3,
+};
 /// Default time a client may take to send a request's line and headers, from its first byte
 /// (from the accept for a connection's first request): HAProxy's advised `timeout http-request`.
 pub const DEFAULT_REQUEST_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -168,14 +179,167 @@ pub struct ClusterId(pub usize);
 #[derive(Debug)]
 pub struct Route {
     pub hosts: Vec<HostPattern>,
-    pub path_prefix: String,
+    pub path: PathMatch,
+    /// Every one must match.
+    pub headers: Vec<HeaderMatch>,
+    /// Requests past it are answered 429.
+    pub rate_limit: Option<RateLimit>,
     pub action: RouteAction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Prefix(String),
+    Exact(String),
+}
+
+/// A condition on a request header.
+#[derive(Debug)]
+pub struct HeaderMatch {
+    pub name: http::HeaderName,
+    pub rule: HeaderRule,
+    /// The route matches when the rule does not.
+    pub invert: bool,
+}
+
+#[derive(Debug)]
+pub enum HeaderRule {
+    Exact(String),
+    Prefix(String),
+    Regex(regex::Regex),
+    /// The header is there (any value).
+    Present,
 }
 
 #[derive(Debug)]
 pub enum RouteAction {
-    Cluster(ClusterId),
+    Cluster(Box<ClusterRoute>),
     Direct(DirectResponse),
+}
+
+/// A route to one or more clusters, with what protects the request on its way.
+#[derive(Debug)]
+pub struct ClusterRoute {
+    pub target: Target,
+    /// All tries together; the cluster's `request_timeout` when not given.
+    pub timeout: Option<Duration>,
+    /// Each try.
+    pub per_try_timeout: Option<Duration>,
+    pub retry: Option<RetryPolicy>,
+    pub mirror: Option<Mirror>,
+}
+
+/// Which cluster a request goes to.
+#[derive(Debug, Clone)]
+pub enum Target {
+    One(ClusterId),
+    /// Drawn by weight for each request (canary, blue/green).
+    Weighted(Vec<(ClusterId, u32)>),
+}
+
+impl Target {
+    /// The cluster for one request; `draw` is a random number.
+    pub fn pick(&self, draw: u64) -> ClusterId {
+        match self {
+            Target::One(id) => *id,
+            Target::Weighted(weights) => {
+                let total: u64 = weights.iter().map(|&(_, w)| u64::from(w)).sum();
+                let mut at = draw % total.max(1);
+                for &(id, w) in weights {
+                    if at < u64::from(w) {
+                        return id;
+                    }
+                    at -= u64::from(w);
+                }
+                weights[0].0
+            }
+        }
+    }
+
+    pub fn clusters(&self) -> Vec<ClusterId> {
+        match self {
+            Target::One(id) => vec![*id],
+            Target::Weighted(w) => w.iter().map(|&(id, _)| id).collect(),
+        }
+    }
+}
+
+/// When a failed try is made again.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub on: RetryOn,
+    pub num_retries: u32,
+    /// Retry POST and PATCH too (they may have had an effect upstream).
+    pub retry_non_idempotent: bool,
+    /// Backoff before a retry: exponential from `base_interval`, with jitter, up to `max_interval`.
+    pub base_interval: Duration,
+    pub max_interval: Duration,
+    /// Retries in flight at most, as a share (percent) of requests in flight to the cluster...
+    pub budget_percent: f64,
+    /// ...but always this many.
+    pub min_retry_concurrency: u32,
+}
+
+/// What a retry is for (Envoy's `retry_on` values).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    /// No connection could be made.
+    pub connect_failure: bool,
+    /// The connection broke before a response, or the try timed out.
+    pub reset: bool,
+    /// Any 5xx answer (and what `connect_failure` and `reset` cover).
+    pub server_error: bool,
+    /// 502, 503, 504 (and what `connect_failure` and `reset` cover).
+    pub gateway_error: bool,
+    /// Specific statuses.
+    pub statuses: [u16; 4],
+}
+
+/// A token bucket per route, shared by the generation's workers: `max_tokens` at most, refilled
+/// with `tokens_per_fill` every `fill_interval`; a request without a token is answered 429.
+#[derive(Debug)]
+pub struct RateLimit {
+    pub max_tokens: u64,
+    pub tokens_per_fill: u64,
+    pub fill_interval: Duration,
+    /// (tokens, when the last fill was counted).
+    pub bucket: std::sync::Mutex<(u64, std::time::Instant)>,
+}
+
+impl RateLimit {
+    /// Takes a token if there is one.
+    pub fn take(&self) -> bool {
+        let now = std::time::Instant::now();
+        let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let (tokens, since) = *bucket;
+        let fills =
+            now.saturating_duration_since(since).as_nanos() / self.fill_interval.as_nanos().max(1);
+        let (mut tokens, since) = if fills > 0 {
+            let added = u64::try_from(fills)
+                .unwrap_or(u64::MAX)
+                .saturating_mul(self.tokens_per_fill);
+            let fills = u32::try_from(fills).unwrap_or(u32::MAX);
+            (
+                tokens.saturating_add(added).min(self.max_tokens),
+                since + self.fill_interval.saturating_mul(fills),
+            )
+        } else {
+            (tokens, since)
+        };
+        let taken = tokens > 0;
+        if taken {
+            tokens -= 1;
+        }
+        *bucket = (tokens, since);
+        taken
+    }
+}
+
+/// A copy of a share of a route's requests, sent to another cluster; its answers are dropped.
+#[derive(Debug, Clone, Copy)]
+pub struct Mirror {
+    pub cluster: ClusterId,
+    pub percent: f64,
 }
 
 #[derive(Debug)]
@@ -199,11 +363,108 @@ pub enum HostPattern {
 #[derive(Debug)]
 pub struct Cluster {
     pub name: String,
-    pub endpoints: Vec<SocketAddr>,
+    /// Static clusters: the endpoints (host names were resolved once, when the file was read).
+    /// `strict_dns` clusters: none; the cluster manager resolves [`Discovery::StrictDns`] names.
+    pub endpoints: Vec<Endpoint>,
+    pub discovery: Discovery,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle_per_endpoint: usize,
+    pub lb_policy: crate::lb::Policy,
+    /// What ring hash and Maglev hash; `None` for other policies.
+    pub hash_key: Option<HashKey>,
+    /// Below this share of healthy endpoints (percent), requests go to all of them.
+    pub panic_threshold: f64,
+    pub health_check: Option<HealthCheck>,
+    pub outlier: Option<OutlierDetection>,
+    pub breakers: CircuitBreakers,
+}
+
+/// An upstream address and its share of requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    pub weight: u32,
+}
+
+/// Where a cluster's endpoints come from.
+#[derive(Debug, Clone)]
+pub enum Discovery {
+    /// As written in the file.
+    Static,
+    /// Every address of each name, resolved again every `refresh`; the last good answer is
+    /// kept when DNS fails.
+    StrictDns {
+        names: Vec<DnsName>,
+        refresh: Duration,
+        /// Name servers to ask; empty: the system's (`/etc/resolv.conf`, `/etc/hosts`).
+        resolvers: Vec<SocketAddr>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsName {
+    pub host: String,
+    pub port: u16,
+    pub weight: u32,
+}
+
+/// What ring hash and Maglev hash to pick an endpoint. A request without the key goes to a
+/// random endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    Header(http::HeaderName),
+    Cookie(String),
+    SourceIp,
+}
+
+/// Active health checking of every endpoint of a cluster, from the main thread.
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    pub kind: HealthCheckKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Passes in a row that make an unhealthy endpoint healthy.
+    pub healthy_threshold: u32,
+    /// Failures in a row that make a healthy endpoint unhealthy.
+    pub unhealthy_threshold: u32,
+}
+
+#[derive(Debug, Clone)]
+pub enum HealthCheckKind {
+    /// A TCP connection opens.
+    Tcp,
+    /// `GET path` answers one of `expected` statuses.
+    Http {
+        path: String,
+        /// The `Host` header; the cluster's name when not given.
+        host: String,
+        expected: Vec<std::ops::RangeInclusive<u16>>,
+    },
+}
+
+/// Passive health: endpoints that fail in a row are ejected for a while.
+#[derive(Debug, Clone, Copy)]
+pub struct OutlierDetection {
+    /// 5xx answers (and connect failures, resets, timeouts) in a row that eject.
+    pub consecutive_5xx: Option<u32>,
+    /// 502, 503, 504 (and connect failures, resets, timeouts) in a row that eject.
+    pub consecutive_gateway_failure: Option<u32>,
+    /// The first ejection's length; the nth lasts n times as long, up to `max_ejection_time`.
+    pub base_ejection_time: Duration,
+    pub max_ejection_time: Duration,
+    /// The most of a cluster's endpoints ejected at once (percent; at least one is allowed).
+    pub max_ejection_percent: f64,
+}
+
+/// A cluster's limits over all workers; past one, a request is answered 503 at once.
+#[derive(Debug, Clone, Copy)]
+pub struct CircuitBreakers {
+    pub max_connections: usize,
+    pub max_pending_requests: usize,
+    pub max_requests: usize,
+    pub max_retries: usize,
 }
 
 impl Listener {
@@ -224,10 +485,36 @@ impl Config {
 }
 
 impl Route {
-    /// Whether this route takes a request for `host` (without port) and `path`.
-    pub fn matches(&self, host: &str, path: &str) -> bool {
-        path.starts_with(self.path_prefix.as_str())
+    /// Whether this route takes a request for `host` (without port), `path` and `headers`.
+    pub fn matches(&self, host: &str, path: &str, headers: &HeaderMap) -> bool {
+        let path_matches = match &self.path {
+            PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
+            PathMatch::Exact(exact) => path == exact,
+        };
+        path_matches
             && (self.hosts.is_empty() || self.hosts.iter().any(|h| h.matches(host)))
+            && self.headers.iter().all(|m| m.matches(headers))
+    }
+}
+
+impl HeaderMatch {
+    pub fn matches(&self, headers: &HeaderMap) -> bool {
+        let mut values = headers.get_all(&self.name).iter();
+        let hit = match &self.rule {
+            HeaderRule::Present => values.next().is_some(),
+            rule => values.any(|v| {
+                let Ok(v) = v.to_str() else {
+                    return false;
+                };
+                match rule {
+                    HeaderRule::Exact(e) => v == e,
+                    HeaderRule::Prefix(p) => v.starts_with(p.as_str()),
+                    HeaderRule::Regex(r) => r.is_match(v),
+                    HeaderRule::Present => true,
+                }
+            }),
+        };
+        hit != self.invert
     }
 }
 

@@ -190,8 +190,65 @@ pub struct RawCertificate {
 pub struct RawRoute {
     pub hosts: Option<Vec<Spanned<String>>>,
     pub path_prefix: Option<Spanned<String>>,
+    pub path_exact: Option<Spanned<String>>,
+    #[serde(default)]
+    pub headers: Vec<Spanned<RawHeaderMatch>>,
     pub cluster: Option<Spanned<String>>,
+    pub weighted_clusters: Option<Spanned<Vec<Spanned<RawWeightedCluster>>>>,
     pub direct_response: Option<Spanned<RawDirectResponse>>,
+    pub timeout: Option<Spanned<RawDuration>>,
+    pub per_try_timeout: Option<Spanned<RawDuration>>,
+    pub retry: Option<Spanned<RawRetry>>,
+    pub rate_limit: Option<Spanned<RawRateLimit>>,
+    pub mirror: Option<Spanned<RawMirror>>,
+}
+
+/// `{ name = "x-canary", exact = "1" }`; one of `exact`, `prefix`, `regex`, `present`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaderMatch {
+    pub name: Spanned<String>,
+    pub exact: Option<Spanned<String>>,
+    pub prefix: Option<Spanned<String>>,
+    pub regex: Option<Spanned<String>>,
+    pub present: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub invert: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWeightedCluster {
+    pub cluster: Spanned<String>,
+    pub weight: Spanned<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    pub retry_on: Option<Vec<Spanned<String>>>,
+    pub num_retries: Option<Spanned<i64>>,
+    pub retry_non_idempotent: Option<bool>,
+    pub base_interval: Option<Spanned<RawDuration>>,
+    pub max_interval: Option<Spanned<RawDuration>>,
+    pub budget_percent: Option<Spanned<f64>>,
+    pub min_retry_concurrency: Option<Spanned<i64>>,
+}
+
+/// A token bucket, as Envoy's local rate limit writes it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub max_tokens: Spanned<i64>,
+    pub tokens_per_fill: Option<Spanned<i64>>,
+    pub fill_interval: Spanned<RawDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMirror {
+    pub cluster: Spanned<String>,
+    pub percent: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -208,9 +265,119 @@ pub struct RawDirectResponse {
 #[serde(deny_unknown_fields)]
 pub struct RawCluster {
     pub name: Spanned<String>,
+    /// `"host:port"`, with an optional `" weight=N"` after it (as nginx's `server` writes it).
     pub endpoints: Spanned<Vec<Spanned<String>>>,
+    pub discovery: Option<Spanned<RawDiscovery>>,
+    pub dns_refresh_rate: Option<Spanned<RawDuration>>,
+    pub dns_resolvers: Option<Vec<Spanned<String>>>,
     pub connect_timeout: Option<Spanned<RawDuration>>,
     pub request_timeout: Option<Spanned<RawDuration>>,
     pub idle_timeout: Option<Spanned<RawDuration>>,
     pub max_idle_per_endpoint: Option<Spanned<i64>>,
+    pub lb_policy: Option<Spanned<RawLbPolicy>>,
+    pub hash_key: Option<Spanned<RawHashKey>>,
+    pub panic_threshold: Option<Spanned<f64>>,
+    pub health_check: Option<Spanned<RawHealthCheck>>,
+    pub outlier_detection: Option<Spanned<RawOutlier>>,
+    pub circuit_breakers: Option<Spanned<RawBreakers>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawDiscovery {
+    Static,
+    StrictDns,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawLbPolicy {
+    RoundRobin,
+    LeastRequest,
+    Random,
+    RingHash,
+    Maglev,
+}
+
+/// What ring hash and Maglev hash: one of a header, a cookie, or the client's address.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHashKey {
+    pub header: Option<String>,
+    pub cookie: Option<String>,
+    pub source_ip: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawHealthCheckKind {
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    #[serde(rename = "type")]
+    pub kind: Spanned<RawHealthCheckKind>,
+    pub path: Option<Spanned<String>>,
+    pub host: Option<Spanned<String>>,
+    /// Statuses that pass: `200`, or ranges written `"200-399"`.
+    pub expected_statuses: Option<Vec<Spanned<RawStatusRange>>>,
+    pub interval: Option<Spanned<RawDuration>>,
+    pub timeout: Option<Spanned<RawDuration>>,
+    pub healthy_threshold: Option<Spanned<i64>>,
+    pub unhealthy_threshold: Option<Spanned<i64>>,
+}
+
+/// `200` or `"200-299"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawStatusRange {
+    Text(String),
+    Number(i64),
+}
+
+impl<'de> serde::Deserialize<'de> for RawStatusRange {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawStatusRange;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a status such as 200, or a range such as \"200-399\"")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawStatusRange, E> {
+                Ok(RawStatusRange::Text(v.to_owned()))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RawStatusRange, E> {
+                Ok(RawStatusRange::Number(v))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawStatusRange, E> {
+                Ok(RawStatusRange::Number(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutlier {
+    pub consecutive_5xx: Option<Spanned<i64>>,
+    pub consecutive_gateway_failure: Option<Spanned<i64>>,
+    pub base_ejection_time: Option<Spanned<RawDuration>>,
+    pub max_ejection_time: Option<Spanned<RawDuration>>,
+    pub max_ejection_percent: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreakers {
+    pub max_connections: Option<Spanned<i64>>,
+    pub max_pending_requests: Option<Spanned<i64>>,
+    pub max_requests: Option<Spanned<i64>>,
+    pub max_retries: Option<Spanned<i64>>,
 }

@@ -1,7 +1,7 @@
 //! From [`RawConfig`] to [`Config`]: every check, each error naming its line.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -14,11 +14,14 @@ use http::{HeaderMap, StatusCode};
 use serde_spanned::Spanned;
 
 use super::raw::{
-    RawCluster, RawConfig, RawDirectResponse, RawDuration, RawGuardDog, RawListener, RawOverflow,
-    RawProtocol, RawRoute, RawSize, RawStats, RawTls,
+    RawConfig, RawDirectResponse, RawDuration, RawGuardDog, RawListener, RawOverflow, RawProtocol,
+    RawRoute, RawSize, RawStats, RawTls,
 };
 use super::tls::{self, LoadedCertificate};
 use super::*;
+
+mod cluster;
+mod route;
 
 pub fn validate(path: &Path, source: &str) -> Result<Config, ConfigError> {
     let v = Validator { path, source };
@@ -614,65 +617,6 @@ impl Validator<'_> {
         })
     }
 
-    fn route(
-        &self,
-        listener: &str,
-        number: usize,
-        raw: Spanned<RawRoute>,
-        clusters: &HashMap<String, ClusterId>,
-    ) -> Result<Route> {
-        let span = raw.span();
-        let raw = raw.into_inner();
-        let hosts = raw
-            .hosts
-            .unwrap_or_default()
-            .iter()
-            .map(|h| self.host_pattern(listener, number, h))
-            .collect::<Result<Vec<_>>>()?;
-        let path_prefix = match raw.path_prefix {
-            None => "/".to_owned(),
-            Some(p) if p.get_ref().starts_with('/') => p.into_inner(),
-            Some(p) => {
-                return Err(self.error(
-                    p.span(),
-                    format!(
-                        "listener `{listener}` route {number}: path_prefix `{}` must start with `/`",
-                        p.get_ref()
-                    ),
-                ));
-            }
-        };
-        let action = match (raw.cluster, raw.direct_response) {
-            (Some(cluster), None) => {
-                RouteAction::Cluster(self.cluster_ref(listener, &cluster, clusters)?)
-            }
-            (None, Some(direct)) => {
-                RouteAction::Direct(self.direct_response(listener, number, direct)?)
-            }
-            (Some(_), Some(_)) => {
-                return Err(self.error(
-                    span,
-                    format!(
-                        "listener `{listener}` route {number}: give either `cluster` or `direct_response`, not both"
-                    ),
-                ));
-            }
-            (None, None) => {
-                return Err(self.error(
-                    span,
-                    format!(
-                        "listener `{listener}` route {number}: a route needs a `cluster` or a `direct_response`"
-                    ),
-                ));
-            }
-        };
-        Ok(Route {
-            hosts,
-            path_prefix,
-            action,
-        })
-    }
-
     fn host_pattern(
         &self,
         listener: &str,
@@ -796,87 +740,6 @@ impl Validator<'_> {
         tls::server_config(provider, loaded)
             .map(Arc::new)
             .map_err(|e| self.error(span, format!("listener `{listener}`: {e}")))
-    }
-
-    fn cluster(&self, raw: RawCluster) -> Result<Cluster> {
-        let name = self.name("cluster.name", &raw.name)?;
-        if raw.endpoints.get_ref().is_empty() {
-            return Err(self.error(
-                raw.endpoints.span(),
-                format!("cluster `{name}`: endpoints is empty; list at least one \"host:port\""),
-            ));
-        }
-        let mut endpoints = Vec::with_capacity(raw.endpoints.get_ref().len());
-        for endpoint in raw.endpoints.get_ref() {
-            endpoints.push(self.endpoint(&name, endpoint)?);
-        }
-        let max_idle_per_endpoint = match raw.max_idle_per_endpoint {
-            None => DEFAULT_MAX_IDLE_PER_ENDPOINT,
-            Some(n) => usize::try_from(*n.get_ref()).map_err(|_| {
-                self.error(
-                    n.span(),
-                    format!("cluster `{name}`: max_idle_per_endpoint must be zero or more"),
-                )
-            })?,
-        };
-        Ok(Cluster {
-            connect_timeout: self.timeout_or(
-                "cluster.connect_timeout",
-                raw.connect_timeout,
-                DEFAULT_CONNECT_TIMEOUT,
-            )?,
-            request_timeout: self.timeout_or(
-                "cluster.request_timeout",
-                raw.request_timeout,
-                DEFAULT_REQUEST_TIMEOUT,
-            )?,
-            idle_timeout: self.timeout_or(
-                "cluster.idle_timeout",
-                raw.idle_timeout,
-                DEFAULT_UPSTREAM_IDLE_TIMEOUT,
-            )?,
-            max_idle_per_endpoint,
-            name,
-            endpoints,
-        })
-    }
-
-    /// A static endpoint: an IP address and port, or a host name resolved once, now.
-    fn endpoint(&self, cluster: &str, value: &Spanned<String>) -> Result<SocketAddr> {
-        if let Ok(addr) = value.get_ref().parse() {
-            return Ok(addr);
-        }
-        if value.get_ref().parse::<std::net::IpAddr>().is_ok() || !value.get_ref().contains(':') {
-            return Err(self.error(
-                value.span(),
-                format!(
-                    "cluster `{cluster}`: endpoint `{}` has no port; write it like \"127.0.0.1:8080\" or \"backend.internal:8080\"",
-                    value.get_ref()
-                ),
-            ));
-        }
-        let resolved = value
-            .get_ref()
-            .to_socket_addrs()
-            .map_err(|e| {
-                self.error(
-                    value.span(),
-                    format!(
-                        "cluster `{cluster}`: endpoint `{}` is not \"host:port\" that resolves ({e})",
-                        value.get_ref()
-                    ),
-                )
-            })?
-            .next();
-        resolved.ok_or_else(|| {
-            self.error(
-                value.span(),
-                format!(
-                    "cluster `{cluster}`: endpoint `{}` resolves to no address",
-                    value.get_ref()
-                ),
-            )
-        })
     }
 
     /// Relative paths in the file start from the file's own folder, so that a config and the

@@ -17,6 +17,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::io::Activity;
+use crate::cluster::{ClusterRequest, HostRequest};
 use crate::upstream::{ClusterPool, Sender};
 use crate::worker::Worker;
 
@@ -42,6 +43,12 @@ pub enum Flag {
     ProxyClosed,
     /// The upstream's answer was not valid HTTP (`UPE`).
     UpstreamProtocolError,
+    /// A circuit breaker refused the request (`UO`).
+    UpstreamOverflow,
+    /// The cluster had no endpoint to send to (`UH`).
+    NoHealthyUpstream,
+    /// A route's rate limit refused the request (`RL`).
+    RateLimited,
 }
 
 impl Flag {
@@ -56,6 +63,9 @@ impl Flag {
             Flag::DownstreamTimeout => "DT",
             Flag::ProxyClosed => "SC",
             Flag::UpstreamProtocolError => "UPE",
+            Flag::UpstreamOverflow => "UO",
+            Flag::NoHealthyUpstream => "UH",
+            Flag::RateLimited => "RL",
         }
     }
 }
@@ -206,8 +216,10 @@ fn format_line(listener: &str, log: &LogRecord, status: u16, bytes: u64, seconds
 /// An upstream connection to give back to its pool once the response body is complete.
 pub struct Release {
     pub pool: Rc<ClusterPool>,
-    pub endpoint: usize,
+    pub endpoint: SocketAddr,
     pub sender: Sender,
+    /// The request's places in the cluster's and the host's counts, given back at the end.
+    pub in_flight: (ClusterRequest, HostRequest),
     /// For `upstream_rq_time`: the cluster, and when the request was sent.
     pub cluster: usize,
     pub started: Instant,
@@ -280,6 +292,7 @@ impl ResponseBody {
                 micros(r.started.elapsed()),
             );
             r.pool.release(r.endpoint, r.sender);
+            drop(r.in_flight);
         }
     }
 }

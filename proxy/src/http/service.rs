@@ -16,10 +16,14 @@ use tracing::debug;
 use super::body::{Exchange, Flag, LogRecord, Release, ResponseBody};
 use super::headers::{self, Downstream, X_REQUEST_ID};
 use super::io::Activity;
-use crate::config::{ClusterId, DirectResponse, ListenerKind, RouteAction};
+use crate::cluster::{self, ActiveRetry, ClusterRequest, HostRequest, Outcome, PendingRequest};
+use crate::config::{
+    ClusterId, ClusterRoute, DirectResponse, ListenerKind, RetryPolicy, RouteAction,
+};
 use crate::stats;
 use crate::upstream::{
-    self, BodyProgress, ConnectError, RequestBody, RequestTimeout, Sender, TrackedBody,
+    self, BodyProgress, ConnectError, ConnectionSlot, RequestBody, RequestTimeout, Sender,
+    TrackedBody,
 };
 use crate::worker::Worker;
 
@@ -80,10 +84,15 @@ pub async fn handle(
         ListenerKind::Http(http) => {
             let host = request_host(&request);
             let path = request.uri().path();
-            http.routes.iter().find(|r| r.matches(host, path))
+            http.routes
+                .iter()
+                .find(|r| r.matches(host, path, request.headers()))
         }
         ListenerKind::Tcp { .. } => None,
     };
+    let limited = route
+        .and_then(|r| r.rate_limit.as_ref())
+        .is_some_and(|limit| !limit.take());
     let mut response = match route.map(|r| &r.action) {
         None => local(
             StatusCode::NOT_FOUND,
@@ -91,11 +100,20 @@ pub async fn handle(
             exchange,
             Flag::NoRoute,
         ),
+        Some(_) if limited => {
+            stats.shard.inc(listener_stats.downstream_rq_rate_limited);
+            local(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate limited: this route's rate_limit is reached; try again later\n",
+                exchange,
+                Flag::RateLimited,
+            )
+        }
         Some(RouteAction::Direct(direct)) => direct_response(direct, exchange),
         // Boxed: hyper keeps room for this future for the connection's whole life, and an idle
         // connection should not hold the upstream exchange's state.
-        Some(RouteAction::Cluster(cluster)) => {
-            match Box::pin(proxy(&ctx, *cluster, request, exchange, max_body)).await {
+        Some(RouteAction::Cluster(cluster_route)) => {
+            match Box::pin(proxy(&ctx, cluster_route, request, exchange, max_body)).await {
                 Ok(response) => response,
                 Err(TooLarge(exchange)) => return Ok(too_large(&ctx, exchange, bodyless)),
             }
@@ -227,24 +245,44 @@ fn local(
 enum SendError {
     Connect(ConnectError),
     Reset(hyper::Error),
+    /// The route's `per_try_timeout` passed.
+    PerTryTimeout,
+    /// A circuit breaker refused it; names which.
+    Overflow(&'static str),
+    /// The cluster has no endpoint to send to.
+    NoHost,
 }
+
+/// A try that got an answer.
+struct Sent {
+    response: Response<Incoming>,
+    sender: Sender,
+    host: HostRequest,
+}
+
+/// How the tries of one request ended, and the last endpoint tried.
+type Tried = (Result<Sent, SendError>, Option<SocketAddr>);
 
 async fn proxy(
     ctx: &ConnCtx,
-    cluster_id: ClusterId,
+    route: &ClusterRoute,
     request: Request<Incoming>,
     mut exchange: Exchange,
     max_body: Option<u64>,
 ) -> Result<Response<ResponseBody>, TooLarge> {
     let worker = &ctx.worker;
+    let cluster_id = route.target.pick(fastrand::u64(..));
     let cluster = worker.config.cluster(cluster_id);
+    let handle = &worker.clusters[cluster_id.0].handle;
     let stats = &worker.stats;
     let cluster_stats = &stats.ids.clusters[cluster_id.0];
-    let pool = &worker.pools[cluster_id.0];
     stats.shard.inc(cluster_stats.upstream_rq_total);
 
-    let endpoint = pool.pick();
-    let addr = cluster.endpoints[endpoint];
+    let Some(in_flight) = ClusterRequest::take(handle, cluster.breakers.max_requests) else {
+        stats.shard.inc(cluster_stats.upstream_rq_overflow);
+        return Ok(overloaded("max_requests", exchange));
+    };
+    let hash = cluster::request_hash(cluster.hash_key.as_ref(), request.headers(), ctx.peer.ip());
     let (mut parts, body) = request.into_parts();
     let request_id = headers::prepare_request(
         &mut parts,
@@ -254,13 +292,25 @@ async fn proxy(
         },
     );
     if let Some(log) = exchange.log_mut() {
-        log.upstream = Some(addr);
         log.request_id = Some(request_id);
     }
-    // A request without a body to an idempotent method may be sent again if a pooled connection
-    // turns out to have been closed by the upstream under it (RFC 9110, section 9.2.2).
-    let replayable = body.is_end_stream() && is_idempotent(&parts.method);
-    let progress = BodyProgress::new(body.is_end_stream());
+    let bodyless = body.is_end_stream();
+    let idempotent = is_idempotent(&parts.method);
+    // Only a request without a body can be sent again: its body is not kept.
+    let retry = route
+        .retry
+        .filter(|r| bodyless && (idempotent || r.retry_non_idempotent));
+    let template = (retry.is_some() || bodyless).then(|| Template {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        headers: parts.headers.clone(),
+    });
+    if let (Some(mirror), Some(template)) = (route.mirror, &template)
+        && fastrand::f64() * 100.0 < mirror.percent
+    {
+        tokio::task::spawn_local(shadow(worker.clone(), mirror.cluster, template.clone()));
+    }
+    let progress = BodyProgress::new(bodyless);
     let request = Request::from_parts(
         parts,
         Either::Left(TrackedBody::new(body, progress.clone(), max_body)),
@@ -271,63 +321,46 @@ async fn proxy(
         ListenerKind::Http(http) => http.idle_timeout,
         ListenerKind::Tcp { .. } => cluster.request_timeout,
     };
-    let sent = tokio::select! {
-        sent = send(ctx, cluster_id, endpoint, request, replayable) => Ok(sent),
-        timeout = progress.timed_out(cluster.request_timeout, idle_timeout) => Err(timeout),
+    let timeout = route.timeout.unwrap_or(cluster.request_timeout);
+    let tries = Tries {
+        ctx,
+        route,
+        cluster_id,
+        hash,
+        retry,
+        template: template.as_ref(),
+        // A request without a body to an idempotent method may be sent again if a pooled
+        // connection turns out to have been closed by the upstream under it (RFC 9110, 9.2.2).
+        replayable: bodyless && idempotent,
     };
-    if progress.too_large() && !matches!(sent, Ok(Ok(_))) {
+    let sent = tokio::select! {
+        sent = tries.run(request) => Ok(sent),
+        timeout = progress.timed_out(timeout, idle_timeout) => Err(timeout),
+    };
+    if progress.too_large() && !matches!(sent, Ok((Ok(_), _))) {
         return Err(TooLarge(exchange));
     }
+    if let Ok((_, Some(addr))) = &sent
+        && let Some(log) = exchange.log_mut()
+    {
+        log.upstream = Some(*addr);
+    }
     Ok(match sent {
-        Ok(Ok((response, sender))) => {
-            let (mut parts, body) = response.into_parts();
+        Ok((Ok(sent), addr)) => {
+            let (mut parts, body) = sent.response.into_parts();
             headers::prepare_response(&mut parts, Version::HTTP_11);
             exchange.set_status(parts.status.as_u16());
             let release = Release {
-                pool: pool.clone(),
-                endpoint,
-                sender,
+                pool: worker.clusters[cluster_id.0].pool.clone(),
+                endpoint: addr.expect("a response comes from an endpoint"),
+                sender: sent.sender,
+                in_flight: (in_flight, sent.host),
                 cluster: cluster_id.0,
                 started,
             };
             Response::from_parts(parts, ResponseBody::upstream(body, release, exchange))
         }
-        Ok(Err(SendError::Connect(e))) => {
-            debug!(worker = worker.id, upstream = %addr, "{e}");
-            match e {
-                ConnectError::TimedOut { .. } => local(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream connect timeout\n",
-                    exchange,
-                    Flag::UpstreamConnectFailure,
-                ),
-                _ => local(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream connect error\n",
-                    exchange,
-                    Flag::UpstreamConnectFailure,
-                ),
-            }
-        }
-        Ok(Err(SendError::Reset(e))) if e.is_parse() || e.is_parse_status() => {
-            debug!(worker = worker.id, upstream = %addr, "upstream answered with invalid HTTP: {e}");
-            local(
-                StatusCode::BAD_GATEWAY,
-                "upstream sent an invalid response\n",
-                exchange,
-                Flag::UpstreamProtocolError,
-            )
-        }
-        Ok(Err(SendError::Reset(e))) => {
-            debug!(worker = worker.id, upstream = %addr, "upstream request failed: {e}");
-            stats.shard.inc(cluster_stats.upstream_rq_reset);
-            local(
-                StatusCode::BAD_GATEWAY,
-                "upstream reset before response\n",
-                exchange,
-                Flag::UpstreamReset,
-            )
-        }
+        Ok((Err(e), addr)) => failed(ctx, cluster_id, e, addr, exchange),
         Err(RequestTimeout::Response) => {
             stats.shard.inc(cluster_stats.upstream_rq_timeout);
             local(
@@ -346,38 +379,331 @@ async fn proxy(
     })
 }
 
-/// Sends on a pooled connection when one is ready, else on a new one. A request that a pooled
-/// connection could not carry (it closed first) goes once more on a new connection.
-async fn send(
+/// The answer to a request whose last try failed without a response.
+fn failed(
     ctx: &ConnCtx,
     cluster_id: ClusterId,
-    endpoint: usize,
+    error: SendError,
+    addr: Option<SocketAddr>,
+    exchange: Exchange,
+) -> Response<ResponseBody> {
+    let worker = &ctx.worker;
+    let stats = &worker.stats;
+    let cluster_stats = &stats.ids.clusters[cluster_id.0];
+    let addr = addr.map_or_else(|| "-".to_owned(), |a| a.to_string());
+    match error {
+        SendError::Connect(e) => {
+            debug!(worker = worker.id, upstream = %addr, "{e}");
+            match e {
+                ConnectError::TimedOut { .. } => local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream connect timeout\n",
+                    exchange,
+                    Flag::UpstreamConnectFailure,
+                ),
+                _ => local(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream connect error\n",
+                    exchange,
+                    Flag::UpstreamConnectFailure,
+                ),
+            }
+        }
+        SendError::Reset(e) if e.is_parse() || e.is_parse_status() => {
+            debug!(worker = worker.id, upstream = %addr, "upstream answered with invalid HTTP: {e}");
+            local(
+                StatusCode::BAD_GATEWAY,
+                "upstream sent an invalid response\n",
+                exchange,
+                Flag::UpstreamProtocolError,
+            )
+        }
+        SendError::Reset(e) => {
+            debug!(worker = worker.id, upstream = %addr, "upstream request failed: {e}");
+            stats.shard.inc(cluster_stats.upstream_rq_reset);
+            local(
+                StatusCode::BAD_GATEWAY,
+                "upstream reset before response\n",
+                exchange,
+                Flag::UpstreamReset,
+            )
+        }
+        SendError::PerTryTimeout => {
+            stats.shard.inc(cluster_stats.upstream_rq_timeout);
+            local(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream request timeout (per try)\n",
+                exchange,
+                Flag::UpstreamTimeout,
+            )
+        }
+        SendError::Overflow(which) => overloaded(which, exchange),
+        SendError::NoHost => {
+            stats.shard.inc(cluster_stats.upstream_cx_none_healthy);
+            local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy upstream\n",
+                exchange,
+                Flag::NoHealthyUpstream,
+            )
+        }
+    }
+}
+
+static X_BATON_OVERLOADED: http::HeaderName = http::HeaderName::from_static("x-baton-overloaded");
+
+/// 503 from a circuit breaker; `x-baton-overloaded` names the one that tripped.
+fn overloaded(which: &'static str, exchange: Exchange) -> Response<ResponseBody> {
+    let message: &'static str = match which {
+        "max_requests" => {
+            "upstream overloaded: the cluster's circuit_breakers.max_requests is reached\n"
+        }
+        "max_pending_requests" => {
+            "upstream overloaded: the cluster's circuit_breakers.max_pending_requests is reached\n"
+        }
+        _ => "upstream overloaded\n",
+    };
+    let mut response = local(
+        StatusCode::SERVICE_UNAVAILABLE,
+        message,
+        exchange,
+        Flag::UpstreamOverflow,
+    );
+    response
+        .headers_mut()
+        .insert(X_BATON_OVERLOADED.clone(), HeaderValue::from_static(which));
+    response
+}
+
+/// What a request without a body needs to be sent again.
+#[derive(Clone)]
+struct Template {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Template {
+    fn request(&self) -> Request<RequestBody> {
+        let mut request = Request::new(Either::Right(Empty::new()));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
+/// The tries of one request: a host from the balancer, a send, and, under the route's retry
+/// policy, more tries on other hosts.
+struct Tries<'a> {
+    ctx: &'a ConnCtx,
+    route: &'a ClusterRoute,
+    cluster_id: ClusterId,
+    hash: Option<u64>,
+    retry: Option<RetryPolicy>,
+    template: Option<&'a Template>,
+    replayable: bool,
+}
+
+impl Tries<'_> {
+    async fn run(self, first: Request<RequestBody>) -> Tried {
+        let worker = &self.ctx.worker;
+        let cluster = worker.config.cluster(self.cluster_id);
+        let wc = &worker.clusters[self.cluster_id.0];
+        let stats = &worker.stats;
+        let cluster_stats = &stats.ids.clusters[self.cluster_id.0];
+        let mut request = Some(first);
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut retries = 0;
+        let mut _retrying: Option<ActiveRetry> = None;
+        loop {
+            let Some(pick) = wc
+                .handle
+                .pick(cluster.lb_policy, &wc.cursor, self.hash, &tried)
+            else {
+                return (Err(SendError::NoHost), tried.last().copied());
+            };
+            if pick.panic {
+                stats.shard.inc(cluster_stats.lb_healthy_panic);
+            }
+            let addr = pick.host.address;
+            tried.push(addr);
+            let host = HostRequest::new(pick.host.clone());
+            let Some(this) = request
+                .take()
+                .or_else(|| self.template.map(Template::request))
+            else {
+                unreachable!("a retried request has a template");
+            };
+            let attempt = send(worker, self.cluster_id, addr, this, self.replayable);
+            let result = match self.route.per_try_timeout {
+                Some(limit) => match tokio::time::timeout(limit, attempt).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        stats.shard.inc(cluster_stats.upstream_rq_per_try_timeout);
+                        Err(SendError::PerTryTimeout)
+                    }
+                },
+                None => attempt.await,
+            };
+            let outcome = match &result {
+                Ok((response, _)) => Some(Outcome::Status(response.status().as_u16())),
+                Err(SendError::Overflow(_) | SendError::NoHost) => None,
+                Err(_) => Some(Outcome::LocalFailure),
+            };
+            if let Some(outcome) = outcome {
+                wc.handle
+                    .report(&pick.host, outcome, cluster.outlier.as_ref());
+            }
+            if let Some(policy) = self.retry
+                && retries < policy.num_retries
+                && should_retry(&policy, &result)
+            {
+                match ActiveRetry::take(
+                    &wc.handle,
+                    cluster.breakers.max_retries,
+                    policy.budget_percent,
+                    policy.min_retry_concurrency,
+                ) {
+                    Some(active) => {
+                        retries += 1;
+                        _retrying = Some(active);
+                        stats.shard.inc(cluster_stats.upstream_rq_retry);
+                        debug!(worker = worker.id, upstream = %addr, retry = retries, "retrying");
+                        drop(result);
+                        drop(host);
+                        tokio::time::sleep(backoff(&policy, retries)).await;
+                        continue;
+                    }
+                    None => stats.shard.inc(cluster_stats.upstream_rq_retry_overflow),
+                }
+            }
+            if retries > 0 && matches!(&result, Ok((r, _)) if r.status().as_u16() < 500) {
+                stats.shard.inc(cluster_stats.upstream_rq_retry_success);
+            }
+            return (
+                result.map(|(response, sender)| Sent {
+                    response,
+                    sender,
+                    host,
+                }),
+                Some(addr),
+            );
+        }
+    }
+}
+
+/// Whether a try's end is one the policy retries.
+fn should_retry(
+    policy: &RetryPolicy,
+    result: &Result<(Response<Incoming>, Sender), SendError>,
+) -> bool {
+    let on = &policy.on;
+    match result {
+        Ok((response, _)) => {
+            let s = response.status().as_u16();
+            (on.server_error && s >= 500)
+                || (on.gateway_error && matches!(s, 502..=504))
+                || on.statuses.contains(&s)
+        }
+        Err(SendError::Connect(_)) => on.connect_failure || on.server_error || on.gateway_error,
+        Err(SendError::Reset(_) | SendError::PerTryTimeout) => {
+            on.reset || on.server_error || on.gateway_error
+        }
+        Err(SendError::Overflow(_) | SendError::NoHost) => false,
+    }
+}
+
+/// Exponential backoff with full jitter (as Envoy's): a random time up to
+/// `base * 2^(n-1)`, capped at `max_interval`.
+fn backoff(policy: &RetryPolicy, retry: u32) -> Duration {
+    let ceiling = policy
+        .base_interval
+        .saturating_mul(1 << (retry - 1).min(16))
+        .min(policy.max_interval);
+    let ms = u64::try_from(ceiling.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    Duration::from_millis(fastrand::u64(0..=ms))
+}
+
+/// Sends a copy of a request to the mirror cluster and drops the answer; the client never waits
+/// for it. `Host` gets `-shadow` appended, as Envoy does, so that the shadow service can tell.
+async fn shadow(worker: Rc<Worker>, cluster_id: ClusterId, template: Template) {
+    let cluster = worker.config.cluster(cluster_id);
+    let wc = &worker.clusters[cluster_id.0];
+    let stats = &worker.stats;
+    let cluster_stats = &stats.ids.clusters[cluster_id.0];
+    let Some(in_flight) = ClusterRequest::take(&wc.handle, cluster.breakers.max_requests) else {
+        stats.shard.inc(cluster_stats.upstream_rq_overflow);
+        return;
+    };
+    let Some(pick) = wc.handle.pick(cluster.lb_policy, &wc.cursor, None, &[]) else {
+        stats.shard.inc(cluster_stats.upstream_cx_none_healthy);
+        return;
+    };
+    stats.shard.inc(cluster_stats.upstream_rq_total);
+    stats.shard.inc(cluster_stats.upstream_rq_mirror);
+    let mut request = template.request();
+    if let Some(host) = request.headers().get(HOST).and_then(|h| h.to_str().ok())
+        && let Ok(shadow) = HeaderValue::from_str(&format!("{}-shadow", strip_port(host)))
+    {
+        request.headers_mut().insert(HOST, shadow);
+    }
+    let host = HostRequest::new(pick.host.clone());
+    let addr = pick.host.address;
+    let send = send(&worker, cluster_id, addr, request, true);
+    let result = tokio::time::timeout(cluster.request_timeout, send).await;
+    match result {
+        Ok(Ok((response, sender))) => {
+            wc.handle.report(
+                &pick.host,
+                Outcome::Status(response.status().as_u16()),
+                cluster.outlier.as_ref(),
+            );
+            // Read the answer to its end so that the connection can be used again.
+            let (_, mut body) = response.into_parts();
+            use http_body_util::BodyExt;
+            while let Some(Ok(_)) = body.frame().await {}
+            wc.pool.release(addr, sender);
+        }
+        Ok(Err(SendError::Overflow(_) | SendError::NoHost)) => {}
+        Ok(Err(_)) | Err(_) => {
+            wc.handle
+                .report(&pick.host, Outcome::LocalFailure, cluster.outlier.as_ref());
+        }
+    }
+    drop(host);
+    drop(in_flight);
+}
+
+/// Sends on a pooled connection to `addr` when one is ready, else on a new one (waiting for one
+/// when the cluster is at `max_connections`). A request that a pooled connection could not
+/// carry (it closed first) goes once more on a new connection.
+async fn send(
+    worker: &Rc<Worker>,
+    cluster_id: ClusterId,
+    addr: SocketAddr,
     mut request: Request<RequestBody>,
     replayable: bool,
 ) -> Result<(Response<Incoming>, Sender), SendError> {
-    let worker = &ctx.worker;
-    let pool = &worker.pools[cluster_id.0];
-    if let Some(mut pooled) = pool.checkout(endpoint) {
+    let wc = &worker.clusters[cluster_id.0];
+    let pool = &wc.pool;
+    let stats = &worker.stats;
+    let cluster_stats = &stats.ids.clusters[cluster_id.0];
+    if let Some(mut pooled) = pool.checkout(addr) {
         // Kept only for a pooled connection, the one case where a request may need sending again.
-        let replay: Option<(Method, Uri, HeaderMap)> = replayable.then(|| {
-            (
-                request.method().clone(),
-                request.uri().clone(),
-                request.headers().clone(),
-            )
+        let replay: Option<Template> = replayable.then(|| Template {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            headers: request.headers().clone(),
         });
         match pooled.sender.try_send_request(request).await {
             Ok(response) => return Ok((response, pooled.sender)),
             Err(mut e) => {
                 request = match (e.take_message(), replay) {
                     (Some(unsent), _) => unsent,
-                    (None, Some((method, uri, headers))) => {
-                        let mut again = Request::new(Either::Right(Empty::new()));
-                        *again.method_mut() = method;
-                        *again.uri_mut() = uri;
-                        *again.headers_mut() = headers;
-                        again
-                    }
+                    (None, Some(template)) => template.request(),
                     (None, None) => return Err(SendError::Reset(e.into_error())),
                 };
                 debug!(
@@ -386,18 +712,46 @@ async fn send(
                     "pooled upstream connection closed under a request; sending it again: {}",
                     e.error()
                 );
-                let stats = &worker.stats;
-                stats
-                    .shard
-                    .inc(stats.ids.clusters[cluster_id.0].upstream_rq_retry);
+                stats.shard.inc(cluster_stats.upstream_rq_retry);
             }
         }
     }
     let cluster = worker.config.cluster(cluster_id);
-    let mut sender =
-        upstream::connect_http1(cluster.endpoints[endpoint], cluster, worker, cluster_id.0)
-            .await
-            .map_err(SendError::Connect)?;
+    let max = cluster.breakers.max_connections;
+    let slot = match ConnectionSlot::take(&wc.handle, max) {
+        Some(slot) => slot,
+        None => {
+            // At max_connections: wait (as a pending request) for a connection of this worker
+            // to come back to the pool, or for any of the cluster's to close.
+            stats.shard.inc(cluster_stats.upstream_cx_overflow);
+            let Some(_pending) =
+                PendingRequest::take(&wc.handle, cluster.breakers.max_pending_requests)
+            else {
+                stats.shard.inc(cluster_stats.upstream_rq_pending_overflow);
+                return Err(SendError::Overflow("max_pending_requests"));
+            };
+            loop {
+                let freed_here = pool.freed.notified();
+                let freed_anywhere = wc.handle.cx_freed.notified();
+                if let Some(mut pooled) = pool.checkout(addr) {
+                    return match pooled.sender.send_request(request).await {
+                        Ok(response) => Ok((response, pooled.sender)),
+                        Err(e) => Err(SendError::Reset(e)),
+                    };
+                }
+                if let Some(slot) = ConnectionSlot::take(&wc.handle, max) {
+                    break slot;
+                }
+                tokio::select! {
+                    _ = freed_here => {}
+                    _ = freed_anywhere => {}
+                }
+            }
+        }
+    };
+    let mut sender = upstream::connect_http1(addr, cluster, worker, cluster_id.0, slot)
+        .await
+        .map_err(SendError::Connect)?;
     let response = sender
         .send_request(request)
         .await

@@ -101,7 +101,7 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
             "a route with both a cluster and a direct response",
             BASE.replace("cluster = \"origin\"\n\n", "cluster = \"origin\"\ndirect_response = { status = 200 }\n\n"),
             8,
-            "give either `cluster` or `direct_response`, not both",
+            "give either `cluster`, `weighted_clusters` or `direct_response`, not two of them",
         ),
         (
             "a path prefix without its slash",

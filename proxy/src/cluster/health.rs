@@ -1,0 +1,101 @@
+//! Active health checks: one task per endpoint on the main thread, probing at the cluster's
+//! interval and telling the manager each result. The manager applies the thresholds.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONNECTION, HOST, USER_AGENT};
+use http::{HeaderValue, Request};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use super::Event;
+use crate::config::{HealthCheck, HealthCheckKind};
+
+/// Probes `address` now and then every `interval` (with a little jitter, so that the checks of
+/// many endpoints do not go out together), until the task is aborted.
+pub async fn run(
+    cluster: usize,
+    address: SocketAddr,
+    check: HealthCheck,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    loop {
+        let passed = tokio::time::timeout(check.timeout, probe(address, &check.kind))
+            .await
+            .unwrap_or_else(|_| {
+                debug!(upstream = %address, "health check timed out after {:?}", check.timeout);
+                false
+            });
+        if events
+            .send(Event::Checked {
+                cluster,
+                address,
+                passed,
+            })
+            .is_err()
+        {
+            return;
+        }
+        let jitter = check.interval.as_millis() as u64 / 10;
+        let jitter = Duration::from_millis(fastrand::u64(0..=jitter));
+        tokio::time::sleep(check.interval + jitter).await;
+    }
+}
+
+/// One check: a TCP connection opens, or `GET path` answers an expected status.
+async fn probe(address: SocketAddr, kind: &HealthCheckKind) -> bool {
+    let stream = match TcpStream::connect(address).await {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(upstream = %address, "health check: connect failed: {e}");
+            return false;
+        }
+    };
+    let HealthCheckKind::Http {
+        path,
+        host,
+        expected,
+    } = kind
+    else {
+        return true;
+    };
+    let _ = stream.set_nodelay(true);
+    let Ok((mut sender, connection)) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await
+    else {
+        return false;
+    };
+    tokio::task::spawn_local(async move {
+        let _ = connection.await;
+    });
+    let mut request = Request::get(path.as_str());
+    if let Ok(host) = HeaderValue::from_str(host) {
+        request = request.header(HOST, host);
+    }
+    let Ok(request) = request
+        .header(USER_AGENT, "baton-health-check")
+        .header(CONNECTION, "close")
+        .body(Empty::new())
+    else {
+        return false;
+    };
+    match sender.send_request(request).await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let passed = expected.iter().any(|r| r.contains(&status));
+            if !passed {
+                debug!(upstream = %address, status, "health check failed: unexpected status");
+            }
+            passed
+        }
+        Err(e) => {
+            debug!(upstream = %address, "health check failed: {e}");
+            false
+        }
+    }
+}

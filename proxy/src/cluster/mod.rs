@@ -1,0 +1,434 @@
+//! The cluster manager: who each cluster's endpoints are, which of them may take requests, and
+//! how requests are spread over them.
+//!
+//! The [`manager`] runs on the main thread. It owns every cluster's membership and health
+//! (discovery, active health checks, outlier ejections); when any of it changes it builds a new
+//! immutable [`Snapshot`] and publishes it in the cluster's [`ClusterHandle`] (an `ArcSwap`).
+//! Workers read the current snapshot with no lock (read-copy-update: a request holds the
+//! snapshot it started with, and a newer one replaces it for the next request, never half-way).
+//! What is per worker stays in the worker: connection pools, round-robin cursors. What must be
+//! counted over all workers is in atomics: a host's active requests (least request, `/clusters`),
+//! a cluster's circuit-breaker counts, a host's consecutive failures (outlier detection, which
+//! tells the manager through a channel when a threshold is crossed).
+
+pub mod health;
+pub mod manager;
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
+use tokio::sync::mpsc;
+
+use crate::config::{Cluster, HashKey, OutlierDetection};
+use crate::lb::{self, Policy, Table};
+
+/// An endpoint of a cluster. The same `Host` stays in every snapshot for as long as the
+/// endpoint is a member, so its counters carry over.
+#[derive(Debug)]
+pub struct Host {
+    pub address: SocketAddr,
+    pub weight: u32,
+    /// Requests in flight to it, over all workers.
+    pub rq_active: AtomicU32,
+    pub rq_total: AtomicU64,
+    /// Answers of 5xx and requests that got none (connect failure, reset, timeout).
+    pub rq_error: AtomicU64,
+    consecutive_5xx: AtomicU32,
+    consecutive_gateway: AtomicU32,
+}
+
+impl Host {
+    pub fn new(address: SocketAddr, weight: u32) -> Host {
+        Host {
+            address,
+            weight,
+            rq_active: AtomicU32::new(0),
+            rq_total: AtomicU64::new(0),
+            rq_error: AtomicU64::new(0),
+            consecutive_5xx: AtomicU32::new(0),
+            consecutive_gateway: AtomicU32::new(0),
+        }
+    }
+
+    /// Starts counting again (an ejection ended).
+    fn reset_failures(&self) {
+        self.consecutive_5xx.store(0, Ordering::Relaxed);
+        self.consecutive_gateway.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Why a host is not taking requests (or is about to stop), as `/clusters` shows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HealthFlags {
+    /// Active health checking says unhealthy.
+    pub failed_active_hc: bool,
+    /// Not checked yet (taken as healthy until the first answer).
+    pub pending_active_hc: bool,
+    /// Ejected by outlier detection.
+    pub ejected: bool,
+    /// Discovery dropped it; health checking keeps it until it fails.
+    pub pending_removal: bool,
+}
+
+impl HealthFlags {
+    pub fn healthy(self) -> bool {
+        !self.failed_active_hc && !self.ejected
+    }
+
+    /// Envoy's `health_flags` words.
+    pub fn describe(self) -> String {
+        let mut words = Vec::new();
+        if self.failed_active_hc {
+            words.push("/failed_active_hc");
+        }
+        if self.pending_active_hc {
+            words.push("/pending_active_hc");
+        }
+        if self.ejected {
+            words.push("/failed_outlier_check");
+        }
+        if self.pending_removal {
+            words.push("/pending_dynamic_removal");
+        }
+        if words.is_empty() {
+            "healthy".to_owned()
+        } else {
+            words.concat()
+        }
+    }
+}
+
+/// A cluster as the workers see it at one moment. Never changed once published.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Counts the snapshots of this cluster.
+    pub version: u64,
+    /// Every member, with its health.
+    pub hosts: Vec<(Arc<Host>, HealthFlags)>,
+    /// Those that take requests: the healthy ones, or all in panic mode.
+    pub targets: Vec<Arc<Host>>,
+    /// Too few hosts are healthy (below `panic_threshold`): requests go to all of them.
+    pub panic: bool,
+    /// The balancer's table over `targets`.
+    pub table: Table,
+}
+
+impl Snapshot {
+    /// Builds the snapshot for `hosts` under `cluster`'s balancing and panic rules.
+    pub fn build(cluster: &Cluster, version: u64, hosts: Vec<(Arc<Host>, HealthFlags)>) -> Self {
+        let healthy: Vec<Arc<Host>> = hosts
+            .iter()
+            .filter(|(_, f)| f.healthy())
+            .map(|(h, _)| h.clone())
+            .collect();
+        let share = if hosts.is_empty() {
+            100.0
+        } else {
+            100.0 * healthy.len() as f64 / hosts.len() as f64
+        };
+        let panic = !hosts.is_empty() && share < cluster.panic_threshold;
+        let targets = if panic {
+            hosts.iter().map(|(h, _)| h.clone()).collect()
+        } else {
+            healthy
+        };
+        let members: Vec<lb::Member> = targets
+            .iter()
+            .map(|h| lb::Member {
+                address: h.address,
+                weight: h.weight,
+            })
+            .collect();
+        Snapshot {
+            version,
+            table: Table::build(cluster.lb_policy, &members),
+            hosts,
+            targets,
+            panic,
+        }
+    }
+}
+
+/// What the manager hears from workers and from its own tasks.
+#[derive(Debug)]
+pub enum Event {
+    /// A host crossed an outlier-detection threshold.
+    Outlier { cluster: usize, host: Arc<Host> },
+    /// An active health check ended.
+    Checked {
+        cluster: usize,
+        address: SocketAddr,
+        passed: bool,
+    },
+    /// An ejection has run its time.
+    Uneject {
+        cluster: usize,
+        address: SocketAddr,
+        ejection: u32,
+    },
+    /// A `strict_dns` resolution ended.
+    Resolved {
+        cluster: usize,
+        result: Result<Vec<(SocketAddr, u32)>, String>,
+    },
+}
+
+/// One cluster, shared by the manager (which publishes) and the workers (which read).
+pub struct ClusterHandle {
+    pub index: usize,
+    pub snapshot: ArcSwap<Snapshot>,
+    pub events: mpsc::UnboundedSender<Event>,
+    /// Circuit breakers, counted over all workers.
+    pub rq_active: AtomicUsize,
+    pub rq_pending: AtomicUsize,
+    pub retries_active: AtomicUsize,
+    pub cx_active: AtomicUsize,
+    /// Wakes requests waiting for a connection (`max_connections` reached) when one frees.
+    pub cx_freed: tokio::sync::Notify,
+}
+
+/// A host chosen for a request.
+pub struct Pick {
+    pub host: Arc<Host>,
+    /// The snapshot was in panic mode.
+    pub panic: bool,
+}
+
+/// How a try went, for outlier detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream answered with this status.
+    Status(u16),
+    /// No answer: connect failure, reset, or timeout.
+    LocalFailure,
+}
+
+impl ClusterHandle {
+    pub fn new(index: usize, initial: Snapshot, events: mpsc::UnboundedSender<Event>) -> Self {
+        ClusterHandle {
+            index,
+            snapshot: ArcSwap::from_pointee(initial),
+            events,
+            rq_active: AtomicUsize::new(0),
+            rq_pending: AtomicUsize::new(0),
+            retries_active: AtomicUsize::new(0),
+            cx_active: AtomicUsize::new(0),
+            cx_freed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Chooses a host for a request, from the current snapshot. `cursor` is the worker's
+    /// round-robin position; `hash` the request's hash key (ring hash, Maglev); `avoid` hosts
+    /// already tried (a retry goes elsewhere when it can).
+    pub fn pick(
+        &self,
+        policy: Policy,
+        cursor: &Cell<usize>,
+        hash: Option<u64>,
+        avoid: &[SocketAddr],
+    ) -> Option<Pick> {
+        let snapshot = self.snapshot.load();
+        if snapshot.targets.is_empty() {
+            return None;
+        }
+        let mut chosen = None;
+        // A few draws to get away from hosts already tried (Envoy's previous_hosts predicate).
+        for attempt in 0..3 {
+            let index = match policy {
+                Policy::RoundRobin => {
+                    let n = cursor.get();
+                    cursor.set(n.wrapping_add(1));
+                    snapshot.table.scheduled(n)
+                }
+                Policy::Random => snapshot.table.drawn(fastrand::u64(..)),
+                Policy::LeastRequest => {
+                    let a = snapshot.table.drawn(fastrand::u64(..));
+                    let b = snapshot.table.drawn(fastrand::u64(..));
+                    match (a, b) {
+                        (Some(a), Some(b)) => {
+                            let load = |i: usize| {
+                                let h = &snapshot.targets[i];
+                                (u64::from(h.rq_active.load(Ordering::Relaxed)) + 1) * 1000
+                                    / u64::from(h.weight.max(1))
+                            };
+                            Some(if load(b) < load(a) { b } else { a })
+                        }
+                        (a, b) => a.or(b),
+                    }
+                }
+                Policy::RingHash | Policy::Maglev => match hash {
+                    // A retry of a hashed request goes to the next host on the ring.
+                    Some(h) => snapshot.table.hashed(h.wrapping_add(attempt)),
+                    None => snapshot.table.drawn(fastrand::u64(..)),
+                },
+            };
+            let Some(index) = index else { break };
+            let host = &snapshot.targets[index];
+            chosen = Some(host.clone());
+            if !avoid.contains(&host.address) {
+                break;
+            }
+        }
+        chosen.map(|host| Pick {
+            host,
+            panic: snapshot.panic,
+        })
+    }
+
+    /// Counts how a try to `host` went; tells the manager when a run of failures crosses an
+    /// outlier-detection threshold.
+    pub fn report(&self, host: &Arc<Host>, outcome: Outcome, outlier: Option<&OutlierDetection>) {
+        let (server_error, gateway) = match outcome {
+            Outcome::Status(s) if s >= 500 => (true, matches!(s, 502..=504)),
+            Outcome::Status(_) => (false, false),
+            Outcome::LocalFailure => (true, true),
+        };
+        if !server_error {
+            if host.consecutive_5xx.load(Ordering::Relaxed) != 0 {
+                host.consecutive_5xx.store(0, Ordering::Relaxed);
+            }
+            if host.consecutive_gateway.load(Ordering::Relaxed) != 0 {
+                host.consecutive_gateway.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        host.rq_error.fetch_add(1, Ordering::Relaxed);
+        let Some(outlier) = outlier else { return };
+        let mut crossed = false;
+        let n = host.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1;
+        crossed |= outlier.consecutive_5xx == Some(n);
+        if gateway {
+            let n = host.consecutive_gateway.fetch_add(1, Ordering::Relaxed) + 1;
+            crossed |= outlier.consecutive_gateway_failure == Some(n);
+        } else if host.consecutive_gateway.load(Ordering::Relaxed) != 0 {
+            host.consecutive_gateway.store(0, Ordering::Relaxed);
+        }
+        if crossed {
+            let _ = self.events.send(Event::Outlier {
+                cluster: self.index,
+                host: host.clone(),
+            });
+        }
+    }
+}
+
+/// The hash of a request's key for ring hash and Maglev, if the request has the key.
+pub fn request_hash(
+    key: Option<&HashKey>,
+    headers: &http::HeaderMap,
+    peer: std::net::IpAddr,
+) -> Option<u64> {
+    match key? {
+        HashKey::Header(name) => headers.get(name).map(|v| lb::hash_key(v.as_bytes())),
+        HashKey::Cookie(name) => headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|pair| {
+                let (k, v) = pair.trim().split_once('=')?;
+                (k == name).then(|| lb::hash_key(v.as_bytes()))
+            }),
+        HashKey::SourceIp => Some(match peer {
+            std::net::IpAddr::V4(ip) => lb::hash_key(&ip.octets()),
+            std::net::IpAddr::V6(ip) => lb::hash_key(&ip.octets()),
+        }),
+    }
+}
+
+/// A request's place under its cluster's `max_requests`, held until its response is done.
+pub struct ClusterRequest {
+    handle: Arc<ClusterHandle>,
+}
+
+impl ClusterRequest {
+    pub fn take(handle: &Arc<ClusterHandle>, max: usize) -> Option<ClusterRequest> {
+        take_place(&handle.rq_active, max).then(|| ClusterRequest {
+            handle: handle.clone(),
+        })
+    }
+}
+
+impl Drop for ClusterRequest {
+    fn drop(&mut self) {
+        self.handle.rq_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A request waiting for a connection (`max_connections` reached), under `max_pending_requests`.
+pub struct PendingRequest {
+    handle: Arc<ClusterHandle>,
+}
+
+impl PendingRequest {
+    pub fn take(handle: &Arc<ClusterHandle>, max: usize) -> Option<PendingRequest> {
+        take_place(&handle.rq_pending, max).then(|| PendingRequest {
+            handle: handle.clone(),
+        })
+    }
+}
+
+impl Drop for PendingRequest {
+    fn drop(&mut self) {
+        self.handle.rq_pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A retry in flight, under the retry budget and `max_retries`.
+pub struct ActiveRetry {
+    handle: Arc<ClusterHandle>,
+}
+
+impl ActiveRetry {
+    /// Allowed while retries in flight stay under `max_retries` and under the budget: a share
+    /// of the requests in flight, but at least `min_concurrency`.
+    pub fn take(
+        handle: &Arc<ClusterHandle>,
+        max_retries: usize,
+        budget_percent: f64,
+        min_concurrency: u32,
+    ) -> Option<ActiveRetry> {
+        let requests = handle.rq_active.load(Ordering::Relaxed) as f64;
+        let budget = ((requests * budget_percent / 100.0) as usize).max(min_concurrency as usize);
+        take_place(&handle.retries_active, max_retries.min(budget)).then(|| ActiveRetry {
+            handle: handle.clone(),
+        })
+    }
+}
+
+impl Drop for ActiveRetry {
+    fn drop(&mut self) {
+        self.handle.retries_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A try in flight to a host (least request, `/clusters`).
+pub struct HostRequest {
+    host: Arc<Host>,
+}
+
+impl HostRequest {
+    pub fn new(host: Arc<Host>) -> HostRequest {
+        host.rq_active.fetch_add(1, Ordering::Relaxed);
+        host.rq_total.fetch_add(1, Ordering::Relaxed);
+        HostRequest { host }
+    }
+}
+
+impl Drop for HostRequest {
+    fn drop(&mut self) {
+        self.host.rq_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts one more in `counter` if it is under `max`.
+fn take_place(counter: &AtomicUsize, max: usize) -> bool {
+    if counter.fetch_add(1, Ordering::Relaxed) >= max {
+        counter.fetch_sub(1, Ordering::Relaxed);
+        return false;
+    }
+    true
+}
