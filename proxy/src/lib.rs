@@ -1,8 +1,9 @@
 //! The parts of `baton-proxy` that need no running proxy: the configuration (parsed and
-//! validated, which the fuzz targets in `fuzz/` use) and the load-balancing tables. The proxy
-//! itself is the `baton-proxy` binary.
+//! validated, which the fuzz targets in `fuzz/` use), the load-balancing tables, and the DNS
+//! resolver of `strict_dns` clusters. The proxy itself is the `baton-proxy` binary.
 
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod dns;
 pub mod lb;

@@ -9,7 +9,6 @@
 mod access_log;
 mod admin;
 mod cluster;
-mod dns;
 mod generation;
 mod http;
 mod limits;
@@ -29,7 +28,7 @@ use std::sync::Arc;
 
 // In the library, so that the fuzz targets can parse configs too.
 use baton_proxy::config;
-use baton_proxy::lb;
+use baton_proxy::{dns, lb};
 use clap::Parser;
 use tracing::error;
 
