@@ -271,6 +271,9 @@ pub struct ClusterPool {
     idle_timeout: Duration,
     /// Wakes requests waiting for a connection of this worker's (`max_connections` reached).
     pub freed: tokio::sync::Notify,
+    /// Requests of this worker waiting for a connection.
+    pub waiting: Cell<usize>,
+    handle: Arc<ClusterHandle>,
 }
 
 struct IdleConnection {
@@ -286,12 +289,14 @@ pub struct Checkout {
 }
 
 impl ClusterPool {
-    pub fn new(cluster: &Cluster) -> Self {
+    pub fn new(cluster: &Cluster, handle: Arc<ClusterHandle>) -> Self {
         ClusterPool {
             idle: RefCell::new(HashMap::new()),
             max_idle: cluster.max_idle_per_endpoint,
             idle_timeout: cluster.idle_timeout,
             freed: tokio::sync::Notify::new(),
+            waiting: Cell::new(0),
+            handle,
         }
     }
 
@@ -334,6 +339,11 @@ impl ClusterPool {
     }
 
     fn put(&self, endpoint: SocketAddr, sender: Sender) {
+        if self.waiting.get() == 0 && self.handle.rq_pending.load(Ordering::Relaxed) > 0 {
+            // Another worker waits for a connection (the cluster is at max_connections): this
+            // one closes, so that its place goes to that worker, rather than idling here.
+            return;
+        }
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(endpoint).or_default();
         if list.len() < self.max_idle {

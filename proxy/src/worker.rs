@@ -210,8 +210,8 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
             .iter()
             .zip(setup.clusters)
             .map(|(c, handle)| WorkerCluster {
+                pool: Rc::new(ClusterPool::new(c, handle.clone())),
                 handle,
-                pool: Rc::new(ClusterPool::new(c)),
                 // Spread the workers' round-robin positions.
                 cursor: Cell::new(setup.id.wrapping_mul(7919)),
             })

@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::free_addr;
@@ -37,34 +37,68 @@ pub struct Origin {
     pub requests: Arc<AtomicUsize>,
     /// TCP connections accepted.
     pub connections: Arc<AtomicUsize>,
+    /// When not 0: every answer has this status (an origin that fails).
+    status: Arc<AtomicU16>,
+    /// When set, `/healthz` answers 503 (and everything else as usual).
+    health_failing: Arc<AtomicBool>,
+    /// Set to close the listener and every connection at once (an origin that dies).
+    killed: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl Origin {
     pub async fn start(name: &str) -> Origin {
-        let addr = free_addr();
+        Origin::start_at(name, free_addr()).await
+    }
+
+    /// An origin on `addr` (to bring one back where it was, or on another loopback address).
+    pub async fn start_at(name: &str, addr: SocketAddr) -> Origin {
         let listener = TcpListener::bind(addr)
             .await
             .expect("the origin can listen");
         let requests = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
+        let status = Arc::new(AtomicU16::new(0));
+        let health_failing = Arc::new(AtomicBool::new(false));
+        let (killed, on_kill) = watch::channel(false);
         let name: Arc<str> = name.into();
-        let (r, c) = (requests.clone(), connections.clone());
+        let (r, c, st, hf) = (
+            requests.clone(),
+            connections.clone(),
+            status.clone(),
+            health_failing.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 c.fetch_add(1, Ordering::SeqCst);
-                let (r, name) = (r.clone(), name.clone());
+                let (r, name, st, hf) = (r.clone(), name.clone(), st.clone(), hf.clone());
+                let mut on_kill = on_kill.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
                         r.fetch_add(1, Ordering::SeqCst);
-                        handle(name.clone(), request)
+                        let mut status = st.load(Ordering::SeqCst);
+                        if request.uri().path() == "/healthz" && hf.load(Ordering::SeqCst) {
+                            status = 503;
+                        }
+                        let name = name.clone();
+                        async move {
+                            match StatusCode::from_u16(status) {
+                                Ok(status) => {
+                                    Ok(full(status, format!("upstream {name} failing\n")))
+                                }
+                                Err(_) => handle(name, request).await,
+                            }
+                        }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let serve = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service);
+                    tokio::select! {
+                        _ = serve => {}
+                        _ = on_kill.wait_for(|k| *k) => {}
+                    }
                 });
             }
         });
@@ -72,6 +106,9 @@ impl Origin {
             addr,
             requests,
             connections,
+            status,
+            health_failing,
+            killed,
             task,
         }
     }
@@ -83,11 +120,23 @@ impl Origin {
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
     }
+
+    /// Makes `/healthz` answer 503 (or normally again), and nothing else.
+    pub fn fail_health(&self, failing: bool) {
+        self.health_failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Makes every answer `status` (`None`: answer normally again).
+    pub fn fail_with(&self, status: Option<u16>) {
+        self.status.store(status.unwrap_or(0), Ordering::SeqCst);
+    }
 }
 
 impl Drop for Origin {
     fn drop(&mut self) {
+        // Dropping the accept task closes the listener; the flag closes every connection.
         self.task.abort();
+        let _ = self.killed.send(true);
     }
 }
 

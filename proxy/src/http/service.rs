@@ -22,8 +22,8 @@ use crate::config::{
 };
 use crate::stats;
 use crate::upstream::{
-    self, BodyProgress, ConnectError, ConnectionSlot, RequestBody, RequestTimeout, Sender,
-    TrackedBody,
+    self, BodyProgress, ClusterPool, ConnectError, ConnectionSlot, RequestBody, RequestTimeout,
+    Sender, TrackedBody,
 };
 use crate::worker::Worker;
 
@@ -730,6 +730,7 @@ async fn send(
                 stats.shard.inc(cluster_stats.upstream_rq_pending_overflow);
                 return Err(SendError::Overflow("max_pending_requests"));
             };
+            let _waiting = Waiting::new(pool);
             loop {
                 let freed_here = pool.freed.notified();
                 let freed_anywhere = wc.handle.cx_freed.notified();
@@ -757,6 +758,22 @@ async fn send(
         .await
         .map_err(SendError::Reset)?;
     Ok((response, sender))
+}
+
+/// Counts a request of this worker waiting for a connection, while it waits.
+struct Waiting<'a>(&'a ClusterPool);
+
+impl<'a> Waiting<'a> {
+    fn new(pool: &'a ClusterPool) -> Self {
+        pool.waiting.set(pool.waiting.get() + 1);
+        Waiting(pool)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.set(self.0.waiting.get() - 1);
+    }
 }
 
 fn is_idempotent(method: &Method) -> bool {

@@ -3,6 +3,9 @@
 
 /// The admin listener.
 mod admin;
+/// The cluster manager: balancers, health checks, outlier detection, circuit breakers,
+/// retries, rate limits, route matching, weighted clusters, mirroring, snapshots under load.
+mod clusters;
 /// Bad configurations and start-up errors: each with its message.
 mod config;
 /// SIGTERM drain, SIGINT.

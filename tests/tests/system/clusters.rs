@@ -1,0 +1,675 @@
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use baton_tests::client::{self, H1, request};
+use baton_tests::load::{Load, Mode};
+use baton_tests::proxy::Proxy;
+use baton_tests::upstream::Origin;
+use baton_tests::{free_addr, wait_until_async};
+
+use crate::{WAIT, stat};
+
+/// `/clusters?format=json` of the admin.
+async fn clusters(admin: SocketAddr) -> serde_json::Value {
+    client::get(admin, "/clusters?format=json").await.json()
+}
+
+/// The `/clusters` entry of one host.
+async fn host(admin: SocketAddr, cluster: &str, addr: SocketAddr) -> serde_json::Value {
+    let all = clusters(admin).await;
+    all["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == cluster)
+        .unwrap_or_else(|| panic!("no cluster {cluster} in {all}"))["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["address"] == addr.to_string())
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Waits until `addr` in `cluster` is (or is not) healthy in `/clusters`.
+async fn wait_health(admin: SocketAddr, cluster: &str, addr: SocketAddr, healthy: bool) -> bool {
+    wait_until_async(WAIT, || async {
+        host(admin, cluster, addr).await["healthy"] == healthy
+    })
+    .await
+}
+
+/// Sends `GET path` with `headers` and returns the name of the origin that answered.
+async fn who(c: &mut H1, path: &str, headers: &[(&str, &str)]) -> String {
+    let mut req = request("GET", "app.test", path, "");
+    for (name, value) in headers {
+        req.headers_mut().insert(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            http::HeaderValue::from_str(value).unwrap(),
+        );
+    }
+    let r = c.send(req).await.expect("an answer");
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.header("x-upstream-name")
+        .unwrap_or_else(|| panic!("no x-upstream-name: {}", r.text()))
+        .to_owned()
+}
+
+fn shares(counts: &HashMap<String, usize>, name: &str) -> f64 {
+    let total: usize = counts.values().sum();
+    *counts.get(name).unwrap_or(&0) as f64 / total as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_balancer_spreads_requests_as_configured() {
+    let (a, b, c) = (
+        Origin::start("a").await,
+        Origin::start("b").await,
+        Origin::start("c").await,
+    );
+    let (listen, admin) = (free_addr(), free_addr());
+    let (a_, b_, c_) = (a.addr, b.addr, c.addr);
+    let hc = r#"health_check = { type = "tcp", interval = "100ms", timeout = "1s", unhealthy_threshold = 1, healthy_threshold = 1 }"#;
+    let _proxy = Proxy::start(&format!(
+        r#"
+concurrency = 1
+[admin]
+address = "{admin}"
+
+[[listener]]
+name = "public"
+address = "{listen}"
+protocol = "http"
+route = [
+  {{ path_prefix = "/rr", cluster = "rr" }},
+  {{ path_prefix = "/random", cluster = "random" }},
+  {{ path_prefix = "/least", cluster = "least" }},
+  {{ path_prefix = "/ring", cluster = "ring" }},
+  {{ path_prefix = "/maglev", cluster = "maglev" }},
+]
+
+[[cluster]]
+name = "rr"
+endpoints = ["{a_} weight=1", "{b_} weight=2", "{c_} weight=3"]
+
+[[cluster]]
+name = "random"
+lb_policy = "random"
+endpoints = ["{a_}", "{b_}", "{c_} weight=2"]
+
+[[cluster]]
+name = "least"
+lb_policy = "least_request"
+endpoints = ["{a_}", "{b_}", "{c_}"]
+
+[[cluster]]
+name = "ring"
+lb_policy = "ring_hash"
+hash_key = {{ header = "x-user" }}
+endpoints = ["{a_}", "{b_}", "{c_}"]
+{hc}
+
+[[cluster]]
+name = "maglev"
+lb_policy = "maglev"
+hash_key = {{ header = "x-user" }}
+endpoints = ["{a_}", "{b_}", "{c_}"]
+{hc}
+"#
+    ));
+    let mut conn = H1::connect(listen).await.unwrap();
+
+    // Weighted round robin, one worker: exactly by weight, interleaved.
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    let mut order = Vec::new();
+    for _ in 0..600 {
+        let name = who(&mut conn, "/rr", &[]).await;
+        order.push(name.clone());
+        *counts.entry(name).or_default() += 1;
+    }
+    assert_eq!(
+        (counts["a"], counts["b"], counts["c"]),
+        (100, 200, 300),
+        "round robin by weight"
+    );
+    assert!(
+        order.windows(3).all(|w| !(w[0] == w[1] && w[1] == w[2])),
+        "weights are interleaved, not in runs: {:?}",
+        &order[..12]
+    );
+
+    // Random, by weight: within a tolerance.
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..2000 {
+        *counts
+            .entry(who(&mut conn, "/random", &[]).await)
+            .or_default() += 1;
+    }
+    for (name, want) in [("a", 0.25), ("b", 0.25), ("c", 0.5)] {
+        let got = shares(&counts, name);
+        assert!(
+            (got - want).abs() < 0.05,
+            "random: {name} got {got}, want {want}: {counts:?}"
+        );
+    }
+
+    // Least request with no load: every endpoint gets its share.
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..1500 {
+        *counts
+            .entry(who(&mut conn, "/least", &[]).await)
+            .or_default() += 1;
+    }
+    for name in ["a", "b", "c"] {
+        let got = shares(&counts, name);
+        assert!(
+            (got - 1.0 / 3.0).abs() < 0.06,
+            "least request: {name} got {got}: {counts:?}"
+        );
+    }
+
+    // Ring hash and Maglev: a key stays on its endpoint, and keys spread.
+    let mut placed: HashMap<(&str, usize), String> = HashMap::new();
+    for policy in ["ring", "maglev"] {
+        let path = format!("/{policy}");
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for key in 0..300 {
+            let user = format!("user-{key}");
+            let first = who(&mut conn, &path, &[("x-user", &user)]).await;
+            let again = who(&mut conn, &path, &[("x-user", &user)]).await;
+            assert_eq!(
+                first, again,
+                "{policy}: key {user} moved between two requests"
+            );
+            *counts.entry(first.clone()).or_default() += 1;
+            placed.insert((policy, key), first);
+        }
+        for name in ["a", "b", "c"] {
+            let got = shares(&counts, name);
+            assert!(
+                (got - 1.0 / 3.0).abs() < 0.1,
+                "{policy}: {name} got {got}: {counts:?}"
+            );
+        }
+    }
+
+    // Endpoint c goes away: its keys move, the others' (nearly all) stay.
+    drop(c);
+    for cluster in ["ring", "maglev"] {
+        assert!(
+            wait_health(admin, cluster, c_, false).await,
+            "c is seen down in {cluster}"
+        );
+    }
+    for policy in ["ring", "maglev"] {
+        let path = format!("/{policy}");
+        let (mut stayed, mut moved) = (0, 0);
+        for key in 0..300 {
+            let user = format!("user-{key}");
+            let now = who(&mut conn, &path, &[("x-user", &user)]).await;
+            assert_ne!(
+                now, "c",
+                "{policy}: nothing goes to the endpoint that is down"
+            );
+            let before = &placed[&(policy, key)];
+            if before != "c" {
+                if *before == now {
+                    stayed += 1;
+                } else {
+                    moved += 1;
+                }
+            }
+        }
+        let share = moved as f64 / (stayed + moved) as f64;
+        // Ring hash moves none of them; Maglev a few (its table is rebuilt).
+        let limit = if policy == "ring" { 0.0 } else { 0.1 };
+        assert!(
+            share <= limit,
+            "{policy}: {moved} of {} keys of the endpoints that stayed moved",
+            stayed + moved
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_killed_under_load_is_routed_around_and_comes_back() {
+    let a = Origin::start("a").await;
+    let mut b = Some(Origin::start("b").await);
+    let c = Origin::start("c").await;
+    let b_addr = b.as_ref().unwrap().addr;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _proxy = Proxy::start(&format!(
+        r#"
+concurrency = 2
+[admin]
+address = "{admin}"
+
+[[listener]]
+name = "public"
+address = "{listen}"
+protocol = "http"
+
+[[listener.route]]
+cluster = "app"
+per_try_timeout = "2s"
+retry = {{ retry_on = ["connect-failure", "reset", "gateway-error"], num_retries = 2 }}
+
+[[cluster]]
+name = "app"
+endpoints = ["{}", "{b_addr}", "{}"]
+health_check = {{ type = "http", path = "/healthz", interval = "100ms", timeout = "500ms", unhealthy_threshold = 2, healthy_threshold = 2 }}
+outlier_detection = {{ consecutive_gateway_failure = 2, base_ejection_time = "1s", max_ejection_percent = 50 }}
+"#,
+        a.addr, c.addr
+    ));
+    assert!(wait_health(admin, "app", b_addr, true).await);
+    let load = Load::start(listen, "/", Mode::KeepAlive, 4, Duration::from_secs(60));
+    let served_by_all = || async { a.requests() > 50 && c.requests() > 50 };
+    assert!(wait_until_async(WAIT, served_by_all).await);
+    let b_before = b.as_ref().unwrap().requests();
+    assert!(b_before > 0, "b was serving before it died");
+
+    // b dies: its listener and every connection close at once.
+    drop(b.take());
+    assert!(
+        wait_until_async(WAIT, || async {
+            host(admin, "app", b_addr).await["failed_active_health_check"] == true
+        })
+        .await,
+        "health checks see b down"
+    );
+    let ok_before = load.snapshot().ok;
+    assert!(
+        wait_until_async(WAIT, || async { load.snapshot().ok > ok_before + 200 }).await,
+        "the load goes on without b"
+    );
+
+    // b comes back on its address: health checks bring it back into rotation.
+    let b = Origin::start_at("b", b_addr).await;
+    assert!(
+        wait_health(admin, "app", b_addr, true).await,
+        "health checks see b again"
+    );
+    assert!(
+        wait_until_async(WAIT, || async { b.requests() > 20 }).await,
+        "b serves again"
+    );
+    let report = load.stop().await;
+    assert_eq!(
+        report.failures(),
+        0,
+        "no client saw the endpoint die: {report:?}"
+    );
+    assert!(report.ok > 500, "{report:?}");
+    assert!(stat(admin, "health_check_failure{cluster=app}").await >= 2);
+    assert_eq!(stat(admin, "membership_healthy{cluster=app}").await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_ejects_an_endpoint_that_answers_5xx_and_lets_it_back() {
+    let a = Origin::start("a").await;
+    let b = Origin::start("b").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _proxy = Proxy::start(&format!(
+        r#"
+concurrency = 1
+[admin]
+address = "{admin}"
+
+[[listener]]
+name = "public"
+address = "{listen}"
+protocol = "http"
+route = [{{ cluster = "app" }}]
+
+[[cluster]]
+name = "app"
+endpoints = ["{}", "{}"]
+outlier_detection = {{ consecutive_5xx = 3, base_ejection_time = "1s", max_ejection_percent = 50 }}
+"#,
+        a.addr, b.addr
+    ));
+    b.fail_with(Some(500));
+    let mut conn = H1::connect(listen).await.unwrap();
+    let mut failures = 0;
+    for _ in 0..6 {
+        let r = conn.get("/").await.unwrap();
+        if r.status == 500 {
+            failures += 1;
+        }
+    }
+    assert_eq!(failures, 3, "round robin sent every other request to b");
+    assert!(
+        wait_until_async(WAIT, || async {
+            host(admin, "app", b.addr).await["ejected"] == true
+        })
+        .await,
+        "b is ejected after 3 5xx in a row"
+    );
+    assert_eq!(
+        host(admin, "app", b.addr).await["health_flags"],
+        "/failed_outlier_check"
+    );
+    for _ in 0..20 {
+        let r = conn.get("/").await.unwrap();
+        assert_eq!(r.text(), "upstream a\n", "an ejected endpoint gets nothing");
+    }
+    assert_eq!(stat(admin, "outlier_ejections_total{cluster=app}").await, 1);
+    assert_eq!(
+        stat(admin, "outlier_ejections_active{cluster=app}").await,
+        1
+    );
+
+    // The ejection ends after base_ejection_time; b answers well now.
+    b.fail_with(None);
+    assert!(
+        wait_health(admin, "app", b.addr, true).await,
+        "the ejection ends"
+    );
+    let mut from_b = 0;
+    for _ in 0..10 {
+        if conn.get("/").await.unwrap().text() == "upstream b\n" {
+            from_b += 1;
+        }
+    }
+    assert_eq!(from_b, 5, "b takes its share again");
+}
+
+/// `GET path` on a new connection, with the header that routes to the `narrow` cluster.
+async fn narrow(listen: SocketAddr, path: &str) -> client::Reply {
+    let mut c = H1::connect(listen).await.unwrap();
+    let mut req = request("GET", "app.test", path, "");
+    req.headers_mut()
+        .insert("x-narrow", http::HeaderValue::from_static("1"));
+    c.send(req).await.expect("an answer")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breakers_and_rate_limits_answer_exact_counts() {
+    let origin = Origin::start("a").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _proxy = Proxy::start(&format!(
+        r#"
+concurrency = 2
+[admin]
+address = "{admin}"
+
+[[listener]]
+name = "public"
+address = "{listen}"
+protocol = "http"
+route = [
+  {{ path_prefix = "/limited", direct_response = {{ status = 200, body = "ok\n" }}, rate_limit = {{ max_tokens = 5, fill_interval = "1h" }} }},
+  {{ headers = [{{ name = "x-narrow", present = true }}], cluster = "narrow" }},
+  {{ cluster = "app" }},
+]
+
+[[cluster]]
+name = "app"
+endpoints = ["{0}"]
+request_timeout = "10s"
+circuit_breakers = {{ max_requests = 2 }}
+
+[[cluster]]
+name = "narrow"
+endpoints = ["{0}"]
+request_timeout = "10s"
+circuit_breakers = {{ max_connections = 1, max_pending_requests = 1 }}
+"#,
+        origin.addr
+    ));
+
+    // max_requests = 2: two slow requests in flight, then every other request is refused.
+    let slow: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(async move { client::get(listen, "/slow/3000").await }))
+        .collect();
+    assert!(wait_until_async(WAIT, || async { origin.requests() == 2 }).await);
+    for _ in 0..5 {
+        let r = client::get(listen, "/x").await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.header("x-baton-overloaded"), Some("max_requests"));
+    }
+    for s in slow {
+        assert_eq!(s.await.unwrap().status, 200);
+    }
+    assert_eq!(stat(admin, "upstream_rq_overflow{cluster=app}").await, 5);
+    assert_eq!(client::get(listen, "/x").await.status, 200, "room again");
+
+    // max_connections = 1, max_pending_requests = 1: one request holds the connection, one
+    // waits for it, the rest are refused.
+    let before = origin.requests();
+    let holding = tokio::spawn(async move { narrow(listen, "/slow/2000").await });
+    assert!(wait_until_async(WAIT, || async { origin.requests() == before + 1 }).await);
+    let waiting = tokio::spawn(async move { narrow(listen, "/after").await });
+    assert!(
+        wait_until_async(WAIT, || async {
+            clusters(admin).await["clusters"][1]["circuit_breakers"]["pending_requests"] == 1
+        })
+        .await,
+        "the second request waits for the connection"
+    );
+    for _ in 0..3 {
+        let r = narrow(listen, "/x").await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.header("x-baton-overloaded"), Some("max_pending_requests"));
+    }
+    assert_eq!(holding.await.unwrap().status, 200);
+    let waited = waiting.await.unwrap();
+    assert_eq!(waited.status, 200, "the waiting request got the connection");
+    assert_eq!(
+        stat(admin, "upstream_rq_pending_overflow{cluster=narrow}").await,
+        3
+    );
+
+    // A token bucket of 5 that does not refill within the test: 5 pass, 7 get 429.
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        statuses.push(client::get(listen, "/limited").await.status.as_u16());
+    }
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 429).count(),
+        7,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        stat(admin, "downstream_rq_rate_limited{listener=public}").await,
+        7
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_match_headers_and_exact_paths_split_by_weight_and_mirror() {
+    let (stable, canary, blue, green, shadow) = (
+        Origin::start("stable").await,
+        Origin::start("canary").await,
+        Origin::start("blue").await,
+        Origin::start("green").await,
+        Origin::start("shadow").await,
+    );
+    let listen = free_addr();
+    let _proxy = Proxy::start(&format!(
+        r#"
+[[listener]]
+name = "public"
+address = "{listen}"
+protocol = "http"
+
+[[listener.route]]
+path_exact = "/exact"
+direct_response = {{ status = 200, body = "exact\n" }}
+
+[[listener.route]]
+headers = [{{ name = "x-canary", exact = "1" }}]
+cluster = "canary"
+
+[[listener.route]]
+headers = [{{ name = "x-beta", present = true }}, {{ name = "x-user", regex = "[a-m].*" }}]
+cluster = "canary"
+
+[[listener.route]]
+path_prefix = "/split"
+weighted_clusters = [{{ cluster = "blue", weight = 80 }}, {{ cluster = "green", weight = 20 }}]
+
+[[listener.route]]
+cluster = "stable"
+mirror = {{ cluster = "shadow", percent = 100 }}
+
+[[cluster]]
+name = "stable"
+endpoints = ["{}"]
+[[cluster]]
+name = "canary"
+endpoints = ["{}"]
+[[cluster]]
+name = "blue"
+endpoints = ["{}"]
+[[cluster]]
+name = "green"
+endpoints = ["{}"]
+[[cluster]]
+name = "shadow"
+endpoints = ["{}"]
+"#,
+        stable.addr, canary.addr, blue.addr, green.addr, shadow.addr
+    ));
+    let mut c = H1::connect(listen).await.unwrap();
+    assert_eq!(c.get("/exact").await.unwrap().text(), "exact\n");
+    assert_eq!(
+        who(&mut c, "/exact/more", &[]).await,
+        "stable",
+        "exact is exact"
+    );
+    assert_eq!(who(&mut c, "/", &[("x-canary", "1")]).await, "canary");
+    assert_eq!(who(&mut c, "/", &[("x-canary", "2")]).await, "stable");
+    assert_eq!(
+        who(&mut c, "/", &[("x-beta", ""), ("x-user", "alice")]).await,
+        "canary"
+    );
+    assert_eq!(
+        who(&mut c, "/", &[("x-beta", ""), ("x-user", "zoe")]).await,
+        "stable",
+        "the regex matches the whole value"
+    );
+    assert_eq!(who(&mut c, "/", &[("x-user", "alice")]).await, "stable");
+
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..1000 {
+        *counts.entry(who(&mut c, "/split", &[]).await).or_default() += 1;
+    }
+    let blue_share = shares(&counts, "blue");
+    assert!((blue_share - 0.8).abs() < 0.05, "80/20 split: {counts:?}");
+
+    // Every request to the stable route is copied to the shadow; the client sees stable's answer.
+    let mirrored_before = shadow.requests();
+    let stable_before = stable.requests();
+    for _ in 0..10 {
+        assert_eq!(who(&mut c, "/m", &[]).await, "stable");
+    }
+    assert_eq!(stable.requests() - stable_before, 10);
+    assert!(
+        wait_until_async(WAIT, || async { shadow.requests() - mirrored_before == 10 }).await,
+        "the shadow got a copy of each: {}",
+        shadow.requests() - mirrored_before
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_sets_flipping_under_load_never_fail_a_request() {
+    // Two pairs of endpoints take turns being healthy, many times a second, while clients send
+    // requests: each request sees one snapshot (never a table of one set with the hosts of the
+    // other), so none fails and both pairs serve.
+    let origins = [
+        Origin::start("a1").await,
+        Origin::start("a2").await,
+        Origin::start("b1").await,
+        Origin::start("b2").await,
+    ];
+    let (listen, admin) = (free_addr(), free_addr());
+    let endpoints: Vec<String> = origins.iter().map(|o| format!("\"{}\"", o.addr)).collect();
+    let _proxy = Proxy::start(&format!(
+        r#"
+concurrency = 2
+[admin]
+address = "{admin}"
+
+[[listener]]
+name = "public"
+address = "{listen}"
+protocol = "http"
+route = [{{ cluster = "app" }}]
+
+[[cluster]]
+name = "app"
+lb_policy = "maglev"
+hash_key = {{ header = "x-user" }}
+endpoints = [{}]
+panic_threshold = 0
+health_check = {{ type = "http", path = "/healthz", interval = "20ms", timeout = "500ms", unhealthy_threshold = 1, healthy_threshold = 1 }}
+"#,
+        endpoints.join(", ")
+    ));
+    let load = Load::start(listen, "/", Mode::KeepAlive, 4, Duration::from_secs(60));
+    let version = |v: serde_json::Value| v["clusters"][0]["version"].as_u64().unwrap();
+    let start_version = version(clusters(admin).await);
+    let started = Instant::now();
+    let mut flips = 0;
+    while flips < 30 && started.elapsed() < Duration::from_secs(30) {
+        let a_side = flips % 2 == 0;
+        // Bring the other pair up first, then take this pair down: one pair is always healthy.
+        for o in &origins[if a_side { 2..4 } else { 0..2 }] {
+            o.fail_health(false);
+        }
+        let up = if a_side {
+            &origins[2..4]
+        } else {
+            &origins[0..2]
+        };
+        assert!(
+            wait_until_async(WAIT, || async {
+                let mut all = true;
+                for o in up {
+                    all &= host(admin, "app", o.addr).await["healthy"] == true;
+                }
+                all
+            })
+            .await
+        );
+        let down = if a_side {
+            &origins[0..2]
+        } else {
+            &origins[2..4]
+        };
+        for o in down {
+            o.fail_health(true);
+        }
+        assert!(
+            wait_until_async(WAIT, || async {
+                let mut all = true;
+                for o in down {
+                    all &= host(admin, "app", o.addr).await["healthy"] == false;
+                }
+                all
+            })
+            .await
+        );
+        flips += 1;
+    }
+    let report = load.stop().await;
+    let end_version = version(clusters(admin).await);
+    assert!(flips >= 10, "flipped {flips} times");
+    assert!(
+        end_version >= start_version + 2 * flips as u64,
+        "each flip published snapshots: {start_version} -> {end_version}"
+    );
+    assert_eq!(report.failures(), 0, "{report:?}");
+    assert!(
+        origins.iter().all(|o| o.requests() > 0),
+        "every endpoint served"
+    );
+}
