@@ -673,3 +673,162 @@ health_check = {{ type = "http", path = "/healthz", interval = "20ms", timeout =
         "every endpoint served"
     );
 }
+
+/// A port free on 127.0.0.2 and 127.0.0.3 both, for origins that one DNS name points at.
+async fn origins_on_two_addresses() -> (Origin, Origin, u16) {
+    loop {
+        let port = baton_tests::free_port();
+        let first: SocketAddr = ([127, 0, 0, 2], port).into();
+        let second: SocketAddr = ([127, 0, 0, 3], port).into();
+        if std::net::TcpListener::bind(first).is_ok() && std::net::TcpListener::bind(second).is_ok()
+        {
+            return (
+                Origin::start_at("two", first).await,
+                Origin::start_at("three", second).await,
+                port,
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_dns_follows_the_answers_and_keeps_the_last_one_when_dns_fails() {
+    use baton_tests::dns::{DnsServer, Failure};
+    let dns = DnsServer::start().await;
+    let (two, three, port) = origins_on_two_addresses().await;
+    dns.set("app.test", vec![two.addr.ip()]);
+    let (listen, admin) = (free_addr(), free_addr());
+    let _proxy = Proxy::start(&format!(
+        r#"
+concurrency = 1
+[admin]
+address = "{admin}"
+
+[[listener]]
+name = "public"
+address = "{listen}"
+protocol = "http"
+route = [{{ cluster = "app" }}]
+
+[[cluster]]
+name = "app"
+discovery = "strict_dns"
+endpoints = ["app.test:{port}"]
+dns_resolvers = ["{}"]
+dns_refresh_rate = "100ms"
+"#,
+        dns.addr()
+    ));
+    let members = || async {
+        let all = clusters(admin).await;
+        let mut hosts: Vec<String> = all["clusters"][0]["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["address"].as_str().unwrap().to_owned())
+            .collect();
+        hosts.sort();
+        hosts
+    };
+    // The generation starts with the first answer already in.
+    assert_eq!(members().await, [two.addr.to_string()]);
+    let mut c = H1::connect(listen).await.unwrap();
+    assert_eq!(c.get("/").await.unwrap().text(), "upstream two\n");
+
+    // A second address: both serve.
+    dns.set("app.test", vec![two.addr.ip(), three.addr.ip()]);
+    let both = [two.addr.to_string(), three.addr.to_string()];
+    assert!(wait_until_async(WAIT, || async { members().await == both }).await);
+    let mut seen = HashMap::new();
+    for _ in 0..10 {
+        *seen.entry(c.get("/").await.unwrap().text()).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "both addresses serve: {seen:?}");
+
+    // DNS fails (SERVFAIL, then silence): the last answer stays, requests go on.
+    let failures_before = stat(admin, "update_failure{cluster=app}").await;
+    dns.fail(Failure::ServFail);
+    assert!(
+        wait_until_async(WAIT, || async {
+            stat(admin, "update_failure{cluster=app}").await >= failures_before + 3
+        })
+        .await
+    );
+    assert_eq!(members().await, both, "the last good answer is kept");
+    for _ in 0..4 {
+        assert_eq!(c.get("/").await.unwrap().status, 200);
+    }
+
+    // DNS answers again, without the second address: it goes (no health check vouches for it).
+    dns.fail(Failure::None);
+    dns.set("app.test", vec![three.addr.ip()]);
+    assert!(
+        wait_until_async(WAIT, || async {
+            members().await == [three.addr.to_string()]
+        })
+        .await
+    );
+    for _ in 0..4 {
+        assert_eq!(c.get("/").await.unwrap().text(), "upstream three\n");
+    }
+    assert!(stat(admin, "update_success{cluster=app}").await >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_keep_an_endpoint_that_dns_dropped_until_it_fails() {
+    use baton_tests::dns::DnsServer;
+    let dns = DnsServer::start().await;
+    let (two, three, port) = origins_on_two_addresses().await;
+    dns.set("app.test", vec![two.addr.ip(), three.addr.ip()]);
+    let (listen, admin) = (free_addr(), free_addr());
+    let _proxy = Proxy::start(&format!(
+        r#"
+concurrency = 1
+[admin]
+address = "{admin}"
+
+[[listener]]
+name = "public"
+address = "{listen}"
+protocol = "http"
+route = [{{ cluster = "app" }}]
+
+[[cluster]]
+name = "app"
+discovery = "strict_dns"
+endpoints = ["app.test:{port}"]
+dns_resolvers = ["{}"]
+dns_refresh_rate = "100ms"
+health_check = {{ type = "http", path = "/healthz", interval = "100ms", unhealthy_threshold = 1 }}
+"#,
+        dns.addr()
+    ));
+    assert!(wait_health(admin, "app", three.addr, true).await);
+    dns.set("app.test", vec![two.addr.ip()]);
+    assert!(
+        wait_until_async(WAIT, || async {
+            host(admin, "app", three.addr).await["health_flags"] == "/pending_dynamic_removal"
+        })
+        .await,
+        "DNS dropped it, its health check keeps it"
+    );
+    let mut c = H1::connect(listen).await.unwrap();
+    let mut from_three = 0;
+    for _ in 0..10 {
+        if c.get("/").await.unwrap().text() == "upstream three\n" {
+            from_three += 1;
+        }
+    }
+    assert_eq!(from_three, 5, "it still serves while it passes its checks");
+    three.fail_health(true);
+    assert!(
+        wait_until_async(WAIT, || async {
+            host(admin, "app", three.addr).await.is_null()
+        })
+        .await,
+        "it goes once it fails"
+    );
+    for _ in 0..4 {
+        assert_eq!(c.get("/").await.unwrap().text(), "upstream two\n");
+    }
+}

@@ -145,6 +145,66 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
             1,
             "no listener is configured",
         ),
+        (
+            "an unknown balancer",
+            BASE.replace("endpoints = [", "lb_policy = \"fastest\"\nendpoints = ["),
+            14,
+            "unknown variant `fastest`, expected one of `round_robin`, `least_request`, `random`, `ring_hash`, `maglev`",
+        ),
+        (
+            "ring hash without a key",
+            BASE.replace("endpoints = [", "lb_policy = \"ring_hash\"\nendpoints = ["),
+            14,
+            "cluster `origin`: lb_policy `ring_hash` needs a hash_key",
+        ),
+        (
+            "a bad endpoint weight",
+            BASE.replace("127.0.0.1:18081", "127.0.0.1:18081 weight=0"),
+            14,
+            "after the address only `weight=N` may follow, N from 1 to 10000",
+        ),
+        (
+            "a DNS setting on a static cluster",
+            BASE.replace("endpoints = [", "dns_refresh_rate = \"1s\"\nendpoints = ["),
+            14,
+            "`dns_refresh_rate` applies to `discovery = \"strict_dns\"` clusters only",
+        ),
+        (
+            "an unknown retry condition",
+            BASE.replace(
+                "cluster = \"origin\"",
+                "cluster = \"origin\"\nretry = { retry_on = [\"timeout\"] }",
+            ),
+            11,
+            "`timeout` is not one of \"connect-failure\", \"reset\", \"5xx\", \"gateway-error\"",
+        ),
+        (
+            "a header match with two rules",
+            BASE.replace(
+                "cluster = \"origin\"",
+                "cluster = \"origin\"\nheaders = [{ name = \"x-a\", exact = \"1\", prefix = \"2\" }]",
+            ),
+            11,
+            "a header match takes `name` and exactly one of exact, prefix, regex, present",
+        ),
+        (
+            "an outlier detection with every detector off",
+            BASE.replace(
+                "endpoints = [",
+                "outlier_detection = { consecutive_5xx = 0 }\nendpoints = [",
+            ),
+            14,
+            "outlier_detection has every detector off",
+        ),
+        (
+            "a health check status range upside down",
+            BASE.replace(
+                "endpoints = [",
+                "health_check = { type = \"http\", expected_statuses = [\"399-200\"] }\nendpoints = [",
+            ),
+            14,
+            "expected a status from 100 to 599 such as 200, or a range such as \"200-399\"",
+        ),
     ]
 }
 
