@@ -25,17 +25,20 @@ pub async fn run(
     events: mpsc::UnboundedSender<Event>,
 ) {
     loop {
-        let passed = tokio::time::timeout(check.timeout, probe(address, &check.kind))
-            .await
-            .unwrap_or_else(|_| {
-                debug!(upstream = %address, "health check timed out after {:?}", check.timeout);
-                false
-            });
+        let (passed, timed_out) =
+            match tokio::time::timeout(check.timeout, probe(address, &check.kind)).await {
+                Ok(passed) => (passed, false),
+                Err(_) => {
+                    debug!(upstream = %address, "health check timed out after {:?}", check.timeout);
+                    (false, true)
+                }
+            };
         if events
             .send(Event::Checked {
                 cluster,
                 address,
                 passed,
+                timed_out,
             })
             .is_err()
         {

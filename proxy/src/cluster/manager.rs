@@ -143,10 +143,12 @@ impl Manager {
     }
 
     fn is_warm(&self) -> bool {
-        self.state
-            .borrow()
-            .iter()
-            .all(|c| c.resolved && c.members.iter().all(|m| !m.flags.pending_active_hc))
+        self.state.borrow().iter().all(|c| {
+            c.resolved
+                && c.members
+                    .iter()
+                    .all(|m| !(m.flags.pending_active_hc && m.fails == 0))
+        })
     }
 
     /// How long [`Manager::warmed`] should wait at most: the slowest first check or resolution.
@@ -189,7 +191,8 @@ impl Manager {
                 cluster,
                 address,
                 passed,
-            } => self.checked(cluster, address, passed),
+                timed_out,
+            } => self.checked(cluster, address, passed, timed_out),
             Event::Outlier { cluster, host } => self.outlier(cluster, &host),
             Event::Uneject {
                 cluster,
@@ -220,7 +223,7 @@ impl Manager {
         self.progress.notify_waiters();
     }
 
-    fn checked(&self, cluster: usize, address: SocketAddr, passed: bool) {
+    fn checked(&self, cluster: usize, address: SocketAddr, passed: bool, timed_out: bool) {
         let config = &self.config.clusters[cluster];
         let Some(check) = &config.health_check else {
             return;
@@ -240,6 +243,13 @@ impl Manager {
         };
         let m = &mut members[i];
         let before = m.flags;
+        if m.flags.pending_active_hc && timed_out && m.fails == 0 {
+            // A first check without an answer decides nothing yet (the endpoint may be starting,
+            // or be a listener of this very generation, whose workers do not run yet): the
+            // endpoint stays as it was until the next check.
+            m.fails = 1;
+            return;
+        }
         if passed {
             m.fails = 0;
             m.passes = m.passes.saturating_add(1);

@@ -162,6 +162,8 @@ pub enum Event {
         cluster: usize,
         address: SocketAddr,
         passed: bool,
+        /// Failed for want of an answer in time.
+        timed_out: bool,
     },
     /// An ejection has run its time.
     Uneject {

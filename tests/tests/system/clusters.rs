@@ -832,3 +832,42 @@ health_check = {{ type = "http", path = "/healthz", interval = "100ms", unhealth
         assert_eq!(c.get("/").await.unwrap().text(), "upstream two\n");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_health_check_without_an_answer_decides_nothing() {
+    // The cluster's endpoint is a listener of this same generation: its first health check runs
+    // before the workers that would answer it, and times out. That must not mark it down.
+    let (listen, upstream, admin) = (free_addr(), free_addr(), free_addr());
+    let _proxy = Proxy::start(&format!(
+        r#"
+[admin]
+address = "{admin}"
+
+[[listener]]
+name = "public"
+address = "{listen}"
+protocol = "http"
+route = [{{ cluster = "self" }}]
+
+[[listener]]
+name = "upstream"
+address = "{upstream}"
+protocol = "http"
+route = [{{ direct_response = {{ status = 200, body = "from upstream\n" }} }}]
+
+[[cluster]]
+name = "self"
+endpoints = ["{upstream}"]
+panic_threshold = 0
+health_check = {{ type = "http", path = "/", interval = "300ms", timeout = "200ms" }}
+"#
+    ));
+    let r = client::get(listen, "/").await;
+    assert_eq!(r.text(), "from upstream\n", "{r:?}");
+    assert!(
+        wait_until_async(WAIT, || async {
+            host(admin, "self", upstream).await["health_flags"] == "healthy"
+        })
+        .await
+    );
+}
