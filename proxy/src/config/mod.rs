@@ -204,6 +204,19 @@ pub struct Cluster {
     pub request_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle_per_endpoint: usize,
+    /// How requests reach the endpoints; HTTP routes only (tcp listeners forward bytes).
+    pub protocol: UpstreamProtocol,
+}
+
+/// The protocol a cluster speaks to its endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, one request at a time per connection, idle connections pooled.
+    #[default]
+    Http1,
+    /// Cleartext HTTP/2 with prior knowledge (h2c): one connection per endpoint and worker,
+    /// every request a stream on it. What gRPC servers speak.
+    Http2,
 }
 
 impl Listener {

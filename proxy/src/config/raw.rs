@@ -213,4 +213,13 @@ pub struct RawCluster {
     pub request_timeout: Option<Spanned<RawDuration>>,
     pub idle_timeout: Option<Spanned<RawDuration>>,
     pub max_idle_per_endpoint: Option<Spanned<i64>>,
+    pub protocol: Option<Spanned<RawUpstreamProtocol>>,
+}
+
+/// How a cluster's endpoints are spoken to: `"http1"` or `"http2"` (cleartext, prior knowledge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawUpstreamProtocol {
+    Http1,
+    Http2,
 }
