@@ -170,6 +170,8 @@ pub struct Worker {
     pub stats: ThreadStats,
     /// One per cluster of the config.
     pub pools: Vec<Rc<ClusterPool>>,
+    /// Connections to the endpoints of `protocol = "http2"` clusters.
+    pub h2: crate::upstream_h2::Pool,
     /// One per listener of the config.
     pub tls: Vec<Option<TlsAcceptor>>,
     /// One per listener of the config.
@@ -199,6 +201,7 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
             .iter()
             .map(|c| Rc::new(ClusterPool::new(c, setup.id)))
             .collect(),
+        h2: crate::upstream_h2::Pool::default(),
         tls: config
             .listeners
             .iter()
@@ -424,6 +427,7 @@ async fn sweep_pools(worker: Rc<Worker>) {
         for pool in &worker.pools {
             pool.sweep();
         }
+        worker.h2.sweep(&worker.config);
     }
 }
 

@@ -13,14 +13,13 @@ use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use tracing::debug;
 
-use super::body::{Exchange, Flag, LogRecord, Release, ResponseBody};
+use super::body::{Exchange, Flag, LogRecord, Release, ResponseBody, Upstream};
 use super::headers::{self, Downstream, X_REQUEST_ID};
 use super::io::Activity;
-use crate::config::{ClusterId, DirectResponse, ListenerKind, RouteAction};
+use crate::config::{ClusterId, DirectResponse, ListenerKind, RouteAction, UpstreamProtocol};
 use crate::stats;
-use crate::upstream::{
-    self, BodyProgress, ConnectError, RequestBody, RequestTimeout, Sender, TrackedBody,
-};
+use crate::upstream::{self, BodyProgress, ConnectError, RequestBody, RequestTimeout, TrackedBody};
+use crate::upstream_h2;
 use crate::worker::Worker;
 
 static X_BATON_EPOCH: http::HeaderName = http::HeaderName::from_static("x-baton-epoch");
@@ -246,6 +245,8 @@ async fn proxy(
     let endpoint = pool.pick();
     let addr = cluster.endpoints[endpoint];
     let (mut parts, body) = request.into_parts();
+    let h2_upstream = cluster.protocol == UpstreamProtocol::Http2;
+    let trailers = headers::accepts_trailers(&parts.headers);
     let request_id = headers::prepare_request(
         &mut parts,
         Downstream {
@@ -253,6 +254,9 @@ async fn proxy(
             tls: ctx.tls,
         },
     );
+    if h2_upstream {
+        headers::for_http2_upstream(&mut parts, trailers, addr);
+    }
     if let Some(log) = exchange.log_mut() {
         log.upstream = Some(addr);
         log.request_id = Some(request_id);
@@ -279,14 +283,20 @@ async fn proxy(
         return Err(TooLarge(exchange));
     }
     Ok(match sent {
-        Ok(Ok((response, sender))) => {
+        Ok(Ok((response, upstream))) => {
             let (mut parts, body) = response.into_parts();
-            headers::prepare_response(&mut parts, Version::HTTP_11);
+            let version = if h2_upstream {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            };
+            headers::prepare_response(&mut parts, version);
+            if trailers && !ctx.h2 {
+                headers::declare_grpc_trailers(&mut parts.headers);
+            }
             exchange.set_status(parts.status.as_u16());
             let release = Release {
-                pool: pool.clone(),
-                endpoint,
-                sender,
+                upstream,
                 cluster: cluster_id.0,
                 started,
             };
@@ -347,16 +357,31 @@ async fn proxy(
 }
 
 /// Sends on a pooled connection when one is ready, else on a new one. A request that a pooled
-/// connection could not carry (it closed first) goes once more on a new connection.
+/// connection could not carry (it closed first) goes once more on a new connection. An `http2`
+/// cluster's requests go as streams of the worker's connection to the endpoint (`upstream_h2`).
 async fn send(
     ctx: &ConnCtx,
     cluster_id: ClusterId,
     endpoint: usize,
     mut request: Request<RequestBody>,
     replayable: bool,
-) -> Result<(Response<Incoming>, Sender), SendError> {
+) -> Result<(Response<Incoming>, Upstream), SendError> {
     let worker = &ctx.worker;
+    let cluster = worker.config.cluster(cluster_id);
+    if cluster.protocol == UpstreamProtocol::Http2 {
+        let addr = cluster.endpoints[endpoint];
+        return match worker.h2.send(worker, cluster_id, addr, request).await {
+            Ok((response, stream)) => Ok((response, Upstream::Http2(stream))),
+            Err(upstream_h2::SendError::Connect(e)) => Err(SendError::Connect(e)),
+            Err(upstream_h2::SendError::Request(e)) => Err(SendError::Reset(e)),
+        };
+    }
     let pool = &worker.pools[cluster_id.0];
+    let http1 = |sender| Upstream::Http1 {
+        pool: pool.clone(),
+        endpoint,
+        sender,
+    };
     if let Some(mut pooled) = pool.checkout(endpoint) {
         // Kept only for a pooled connection, the one case where a request may need sending again.
         let replay: Option<(Method, Uri, HeaderMap)> = replayable.then(|| {
@@ -367,7 +392,7 @@ async fn send(
             )
         });
         match pooled.sender.try_send_request(request).await {
-            Ok(response) => return Ok((response, pooled.sender)),
+            Ok(response) => return Ok((response, http1(pooled.sender))),
             Err(mut e) => {
                 request = match (e.take_message(), replay) {
                     (Some(unsent), _) => unsent,
@@ -393,7 +418,6 @@ async fn send(
             }
         }
     }
-    let cluster = worker.config.cluster(cluster_id);
     let mut sender =
         upstream::connect_http1(cluster.endpoints[endpoint], cluster, worker, cluster_id.0)
             .await
@@ -402,7 +426,7 @@ async fn send(
         .send_request(request)
         .await
         .map_err(SendError::Reset)?;
-    Ok((response, sender))
+    Ok((response, http1(sender)))
 }
 
 fn is_idempotent(method: &Method) -> bool {
