@@ -7,6 +7,7 @@
 
 pub mod binaries;
 pub mod client;
+pub mod grpc;
 pub mod load;
 pub mod proxy;
 pub mod supervisor;
