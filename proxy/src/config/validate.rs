@@ -132,7 +132,7 @@ impl Validator<'_> {
                 return Err(self.error(
                     cluster_span.unwrap_or(name_span),
                     format!(
-                        "listener `{}`: cluster `{}` has protocol = \"http2\", but a tcp listener forwards bytes, not HTTP requests; point the listener at a cluster without `protocol`",
+                        "listener `{}`: cluster `{}` has protocol = \"http2\", but a tcp listener forwards bytes, not HTTP requests; point the listener at a cluster that speaks http1 (the default)",
                         listener.name, clusters[cluster.0].name
                     ),
                 ));
