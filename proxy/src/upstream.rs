@@ -176,7 +176,7 @@ pub enum ConnectError {
     /// No answer within the cluster's connect timeout.
     #[error("connect to {addr} timed out after {timeout:?}")]
     TimedOut { addr: SocketAddr, timeout: Duration },
-    /// The HTTP/1.1 handshake with a connected endpoint failed.
+    /// The HTTP handshake with a connected endpoint failed.
     #[error("HTTP handshake with {addr} failed: {source}")]
     Handshake {
         addr: SocketAddr,

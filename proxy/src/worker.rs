@@ -181,6 +181,8 @@ pub struct Worker {
     pub stats: ThreadStats,
     /// One per cluster of the config.
     pub clusters: Vec<WorkerCluster>,
+    /// Connections to the endpoints of `protocol = "http2"` clusters.
+    pub h2: crate::upstream_h2::Pool,
     /// One per listener of the config.
     pub tls: Vec<Option<TlsAcceptor>>,
     /// One per listener of the config.
@@ -216,6 +218,7 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
                 cursor: Cell::new(setup.id.wrapping_mul(7919)),
             })
             .collect(),
+        h2: crate::upstream_h2::Pool::default(),
         tls: config
             .listeners
             .iter()
@@ -441,6 +444,7 @@ async fn sweep_pools(worker: Rc<Worker>) {
         for cluster in &worker.clusters {
             cluster.pool.sweep();
         }
+        worker.h2.sweep(&worker.config);
     }
 }
 

@@ -18,6 +18,8 @@ pub struct Reply {
     pub version: Version,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The trailers that ended the body, if any came.
+    pub trailers: Option<HeaderMap>,
 }
 
 impl Reply {
@@ -135,12 +137,14 @@ impl H2 {
 
 async fn read(response: http::Response<hyper::body::Incoming>) -> Result<Reply, hyper::Error> {
     let (parts, body) = response.into_parts();
-    let body = body.collect().await?.to_bytes();
+    let collected = body.collect().await?;
+    let trailers = collected.trailers().cloned();
     Ok(Reply {
         status: parts.status,
         version: parts.version,
         headers: parts.headers,
-        body,
+        body: collected.to_bytes(),
+        trailers,
     })
 }
 

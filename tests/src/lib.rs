@@ -8,6 +8,7 @@
 pub mod binaries;
 pub mod client;
 pub mod dns;
+pub mod grpc;
 pub mod load;
 pub mod proxy;
 pub mod supervisor;

@@ -1,5 +1,6 @@
-//! Real servers for the proxy to talk to: an HTTP/1.1 origin with a few behaviours chosen by
-//! path, and a TCP echo server.
+//! Real servers for the proxy to talk to: an HTTP origin (HTTP/1.1, or HTTP/2 with prior
+//! knowledge) with a few behaviours chosen by path, and a TCP echo server. The gRPC server is in
+//! [`crate::grpc`].
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -15,21 +16,27 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::free_addr;
 
-/// An HTTP/1.1 origin on loopback. Paths:
+/// How long `/gate/<k>` waits for the others before giving up.
+const GATE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// An HTTP origin on loopback, HTTP/1.1 ([`Origin::start`]) or HTTP/2 ([`Origin::start_h2`]).
+/// Paths:
 /// - `/headers`: the request as JSON (`method`, `uri`, `version`, `headers`);
 /// - `/echo...`: the request body back, streamed;
 /// - `/collect`: reads the whole request body, then answers `received <n> bytes`;
 /// - `/slow/<ms>`: answers after `ms` milliseconds;
 /// - `/bytes/<n>`: `n` bytes of a known pattern ([`pattern`]), with a content length;
 /// - `/chunked/<n>`: `n` chunks, streamed without a content length;
+/// - `/gate/<k>`: answers `gate open` once `k` requests are waiting at the gate at once (so `k`
+///   answers prove `k` requests in flight together), or 503 after 15 s;
 /// - anything else: `upstream <name>`.
 pub struct Origin {
     pub addr: SocketAddr,
@@ -46,6 +53,14 @@ pub struct Origin {
     task: JoinHandle<()>,
 }
 
+/// What the handlers of one origin share.
+struct Shared {
+    name: Arc<str>,
+    /// Requests that have come to `/gate/<k>`.
+    at_gate: AtomicUsize,
+    gate: Notify,
+}
+
 impl Origin {
     pub async fn start(name: &str) -> Origin {
         Origin::start_at(name, free_addr()).await
@@ -53,6 +68,15 @@ impl Origin {
 
     /// An origin on `addr` (to bring one back where it was, or on another loopback address).
     pub async fn start_at(name: &str, addr: SocketAddr) -> Origin {
+        Self::start_with(name, addr, false).await
+    }
+
+    /// An origin that speaks HTTP/2 with prior knowledge (h2c) only.
+    pub async fn start_h2(name: &str) -> Origin {
+        Self::start_with(name, free_addr(), true).await
+    }
+
+    async fn start_with(name: &str, addr: SocketAddr, h2: bool) -> Origin {
         let listener = TcpListener::bind(addr)
             .await
             .expect("the origin can listen");
@@ -61,7 +85,11 @@ impl Origin {
         let status = Arc::new(AtomicU16::new(0));
         let health_failing = Arc::new(AtomicBool::new(false));
         let (killed, on_kill) = watch::channel(false);
-        let name: Arc<str> = name.into();
+        let shared = Arc::new(Shared {
+            name: name.into(),
+            at_gate: AtomicUsize::new(0),
+            gate: Notify::new(),
+        });
         let (r, c, st, hf) = (
             requests.clone(),
             connections.clone(),
@@ -74,7 +102,7 @@ impl Origin {
                     continue;
                 };
                 c.fetch_add(1, Ordering::SeqCst);
-                let (r, name, st, hf) = (r.clone(), name.clone(), st.clone(), hf.clone());
+                let (r, shared, st, hf) = (r.clone(), shared.clone(), st.clone(), hf.clone());
                 let mut on_kill = on_kill.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
@@ -83,18 +111,28 @@ impl Origin {
                         if request.uri().path() == "/healthz" && hf.load(Ordering::SeqCst) {
                             status = 503;
                         }
-                        let name = name.clone();
+                        let shared = shared.clone();
                         async move {
                             match StatusCode::from_u16(status) {
                                 Ok(status) => {
-                                    Ok(full(status, format!("upstream {name} failing\n")))
+                                    Ok(full(status, format!("upstream {} failing\n", shared.name)))
                                 }
-                                Err(_) => handle(name, request).await,
+                                Err(_) => handle(shared, request).await,
                             }
                         }
                     });
-                    let serve = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service);
+                    let io = TokioIo::new(stream);
+                    let serve = async {
+                        if h2 {
+                            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                .serve_connection(io, service)
+                                .await;
+                        } else {
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(io, service)
+                                .await;
+                        }
+                    };
                     tokio::select! {
                         _ = serve => {}
                         _ = on_kill.wait_for(|k| *k) => {}
@@ -148,9 +186,10 @@ pub fn pattern(index: usize) -> u8 {
 type OriginBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
 async fn handle(
-    name: Arc<str>,
+    shared: Arc<Shared>,
     request: Request<Incoming>,
 ) -> Result<Response<OriginBody>, Infallible> {
+    let name = &shared.name;
     let path = request.uri().path().to_owned();
     let number = |prefix: &str| {
         path.strip_prefix(prefix)
@@ -188,6 +227,25 @@ async fn handle(
     } else if let Some(ms) = number("/slow/") {
         tokio::time::sleep(Duration::from_millis(ms as u64)).await;
         full(StatusCode::OK, "slow done\n".into())
+    } else if let Some(k) = number("/gate/") {
+        let gate = async {
+            shared.at_gate.fetch_add(1, Ordering::SeqCst);
+            shared.gate.notify_waiters();
+            loop {
+                let opened = shared.gate.notified();
+                if shared.at_gate.load(Ordering::SeqCst) >= k {
+                    return;
+                }
+                opened.await;
+            }
+        };
+        match tokio::time::timeout(GATE_TIMEOUT, gate).await {
+            Ok(()) => full(StatusCode::OK, "gate open\n".into()),
+            Err(_) => full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("gate timed out: fewer than {k} requests came at once\n"),
+            ),
+        }
     } else if let Some(n) = number("/bytes/") {
         let body: Vec<u8> = (0..n).map(pattern).collect();
         Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed())

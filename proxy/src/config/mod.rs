@@ -379,6 +379,8 @@ pub struct Cluster {
     pub health_check: Option<HealthCheck>,
     pub outlier: Option<OutlierDetection>,
     pub breakers: CircuitBreakers,
+    /// How requests reach the endpoints; HTTP routes only (tcp listeners forward bytes).
+    pub protocol: UpstreamProtocol,
 }
 
 /// An upstream address and its share of requests.
@@ -465,6 +467,17 @@ pub struct CircuitBreakers {
     pub max_pending_requests: usize,
     pub max_requests: usize,
     pub max_retries: usize,
+}
+
+/// The protocol a cluster speaks to its endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, one request at a time per connection, idle connections pooled.
+    #[default]
+    Http1,
+    /// Cleartext HTTP/2 with prior knowledge (h2c): one connection per endpoint and worker,
+    /// every request a stream on it. What gRPC servers speak.
+    Http2,
 }
 
 impl Listener {

@@ -280,6 +280,7 @@ pub struct RawCluster {
     pub health_check: Option<Spanned<RawHealthCheck>>,
     pub outlier_detection: Option<Spanned<RawOutlier>>,
     pub circuit_breakers: Option<Spanned<RawBreakers>>,
+    pub protocol: Option<Spanned<RawUpstreamProtocol>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -380,4 +381,12 @@ pub struct RawBreakers {
     pub max_pending_requests: Option<Spanned<i64>>,
     pub max_requests: Option<Spanned<i64>>,
     pub max_retries: Option<Spanned<i64>>,
+}
+
+/// How a cluster's endpoints are spoken to: `"http1"` or `"http2"` (cleartext, prior knowledge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawUpstreamProtocol {
+    Http1,
+    Http2,
 }

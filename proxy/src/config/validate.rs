@@ -127,7 +127,19 @@ impl Validator<'_> {
                 .address
                 .as_ref()
                 .map_or(name_span.clone(), |a| a.span());
+            let cluster_span = raw_listener.cluster.as_ref().map(|c| c.span());
             let listener = self.listener(raw_listener, &cluster_ids)?;
+            if let ListenerKind::Tcp { cluster } = &listener.kind
+                && clusters[cluster.0].protocol == UpstreamProtocol::Http2
+            {
+                return Err(self.error(
+                    cluster_span.unwrap_or(name_span),
+                    format!(
+                        "listener `{}`: cluster `{}` has protocol = \"http2\", but a tcp listener forwards bytes, not HTTP requests; point the listener at a cluster that speaks http1 (the default)",
+                        listener.name, clusters[cluster.0].name
+                    ),
+                ));
+            }
             if let Some(other) = listeners.iter().find(|l| l.name == listener.name) {
                 return Err(self.error(
                     name_span,
@@ -790,6 +802,41 @@ fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::parse_size;
+    use crate::config::{UpstreamProtocol, parse};
+
+    const LISTENER: &str = "[[listener]]\nname = \"l\"\naddress = \"127.0.0.1:1\"\nprotocol = \"http\"\n[[listener.route]]\ncluster = \"c\"\n";
+
+    fn cluster(protocol: &str) -> String {
+        format!("{LISTENER}[[cluster]]\nname = \"c\"\nendpoints = [\"127.0.0.1:2\"]\n{protocol}\n")
+    }
+
+    #[test]
+    fn clusters_speak_http1_unless_told_http2() {
+        let path = std::path::Path::new("t.toml");
+        let config = parse(path, &cluster("")).unwrap();
+        assert_eq!(config.clusters[0].protocol, UpstreamProtocol::Http1);
+        let config = parse(path, &cluster("protocol = \"http1\"")).unwrap();
+        assert_eq!(config.clusters[0].protocol, UpstreamProtocol::Http1);
+        let config = parse(path, &cluster("protocol = \"http2\"")).unwrap();
+        assert_eq!(config.clusters[0].protocol, UpstreamProtocol::Http2);
+
+        let e = parse(path, &cluster("protocol = \"h2c\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("t.toml:10:"), "{e}");
+        assert!(e.contains("`http1`") && e.contains("`http2`"), "{e}");
+        assert!(e.contains("protocol = \"h2c\""), "{e}");
+    }
+
+    #[test]
+    fn tcp_listeners_refuse_http2_clusters() {
+        let source = "[[listener]]\nname = \"t\"\naddress = \"127.0.0.1:1\"\nprotocol = \"tcp\"\ncluster = \"c\"\n[[cluster]]\nname = \"c\"\nendpoints = [\"127.0.0.1:2\"]\nprotocol = \"http2\"\n";
+        let e = parse(std::path::Path::new("t.toml"), source)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("t.toml:5:"), "{e}");
+        assert!(e.contains("tcp listener"), "{e}");
+    }
 
     #[test]
     fn sizes_count_in_1024s() {

@@ -1,5 +1,6 @@
 //! The body of every response the proxy sends, and the bookkeeping that ends with it: the request
-//! stops counting as in flight, the upstream connection goes back to its pool, the access log line
+//! stops counting as in flight, the upstream connection goes back to its pool (an HTTP/2 stream
+//! ends), the access log line
 //! is written. Tying these to the body (not to the handler) is what makes them happen exactly when
 //! the last byte is handed to the client, or when the client goes away.
 
@@ -19,6 +20,7 @@ use hyper::body::Incoming;
 use super::io::Activity;
 use crate::cluster::{ClusterRequest, HostRequest};
 use crate::upstream::{ClusterPool, Sender};
+use crate::upstream_h2;
 use crate::worker::Worker;
 
 /// Short codes in the access log that say why a response is what it is, after Envoy's
@@ -213,16 +215,30 @@ fn format_line(listener: &str, log: &LogRecord, status: u16, bytes: u64, seconds
     line
 }
 
-/// An upstream connection to give back to its pool once the response body is complete.
+/// What ends with an upstream response body: its connection goes back to its pool, and
+/// `upstream_rq_time` is recorded.
 pub struct Release {
-    pub pool: Rc<ClusterPool>,
-    pub endpoint: SocketAddr,
-    pub sender: Sender,
+    pub upstream: Upstream,
     /// The request's places in the cluster's and the host's counts, given back at the end.
     pub in_flight: (ClusterRequest, HostRequest),
     /// For `upstream_rq_time`: the cluster, and when the request was sent.
     pub cluster: usize,
     pub started: Instant,
+}
+
+/// What a response holds of its upstream connection.
+pub enum Upstream {
+    /// An HTTP/1.1 connection, given back to its pool once the response is complete.
+    Http1 {
+        pool: Rc<ClusterPool>,
+        endpoint: SocketAddr,
+        sender: Sender,
+    },
+    /// A stream of a shared HTTP/2 connection: nothing goes back, the stream just ends.
+    Http2(
+        #[expect(dead_code, reason = "held for its drop, which ends the stream")]
+        upstream_h2::Stream,
+    ),
 }
 
 /// The body of a response to the client.
@@ -291,7 +307,14 @@ impl ResponseBody {
                 stats.ids.clusters[r.cluster].upstream_rq_time,
                 micros(r.started.elapsed()),
             );
-            r.pool.release(r.endpoint, r.sender);
+            if let Upstream::Http1 {
+                pool,
+                endpoint,
+                sender,
+            } = r.upstream
+            {
+                pool.release(endpoint, sender);
+            }
             drop(r.in_flight);
         }
     }

@@ -4,9 +4,10 @@
 use std::net::IpAddr;
 
 use http::header::{
-    CONNECTION, COOKIE, EXPECT, HOST, HeaderMap, HeaderName, HeaderValue, TE, TRANSFER_ENCODING,
-    UPGRADE, VIA,
+    CONNECTION, CONTENT_TYPE, COOKIE, EXPECT, HOST, HeaderMap, HeaderName, HeaderValue, TE,
+    TRAILER, TRANSFER_ENCODING, UPGRADE, VIA,
 };
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Uri, Version, request, response};
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -25,7 +26,8 @@ pub struct Downstream {
     pub tls: bool,
 }
 
-/// Rewrites a client's request for an HTTP/1.1 upstream and returns its request id.
+/// Rewrites a client's request for an HTTP/1.1 upstream (see [`for_http2_upstream`] for HTTP/2)
+/// and returns its request id.
 ///
 /// Hop-by-hop headers go; `Host` stays as the client sent it (or comes from the `:authority` of
 /// an HTTP/2 request); `x-forwarded-for` gets the client's address appended; `x-forwarded-proto`
@@ -79,6 +81,73 @@ pub fn prepare_request(parts: &mut request::Parts, downstream: Downstream) -> He
     parts.uri = origin_form(&parts.uri);
     parts.version = Version::HTTP_11;
     request_id
+}
+
+/// Whether a request's `TE` accepts trailers (`te: trailers`, which gRPC clients send and gRPC
+/// servers require). Read before [`prepare_request`], which removes `TE` with the other
+/// hop-by-hop headers.
+pub fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let name = coding.split(';').next().unwrap_or("");
+            name.trim().eq_ignore_ascii_case("trailers")
+        })
+}
+
+/// Turns a request made by [`prepare_request`] into one for an HTTP/2 upstream: HTTP/2, its URI
+/// absolute (`http`, and the authority from `Host`, else `fallback`, the cluster's name), no `Host`
+/// field (it travels as `:authority`), and `te: trailers` when the client accepts trailers (the
+/// only `TE` HTTP/2 allows). Connection-specific fields are gone already.
+pub fn for_http2_upstream(parts: &mut request::Parts, trailers: bool, fallback: &str) {
+    let headers = &mut parts.headers;
+    let authority = headers
+        .remove(HOST)
+        .and_then(|host| Authority::try_from(host.as_bytes()).ok())
+        .unwrap_or_else(|| {
+            Authority::try_from(fallback).unwrap_or_else(|_| Authority::from_static("localhost"))
+        });
+    if trailers {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(authority);
+    uri.path_and_query = Some(path);
+    if let Ok(uri) = Uri::from_parts(uri) {
+        parts.uri = uri;
+    }
+    parts.version = Version::HTTP_2;
+}
+
+/// Declares a gRPC response's trailers (`grpc-status`, `grpc-message`,
+/// `grpc-status-details-bin`) in a `Trailer` field when the upstream did not, for an HTTP/1.1
+/// client that accepts trailers: hyper sends HTTP/1.1 trailers only when the request had
+/// `te: trailers`, the body is chunked, and `Trailer` names them. gRPC servers speak HTTP/2,
+/// where trailers need no declaration, so they do not make one.
+pub fn declare_grpc_trailers(headers: &mut HeaderMap) {
+    let grpc = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| {
+            t == "application/grpc"
+                || t.starts_with("application/grpc+")
+                || t.starts_with("application/grpc;")
+        });
+    if grpc && !headers.contains_key(TRAILER) {
+        headers.insert(
+            TRAILER,
+            HeaderValue::from_static("grpc-status, grpc-message, grpc-status-details-bin"),
+        );
+    }
 }
 
 /// Rewrites an upstream's response for the client.
@@ -253,6 +322,79 @@ mod tests {
         );
         let cookies: Vec<_> = parts.headers.get_all("cookie").iter().collect();
         assert_eq!(cookies, ["a=1; b=2"]);
+    }
+
+    #[test]
+    fn http2_upstreams_get_an_absolute_uri_and_keep_te_trailers() {
+        let endpoint = "grpc-cluster";
+        let builder = Request::post("/pkg.Svc/Call?x=1")
+            .header("host", "grpc.test:8080")
+            .header("te", "trailers")
+            .header("connection", "keep-alive")
+            .header("keep-alive", "timeout=5")
+            .header("x-kept", "yes");
+        let (mut parts, ()) = builder.body(()).unwrap().into_parts();
+        let trailers = accepts_trailers(&parts.headers);
+        prepare_request(&mut parts, downstream());
+        for_http2_upstream(&mut parts, trailers, endpoint);
+        assert_eq!(parts.uri, "http://grpc.test:8080/pkg.Svc/Call?x=1");
+        assert_eq!(parts.version, Version::HTTP_2);
+        let h = &parts.headers;
+        assert!(!h.contains_key("host"), "Host travels as :authority");
+        assert!(!h.contains_key("connection") && !h.contains_key("keep-alive"));
+        assert_eq!(h.get_all("te").iter().collect::<Vec<_>>(), ["trailers"]);
+        assert_eq!(h["x-kept"], "yes");
+        assert_eq!(h["via"], "1.1 baton");
+
+        // Any other TE goes; without Host, the cluster's name is the authority.
+        let (mut parts, ()) = Request::get("/")
+            .version(Version::HTTP_10)
+            .header("te", "gzip")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let trailers = accepts_trailers(&parts.headers);
+        assert!(!trailers);
+        prepare_request(&mut parts, downstream());
+        for_http2_upstream(&mut parts, trailers, endpoint);
+        assert!(!parts.headers.contains_key("te"));
+        assert_eq!(parts.uri, "http://grpc-cluster/");
+    }
+
+    #[test]
+    fn te_trailers_is_found_among_other_codings() {
+        let mut h = HeaderMap::new();
+        assert!(!accepts_trailers(&h));
+        h.append(TE, HeaderValue::from_static("gzip;q=0.5"));
+        assert!(!accepts_trailers(&h));
+        h.append(TE, HeaderValue::from_static("deflate, Trailers"));
+        assert!(accepts_trailers(&h));
+    }
+
+    #[test]
+    fn grpc_responses_declare_their_trailers() {
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        declare_grpc_trailers(&mut h);
+        assert_eq!(
+            h["trailer"],
+            "grpc-status, grpc-message, grpc-status-details-bin"
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        h.insert(TRAILER, HeaderValue::from_static("x-own"));
+        declare_grpc_trailers(&mut h);
+        assert_eq!(h["trailer"], "x-own", "an upstream's own declaration stays");
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc-web"),
+        );
+        declare_grpc_trailers(&mut h);
+        assert!(!h.contains_key("trailer"));
     }
 
     #[test]

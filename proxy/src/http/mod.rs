@@ -398,9 +398,10 @@ pub async fn refuse(worker: &Worker, stream: TcpStream) {
     }
 }
 
-/// Runs HTTP/2 stream tasks on the worker's own thread.
+/// Runs HTTP/2 stream and connection tasks on the worker's own thread (for the server here and
+/// for upstream HTTP/2 connections).
 #[derive(Clone, Copy)]
-struct LocalExec;
+pub(crate) struct LocalExec;
 
 impl<F> hyper::rt::Executor<F> for LocalExec
 where

@@ -13,18 +13,20 @@ use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use tracing::debug;
 
-use super::body::{Exchange, Flag, LogRecord, Release, ResponseBody};
+use super::body::{Exchange, Flag, LogRecord, Release, ResponseBody, Upstream};
 use super::headers::{self, Downstream, X_REQUEST_ID};
 use super::io::Activity;
 use crate::cluster::{self, ActiveRetry, ClusterRequest, HostRequest, Outcome, PendingRequest};
 use crate::config::{
     ClusterId, ClusterRoute, DirectResponse, ListenerKind, RetryPolicy, RouteAction,
+    UpstreamProtocol,
 };
 use crate::stats;
 use crate::upstream::{
     self, BodyProgress, ClusterPool, ConnectError, ConnectionSlot, RequestBody, RequestTimeout,
-    Sender, TrackedBody,
+    TrackedBody,
 };
+use crate::upstream_h2;
 use crate::worker::Worker;
 
 static X_BATON_EPOCH: http::HeaderName = http::HeaderName::from_static("x-baton-epoch");
@@ -256,7 +258,7 @@ enum SendError {
 /// A try that got an answer.
 struct Sent {
     response: Response<Incoming>,
-    sender: Sender,
+    upstream: Upstream,
     host: HostRequest,
 }
 
@@ -284,6 +286,8 @@ async fn proxy(
     };
     let hash = cluster::request_hash(cluster.hash_key.as_ref(), request.headers(), ctx.peer.ip());
     let (mut parts, body) = request.into_parts();
+    let h2_upstream = cluster.protocol == UpstreamProtocol::Http2;
+    let trailers = headers::accepts_trailers(&parts.headers);
     let request_id = headers::prepare_request(
         &mut parts,
         Downstream {
@@ -291,6 +295,9 @@ async fn proxy(
             tls: ctx.tls,
         },
     );
+    if h2_upstream {
+        headers::for_http2_upstream(&mut parts, trailers, &cluster.name);
+    }
     if let Some(log) = exchange.log_mut() {
         log.request_id = Some(request_id);
     }
@@ -346,14 +353,20 @@ async fn proxy(
         log.upstream = Some(*addr);
     }
     Ok(match sent {
-        Ok((Ok(sent), addr)) => {
+        Ok((Ok(sent), _)) => {
             let (mut parts, body) = sent.response.into_parts();
-            headers::prepare_response(&mut parts, Version::HTTP_11);
+            let version = if h2_upstream {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            };
+            headers::prepare_response(&mut parts, version);
+            if trailers && !ctx.h2 {
+                headers::declare_grpc_trailers(&mut parts.headers);
+            }
             exchange.set_status(parts.status.as_u16());
             let release = Release {
-                pool: worker.clusters[cluster_id.0].pool.clone(),
-                endpoint: addr.expect("a response comes from an endpoint"),
-                sender: sent.sender,
+                upstream: sent.upstream,
                 in_flight: (in_flight, sent.host),
                 cluster: cluster_id.0,
                 started,
@@ -582,9 +595,9 @@ impl Tries<'_> {
                 stats.shard.inc(cluster_stats.upstream_rq_retry_success);
             }
             return (
-                result.map(|(response, sender)| Sent {
+                result.map(|(response, upstream)| Sent {
                     response,
-                    sender,
+                    upstream,
                     host,
                 }),
                 Some(addr),
@@ -596,7 +609,7 @@ impl Tries<'_> {
 /// Whether a try's end is one the policy retries.
 fn should_retry(
     policy: &RetryPolicy,
-    result: &Result<(Response<Incoming>, Sender), SendError>,
+    result: &Result<(Response<Incoming>, Upstream), SendError>,
 ) -> bool {
     let on = &policy.on;
     match result {
@@ -655,7 +668,7 @@ async fn shadow(worker: Rc<Worker>, cluster_id: ClusterId, template: Template) {
     let send = send(&worker, cluster_id, addr, request, true);
     let result = tokio::time::timeout(cluster.request_timeout, send).await;
     match result {
-        Ok(Ok((response, sender))) => {
+        Ok(Ok((response, upstream))) => {
             wc.handle.report(
                 &pick.host,
                 Outcome::Status(response.status().as_u16()),
@@ -665,7 +678,14 @@ async fn shadow(worker: Rc<Worker>, cluster_id: ClusterId, template: Template) {
             let (_, mut body) = response.into_parts();
             use http_body_util::BodyExt;
             while let Some(Ok(_)) = body.frame().await {}
-            wc.pool.release(addr, sender);
+            if let Upstream::Http1 {
+                pool,
+                endpoint,
+                sender,
+            } = upstream
+            {
+                pool.release(endpoint, sender);
+            }
         }
         Ok(Err(SendError::Overflow(_) | SendError::NoHost)) => {}
         Ok(Err(_)) | Err(_) => {
@@ -686,9 +706,22 @@ async fn send(
     addr: SocketAddr,
     mut request: Request<RequestBody>,
     replayable: bool,
-) -> Result<(Response<Incoming>, Sender), SendError> {
+) -> Result<(Response<Incoming>, Upstream), SendError> {
+    let cluster = worker.config.cluster(cluster_id);
+    if cluster.protocol == UpstreamProtocol::Http2 {
+        return match worker.h2.send(worker, cluster_id, addr, request).await {
+            Ok((response, stream)) => Ok((response, Upstream::Http2(stream))),
+            Err(upstream_h2::SendError::Connect(e)) => Err(SendError::Connect(e)),
+            Err(upstream_h2::SendError::Request(e)) => Err(SendError::Reset(e)),
+        };
+    }
     let wc = &worker.clusters[cluster_id.0];
     let pool = &wc.pool;
+    let http1 = |sender| Upstream::Http1 {
+        pool: pool.clone(),
+        endpoint: addr,
+        sender,
+    };
     let stats = &worker.stats;
     let cluster_stats = &stats.ids.clusters[cluster_id.0];
     if let Some(mut pooled) = pool.checkout(addr) {
@@ -699,7 +732,7 @@ async fn send(
             headers: request.headers().clone(),
         });
         match pooled.sender.try_send_request(request).await {
-            Ok(response) => return Ok((response, pooled.sender)),
+            Ok(response) => return Ok((response, http1(pooled.sender))),
             Err(mut e) => {
                 request = match (e.take_message(), replay) {
                     (Some(unsent), _) => unsent,
@@ -716,7 +749,6 @@ async fn send(
             }
         }
     }
-    let cluster = worker.config.cluster(cluster_id);
     let max = cluster.breakers.max_connections;
     let slot = match ConnectionSlot::take(&wc.handle, max) {
         Some(slot) => slot,
@@ -736,7 +768,7 @@ async fn send(
                 let freed_anywhere = wc.handle.cx_freed.notified();
                 if let Some(mut pooled) = pool.checkout(addr) {
                     return match pooled.sender.send_request(request).await {
-                        Ok(response) => Ok((response, pooled.sender)),
+                        Ok(response) => Ok((response, http1(pooled.sender))),
                         Err(e) => Err(SendError::Reset(e)),
                     };
                 }
@@ -757,7 +789,7 @@ async fn send(
         .send_request(request)
         .await
         .map_err(SendError::Reset)?;
-    Ok((response, sender))
+    Ok((response, http1(sender)))
 }
 
 /// Counts a request of this worker waiting for a connection, while it waits.

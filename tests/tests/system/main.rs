@@ -10,6 +10,8 @@ mod clusters;
 mod config;
 /// SIGTERM drain, SIGINT.
 mod drain;
+/// gRPC and HTTP/1.1 clients through `protocol = "http2"` clusters: streams, statuses, trailers.
+mod grpc;
 /// The guard dog: stalled workers counted, wedged generations replaced.
 mod guard_dog;
 /// Routing, proxying, bodies, keep-alive, pipelining, proxy headers, upstream failures, access log.

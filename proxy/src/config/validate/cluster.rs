@@ -5,7 +5,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 
 use super::super::raw::{
     RawBreakers, RawCluster, RawDiscovery, RawHashKey, RawHealthCheck, RawHealthCheckKind,
-    RawLbPolicy, RawOutlier, RawStatusRange,
+    RawLbPolicy, RawOutlier, RawStatusRange, RawUpstreamProtocol,
 };
 use super::*;
 use crate::lb::Policy;
@@ -166,6 +166,10 @@ impl Validator<'_> {
                 DEFAULT_UPSTREAM_IDLE_TIMEOUT,
             )?,
             max_idle_per_endpoint,
+            protocol: match raw.protocol.map(Spanned::into_inner) {
+                None | Some(RawUpstreamProtocol::Http1) => UpstreamProtocol::Http1,
+                Some(RawUpstreamProtocol::Http2) => UpstreamProtocol::Http2,
+            },
             lb_policy,
             hash_key,
             panic_threshold,
