@@ -15,6 +15,7 @@ use tracing::debug;
 
 use super::Event;
 use crate::config::{HealthCheck, HealthCheckKind};
+use crate::http::LocalExec;
 
 /// Probes `address` now and then every `interval` (with a little jitter, so that the checks of
 /// many endpoints do not go out together), until the task is aborted.
@@ -22,11 +23,12 @@ pub async fn run(
     cluster: usize,
     address: SocketAddr,
     check: HealthCheck,
+    http2: bool,
     events: mpsc::UnboundedSender<Event>,
 ) {
     loop {
         let (passed, timed_out) =
-            match tokio::time::timeout(check.timeout, probe(address, &check.kind)).await {
+            match tokio::time::timeout(check.timeout, probe(address, &check.kind, http2)).await {
                 Ok(passed) => (passed, false),
                 Err(_) => {
                     debug!(upstream = %address, "health check timed out after {:?}", check.timeout);
@@ -50,8 +52,9 @@ pub async fn run(
     }
 }
 
-/// One check: a TCP connection opens, or `GET path` answers an expected status.
-async fn probe(address: SocketAddr, kind: &HealthCheckKind) -> bool {
+/// One check: a TCP connection opens, or `GET path` answers an expected status (in HTTP/2 with
+/// prior knowledge for `protocol = "http2"` clusters, HTTP/1.1 otherwise).
+async fn probe(address: SocketAddr, kind: &HealthCheckKind, http2: bool) -> bool {
     let stream = match TcpStream::connect(address).await {
         Ok(s) => s,
         Err(e) => {
@@ -68,26 +71,49 @@ async fn probe(address: SocketAddr, kind: &HealthCheckKind) -> bool {
         return true;
     };
     let _ = stream.set_nodelay(true);
-    let Ok((mut sender, connection)) =
-        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await
-    else {
-        return false;
+    let io = TokioIo::new(stream);
+    let request = Request::get(path.as_str()).header(USER_AGENT, "baton-health-check");
+    let answer = if http2 {
+        // An HTTP/2 cluster's endpoints may speak nothing else (a gRPC server): ask in HTTP/2,
+        // with the host as `:authority`.
+        let Ok((mut sender, connection)) =
+            hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(LocalExec, io).await
+        else {
+            return false;
+        };
+        tokio::task::spawn_local(async move {
+            let _ = connection.await;
+        });
+        let Ok(request) = request
+            .uri(format!("http://{host}{path}"))
+            .version(http::Version::HTTP_2)
+            .body(Empty::new())
+        else {
+            return false;
+        };
+        sender.send_request(request).await
+    } else {
+        let Ok((mut sender, connection)) =
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(io).await
+        else {
+            return false;
+        };
+        tokio::task::spawn_local(async move {
+            let _ = connection.await;
+        });
+        let Ok(host) = HeaderValue::from_str(host) else {
+            return false;
+        };
+        let Ok(request) = request
+            .header(HOST, host)
+            .header(CONNECTION, "close")
+            .body(Empty::new())
+        else {
+            return false;
+        };
+        sender.send_request(request).await
     };
-    tokio::task::spawn_local(async move {
-        let _ = connection.await;
-    });
-    let mut request = Request::get(path.as_str());
-    if let Ok(host) = HeaderValue::from_str(host) {
-        request = request.header(HOST, host);
-    }
-    let Ok(request) = request
-        .header(USER_AGENT, "baton-health-check")
-        .header(CONNECTION, "close")
-        .body(Empty::new())
-    else {
-        return false;
-    };
-    match sender.send_request(request).await {
+    match answer {
         Ok(response) => {
             let status = response.status().as_u16();
             let passed = expected.iter().any(|r| r.contains(&status));

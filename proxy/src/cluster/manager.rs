@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::{ClusterHandle, Event, HealthFlags, Host, Snapshot, health};
-use crate::config::{Cluster, Config, Discovery};
+use crate::config::{Cluster, Config, Discovery, UpstreamProtocol};
 use crate::dns::Resolver;
 use crate::stats::ThreadStats;
 
@@ -449,7 +449,14 @@ fn new_member(
     events: &mpsc::UnboundedSender<Event>,
 ) -> Member {
     let checker = cluster.health_check.as_ref().map(|check| {
-        tokio::task::spawn_local(health::run(index, address, check.clone(), events.clone()))
+        let http2 = cluster.protocol == UpstreamProtocol::Http2;
+        tokio::task::spawn_local(health::run(
+            index,
+            address,
+            check.clone(),
+            http2,
+            events.clone(),
+        ))
     });
     Member {
         host: Arc::new(Host::new(address, weight)),

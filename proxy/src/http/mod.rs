@@ -401,7 +401,7 @@ pub async fn refuse(worker: &Worker, stream: TcpStream) {
 /// Runs HTTP/2 stream and connection tasks on the worker's own thread (for the server here and
 /// for upstream HTTP/2 connections).
 #[derive(Clone, Copy)]
-pub(crate) struct LocalExec;
+pub struct LocalExec;
 
 impl<F> hyper::rt::Executor<F> for LocalExec
 where

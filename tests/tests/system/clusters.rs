@@ -871,3 +871,45 @@ health_check = {{ type = "http", path = "/", interval = "300ms", timeout = "200m
         .await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_of_an_http2_cluster_speak_http2() {
+    // An h2c-only endpoint passes; an HTTP/1.1-only one, which cannot answer HTTP/2, fails.
+    let h2 = Origin::start_h2("h2").await;
+    let h1 = Origin::start("h1").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _proxy = Proxy::start(&format!(
+        r#"
+[admin]
+address = "{admin}"
+
+[[listener]]
+name = "public"
+address = "{listen}"
+protocol = "http"
+route = [{{ cluster = "grpc" }}]
+
+[[cluster]]
+name = "grpc"
+protocol = "http2"
+endpoints = ["{}", "{}"]
+health_check = {{ type = "http", path = "/healthz", interval = "200ms", unhealthy_threshold = 1 }}
+"#,
+        h2.addr, h1.addr
+    ));
+    assert!(wait_health(admin, "grpc", h2.addr, true).await);
+    assert!(
+        wait_until_async(WAIT, || async {
+            host(admin, "grpc", h1.addr).await["failed_active_health_check"] == true
+        })
+        .await
+    );
+    for _ in 0..4 {
+        let r = client::get(listen, "/").await;
+        assert_eq!(
+            r.text(),
+            "upstream h2\n",
+            "only the healthy endpoint serves"
+        );
+    }
+}
