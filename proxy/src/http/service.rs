@@ -307,7 +307,8 @@ async fn proxy(
     let retry = route
         .retry
         .filter(|r| bodyless && (idempotent || r.retry_non_idempotent));
-    let template = (retry.is_some() || bodyless).then(|| Template {
+    // Kept only when the request may be sent again or copied: headers are not cloned for nothing.
+    let template = (retry.is_some() || (route.mirror.is_some() && bodyless)).then(|| Template {
         method: parts.method.clone(),
         uri: parts.uri.clone(),
         headers: parts.headers.clone(),
@@ -526,7 +527,9 @@ impl Tries<'_> {
         let stats = &worker.stats;
         let cluster_stats = &stats.ids.clusters[self.cluster_id.0];
         let mut request = Some(first);
+        // Endpoints tried before, for a retry to go elsewhere (allocated only for a retry).
         let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut last = None;
         let mut retries = 0;
         let mut _retrying: Option<ActiveRetry> = None;
         loop {
@@ -534,13 +537,13 @@ impl Tries<'_> {
                 .handle
                 .pick(cluster.lb_policy, &wc.cursor, self.hash, &tried)
             else {
-                return (Err(SendError::NoHost), tried.last().copied());
+                return (Err(SendError::NoHost), last);
             };
             if pick.panic {
                 stats.shard.inc(cluster_stats.lb_healthy_panic);
             }
             let addr = pick.host.address;
-            tried.push(addr);
+            last = Some(addr);
             let host = HostRequest::new(pick.host.clone());
             let Some(this) = request
                 .take()
@@ -581,6 +584,7 @@ impl Tries<'_> {
                     Some(active) => {
                         retries += 1;
                         _retrying = Some(active);
+                        tried.push(addr);
                         stats.shard.inc(cluster_stats.upstream_rq_retry);
                         debug!(worker = worker.id, upstream = %addr, retry = retries, "retrying");
                         drop(result);
