@@ -434,3 +434,88 @@ fn take_place(counter: &AtomicUsize, max: usize) -> bool {
     }
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Discovery, OutlierDetection};
+    use std::time::Duration;
+
+    fn cluster(panic_threshold: f64) -> Cluster {
+        let config = crate::config::parse(
+            std::path::Path::new("t.toml"),
+            "[[listener]]\nname = \"l\"\naddress = \"127.0.0.1:1\"\nprotocol = \"http\"\nroute = [{ cluster = \"c\" }]\n[[cluster]]\nname = \"c\"\nendpoints = [\"127.0.0.1:2\"]\n",
+        )
+        .expect("a valid config");
+        let mut c = config.clusters.into_iter().next().unwrap();
+        c.panic_threshold = panic_threshold;
+        assert!(matches!(c.discovery, Discovery::Static));
+        c
+    }
+
+    fn hosts(healthy: &[bool]) -> Vec<(Arc<Host>, HealthFlags)> {
+        healthy
+            .iter()
+            .enumerate()
+            .map(|(i, &ok)| {
+                let host = Arc::new(Host::new(SocketAddr::from(([10, 0, 0, i as u8], 80)), 1));
+                let flags = HealthFlags {
+                    failed_active_hc: !ok,
+                    ..HealthFlags::default()
+                };
+                (host, flags)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn too_few_healthy_hosts_mean_panic_mode_over_all_of_them() {
+        let s = Snapshot::build(&cluster(50.0), 1, hosts(&[true, false, false]));
+        assert!(s.panic);
+        assert_eq!(s.targets.len(), 3);
+        let s = Snapshot::build(&cluster(50.0), 1, hosts(&[true, true, false]));
+        assert!(!s.panic);
+        assert_eq!(s.targets.len(), 2);
+        assert!(
+            s.targets
+                .iter()
+                .all(|h| h.address.ip().to_string() != "10.0.0.2")
+        );
+        // Panic mode off: no healthy host, no target.
+        let s = Snapshot::build(&cluster(0.0), 1, hosts(&[false, false]));
+        assert!(!s.panic);
+        assert!(s.targets.is_empty());
+    }
+
+    #[test]
+    fn a_run_of_failures_tells_the_manager_once_and_a_success_ends_it() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let s = Snapshot::build(&cluster(50.0), 1, hosts(&[true]));
+        let host = s.targets[0].clone();
+        let handle = ClusterHandle::new(0, s, tx);
+        let outlier = OutlierDetection {
+            consecutive_5xx: Some(3),
+            consecutive_gateway_failure: Some(2),
+            base_ejection_time: Duration::from_secs(1),
+            max_ejection_time: Duration::from_secs(10),
+            max_ejection_percent: 10.0,
+        };
+        handle.report(&host, Outcome::Status(500), Some(&outlier));
+        handle.report(&host, Outcome::Status(500), Some(&outlier));
+        assert!(rx.try_recv().is_err(), "two 500s are not three");
+        handle.report(&host, Outcome::Status(200), Some(&outlier));
+        handle.report(&host, Outcome::Status(500), Some(&outlier));
+        handle.report(&host, Outcome::Status(500), Some(&outlier));
+        assert!(rx.try_recv().is_err(), "a success started the count again");
+        handle.report(&host, Outcome::Status(500), Some(&outlier));
+        assert!(matches!(rx.try_recv(), Ok(Event::Outlier { .. })));
+        handle.report(&host, Outcome::Status(500), Some(&outlier));
+        assert!(rx.try_recv().is_err(), "one event per run");
+        // Gateway failures: connect failures count.
+        handle.report(&host, Outcome::Status(200), Some(&outlier));
+        handle.report(&host, Outcome::LocalFailure, Some(&outlier));
+        handle.report(&host, Outcome::Status(503), Some(&outlier));
+        assert!(matches!(rx.try_recv(), Ok(Event::Outlier { .. })));
+        assert_eq!(host.rq_error.load(Ordering::Relaxed), 8);
+    }
+}
