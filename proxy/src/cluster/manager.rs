@@ -16,6 +16,9 @@ use crate::config::{Cluster, Config, Discovery, UpstreamProtocol};
 use crate::dns::Resolver;
 use crate::stats::ThreadStats;
 
+/// The longest a new generation waits for its first health checks and DNS answers.
+const MAX_WARM: Duration = Duration::from_secs(10);
+
 /// How long a DNS question may take.
 const DNS_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -169,7 +172,9 @@ impl Manager {
             })
             .max()
             .unwrap_or(Duration::ZERO)
-            + Duration::from_millis(100)
+            .saturating_add(Duration::from_millis(100))
+            // Well within the supervisor's readiness timeout (30 s by default).
+            .min(MAX_WARM)
     }
 
     /// Stops every task of the manager.
