@@ -45,7 +45,7 @@ impl Policy {
 /// Points on a ring per unit of weight: enough for an even spread (within a few percent).
 pub const RING_POINTS_PER_WEIGHT: u64 = 256;
 /// Most points on a ring (Envoy's `maximum_ring_size`).
-const MAX_RING_SIZE: u64 = 1 << 23;
+const MAX_RING_SIZE: u64 = 1 << 20;
 /// Entries of a Maglev table: a prime (Envoy's default table size).
 pub const MAGLEV_TABLE_SIZE: usize = 65537;
 /// Longest round-robin schedule; heavier weights are scaled down to fit.
@@ -121,6 +121,40 @@ impl Table {
         }
     }
 
+    /// The host a hash key goes to, passing over hosts `skip` refuses (a retry goes to the next
+    /// host on the ring, or in Maglev to the slot of a perturbed key); `None` only when the
+    /// table is empty: if every host is refused, the key's own host is the answer.
+    pub fn hashed_skipping(&self, hash: u64, skip: impl Fn(usize) -> bool) -> Option<usize> {
+        match self {
+            Table::Ring(points) => {
+                if points.is_empty() {
+                    return None;
+                }
+                let start = points.partition_point(|&(h, _)| h < hash);
+                let mut first = None;
+                for k in 0..points.len() {
+                    let host = points[(start + k) % points.len()].1 as usize;
+                    first.get_or_insert(host);
+                    if !skip(host) {
+                        return Some(host);
+                    }
+                }
+                first
+            }
+            Table::Maglev(slots) => {
+                let first = self.hashed(hash)?;
+                (0..16u64)
+                    .map(|k| {
+                        slots[(hash.wrapping_add(k.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                            % slots.len() as u64) as usize] as usize
+                    })
+                    .find(|&h| !skip(h))
+                    .or(Some(first))
+            }
+            _ => self.hashed(hash),
+        }
+    }
+
     /// The host a hash key goes to (ring hash, Maglev); other tables draw at random.
     pub fn hashed(&self, hash: u64) -> Option<usize> {
         match self {
@@ -181,12 +215,18 @@ fn schedule(members: &[Member]) -> Vec<u32> {
 /// by the hash of `"<address>_<n>"`. A host's points do not depend on the others, so a host that
 /// leaves takes only its own points away: only its keys move.
 fn ring(members: &[Member]) -> Vec<(u64, u32)> {
-    let total: u64 = members.iter().map(|m| u64::from(m.weight.max(1))).sum();
+    // Weights count by their ratios: 100 and 200 make the ring 1 and 2 make.
+    let g = members
+        .iter()
+        .map(|m| u64::from(m.weight.max(1)))
+        .fold(0, gcd)
+        .max(1);
+    let total: u64 = members.iter().map(|m| u64::from(m.weight.max(1)) / g).sum();
     // Heavy weights are scaled down to keep the ring bounded.
     let per_weight = RING_POINTS_PER_WEIGHT.min((MAX_RING_SIZE / total).max(1));
     let mut points = Vec::new();
     for (i, m) in members.iter().enumerate() {
-        let n = per_weight * u64::from(m.weight.max(1));
+        let n = per_weight * (u64::from(m.weight.max(1)) / g).max(1);
         let address = m.address.to_string();
         for k in 0..n {
             points.push((hash_key(format!("{address}_{k}").as_bytes()), i as u32));
@@ -380,6 +420,35 @@ mod tests {
         };
         let got = shares(&table, 2, slots.iter().map(|&s| Some(s as usize)));
         assert!((got[1] - 2.0 / 3.0).abs() < 0.01, "{got:?}");
+    }
+
+    #[test]
+    fn a_retry_on_a_ring_goes_to_the_next_host() {
+        let all = members(&[1, 1, 1]);
+        for policy in [Policy::RingHash, Policy::Maglev] {
+            let table = Table::build(policy, &all);
+            for k in 0..200 {
+                let h = hash_key(format!("k{k}").as_bytes());
+                let first = table.hashed(h).unwrap();
+                let next = table.hashed_skipping(h, |i| i == first).unwrap();
+                assert_ne!(
+                    first, next,
+                    "{policy:?}: the retry went back to the host that failed"
+                );
+                assert_eq!(table.hashed_skipping(h, |_| true), Some(first));
+            }
+        }
+    }
+
+    #[test]
+    fn ring_weights_count_by_their_ratio() {
+        let Table::Ring(small) = Table::build(Policy::RingHash, &members(&[1, 2])) else {
+            panic!("a ring")
+        };
+        let Table::Ring(large) = Table::build(Policy::RingHash, &members(&[100, 200])) else {
+            panic!("a ring")
+        };
+        assert_eq!(small.len(), large.len());
     }
 
     #[test]

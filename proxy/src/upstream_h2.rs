@@ -16,7 +16,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -228,6 +228,12 @@ async fn connect(worker: Rc<Worker>, key: (usize, SocketAddr), connecting: Rc<Co
     connecting.done.notify_waiters();
 }
 
+/// How often an HTTP/2 upstream connection is pinged while it has streams (Envoy's default
+/// interval is off; gRPC's is 20 s of idleness).
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
+/// How long a ping may go unanswered before the connection is closed.
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 async fn handshake(
     worker: &Rc<Worker>,
     (cluster_index, addr): (usize, SocketAddr),
@@ -237,6 +243,10 @@ async fn handshake(
         upstream::connect_tcp(addr, cluster.connect_timeout, worker, cluster_index).await?;
     let (sender, connection) = http2::Builder::new(LocalExec)
         .timer(TokioTimer::new())
+        // A connection whose peer is gone (a host lost, a NAT entry dropped) is found out by
+        // pings, instead of holding its streams until each one times out.
+        .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|source| ConnectError::Handshake { addr, source })?;

@@ -238,7 +238,7 @@ impl ClusterHandle {
         }
         let mut chosen = None;
         // A few draws to get away from hosts already tried (Envoy's previous_hosts predicate).
-        for attempt in 0..3 {
+        for _ in 0..3 {
             let index = match policy {
                 Policy::RoundRobin => {
                     let n = cursor.get();
@@ -263,7 +263,9 @@ impl ClusterHandle {
                 }
                 Policy::RingHash | Policy::Maglev => match hash {
                     // A retry of a hashed request goes to the next host on the ring.
-                    Some(h) => snapshot.table.hashed(h.wrapping_add(attempt)),
+                    Some(h) => snapshot
+                        .table
+                        .hashed_skipping(h, |i| avoid.contains(&snapshot.targets[i].address)),
                     None => snapshot.table.drawn(fastrand::u64(..)),
                 },
             };
