@@ -53,6 +53,16 @@ impl BodyProgress {
         self.too_large.get()
     }
 
+    /// When the body ended; waits for it.
+    pub async fn ended(&self) -> Instant {
+        loop {
+            if let Some(ended) = self.ended.get() {
+                return ended;
+            }
+            self.changed.notified().await;
+        }
+    }
+
     fn end(&self) {
         if self.ended.get().is_none() {
             self.ended.set(Some(Instant::now()));
@@ -271,8 +281,8 @@ pub struct ClusterPool {
     idle_timeout: Duration,
     /// Wakes requests waiting for a connection of this worker's (`max_connections` reached).
     pub freed: tokio::sync::Notify,
-    /// Requests of this worker waiting for a connection.
-    pub waiting: Cell<usize>,
+    /// Requests of this worker waiting for a connection, by endpoint.
+    waiting: RefCell<HashMap<SocketAddr, usize>>,
     handle: Arc<ClusterHandle>,
 }
 
@@ -295,7 +305,7 @@ impl ClusterPool {
             max_idle: cluster.max_idle_per_endpoint,
             idle_timeout: cluster.idle_timeout,
             freed: tokio::sync::Notify::new(),
-            waiting: Cell::new(0),
+            waiting: RefCell::new(HashMap::new()),
             handle,
         }
     }
@@ -339,9 +349,11 @@ impl ClusterPool {
     }
 
     fn put(&self, endpoint: SocketAddr, sender: Sender) {
-        if self.waiting.get() == 0 && self.handle.rq_pending.load(Ordering::Relaxed) > 0 {
-            // Another worker waits for a connection (the cluster is at max_connections): this
-            // one closes, so that its place goes to that worker, rather than idling here.
+        let wanted_here = self.waiting.borrow().contains_key(&endpoint);
+        if !wanted_here && self.handle.rq_pending.load(Ordering::Relaxed) > 0 {
+            // A request waits for a connection elsewhere (another endpoint, another worker;
+            // the cluster is at max_connections): this one closes, so that its place goes
+            // to that request rather than idling here.
             return;
         }
         let mut idle = self.idle.borrow_mut();
@@ -351,7 +363,38 @@ impl ClusterPool {
                 sender,
                 since: Instant::now(),
             });
-            self.freed.notify_one();
+            drop(idle);
+            // Every waiter of this worker looks again (each waits for its own endpoint).
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// Counts a request of this worker that starts (`true`) or stops waiting for a connection
+    /// to `endpoint`.
+    pub fn wait(&self, endpoint: SocketAddr, start: bool) {
+        let mut waiting = self.waiting.borrow_mut();
+        let n = waiting.entry(endpoint).or_default();
+        if start {
+            *n += 1;
+        } else {
+            *n -= 1;
+            if *n == 0 {
+                waiting.remove(&endpoint);
+            }
+        }
+    }
+
+    /// Closes one idle connection to an endpoint other than `endpoint`, so that its place under
+    /// `max_connections` goes to a request that waits. Its slot comes free once the connection's
+    /// task has ended.
+    pub fn close_idle_except(&self, endpoint: SocketAddr) {
+        let mut idle = self.idle.borrow_mut();
+        if let Some(list) = idle
+            .iter_mut()
+            .find(|(addr, list)| **addr != endpoint && !list.is_empty())
+            .map(|(_, list)| list)
+        {
+            list.pop();
         }
     }
 

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use super::{ClusterHandle, Event, HealthFlags, Host, Snapshot, health};
 use crate::config::{Cluster, Config, Discovery, UpstreamProtocol};
-use crate::dns::Resolver;
+use crate::dns::{DnsError, Resolver};
 use crate::stats::ThreadStats;
 
 /// The longest a new generation waits for its first health checks and DNS answers.
@@ -29,8 +29,11 @@ struct Member {
     /// Health-check passes and failures in a row.
     passes: u32,
     fails: u32,
-    /// Times ejected: the next ejection lasts this many base times (plus one).
+    /// Times ejected: the next ejection lasts this many base times (plus one); one is
+    /// forgiven for every `base_ejection_time` spent in service since the last ejection.
     ejections: u32,
+    /// When the last ejection ended.
+    unejected: Option<std::time::Instant>,
     checker: Option<JoinHandle<()>>,
 }
 
@@ -45,6 +48,8 @@ impl Drop for Member {
 struct ClusterState {
     members: Vec<Member>,
     version: u64,
+    /// Changed since the last snapshot.
+    dirty: bool,
     /// A `strict_dns` cluster has had its first answer (or failure).
     resolved: bool,
     resolver_task: Option<JoinHandle<()>>,
@@ -98,6 +103,7 @@ impl Manager {
             states.push(ClusterState {
                 members,
                 version: 0,
+                dirty: false,
                 resolved: matches!(cluster.discovery, Discovery::Static),
                 resolver_task,
             });
@@ -117,7 +123,14 @@ impl Manager {
         let m = manager.clone();
         let task = tokio::task::spawn_local(async move {
             while let Some(event) = rx.recv().await {
+                // Everything that is already waiting goes into one snapshot per cluster: when
+                // many endpoints fail at once, the tables are built once, not once per endpoint.
                 m.handle(event);
+                while let Ok(event) = rx.try_recv() {
+                    m.handle(event);
+                }
+                m.publish_dirty();
+                m.progress.notify_waiters();
             }
         });
         *manager.task.borrow_mut() = Some(task);
@@ -168,7 +181,8 @@ impl Manager {
                     Discovery::StrictDns { .. } => DNS_TIMEOUT,
                     Discovery::Static => Duration::ZERO,
                 };
-                hc.max(dns)
+                // A strict_dns cluster's endpoints are checked once they are known.
+                hc + dns
             })
             .max()
             .unwrap_or(Duration::ZERO)
@@ -212,6 +226,7 @@ impl Manager {
                 {
                     Some(m) if m.flags.ejected && m.ejections == ejection => {
                         m.flags.ejected = false;
+                        m.unejected = Some(std::time::Instant::now());
                         m.host.reset_failures();
                         info!(cluster = %self.config.clusters[cluster].name, upstream = %address, "outlier ejection ended");
                         true
@@ -220,12 +235,15 @@ impl Manager {
                 };
                 drop(states);
                 if changed {
-                    self.publish(cluster);
+                    self.state.borrow_mut()[cluster].dirty = true;
                 }
             }
-            Event::Resolved { cluster, result } => self.resolved(cluster, result),
+            Event::Resolved {
+                cluster,
+                addresses,
+                failure,
+            } => self.resolved(cluster, addresses, failure),
         }
-        self.progress.notify_waiters();
     }
 
     fn checked(&self, cluster: usize, address: SocketAddr, passed: bool, timed_out: bool) {
@@ -258,6 +276,13 @@ impl Manager {
         if passed {
             m.fails = 0;
             m.passes = m.passes.saturating_add(1);
+            if m.flags.ejected {
+                // A passed active check ends an ejection (Envoy's
+                // successful_active_health_check_uneject_host).
+                m.flags.ejected = false;
+                m.unejected = Some(std::time::Instant::now());
+                m.host.reset_failures();
+            }
             if m.flags.pending_active_hc || m.passes >= check.healthy_threshold {
                 m.flags.failed_active_hc = false;
             }
@@ -285,7 +310,7 @@ impl Manager {
         }
         drop(states);
         if changed {
-            self.publish(cluster);
+            self.state.borrow_mut()[cluster].dirty = true;
         }
     }
 
@@ -302,6 +327,9 @@ impl Manager {
         let Some(m) = members.iter_mut().find(|m| Arc::ptr_eq(&m.host, host)) else {
             return;
         };
+        // Whatever comes of it, the run is counted from zero again: the next threshold crossing
+        // is a new event (the detectors fire on reaching the threshold, not past it).
+        m.host.reset_failures();
         if m.flags.ejected {
             return;
         }
@@ -312,6 +340,12 @@ impl Manager {
             self.stats.shard.inc(ids.outlier_ejections_overflow);
             warn!(cluster = %config.name, upstream = %host.address, ejected, "outlier detection would eject this endpoint, but max_ejection_percent is reached");
             return;
+        }
+        if let Some(since) = m.unejected {
+            let served = since.elapsed().as_nanos() / outlier.base_ejection_time.as_nanos().max(1);
+            m.ejections = m
+                .ejections
+                .saturating_sub(u32::try_from(served).unwrap_or(u32::MAX));
         }
         m.ejections = m.ejections.saturating_add(1);
         m.flags.ejected = true;
@@ -333,28 +367,24 @@ impl Manager {
             });
         });
         drop(states);
-        self.publish(cluster);
+        self.state.borrow_mut()[cluster].dirty = true;
     }
 
-    fn resolved(&self, cluster: usize, result: Result<Vec<(SocketAddr, u32)>, String>) {
+    fn resolved(&self, cluster: usize, addresses: Vec<(SocketAddr, u32)>, failure: Option<String>) {
         let config = &self.config.clusters[cluster];
         let ids = &self.stats.ids.clusters[cluster];
         let shard = &self.stats.shard;
         shard.inc(ids.update_attempt);
+        match failure {
+            None => shard.inc(ids.update_success),
+            Some(e) => {
+                shard.inc(ids.update_failure);
+                warn!(cluster = %config.name, "DNS resolution failed; keeping that name's last answer: {e}");
+            }
+        }
         let mut states = self.state.borrow_mut();
         let state = &mut states[cluster];
         state.resolved = true;
-        let addresses = match result {
-            Ok(a) => {
-                shard.inc(ids.update_success);
-                a
-            }
-            Err(e) => {
-                shard.inc(ids.update_failure);
-                warn!(cluster = %config.name, "DNS resolution failed; keeping the last answer: {e}");
-                return;
-            }
-        };
         let mut changed = false;
         // Members that DNS no longer names: gone at once, unless health checking vouches for
         // them (health checking has precedence over discovery): then until they fail a check.
@@ -391,9 +421,13 @@ impl Manager {
                 Some(i) if state.members[i].host.weight == weight => {}
                 Some(i) => {
                     // A new weight: a new host (its counters start again).
-                    let old = &state.members[i];
+                    let old = &mut state.members[i];
                     let mut member = new_member(cluster, config, address, weight, &self.events);
                     member.flags = old.flags;
+                    member.passes = old.passes;
+                    member.fails = old.fails;
+                    member.ejections = old.ejections;
+                    member.unejected = old.unejected;
                     state.members[i] = member;
                     changed = true;
                 }
@@ -408,7 +442,16 @@ impl Manager {
         }
         drop(states);
         if changed {
-            self.publish(cluster);
+            self.state.borrow_mut()[cluster].dirty = true;
+        }
+    }
+
+    /// Builds and publishes the next snapshot of every cluster that changed.
+    fn publish_dirty(&self) {
+        for cluster in 0..self.handles.len() {
+            if std::mem::take(&mut self.state.borrow_mut()[cluster].dirty) {
+                self.publish(cluster);
+            }
         }
     }
 
@@ -472,13 +515,15 @@ fn new_member(
         passes: 0,
         fails: 0,
         ejections: 0,
+        unejected: None,
         checker,
     }
 }
 
 /// Resolves a `strict_dns` cluster's names now and every `refresh`, telling the manager each
-/// answer. A name that fails makes the whole answer fail, so that the manager keeps the last
-/// good one rather than dropping that name's endpoints.
+/// answer. A name whose resolution fails (no answer, SERVFAIL) keeps its last answer, so that
+/// the manager does not drop its endpoints; a name that does not exist or has no address is a
+/// real answer: it has no endpoints now.
 async fn resolve_forever(
     cluster: usize,
     name: String,
@@ -487,40 +532,46 @@ async fn resolve_forever(
     servers: Vec<SocketAddr>,
     events: mpsc::UnboundedSender<Event>,
 ) {
-    let resolver = match Resolver::new(&servers, DNS_TIMEOUT) {
-        Ok(r) => r,
-        Err(e) => {
-            warn!(cluster = %name, "cannot set up DNS resolution: {e}");
-            let _ = events.send(Event::Resolved {
-                cluster,
-                result: Err(e.to_string()),
-            });
-            return;
-        }
-    };
+    let mut last: Vec<Vec<SocketAddr>> = vec![Vec::new(); names.len()];
+    let mut resolver = None;
     loop {
-        let mut all = Vec::new();
-        let mut failed = None;
-        for n in &names {
-            match resolver.resolve(&n.host, n.port).await {
-                Ok(addresses) => {
-                    for a in addresses {
-                        if !all.iter().any(|(b, _)| *b == a) {
-                            all.push((a, n.weight));
-                        }
-                    }
-                }
+        if resolver.is_none() {
+            match Resolver::new(&servers, DNS_TIMEOUT) {
+                Ok(r) => resolver = Some(r),
                 Err(e) => {
-                    failed = Some(format!("{}: {e}", n.host));
-                    break;
+                    warn!(cluster = %name, "cannot set up DNS resolution (tried again every dns_refresh_rate): {e}")
                 }
             }
         }
-        let result = match failed {
-            Some(e) => Err(e),
-            None => Ok(all),
+        let mut failure = None;
+        match &resolver {
+            None => failure = Some("no resolver".to_owned()),
+            Some(resolver) => {
+                for (n, kept) in names.iter().zip(last.iter_mut()) {
+                    match resolver.resolve(&n.host, n.port).await {
+                        Ok(addresses) => *kept = addresses,
+                        Err(DnsError::NotFound { .. } | DnsError::NoAddresses { .. }) => {
+                            kept.clear()
+                        }
+                        Err(e) => failure = Some(e.to_string()),
+                    }
+                }
+            }
+        }
+        let mut addresses: Vec<(SocketAddr, u32)> = Vec::new();
+        for (n, kept) in names.iter().zip(&last) {
+            for a in kept {
+                if !addresses.iter().any(|(b, _)| b == a) {
+                    addresses.push((*a, n.weight));
+                }
+            }
+        }
+        let event = Event::Resolved {
+            cluster,
+            addresses,
+            failure,
         };
-        if events.send(Event::Resolved { cluster, result }).is_err() {
+        if events.send(event).is_err() {
             return;
         }
         tokio::time::sleep(refresh).await;

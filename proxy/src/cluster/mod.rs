@@ -171,10 +171,12 @@ pub enum Event {
         address: SocketAddr,
         ejection: u32,
     },
-    /// A `strict_dns` resolution ended.
+    /// A `strict_dns` resolution ended: every name's addresses (a name that failed keeps its
+    /// last answer), and what failed, if anything.
     Resolved {
         cluster: usize,
-        result: Result<Vec<(SocketAddr, u32)>, String>,
+        addresses: Vec<(SocketAddr, u32)>,
+        failure: Option<String>,
     },
 }
 
@@ -419,6 +421,10 @@ impl HostRequest {
         host.rq_active.fetch_add(1, Ordering::Relaxed);
         host.rq_total.fetch_add(1, Ordering::Relaxed);
         HostRequest { host }
+    }
+
+    pub fn host(&self) -> &Arc<Host> {
+        &self.host
     }
 }
 

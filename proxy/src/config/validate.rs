@@ -23,6 +23,10 @@ use super::*;
 mod cluster;
 mod route;
 
+/// The longest duration a config may give: times are added to instants, and a year is more
+/// than any timeout or interval needs.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 pub fn validate(path: &Path, source: &str) -> Result<Config, ConfigError> {
     let v = Validator { path, source };
     let raw: RawConfig = toml::from_str(source).map_err(|e| {
@@ -316,6 +320,17 @@ impl Validator<'_> {
     }
 
     fn duration(&self, field: &str, value: &Spanned<RawDuration>) -> Result<Duration> {
+        let d = self.any_duration(field, value)?;
+        if d > MAX_DURATION {
+            return Err(self.error(
+                value.span(),
+                format!("{field}: at most a year (365d); no timeout needs to be longer"),
+            ));
+        }
+        Ok(d)
+    }
+
+    fn any_duration(&self, field: &str, value: &Spanned<RawDuration>) -> Result<Duration> {
         match value.get_ref() {
             RawDuration::Seconds(s) => u64::try_from(*s).map(Duration::from_secs).map_err(|_| {
                 self.error(value.span(), format!("{field}: a duration cannot be negative"))

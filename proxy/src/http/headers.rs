@@ -128,6 +128,57 @@ pub fn for_http2_upstream(parts: &mut request::Parts, trailers: bool, fallback: 
     parts.version = Version::HTTP_2;
 }
 
+/// Makes a copy of a request (already prepared for its own cluster) fit for the mirror
+/// cluster: `-shadow` appended to its host (as Envoy does, so that the shadow service can tell),
+/// and the form of its cluster's protocol: `Host` and an origin-form URI for HTTP/1.1, an
+/// absolute URI for HTTP/2.
+pub fn for_mirror<B>(request: &mut http::Request<B>, http2: bool, cluster: &str) {
+    let host = request
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| request.uri().authority().map(|a| a.as_str().to_owned()));
+    let shadow = host.map(|h| {
+        if h.starts_with('[') {
+            // An IPv6 literal names no service to tell apart.
+            return h;
+        }
+        match h.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => {
+                format!("{name}-shadow:{port}")
+            }
+            _ => format!("{h}-shadow"),
+        }
+    });
+    let path = request
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    if http2 {
+        request.headers_mut().remove(HOST);
+        let authority = shadow
+            .and_then(|s| Authority::try_from(s.as_str()).ok())
+            .or_else(|| Authority::try_from(cluster).ok())
+            .unwrap_or_else(|| Authority::from_static("localhost"));
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(authority);
+        uri.path_and_query = Some(path);
+        if let Ok(uri) = Uri::from_parts(uri) {
+            *request.uri_mut() = uri;
+        }
+        *request.version_mut() = Version::HTTP_2;
+    } else {
+        if let Some(value) = shadow.and_then(|s| HeaderValue::from_str(&s).ok()) {
+            request.headers_mut().insert(HOST, value);
+        }
+        *request.uri_mut() = Uri::from(path);
+        *request.version_mut() = Version::HTTP_11;
+    }
+}
+
 /// Declares a gRPC response's trailers (`grpc-status`, `grpc-message`,
 /// `grpc-status-details-bin`) in a `Trailer` field when the upstream did not, for an HTTP/1.1
 /// client that accepts trailers: hyper sends HTTP/1.1 trailers only when the request had
@@ -322,6 +373,26 @@ mod tests {
         );
         let cookies: Vec<_> = parts.headers.get_all("cookie").iter().collect();
         assert_eq!(cookies, ["a=1; b=2"]);
+    }
+
+    #[test]
+    fn mirrored_requests_name_the_shadow_in_their_cluster_protocol() {
+        let mut r = Request::get("/a?b")
+            .header("host", "app.test:8080")
+            .body(())
+            .unwrap();
+        for_mirror(&mut r, false, "c");
+        assert_eq!(r.headers()["host"], "app.test-shadow:8080");
+        assert_eq!(r.uri(), "/a?b");
+        // From an HTTP/2 cluster's form to an HTTP/1.1 mirror and back.
+        let mut r = Request::get("http://app.test/x").body(()).unwrap();
+        for_mirror(&mut r, false, "c");
+        assert_eq!(r.headers()["host"], "app.test-shadow");
+        assert_eq!(r.uri(), "/x");
+        for_mirror(&mut r, true, "c");
+        assert_eq!(r.uri(), "http://app.test-shadow-shadow/x");
+        assert!(!r.headers().contains_key("host"));
+        assert_eq!(r.version(), Version::HTTP_2);
     }
 
     #[test]

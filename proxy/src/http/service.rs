@@ -3,6 +3,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,7 +17,9 @@ use tracing::debug;
 use super::body::{Exchange, Flag, LogRecord, Release, ResponseBody, Upstream};
 use super::headers::{self, Downstream, X_REQUEST_ID};
 use super::io::Activity;
-use crate::cluster::{self, ActiveRetry, ClusterRequest, HostRequest, Outcome, PendingRequest};
+use crate::cluster::{
+    self, ActiveRetry, ClusterRequest, Host, HostRequest, Outcome, PendingRequest,
+};
 use crate::config::{
     ClusterId, ClusterRoute, DirectResponse, ListenerKind, RetryPolicy, RouteAction,
     UpstreamProtocol,
@@ -307,15 +310,16 @@ async fn proxy(
     let retry = route
         .retry
         .filter(|r| bodyless && (idempotent || r.retry_non_idempotent));
+    let mirror = route
+        .mirror
+        .filter(|m| bodyless && fastrand::f64() * 100.0 < m.percent);
     // Kept only when the request may be sent again or copied: headers are not cloned for nothing.
-    let template = (retry.is_some() || (route.mirror.is_some() && bodyless)).then(|| Template {
+    let template = (retry.is_some() || mirror.is_some()).then(|| Template {
         method: parts.method.clone(),
         uri: parts.uri.clone(),
         headers: parts.headers.clone(),
     });
-    if let (Some(mirror), Some(template)) = (route.mirror, &template)
-        && fastrand::f64() * 100.0 < mirror.percent
-    {
+    if let (Some(mirror), Some(template)) = (mirror, &template) {
         tokio::task::spawn_local(shadow(worker.clone(), mirror.cluster, template.clone()));
     }
     let progress = BodyProgress::new(bodyless);
@@ -340,11 +344,20 @@ async fn proxy(
         // A request without a body to an idempotent method may be sent again if a pooled
         // connection turns out to have been closed by the upstream under it (RFC 9110, 9.2.2).
         replayable: bodyless && idempotent,
+        progress: &progress,
+        current: std::cell::RefCell::new(None),
     };
     let sent = tokio::select! {
         sent = tries.run(request) => Ok(sent),
         timeout = progress.timed_out(timeout, idle_timeout) => Err(timeout),
     };
+    if let Err(RequestTimeout::Response) = sent
+        && let Some(host) = tries.current.borrow_mut().take()
+    {
+        // The try in flight ran out the request's time: a host that never answers is a
+        // failing host for outlier detection too.
+        handle.report(&host, Outcome::LocalFailure, cluster.outlier.as_ref());
+    }
     if progress.too_large() && !matches!(sent, Ok((Ok(_), _))) {
         return Err(TooLarge(exchange));
     }
@@ -517,10 +530,13 @@ struct Tries<'a> {
     retry: Option<RetryPolicy>,
     template: Option<&'a Template>,
     replayable: bool,
+    progress: &'a BodyProgress,
+    /// The host of the try in flight, for outlier detection when the request times out.
+    current: std::cell::RefCell<Option<Arc<Host>>>,
 }
 
 impl Tries<'_> {
-    async fn run(self, first: Request<RequestBody>) -> Tried {
+    async fn run(&self, first: Request<RequestBody>) -> Tried {
         let worker = &self.ctx.worker;
         let cluster = worker.config.cluster(self.cluster_id);
         let wc = &worker.clusters[self.cluster_id.0];
@@ -544,35 +560,56 @@ impl Tries<'_> {
             }
             let addr = pick.host.address;
             last = Some(addr);
-            let host = HostRequest::new(pick.host.clone());
+            *self.current.borrow_mut() = Some(pick.host.clone());
+            let host = HostRequest::new(pick.host);
             let Some(this) = request
                 .take()
                 .or_else(|| self.template.map(Template::request))
             else {
                 unreachable!("a retried request has a template");
             };
-            let attempt = send(worker, self.cluster_id, addr, this, self.replayable);
+            let attempt = send(
+                worker,
+                self.cluster_id,
+                addr,
+                this,
+                self.replayable,
+                self.template,
+            );
+            let started = std::time::Instant::now();
             let result = match self.route.per_try_timeout {
-                Some(limit) => match tokio::time::timeout(limit, attempt).await {
-                    Ok(result) => result,
-                    Err(_) => {
+                // Each try's time starts when the client's body is all sent (a slow upload is
+                // not a slow upstream), as the request's own timeout does.
+                Some(limit) => tokio::select! {
+                    result = attempt => result,
+                    _ = async {
+                        let ended = self.progress.ended().await;
+                        tokio::time::sleep_until((ended.max(started) + limit).into()).await;
+                    } => {
                         stats.shard.inc(cluster_stats.upstream_rq_per_try_timeout);
                         Err(SendError::PerTryTimeout)
                     }
                 },
                 None => attempt.await,
             };
+            self.current.borrow_mut().take();
+            // The client's own failures (its body broke off, or went past max_request_body)
+            // say nothing of the upstream, and are not tried again.
+            let clients_fault = self.progress.too_large()
+                || matches!(&result, Err(SendError::Reset(e)) if e.is_user());
             let outcome = match &result {
+                _ if clients_fault => None,
                 Ok((response, _)) => Some(Outcome::Status(response.status().as_u16())),
                 Err(SendError::Overflow(_) | SendError::NoHost) => None,
                 Err(_) => Some(Outcome::LocalFailure),
             };
             if let Some(outcome) = outcome {
                 wc.handle
-                    .report(&pick.host, outcome, cluster.outlier.as_ref());
+                    .report(host.host(), outcome, cluster.outlier.as_ref());
             }
             if let Some(policy) = self.retry
                 && retries < policy.num_retries
+                && !clients_fault
                 && should_retry(&policy, &result)
             {
                 match ActiveRetry::take(
@@ -645,7 +682,7 @@ fn backoff(policy: &RetryPolicy, retry: u32) -> Duration {
 }
 
 /// Sends a copy of a request to the mirror cluster and drops the answer; the client never waits
-/// for it. `Host` gets `-shadow` appended, as Envoy does, so that the shadow service can tell.
+/// for it. The host gets `-shadow` appended, as Envoy does, so that the shadow service can tell.
 async fn shadow(worker: Rc<Worker>, cluster_id: ClusterId, template: Template) {
     let cluster = worker.config.cluster(cluster_id);
     let wc = &worker.clusters[cluster_id.0];
@@ -662,31 +699,48 @@ async fn shadow(worker: Rc<Worker>, cluster_id: ClusterId, template: Template) {
     stats.shard.inc(cluster_stats.upstream_rq_total);
     stats.shard.inc(cluster_stats.upstream_rq_mirror);
     let mut request = template.request();
-    if let Some(host) = request.headers().get(HOST).and_then(|h| h.to_str().ok())
-        && let Ok(shadow) = HeaderValue::from_str(&format!("{}-shadow", strip_port(host)))
-    {
-        request.headers_mut().insert(HOST, shadow);
-    }
-    let host = HostRequest::new(pick.host.clone());
-    let addr = pick.host.address;
-    let send = send(&worker, cluster_id, addr, request, true);
-    let result = tokio::time::timeout(cluster.request_timeout, send).await;
-    match result {
+    headers::for_mirror(
+        &mut request,
+        cluster.protocol == UpstreamProtocol::Http2,
+        &cluster.name,
+    );
+    let host = HostRequest::new(pick.host);
+    let addr = host.host().address;
+    // Everything, the answer's body included, within the cluster's request timeout: a shadow
+    // that stalls must not hold the mirror cluster's counts.
+    let deadline = tokio::time::Instant::now() + cluster.request_timeout;
+    let sent = tokio::time::timeout_at(
+        deadline,
+        send(&worker, cluster_id, addr, request, true, None),
+    )
+    .await;
+    match sent {
         Ok(Ok((response, upstream))) => {
             wc.handle.report(
-                &pick.host,
+                host.host(),
                 Outcome::Status(response.status().as_u16()),
                 cluster.outlier.as_ref(),
             );
             // Read the answer to its end so that the connection can be used again.
             let (_, mut body) = response.into_parts();
-            use http_body_util::BodyExt;
-            while let Some(Ok(_)) = body.frame().await {}
-            if let Upstream::Http1 {
-                pool,
-                endpoint,
-                sender,
-            } = upstream
+            let drained = tokio::time::timeout_at(deadline, async {
+                use http_body_util::BodyExt;
+                while let Some(frame) = body.frame().await {
+                    if frame.is_err() {
+                        return false;
+                    }
+                }
+                true
+            })
+            .await;
+            if let (
+                Ok(true),
+                Upstream::Http1 {
+                    pool,
+                    endpoint,
+                    sender,
+                },
+            ) = (drained, upstream)
             {
                 pool.release(endpoint, sender);
             }
@@ -694,7 +748,7 @@ async fn shadow(worker: Rc<Worker>, cluster_id: ClusterId, template: Template) {
         Ok(Err(SendError::Overflow(_) | SendError::NoHost)) => {}
         Ok(Err(_)) | Err(_) => {
             wc.handle
-                .report(&pick.host, Outcome::LocalFailure, cluster.outlier.as_ref());
+                .report(host.host(), Outcome::LocalFailure, cluster.outlier.as_ref());
         }
     }
     drop(host);
@@ -703,13 +757,16 @@ async fn shadow(worker: Rc<Worker>, cluster_id: ClusterId, template: Template) {
 
 /// Sends on a pooled connection to `addr` when one is ready, else on a new one (waiting for one
 /// when the cluster is at `max_connections`). A request that a pooled connection could not
-/// carry (it closed first) goes once more on a new connection.
+/// carry (it closed first) goes once more: `replayable` requests from `template` (or a copy made
+/// here) when the connection took them, others only when it did not. An `http2` cluster's
+/// requests go as streams of the worker's connection to the endpoint (`upstream_h2`).
 async fn send(
     worker: &Rc<Worker>,
     cluster_id: ClusterId,
     addr: SocketAddr,
     mut request: Request<RequestBody>,
     replayable: bool,
+    template: Option<&Template>,
 ) -> Result<(Response<Incoming>, Upstream), SendError> {
     let cluster = worker.config.cluster(cluster_id);
     if cluster.protocol == UpstreamProtocol::Http2 {
@@ -728,87 +785,125 @@ async fn send(
     };
     let stats = &worker.stats;
     let cluster_stats = &stats.ids.clusters[cluster_id.0];
-    if let Some(mut pooled) = pool.checkout(addr) {
-        // Kept only for a pooled connection, the one case where a request may need sending again.
-        let replay: Option<Template> = replayable.then(|| Template {
-            method: request.method().clone(),
-            uri: request.uri().clone(),
-            headers: request.headers().clone(),
-        });
-        match pooled.sender.try_send_request(request).await {
-            Ok(response) => return Ok((response, http1(pooled.sender))),
-            Err(mut e) => {
-                request = match (e.take_message(), replay) {
-                    (Some(unsent), _) => unsent,
-                    (None, Some(template)) => template.request(),
-                    (None, None) => return Err(SendError::Reset(e.into_error())),
-                };
-                debug!(
-                    worker = worker.id,
-                    idle_for = ?pooled.idle_for.unwrap_or(Duration::ZERO),
-                    "pooled upstream connection closed under a request; sending it again: {}",
-                    e.error()
-                );
-                stats.shard.inc(cluster_stats.upstream_rq_retry);
-            }
-        }
-    }
     let max = cluster.breakers.max_connections;
-    let slot = match ConnectionSlot::take(&wc.handle, max) {
-        Some(slot) => slot,
-        None => {
-            // At max_connections: wait (as a pending request) for a connection of this worker
-            // to come back to the pool, or for any of the cluster's to close.
-            stats.shard.inc(cluster_stats.upstream_cx_overflow);
-            let Some(_pending) =
-                PendingRequest::take(&wc.handle, cluster.breakers.max_pending_requests)
-            else {
-                stats.shard.inc(cluster_stats.upstream_rq_pending_overflow);
-                return Err(SendError::Overflow("max_pending_requests"));
-            };
-            let _waiting = Waiting::new(pool);
-            loop {
-                let freed_here = pool.freed.notified();
-                let freed_anywhere = wc.handle.cx_freed.notified();
-                if let Some(mut pooled) = pool.checkout(addr) {
-                    return match pooled.sender.send_request(request).await {
-                        Ok(response) => Ok((response, http1(pooled.sender))),
-                        Err(e) => Err(SendError::Reset(e)),
-                    };
-                }
-                if let Some(slot) = ConnectionSlot::take(&wc.handle, max) {
-                    break slot;
-                }
-                tokio::select! {
-                    _ = freed_here => {}
-                    _ = freed_anywhere => {}
+    let mut sent_again = false;
+    loop {
+        let connection = match pool.checkout(addr) {
+            Some(pooled) => Connection::Pooled(pooled),
+            None => match ConnectionSlot::take(&wc.handle, max) {
+                Some(slot) => Connection::New(slot),
+                None => wait_for_connection(worker, cluster_id, addr).await?,
+            },
+        };
+        let slot = match connection {
+            Connection::New(slot) => slot,
+            Connection::Pooled(mut pooled) => {
+                // Kept only for a pooled connection, the one case where a request may need
+                // sending again.
+                let own;
+                let replay = match (replayable, template) {
+                    (false, _) => None,
+                    (true, Some(t)) => Some(t),
+                    (true, None) => {
+                        own = Template {
+                            method: request.method().clone(),
+                            uri: request.uri().clone(),
+                            headers: request.headers().clone(),
+                        };
+                        Some(&own)
+                    }
+                };
+                match pooled.sender.try_send_request(request).await {
+                    Ok(response) => return Ok((response, http1(pooled.sender))),
+                    Err(mut e) => {
+                        request = match (e.take_message(), replay) {
+                            (Some(unsent), _) => unsent,
+                            (None, Some(template)) if !sent_again => template.request(),
+                            _ => return Err(SendError::Reset(e.into_error())),
+                        };
+                        if sent_again {
+                            return Err(SendError::Reset(e.into_error()));
+                        }
+                        sent_again = true;
+                        debug!(
+                            worker = worker.id,
+                            idle_for = ?pooled.idle_for.unwrap_or(Duration::ZERO),
+                            "pooled upstream connection closed under a request; sending it again: {}",
+                            e.error()
+                        );
+                        stats.shard.inc(cluster_stats.upstream_rq_retry);
+                        continue;
+                    }
                 }
             }
-        }
-    };
-    let mut sender = upstream::connect_http1(addr, cluster, worker, cluster_id.0, slot)
-        .await
-        .map_err(SendError::Connect)?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(SendError::Reset)?;
-    Ok((response, http1(sender)))
+        };
+        let mut sender = upstream::connect_http1(addr, cluster, worker, cluster_id.0, slot)
+            .await
+            .map_err(SendError::Connect)?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(SendError::Reset)?;
+        return Ok((response, http1(sender)));
+    }
 }
 
-/// Counts a request of this worker waiting for a connection, while it waits.
-struct Waiting<'a>(&'a ClusterPool);
+/// A connection to send on: a pooled one, or a place for a new one.
+enum Connection {
+    Pooled(upstream::Checkout),
+    New(ConnectionSlot),
+}
+
+/// At `max_connections`: waits, as a pending request, for a connection of this worker to
+/// `addr` to come back to the pool or for a place for a new one. An idle connection of this
+/// worker to another endpoint is closed to make that place.
+async fn wait_for_connection(
+    worker: &Rc<Worker>,
+    cluster_id: ClusterId,
+    addr: SocketAddr,
+) -> Result<Connection, SendError> {
+    let cluster = worker.config.cluster(cluster_id);
+    let wc = &worker.clusters[cluster_id.0];
+    let pool = &wc.pool;
+    let stats = &worker.stats;
+    let cluster_stats = &stats.ids.clusters[cluster_id.0];
+    stats.shard.inc(cluster_stats.upstream_cx_overflow);
+    let Some(_pending) = PendingRequest::take(&wc.handle, cluster.breakers.max_pending_requests)
+    else {
+        stats.shard.inc(cluster_stats.upstream_rq_pending_overflow);
+        return Err(SendError::Overflow("max_pending_requests"));
+    };
+    let _waiting = Waiting::new(pool, addr);
+    loop {
+        let freed_here = pool.freed.notified();
+        let freed_anywhere = wc.handle.cx_freed.notified();
+        if let Some(pooled) = pool.checkout(addr) {
+            return Ok(Connection::Pooled(pooled));
+        }
+        if let Some(slot) = ConnectionSlot::take(&wc.handle, cluster.breakers.max_connections) {
+            return Ok(Connection::New(slot));
+        }
+        pool.close_idle_except(addr);
+        tokio::select! {
+            _ = freed_here => {}
+            _ = freed_anywhere => {}
+        }
+    }
+}
+
+/// Counts a request of this worker waiting for a connection to an endpoint, while it waits.
+struct Waiting<'a>(&'a ClusterPool, SocketAddr);
 
 impl<'a> Waiting<'a> {
-    fn new(pool: &'a ClusterPool) -> Self {
-        pool.waiting.set(pool.waiting.get() + 1);
-        Waiting(pool)
+    fn new(pool: &'a ClusterPool, addr: SocketAddr) -> Self {
+        pool.wait(addr, true);
+        Waiting(pool, addr)
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.waiting.set(self.0.waiting.get() - 1);
+        self.0.wait(self.1, false);
     }
 }
 

@@ -57,6 +57,17 @@ impl Validator<'_> {
             let (target, weight) = self.weighted_endpoint(&name, endpoint)?;
             if dns {
                 let (host, port) = self.dns_name(&name, endpoint, target)?;
+                if names
+                    .iter()
+                    .any(|n: &DnsName| n.host == host && n.port == port)
+                {
+                    return Err(self.error(
+                        endpoint.span(),
+                        format!(
+                            "cluster `{name}`: endpoint {host}:{port} is listed twice; give it a weight instead"
+                        ),
+                    ));
+                }
                 names.push(DnsName { host, port, weight });
             } else {
                 let address = self.endpoint(&name, endpoint, target)?;

@@ -232,14 +232,14 @@ impl Validator<'_> {
                 other => match other
                     .parse::<u16>()
                     .ok()
-                    .filter(|s| (500..=599).contains(s))
+                    .filter(|s| (400..=599).contains(s))
                 {
                     Some(status) if statuses.len() < on.statuses.len() => statuses.push(status),
                     _ => {
                         return Err(self.error(
                             item.span(),
                             format!(
-                                "{}: `{other}` is not one of \"connect-failure\", \"reset\", \"5xx\", \"gateway-error\", or a status from 500 to 599 (at most four)",
+                                "{}: `{other}` is not one of \"connect-failure\", \"reset\", \"5xx\", \"gateway-error\", or a status from 400 to 599 (at most four)",
                                 field("retry_on")
                             ),
                         ));
