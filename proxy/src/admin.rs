@@ -287,8 +287,9 @@ fn clusters(admin: &Admin, query: Option<&str>) -> Response<Full<Bytes>> {
     let handles = admin.clusters.handles();
     let mut lines = String::new();
     let mut list = Vec::new();
-    for (cluster, handle) in admin.config.clusters.iter().zip(&handles) {
+    for (index, (cluster, handle)) in admin.config.clusters.iter().zip(&handles).enumerate() {
         let snapshot = handle.snapshot.load();
+        let failures = admin.clusters.last_failures(index);
         let name = &cluster.name;
         let b = cluster.breakers;
         let breakers = [
@@ -299,6 +300,18 @@ fn clusters(admin: &Admin, query: Option<&str>) -> Response<Full<Bytes>> {
         ];
         for (field, value) in breakers {
             lines.push_str(&format!("{name}::default_priority::{field}::{value}\n"));
+        }
+        let counts = [
+            ("cx_active", handle.cx_active.load(Ordering::Relaxed)),
+            ("rq_pending", handle.rq_pending.load(Ordering::Relaxed)),
+            ("rq_active", handle.rq_active.load(Ordering::Relaxed)),
+            (
+                "rq_retries_active",
+                handle.retries_active.load(Ordering::Relaxed),
+            ),
+        ];
+        for (field, value) in counts {
+            lines.push_str(&format!("{name}::{field}::{value}\n"));
         }
         lines.push_str(&format!(
             "{name}::lb_policy::{}\n{name}::panic::{}\n",
@@ -316,6 +329,13 @@ fn clusters(admin: &Admin, query: Option<&str>) -> Response<Full<Bytes>> {
                 flags.describe(),
                 host.weight
             ));
+            let last_failure = failures
+                .iter()
+                .find(|(addr, _)| *addr == a)
+                .map(|(_, why)| why.clone());
+            if let Some(why) = &last_failure {
+                lines.push_str(&format!("{name}::{a}::last_health_check_failure::{why}\n"));
+            }
             hosts.push(serde_json::json!({
                 "address": a.to_string(),
                 "weight": host.weight,
@@ -328,6 +348,7 @@ fn clusters(admin: &Admin, query: Option<&str>) -> Response<Full<Bytes>> {
                 "rq_active": rq_active,
                 "rq_total": rq_total,
                 "rq_error": rq_error,
+                "last_health_check_failure": last_failure,
             }));
         }
         list.push(serde_json::json!({

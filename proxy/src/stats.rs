@@ -44,6 +44,8 @@ pub struct ClusterStats {
     pub upstream_rq_timeout: Counter,
     pub upstream_rq_reset: Counter,
     pub upstream_rq_retry: Counter,
+    /// Upstream answers by class: 1xx, 2xx, 3xx, 4xx, 5xx (each try counts).
+    pub upstream_rq_class: [Counter; 5],
     pub upstream_rq_time: Histogram,
     pub upstream_rq_retry_success: Counter,
     pub upstream_rq_retry_overflow: Counter,
@@ -185,7 +187,22 @@ impl StatIds {
             .map(|c| {
                 let tags = [("cluster", c.name.as_str())];
                 let counter = |name, help| region.counter(Spec::new(name, &tags, help));
+                let class = |class: &str| {
+                    let name = format!("upstream_rq_{class}");
+                    region.counter(Spec::new(
+                        &name,
+                        &[("cluster", c.name.as_str()), ("code_class", class)],
+                        "Upstream answers by status class (each try).",
+                    ))
+                };
                 Ok(ClusterStats {
+                    upstream_rq_class: [
+                        class("1xx")?,
+                        class("2xx")?,
+                        class("3xx")?,
+                        class("4xx")?,
+                        class("5xx")?,
+                    ],
                     upstream_cx_total: counter(
                         "upstream_cx_total",
                         "Upstream connections opened.",
@@ -203,7 +220,7 @@ impl StatIds {
                         "upstream_cx_connect_timeout",
                         "Upstream connections that timed out opening.",
                     )?,
-                    upstream_rq_total: counter("upstream_rq_total", "Requests sent upstream.")?,
+                    upstream_rq_total: counter("upstream_rq_total", "Requests sent upstream (each try, and each mirrored copy).")?,
                     upstream_rq_timeout: counter(
                         "upstream_rq_timeout",
                         "Requests whose upstream answered too late.",

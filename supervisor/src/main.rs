@@ -131,9 +131,14 @@ fn main() -> ExitCode {
             };
             ExitCode::from(server::run(config))
         }
-        Command::Reload(target) => client(&target, Request::Reload, |r| {
-            println!("baton: reloaded: {}", r.message);
-        }),
+        Command::Reload(target) => {
+            if let Err(code) = same_config(&target) {
+                return code;
+            }
+            client(&target, Request::Reload, |r| {
+                println!("baton: reloaded: {}", r.message);
+            })
+        }
         Command::Drain(target) => client(&target, Request::Drain, |r| {
             println!("baton: {}", r.message)
         }),
@@ -251,6 +256,31 @@ fn upgrade_supervisor(target: &Target) -> ExitCode {
 }
 
 /// The control socket a command talks to.
+/// A reload reads the file the supervisor was started with: refuses a `--config` naming
+/// another (which would otherwise be silently ignored).
+fn same_config(target: &Target) -> Result<(), ExitCode> {
+    let Some(given) = &target.config else {
+        return Ok(());
+    };
+    let socket = socket_of(target)?;
+    let Ok(Some(status)) = control::call(&socket, Request::Status).map(|r| r.status) else {
+        // Not answering: the reload itself will say so.
+        return Ok(());
+    };
+    let given_abs = std::fs::canonicalize(given).unwrap_or_else(|_| given.clone());
+    if given_abs != std::path::Path::new(&status.config) {
+        eprintln!(
+            "baton: the running supervisor (pid {}) reloads {}, the file it was started with, not {}; edit that file (or copy this one over it) and reload, or stop baton and start it with --config {}",
+            status.supervisor_pid,
+            status.config,
+            given.display(),
+            given.display()
+        );
+        return Err(ExitCode::from(EXIT_USAGE));
+    }
+    Ok(())
+}
+
 fn socket_of(target: &Target) -> Result<PathBuf, ExitCode> {
     match (&target.socket, &target.config) {
         (Some(socket), _) => Ok(socket.clone()),

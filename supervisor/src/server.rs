@@ -1348,7 +1348,11 @@ impl Supervisor {
             supervisor_pid: std::process::id(),
             supervisor_build: env!("BATON_BUILD_ID").to_owned(),
             instance: self.config.instance.clone(),
-            config: self.config.path.display().to_string(),
+            // Absolute, so that a client in another directory can tell whether it names it.
+            config: std::fs::canonicalize(&self.config.path)
+                .unwrap_or_else(|_| self.config.path.clone())
+                .display()
+                .to_string(),
             active_epoch: self.lifecycle.active(),
             drained: self.lifecycle.drained(),
             generations,

@@ -27,19 +27,25 @@ pub async fn run(
     events: mpsc::UnboundedSender<Event>,
 ) {
     loop {
-        let (passed, timed_out) =
+        let (failure, timed_out) =
             match tokio::time::timeout(check.timeout, probe(address, &check.kind, http2)).await {
-                Ok(passed) => (passed, false),
-                Err(_) => {
-                    debug!(upstream = %address, "health check timed out after {:?}", check.timeout);
-                    (false, true)
-                }
+                Ok(result) => (result.err(), false),
+                Err(_) => (
+                    Some(format!(
+                        "no answer within the timeout ({:?})",
+                        check.timeout
+                    )),
+                    true,
+                ),
             };
+        if let Some(why) = &failure {
+            debug!(upstream = %address, "health check failed: {why}");
+        }
         if events
             .send(Event::Checked {
                 cluster,
                 address,
-                passed,
+                failure,
                 timed_out,
             })
             .is_err()
@@ -54,21 +60,17 @@ pub async fn run(
 
 /// One check: a TCP connection opens, or `GET path` answers an expected status (in HTTP/2 with
 /// prior knowledge for `protocol = "http2"` clusters, HTTP/1.1 otherwise).
-async fn probe(address: SocketAddr, kind: &HealthCheckKind, http2: bool) -> bool {
-    let stream = match TcpStream::connect(address).await {
-        Ok(s) => s,
-        Err(e) => {
-            debug!(upstream = %address, "health check: connect failed: {e}");
-            return false;
-        }
-    };
+async fn probe(address: SocketAddr, kind: &HealthCheckKind, http2: bool) -> Result<(), String> {
+    let stream = TcpStream::connect(address)
+        .await
+        .map_err(|e| format!("connect failed: {e}"))?;
     let HealthCheckKind::Http {
         path,
         host,
         expected,
     } = kind
     else {
-        return true;
+        return Ok(());
     };
     let _ = stream.set_nodelay(true);
     let io = TokioIo::new(stream);
@@ -76,55 +78,41 @@ async fn probe(address: SocketAddr, kind: &HealthCheckKind, http2: bool) -> bool
     let answer = if http2 {
         // An HTTP/2 cluster's endpoints may speak nothing else (a gRPC server): ask in HTTP/2,
         // with the host as `:authority`.
-        let Ok((mut sender, connection)) =
-            hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(LocalExec, io).await
-        else {
-            return false;
-        };
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(LocalExec, io)
+                .await
+                .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
         tokio::task::spawn_local(async move {
             let _ = connection.await;
         });
-        let Ok(request) = request
+        let request = request
             .uri(format!("http://{host}{path}"))
             .version(http::Version::HTTP_2)
             .body(Empty::new())
-        else {
-            return false;
-        };
+            .map_err(|e| format!("cannot make the request: {e}"))?;
         sender.send_request(request).await
     } else {
-        let Ok((mut sender, connection)) =
-            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(io).await
-        else {
-            return false;
-        };
+        let (mut sender, connection) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(io)
+            .await
+            .map_err(|e| format!("HTTP handshake failed: {e}"))?;
         tokio::task::spawn_local(async move {
             let _ = connection.await;
         });
-        let Ok(host) = HeaderValue::from_str(host) else {
-            return false;
-        };
-        let Ok(request) = request
+        let host = HeaderValue::from_str(host).map_err(|e| format!("bad host: {e}"))?;
+        let request = request
             .header(HOST, host)
             .header(CONNECTION, "close")
             .body(Empty::new())
-        else {
-            return false;
-        };
+            .map_err(|e| format!("cannot make the request: {e}"))?;
         sender.send_request(request).await
     };
-    match answer {
-        Ok(response) => {
-            let status = response.status().as_u16();
-            let passed = expected.iter().any(|r| r.contains(&status));
-            if !passed {
-                debug!(upstream = %address, status, "health check failed: unexpected status");
-            }
-            passed
-        }
-        Err(e) => {
-            debug!(upstream = %address, "health check failed: {e}");
-            false
-        }
+    let status = answer
+        .map_err(|e| format!("request failed: {e}"))?
+        .status()
+        .as_u16();
+    if expected.iter().any(|r| r.contains(&status)) {
+        Ok(())
+    } else {
+        Err(format!("status {status}, not one of expected_statuses"))
     }
 }

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::{ClusterHandle, Event, HealthFlags, Host, Snapshot, health};
-use crate::config::{Cluster, Config, Discovery, UpstreamProtocol};
+use crate::config::{Cluster, Config, Discovery, LookupFamily, UpstreamProtocol};
 use crate::dns::{DnsError, Resolver};
 use crate::stats::ThreadStats;
 
@@ -34,6 +34,8 @@ struct Member {
     ejections: u32,
     /// When the last ejection ended.
     unejected: Option<std::time::Instant>,
+    /// Why the last failed health check failed.
+    last_failure: Option<String>,
     checker: Option<JoinHandle<()>>,
 }
 
@@ -91,12 +93,13 @@ impl Manager {
                     names,
                     refresh,
                     resolvers,
+                    family,
                 } => Some(tokio::task::spawn_local(resolve_forever(
                     index,
                     cluster.name.clone(),
                     names.clone(),
                     *refresh,
-                    resolvers.clone(),
+                    (resolvers.clone(), *family),
                     events.clone(),
                 ))),
             };
@@ -209,9 +212,9 @@ impl Manager {
             Event::Checked {
                 cluster,
                 address,
-                passed,
+                failure,
                 timed_out,
-            } => self.checked(cluster, address, passed, timed_out),
+            } => self.checked(cluster, address, failure, timed_out),
             Event::Outlier { cluster, host } => self.outlier(cluster, &host),
             Event::Uneject {
                 cluster,
@@ -246,7 +249,36 @@ impl Manager {
         }
     }
 
-    fn checked(&self, cluster: usize, address: SocketAddr, passed: bool, timed_out: bool) {
+    /// Whether `address` is where a listener of this generation listens.
+    fn own(&self, address: SocketAddr) -> bool {
+        self.config
+            .listeners
+            .iter()
+            .filter_map(|l| l.address)
+            .any(|l| {
+                l.port() == address.port()
+                    && (l.ip() == address.ip()
+                        || (l.ip().is_unspecified() && address.ip().is_loopback()))
+            })
+    }
+
+    /// Why each endpoint of `cluster` last failed its health check, for `/clusters`.
+    pub fn last_failures(&self, cluster: usize) -> Vec<(SocketAddr, String)> {
+        self.state.borrow()[cluster]
+            .members
+            .iter()
+            .filter_map(|m| Some((m.host.address, m.last_failure.clone()?)))
+            .collect()
+    }
+
+    fn checked(
+        &self,
+        cluster: usize,
+        address: SocketAddr,
+        failure: Option<String>,
+        timed_out: bool,
+    ) {
+        let passed = failure.is_none();
         let config = &self.config.clusters[cluster];
         let Some(check) = &config.health_check else {
             return;
@@ -266,12 +298,15 @@ impl Manager {
         };
         let m = &mut members[i];
         let before = m.flags;
-        if m.flags.pending_active_hc && timed_out && m.fails == 0 {
-            // A first check without an answer decides nothing yet (the endpoint may be starting,
-            // or be a listener of this very generation, whose workers do not run yet): the
-            // endpoint stays as it was until the next check.
+        if m.flags.pending_active_hc && timed_out && m.fails == 0 && self.own(address) {
+            // An endpoint that is a listener of this very generation cannot answer its first
+            // check, which runs before the workers do: that decides nothing; the next check
+            // will. (Any other endpoint without an answer is down, as the old generation knew.)
             m.fails = 1;
             return;
+        }
+        if let Some(why) = &failure {
+            m.last_failure = Some(why.clone());
         }
         if passed {
             m.fails = 0;
@@ -297,7 +332,8 @@ impl Manager {
         if m.flags.failed_active_hc != before.failed_active_hc {
             let name = &config.name;
             if m.flags.failed_active_hc {
-                warn!(cluster = %name, upstream = %address, "endpoint is unhealthy (active health check)");
+                let why = failure.as_deref().unwrap_or("-");
+                warn!(cluster = %name, upstream = %address, "endpoint is unhealthy (active health check): {why}");
             } else if !before.pending_active_hc {
                 info!(cluster = %name, upstream = %address, "endpoint is healthy again (active health check)");
             }
@@ -354,7 +390,7 @@ impl Manager {
             .base_ejection_time
             .saturating_mul(ejection)
             .min(outlier.max_ejection_time);
-        warn!(cluster = %config.name, upstream = %host.address, for_ = ?time, ejection, "endpoint ejected by outlier detection");
+        warn!(cluster = %config.name, upstream = %host.address, ejection_time = ?time, ejections = ejection, "endpoint ejected by outlier detection");
         self.stats.shard.inc(ids.outlier_ejections_total);
         let events = self.events.clone();
         let address = host.address;
@@ -428,6 +464,7 @@ impl Manager {
                     member.fails = old.fails;
                     member.ejections = old.ejections;
                     member.unejected = old.unejected;
+                    member.last_failure = old.last_failure.take();
                     state.members[i] = member;
                     changed = true;
                 }
@@ -516,6 +553,7 @@ fn new_member(
         fails: 0,
         ejections: 0,
         unejected: None,
+        last_failure: None,
         checker,
     }
 }
@@ -529,10 +567,12 @@ async fn resolve_forever(
     name: String,
     names: Vec<crate::config::DnsName>,
     refresh: Duration,
-    servers: Vec<SocketAddr>,
+    (servers, family): (Vec<SocketAddr>, LookupFamily),
     events: mpsc::UnboundedSender<Event>,
 ) {
     let mut last: Vec<Vec<SocketAddr>> = vec![Vec::new(); names.len()];
+    // Names said to have no address, so that it is said once, not at every refresh.
+    let mut warned = vec![false; names.len()];
     let mut resolver = None;
     loop {
         if resolver.is_none() {
@@ -547,10 +587,21 @@ async fn resolve_forever(
         match &resolver {
             None => failure = Some("no resolver".to_owned()),
             Some(resolver) => {
-                for (n, kept) in names.iter().zip(last.iter_mut()) {
+                for (i, (n, kept)) in names.iter().zip(last.iter_mut()).enumerate() {
                     match resolver.resolve(&n.host, n.port).await {
-                        Ok(addresses) => *kept = addresses,
-                        Err(DnsError::NotFound { .. } | DnsError::NoAddresses { .. }) => {
+                        Ok(mut addresses) => {
+                            family.filter(&mut addresses);
+                            if addresses.is_empty() && (!kept.is_empty() || !warned[i]) {
+                                warn!(cluster = %name, "DNS name {} has no address of dns_lookup_family; it has no endpoints now", n.host);
+                            }
+                            warned[i] = addresses.is_empty();
+                            *kept = addresses;
+                        }
+                        Err(e @ (DnsError::NotFound { .. } | DnsError::NoAddresses { .. })) => {
+                            if !kept.is_empty() || !warned[i] {
+                                warn!(cluster = %name, "{e}; it has no endpoints now");
+                            }
+                            warned[i] = true;
                             kept.clear()
                         }
                         Err(e) => failure = Some(e.to_string()),

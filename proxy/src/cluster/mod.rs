@@ -161,7 +161,8 @@ pub enum Event {
     Checked {
         cluster: usize,
         address: SocketAddr,
-        passed: bool,
+        /// Why it failed; `None`: it passed.
+        failure: Option<String>,
         /// Failed for want of an answer in time.
         timed_out: bool,
     },
@@ -242,15 +243,25 @@ impl ClusterHandle {
         // A few draws to get away from hosts already tried (Envoy's previous_hosts predicate).
         for _ in 0..3 {
             let index = match policy {
-                Policy::RoundRobin => {
+                // A retry does not move the round-robin cursor (else, with two hosts, every
+                // first try would land on the same one): it draws by weight instead.
+                Policy::RoundRobin if avoid.is_empty() => {
                     let n = cursor.get();
                     cursor.set(n.wrapping_add(1));
                     snapshot.table.scheduled(n)
                 }
+                Policy::RoundRobin => snapshot.table.drawn(fastrand::u64(..)),
                 Policy::Random => snapshot.table.drawn(fastrand::u64(..)),
                 Policy::LeastRequest => {
                     let a = snapshot.table.drawn(fastrand::u64(..));
-                    let b = snapshot.table.drawn(fastrand::u64(..));
+                    // Two different hosts when there are two (a few draws: weights may favour one).
+                    let mut b = snapshot.table.drawn(fastrand::u64(..));
+                    for _ in 0..4 {
+                        if b != a || snapshot.targets.len() < 2 {
+                            break;
+                        }
+                        b = snapshot.table.drawn(fastrand::u64(..));
+                    }
                     match (a, b) {
                         (Some(a), Some(b)) => {
                             let load = |i: usize| {

@@ -402,7 +402,34 @@ pub enum Discovery {
         refresh: Duration,
         /// Name servers to ask; empty: the system's (`/etc/resolv.conf`, `/etc/hosts`).
         resolvers: Vec<SocketAddr>,
+        family: LookupFamily,
     },
+}
+
+/// Which of a name's addresses become endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupFamily {
+    /// The IPv4 ones if there are any, else the IPv6 ones.
+    V4Preferred,
+    V4Only,
+    V6Only,
+    All,
+}
+
+impl LookupFamily {
+    /// Keeps the addresses of the family, in place.
+    pub fn filter(self, addresses: &mut Vec<SocketAddr>) {
+        match self {
+            LookupFamily::All => {}
+            LookupFamily::V4Only => addresses.retain(SocketAddr::is_ipv4),
+            LookupFamily::V6Only => addresses.retain(SocketAddr::is_ipv6),
+            LookupFamily::V4Preferred => {
+                if addresses.iter().any(SocketAddr::is_ipv4) {
+                    addresses.retain(SocketAddr::is_ipv4);
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,10 +10,12 @@ use serde_spanned::Spanned;
 
 /// A duration as written: `"250ms"`, `"5s"`, `"1m 30s"`, or a bare number of seconds (as in
 /// nginx's `keepalive_timeout 75;`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum RawDuration {
     Text(String),
     Seconds(i64),
+    /// `0.25`: a fraction of seconds.
+    Fraction(f64),
 }
 
 impl<'de> serde::Deserialize<'de> for RawDuration {
@@ -36,6 +38,10 @@ impl<'de> serde::Deserialize<'de> for RawDuration {
 
             fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawDuration, E> {
                 Ok(RawDuration::Seconds(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<RawDuration, E> {
+                Ok(RawDuration::Fraction(v))
             }
         }
         deserializer.deserialize_any(Visitor)
@@ -270,6 +276,7 @@ pub struct RawCluster {
     pub discovery: Option<Spanned<RawDiscovery>>,
     pub dns_refresh_rate: Option<Spanned<RawDuration>>,
     pub dns_resolvers: Option<Vec<Spanned<String>>>,
+    pub dns_lookup_family: Option<Spanned<RawLookupFamily>>,
     pub connect_timeout: Option<Spanned<RawDuration>>,
     pub request_timeout: Option<Spanned<RawDuration>>,
     pub idle_timeout: Option<Spanned<RawDuration>>,
@@ -288,6 +295,15 @@ pub struct RawCluster {
 pub enum RawDiscovery {
     Static,
     StrictDns,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawLookupFamily {
+    V4Preferred,
+    V4Only,
+    V6Only,
+    All,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

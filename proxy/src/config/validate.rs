@@ -332,6 +332,12 @@ impl Validator<'_> {
 
     fn any_duration(&self, field: &str, value: &Spanned<RawDuration>) -> Result<Duration> {
         match value.get_ref() {
+            RawDuration::Fraction(f) => Duration::try_from_secs_f64(*f).map_err(|_| {
+                self.error(
+                    value.span(),
+                    format!("{field}: a duration is a number of seconds from 0, not {f}"),
+                )
+            }),
             RawDuration::Seconds(s) => u64::try_from(*s).map(Duration::from_secs).map_err(|_| {
                 self.error(value.span(), format!("{field}: a duration cannot be negative"))
             }),
@@ -626,6 +632,16 @@ impl Validator<'_> {
         name: &Spanned<String>,
         clusters: &HashMap<String, ClusterId>,
     ) -> Result<ClusterId> {
+        self.cluster_ref_in(&format!("listener `{listener}`"), name, clusters)
+    }
+
+    /// A cluster named by `what` (a listener, or a route of one).
+    fn cluster_ref_in(
+        &self,
+        what: &str,
+        name: &Spanned<String>,
+        clusters: &HashMap<String, ClusterId>,
+    ) -> Result<ClusterId> {
         clusters.get(name.get_ref()).copied().ok_or_else(|| {
             let mut known: Vec<&str> = clusters.keys().map(String::as_str).collect();
             known.sort_unstable();
@@ -637,7 +653,7 @@ impl Validator<'_> {
             self.error(
                 name.span(),
                 format!(
-                    "listener `{listener}`: cluster `{}` is not defined ({known})",
+                    "{what}: cluster `{}` is not defined ({known})",
                     name.get_ref()
                 ),
             )

@@ -281,12 +281,6 @@ async fn proxy(
     let handle = &worker.clusters[cluster_id.0].handle;
     let stats = &worker.stats;
     let cluster_stats = &stats.ids.clusters[cluster_id.0];
-    stats.shard.inc(cluster_stats.upstream_rq_total);
-
-    let Some(in_flight) = ClusterRequest::take(handle, cluster.breakers.max_requests) else {
-        stats.shard.inc(cluster_stats.upstream_rq_overflow);
-        return Ok(overloaded("max_requests", exchange));
-    };
     let hash = cluster::request_hash(cluster.hash_key.as_ref(), request.headers(), ctx.peer.ip());
     let (mut parts, body) = request.into_parts();
     let h2_upstream = cluster.protocol == UpstreamProtocol::Http2;
@@ -304,6 +298,10 @@ async fn proxy(
     if let Some(log) = exchange.log_mut() {
         log.request_id = Some(request_id);
     }
+    let Some(in_flight) = ClusterRequest::take(handle, cluster.breakers.max_requests) else {
+        stats.shard.inc(cluster_stats.upstream_rq_overflow);
+        return Ok(overloaded("max_requests", exchange));
+    };
     let bodyless = body.is_end_stream();
     let idempotent = is_idempotent(&parts.method);
     // Only a request without a body can be sent again: its body is not kept.
@@ -561,6 +559,7 @@ impl Tries<'_> {
             let addr = pick.host.address;
             last = Some(addr);
             *self.current.borrow_mut() = Some(pick.host.clone());
+            stats.shard.inc(cluster_stats.upstream_rq_total);
             let host = HostRequest::new(pick.host);
             let Some(this) = request
                 .take()
@@ -597,6 +596,11 @@ impl Tries<'_> {
             // say nothing of the upstream, and are not tried again.
             let clients_fault = self.progress.too_large()
                 || matches!(&result, Err(SendError::Reset(e)) if e.is_user());
+            if let Ok((response, _)) = &result
+                && let Some(class) = stats::class_index(response.status().as_u16())
+            {
+                stats.shard.inc(cluster_stats.upstream_rq_class[class]);
+            }
             let outcome = match &result {
                 _ if clients_fault => None,
                 Ok((response, _)) => Some(Outcome::Status(response.status().as_u16())),

@@ -56,7 +56,7 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
             "a route to a cluster that does not exist",
             BASE.replace("cluster = \"origin\"", "cluster = \"orgin\""),
             10,
-            "listener `public`: cluster `orgin` is not defined (defined clusters: origin)",
+            "listener `public` route 1: cluster `orgin` is not defined (defined clusters: origin)",
         ),
         (
             "two listeners with one name",
@@ -161,7 +161,7 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
             "a bad endpoint weight",
             BASE.replace("127.0.0.1:18081", "127.0.0.1:18081 weight=0"),
             14,
-            "after the address only `weight=N` may follow, N from 1 to 10000",
+            "the weight must be a whole number from 1 to 10000, not `0`",
         ),
         (
             "a DNS setting on a static cluster",

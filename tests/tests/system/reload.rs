@@ -618,3 +618,46 @@ async fn a_drained_supervisor_stays_drained_through_its_own_upgrade() {
         Some("1")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_naming_another_config_file_is_refused() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let supervisor = Supervisor::start(&config(listen, admin, origin.addr, ""));
+    let own = supervisor.dir().join("baton.toml");
+    let other = supervisor.dir().join("other.toml");
+    // The same text (and so the same control socket), in another file.
+    std::fs::copy(&own, &other).unwrap();
+    let reloads = supervisor.status()["reloads"].clone();
+    let reload = |config: &std::path::Path| {
+        let config = config.to_owned();
+        baton_tests::blocking(move || {
+            std::process::Command::new(baton_tests::binaries::supervisor())
+                .args(["reload", "--config"])
+                .arg(config)
+                .output()
+                .expect("baton can be run")
+        })
+    };
+    let out = reload(&other);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "a usage error: {stderr}");
+    assert!(
+        stderr.contains("baton.toml, the file it was started with, not")
+            && stderr.contains("other.toml"),
+        "{stderr}"
+    );
+    assert_eq!(
+        supervisor.status()["reloads"],
+        reloads,
+        "nothing was reloaded"
+    );
+    // The file it runs with, however it is written, reloads.
+    let out = reload(&supervisor.dir().join(".").join("baton.toml"));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

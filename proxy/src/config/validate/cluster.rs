@@ -5,7 +5,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 
 use super::super::raw::{
     RawBreakers, RawCluster, RawDiscovery, RawHashKey, RawHealthCheck, RawHealthCheckKind,
-    RawLbPolicy, RawOutlier, RawStatusRange, RawUpstreamProtocol,
+    RawLbPolicy, RawLookupFamily, RawOutlier, RawStatusRange, RawUpstreamProtocol,
 };
 use super::*;
 use crate::lb::Policy;
@@ -34,6 +34,9 @@ impl Validator<'_> {
         );
         if !dns {
             let dns_only = [
+                raw.dns_lookup_family
+                    .as_ref()
+                    .map(|d| ("dns_lookup_family", d.span())),
                 raw.dns_refresh_rate
                     .as_ref()
                     .map(|d| ("dns_refresh_rate", d.span())),
@@ -114,6 +117,12 @@ impl Validator<'_> {
                     DEFAULT_DNS_REFRESH_RATE,
                 )?,
                 resolvers,
+                family: match raw.dns_lookup_family.map(Spanned::into_inner) {
+                    None | Some(RawLookupFamily::V4Preferred) => LookupFamily::V4Preferred,
+                    Some(RawLookupFamily::V4Only) => LookupFamily::V4Only,
+                    Some(RawLookupFamily::V6Only) => LookupFamily::V6Only,
+                    Some(RawLookupFamily::All) => LookupFamily::All,
+                },
             }
         } else {
             Discovery::Static
@@ -225,17 +234,22 @@ impl Validator<'_> {
         let target = words.next().unwrap_or("");
         let mut weight = 1;
         for word in words {
-            let parsed = word
-                .strip_prefix("weight=")
-                .and_then(|w| w.parse::<u32>().ok())
-                .filter(|w| (1..=10_000).contains(w));
-            match parsed {
+            let Some(w) = word.strip_prefix("weight=") else {
+                return Err(self.error(
+                    value.span(),
+                    format!(
+                        "cluster `{cluster}`: endpoint `{}`: `{word}` is not understood; after the address only `weight=N` may follow (no spaces around `=`)",
+                        value.get_ref()
+                    ),
+                ));
+            };
+            match w.parse::<u32>().ok().filter(|w| (1..=10_000).contains(w)) {
                 Some(w) => weight = w,
                 None => {
                     return Err(self.error(
                         value.span(),
                         format!(
-                            "cluster `{cluster}`: endpoint `{}`: `{word}` is not understood; after the address only `weight=N` may follow, N from 1 to 10000",
+                            "cluster `{cluster}`: endpoint `{}`: the weight must be a whole number from 1 to 10000, not `{w}`",
                             value.get_ref()
                         ),
                     ));

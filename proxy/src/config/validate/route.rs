@@ -75,14 +75,14 @@ impl Validator<'_> {
             .transpose()?;
         let action = match (raw.cluster, raw.weighted_clusters, raw.direct_response) {
             (Some(cluster), None, None) => {
-                Some(Target::One(self.cluster_ref(listener, &cluster, clusters)?))
+                Some(Target::One(self.cluster_ref_in(&what, &cluster, clusters)?))
             }
             (None, Some(weighted), None) => {
                 let weighted_span = weighted.span();
                 let mut targets = Vec::new();
                 for w in weighted.into_inner() {
                     let w = w.into_inner();
-                    let id = self.cluster_ref(listener, &w.cluster, clusters)?;
+                    let id = self.cluster_ref_in(&what, &w.cluster, clusters)?;
                     let weight = u32::try_from(*w.weight.get_ref())
                         .ok()
                         .filter(|n| *n <= 10_000)
@@ -135,14 +135,25 @@ impl Validator<'_> {
             .timeout
             .map(|t| self.timeout_or(&format!("{what}: timeout"), Some(t), Duration::ZERO))
             .transpose()?;
+        let per_try_span = raw.per_try_timeout.as_ref().map(|t| t.span());
         let per_try_timeout = raw
             .per_try_timeout
             .map(|t| self.timeout_or(&format!("{what}: per_try_timeout"), Some(t), Duration::ZERO))
             .transpose()?;
+        if let (Some(per_try), Some(all), Some(at)) = (per_try_timeout, timeout, per_try_span)
+            && per_try >= all
+        {
+            return Err(self.error(
+                at,
+                format!(
+                    "{what}: per_try_timeout ({per_try:?}) must be shorter than timeout ({all:?}), which bounds all the tries together"
+                ),
+            ));
+        }
         let retry = raw.retry.map(|r| self.retry(&what, r)).transpose()?;
         let mirror = raw
             .mirror
-            .map(|m| self.mirror(listener, &what, m.into_inner(), clusters))
+            .map(|m| self.mirror(&what, m.into_inner(), clusters))
             .transpose()?;
         Ok(Route {
             hosts,
@@ -172,6 +183,12 @@ impl Validator<'_> {
             (Some(e), None, None, None) => HeaderRule::Exact(e.into_inner()),
             (None, Some(p), None, None) => HeaderRule::Prefix(p.into_inner()),
             (None, None, Some(r), None) => {
+                if let Err(e) = regex::Regex::new(r.get_ref()) {
+                    return Err(self.error(
+                        r.span(),
+                        format!("{what}: header regex `{}` is not valid: {e}", r.get_ref()),
+                    ));
+                }
                 // Anchored: the whole value must match, as in Envoy's safe_regex.
                 let anchored = format!("^(?:{})$", r.get_ref());
                 HeaderRule::Regex(
@@ -235,11 +252,20 @@ impl Validator<'_> {
                     .filter(|s| (400..=599).contains(s))
                 {
                     Some(status) if statuses.len() < on.statuses.len() => statuses.push(status),
-                    _ => {
+                    Some(_) => {
                         return Err(self.error(
                             item.span(),
                             format!(
-                                "{}: `{other}` is not one of \"connect-failure\", \"reset\", \"5xx\", \"gateway-error\", or a status from 400 to 599 (at most four)",
+                                "{}: at most four statuses; use \"5xx\" or \"gateway-error\" for more",
+                                field("retry_on")
+                            ),
+                        ));
+                    }
+                    None => {
+                        return Err(self.error(
+                            item.span(),
+                            format!(
+                                "{}: `{other}` is not one of \"connect-failure\", \"reset\", \"5xx\", \"gateway-error\", or a status from 400 to 599",
                                 field("retry_on")
                             ),
                         ));
@@ -252,24 +278,45 @@ impl Validator<'_> {
         }
         let num_retries = match raw.num_retries {
             None => 1,
-            Some(n) => self.count(&field("num_retries"), &n, 10)? as u32,
+            Some(n) => u32::try_from(*n.get_ref())
+                .ok()
+                .filter(|n| *n <= 10)
+                .ok_or_else(|| {
+                    self.error(
+                        n.span(),
+                        format!(
+                            "{}: expected a number from 0 (no retry) to 10",
+                            field("num_retries")
+                        ),
+                    )
+                })?,
         };
         let base_interval = self.timeout_or(
             &field("base_interval"),
             raw.base_interval,
             DEFAULT_RETRY_BASE,
         )?;
+        let max_span = raw.max_interval.as_ref().map(|m| m.span());
         let max_interval = self.timeout_or(
             &field("max_interval"),
             raw.max_interval,
             base_interval.saturating_mul(10),
         )?;
+        if max_interval < base_interval {
+            return Err(self.error(
+                max_span.unwrap_or(span.clone()),
+                format!(
+                    "{}: must not be shorter than base_interval",
+                    field("max_interval")
+                ),
+            ));
+        }
         Ok(RetryPolicy {
             on,
             num_retries,
             retry_non_idempotent: raw.retry_non_idempotent.unwrap_or(false),
             base_interval,
-            max_interval: max_interval.max(base_interval),
+            max_interval,
             budget_percent: raw
                 .budget_percent
                 .map(|p| self.percent(&field("budget_percent"), &p))
@@ -306,13 +353,12 @@ impl Validator<'_> {
 
     fn mirror(
         &self,
-        listener: &str,
         what: &str,
         raw: RawMirror,
         clusters: &HashMap<String, ClusterId>,
     ) -> Result<Mirror> {
         Ok(Mirror {
-            cluster: self.cluster_ref(listener, &raw.cluster, clusters)?,
+            cluster: self.cluster_ref_in(what, &raw.cluster, clusters)?,
             percent: raw
                 .percent
                 .map(|p| self.percent(&format!("{what}: mirror.percent"), &p))
