@@ -170,11 +170,12 @@ endpoints = ["{a_}", "{b_}", "{c_}"]
     }
 
     // Ring hash and Maglev: a key stays on its endpoint, and keys spread.
+    const KEYS: usize = 600;
     let mut placed: HashMap<(&str, usize), String> = HashMap::new();
     for policy in ["ring", "maglev"] {
         let path = format!("/{policy}");
         let mut counts: HashMap<String, usize> = HashMap::new();
-        for key in 0..300 {
+        for key in 0..KEYS {
             let user = format!("user-{key}");
             let first = who(&mut conn, &path, &[("x-user", &user)]).await;
             let again = who(&mut conn, &path, &[("x-user", &user)]).await;
@@ -205,7 +206,7 @@ endpoints = ["{a_}", "{b_}", "{c_}"]
     for policy in ["ring", "maglev"] {
         let path = format!("/{policy}");
         let (mut stayed, mut moved) = (0, 0);
-        for key in 0..300 {
+        for key in 0..KEYS {
             let user = format!("user-{key}");
             let now = who(&mut conn, &path, &[("x-user", &user)]).await;
             assert_ne!(
@@ -326,7 +327,7 @@ route = [{{ cluster = "app" }}]
 [[cluster]]
 name = "app"
 endpoints = ["{}", "{}"]
-outlier_detection = {{ consecutive_5xx = 3, base_ejection_time = "1s", max_ejection_percent = 50 }}
+outlier_detection = {{ consecutive_5xx = 3, base_ejection_time = "3s", max_ejection_percent = 50 }}
 "#,
         a.addr, b.addr
     ));
@@ -609,8 +610,7 @@ name = "app"
 lb_policy = "maglev"
 hash_key = {{ header = "x-user" }}
 endpoints = [{}]
-panic_threshold = 0
-health_check = {{ type = "http", path = "/healthz", interval = "20ms", timeout = "500ms", unhealthy_threshold = 1, healthy_threshold = 1 }}
+health_check = {{ type = "http", path = "/healthz", interval = "20ms", timeout = "2s", unhealthy_threshold = 1, healthy_threshold = 1 }}
 "#,
         endpoints.join(", ")
     ));
@@ -859,7 +859,7 @@ route = [{{ direct_response = {{ status = 200, body = "from upstream\n" }} }}]
 name = "self"
 endpoints = ["{upstream}"]
 panic_threshold = 0
-health_check = {{ type = "http", path = "/", interval = "300ms", timeout = "200ms" }}
+health_check = {{ type = "http", path = "/", interval = "300ms", timeout = "1s" }}
 "#
     ));
     let r = client::get(listen, "/").await;
@@ -912,4 +912,159 @@ health_check = {{ type = "http", path = "/healthz", interval = "200ms", unhealth
             "only the healthy endpoint serves"
         );
     }
+}
+
+/// Sends requests on `conn` until `/clusters` shows `addr` ejected.
+async fn send_until(conn: &mut H1, admin: SocketAddr, what: &str, addr: SocketAddr) {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        let _ = conn.get("/").await.unwrap();
+        if host(admin, "app", addr).await["ejected"] == true {
+            return;
+        }
+    }
+    panic!("{what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ejection_refused_for_the_cap_happens_once_there_is_room() {
+    // Three endpoints, at most one ejected at once. a and b both fail: a is ejected, b's
+    // ejection is refused. Once a is back (and well), b's next run of failures ejects it.
+    let (a, b, c) = (
+        Origin::start("a").await,
+        Origin::start("b").await,
+        Origin::start("c").await,
+    );
+    let (listen, admin) = (free_addr(), free_addr());
+    let _proxy = Proxy::start(&format!(
+        r#"
+concurrency = 1
+[admin]
+address = "{admin}"
+
+[[listener]]
+name = "public"
+address = "{listen}"
+protocol = "http"
+route = [{{ cluster = "app" }}]
+
+[[cluster]]
+name = "app"
+endpoints = ["{}", "{}", "{}"]
+outlier_detection = {{ consecutive_5xx = 2, base_ejection_time = "1s", max_ejection_percent = 10 }}
+"#,
+        a.addr, b.addr, c.addr
+    ));
+    a.fail_with(Some(500));
+    b.fail_with(Some(500));
+    let mut conn = H1::connect(listen).await.unwrap();
+    send_until(&mut conn, admin, "a is ejected", a.addr).await;
+    assert!(
+        wait_until_async(WAIT, || async {
+            stat(admin, "outlier_ejections_overflow{cluster=app}").await >= 1 || {
+                let _ = client::get(listen, "/").await;
+                false
+            }
+        })
+        .await,
+        "b's ejection is refused while a is out"
+    );
+    a.fail_with(None);
+    assert!(
+        wait_health(admin, "app", a.addr, true).await,
+        "a comes back"
+    );
+    send_until(&mut conn, admin, "b is ejected once there is room", b.addr).await;
+    assert_eq!(host(admin, "app", a.addr).await["ejected"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_body_is_too_large_does_not_count_against_the_upstream() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = Origin::start("a").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _proxy = Proxy::start(&format!(
+        r#"
+[admin]
+address = "{admin}"
+
+[[listener]]
+name = "public"
+address = "{listen}"
+protocol = "http"
+max_request_body = "1KiB"
+route = [{{ cluster = "app" }}]
+
+[[cluster]]
+name = "app"
+endpoints = ["{}"]
+outlier_detection = {{ consecutive_5xx = 2, base_ejection_time = "30s" }}
+"#,
+        origin.addr
+    ));
+    for _ in 0..3 {
+        // Chunked: the proxy learns the body is too large only as it streams it upstream.
+        let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
+        s.write_all(b"POST /collect HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        let chunk = vec![b'x'; 4096];
+        let _ = s.write_all(b"1000\r\n").await;
+        let _ = s.write_all(&chunk).await;
+        let _ = s.write_all(b"\r\n0\r\n\r\n").await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    }
+    let h = host(admin, "app", origin.addr).await;
+    assert_eq!(h["ejected"], false, "{h}");
+    assert_eq!(h["rq_error"], 0, "{h}");
+    assert_eq!(client::get(listen, "/").await.text(), "upstream a\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_does_not_send_requests_to_an_endpoint_that_never_answers() {
+    use baton_tests::supervisor::Supervisor;
+    // A socket that listens and never accepts: connections open, nothing answers.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole_addr = hole.local_addr().unwrap();
+    let good = Origin::start("good").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let supervisor = Supervisor::start(&format!(
+        r#"
+[admin]
+address = "{admin}"
+
+[[listener]]
+name = "public"
+address = "{listen}"
+protocol = "http"
+route = [{{ cluster = "app" }}]
+
+[[cluster]]
+name = "app"
+endpoints = ["{hole_addr}", "{}"]
+request_timeout = "2s"
+health_check = {{ type = "http", path = "/healthz", interval = "1s", timeout = "300ms" }}
+"#,
+        good.addr
+    ));
+    for round in 0..2 {
+        // Right after the start (and after the reload), the hole is already known down.
+        assert_eq!(
+            host(admin, "app", hole_addr).await["health_flags"],
+            "/failed_active_hc",
+            "round {round}"
+        );
+        for _ in 0..6 {
+            let r = client::get(listen, "/").await;
+            assert_eq!(r.text(), "upstream good\n", "round {round}");
+        }
+        if round == 0 {
+            let out = supervisor.reload();
+            assert_eq!(out.code, Some(0), "{out:?}");
+        }
+    }
+    drop(hole);
 }
