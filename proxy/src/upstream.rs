@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{Either, Empty};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -25,8 +25,9 @@ use crate::cluster::ClusterHandle;
 use crate::config::Cluster;
 use crate::worker::Worker;
 
-/// The body of a request sent upstream: the client's, or none when a request is sent again.
-pub type RequestBody = Either<TrackedBody, Empty<Bytes>>;
+/// The body of a request sent upstream: the client's as it streams in, or one kept in memory
+/// (empty, or buffered to be sent again by a retry or copied by a mirror).
+pub type RequestBody = Either<TrackedBody, Full<Bytes>>;
 
 /// How far a client's request body has come: when it last moved, and when it ended.
 pub struct BodyProgress {

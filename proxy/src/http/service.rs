@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE, HOST, HeaderValue, SERVER, USER_AGENT};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
-use http_body_util::{Either, Empty};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use tracing::debug;
 
@@ -304,34 +304,75 @@ async fn proxy(
     };
     let bodyless = body.is_end_stream();
     let idempotent = is_idempotent(&parts.method);
-    // Only a request without a body can be sent again: its body is not kept.
     let retry = route
         .retry
-        .filter(|r| bodyless && (idempotent || r.retry_non_idempotent));
-    let mirror = route
-        .mirror
-        .filter(|m| bodyless && fastrand::f64() * 100.0 < m.percent);
-    // Kept only when the request may be sent again or copied: headers are not cloned for nothing.
-    let template = (retry.is_some() || mirror.is_some()).then(|| Template {
-        method: parts.method.clone(),
-        uri: parts.uri.clone(),
-        headers: parts.headers.clone(),
-    });
-    if let (Some(mirror), Some(template)) = (mirror, &template) {
-        tokio::task::spawn_local(shadow(worker.clone(), mirror.cluster, template.clone()));
-    }
+        .filter(|r| r.num_retries > 0 && (idempotent || r.retry_non_idempotent));
+    let mirror = route.mirror.filter(|m| fastrand::f64() * 100.0 < m.percent);
+    // A body can be sent again (or copied) only if it is kept: one of a declared size up to
+    // RETRY_BUFFER_LIMIT is read whole first, as Envoy buffers a request it may retry; a larger
+    // one streams through and goes once.
+    let buffered = !bodyless
+        && (retry.is_some() || mirror.is_some())
+        && body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= RETRY_BUFFER_LIMIT);
+    let retry = retry.filter(|_| bodyless || buffered);
+    let mirror = mirror.filter(|_| bodyless || buffered);
     let progress = BodyProgress::new(bodyless);
-    let request = Request::from_parts(
-        parts,
-        Either::Left(TrackedBody::new(body, progress.clone(), max_body)),
-    );
-
     let started = std::time::Instant::now();
     let idle_timeout = match &worker.config.listeners[ctx.listener].kind {
         ListenerKind::Http(http) => http.idle_timeout,
         ListenerKind::Tcp { .. } => cluster.request_timeout,
     };
     let timeout = route.timeout.unwrap_or(cluster.request_timeout);
+    let body = TrackedBody::new(body, progress.clone(), max_body);
+    // The body kept in memory, or the body to stream.
+    let body: Result<Bytes, TrackedBody> = if buffered {
+        let read = tokio::select! {
+            read = body.collect() => Ok(read),
+            timeout = progress.timed_out(timeout, idle_timeout) => Err(timeout),
+        };
+        match read {
+            Ok(Ok(read)) => Ok(read.to_bytes()),
+            Ok(Err(_)) if progress.too_large() => return Err(TooLarge(exchange)),
+            Ok(Err(_)) => {
+                return Ok(local(
+                    StatusCode::BAD_REQUEST,
+                    "request body incomplete: the client stopped sending it\n",
+                    exchange,
+                    Flag::DownstreamClosed,
+                ));
+            }
+            Err(_) => {
+                return Ok(local(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request body timeout: the client stopped sending\n",
+                    exchange,
+                    Flag::DownstreamTimeout,
+                ));
+            }
+        }
+    } else {
+        Err(body)
+    };
+    // Kept only when the request may be sent again or copied: headers are not cloned for nothing.
+    let template = (retry.is_some() || mirror.is_some()).then(|| Template {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        headers: parts.headers.clone(),
+        body: body.as_ref().map_or_else(|_| Bytes::new(), Bytes::clone),
+    });
+    if let (Some(mirror), Some(template)) = (mirror, &template) {
+        tokio::task::spawn_local(shadow(worker.clone(), mirror.cluster, template.clone()));
+    }
+    let request = Request::from_parts(
+        parts,
+        match body {
+            Ok(kept) => Either::Right(Full::new(kept)),
+            Err(streamed) => Either::Left(streamed),
+        },
+    );
     let tries = Tries {
         ctx,
         route,
@@ -339,9 +380,10 @@ async fn proxy(
         hash,
         retry,
         template: template.as_ref(),
-        // A request without a body to an idempotent method may be sent again if a pooled
-        // connection turns out to have been closed by the upstream under it (RFC 9110, 9.2.2).
-        replayable: bodyless && idempotent,
+        // A request to an idempotent method whose body is kept (or has none) may be sent again
+        // if a pooled connection turns out to have been closed by the upstream under it
+        // (RFC 9110, 9.2.2).
+        replayable: idempotent && (bodyless || buffered),
         progress: &progress,
         current: std::cell::RefCell::new(None),
     };
@@ -500,17 +542,21 @@ fn overloaded(which: &'static str, exchange: Exchange) -> Response<ResponseBody>
     response
 }
 
-/// What a request without a body needs to be sent again.
+/// Bodies of requests that may be retried or mirrored are kept up to this size (a declared one).
+const RETRY_BUFFER_LIMIT: u64 = 64 * 1024;
+
+/// What a request needs to be sent again: its head, and its body when it was kept.
 #[derive(Clone)]
 struct Template {
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    body: Bytes,
 }
 
 impl Template {
     fn request(&self) -> Request<RequestBody> {
-        let mut request = Request::new(Either::Right(Empty::new()));
+        let mut request = Request::new(Either::Right(Full::new(self.body.clone())));
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = self.uri.clone();
         *request.headers_mut() = self.headers.clone();
@@ -809,10 +855,12 @@ async fn send(
                     (false, _) => None,
                     (true, Some(t)) => Some(t),
                     (true, None) => {
+                        // Only a request without a body comes here without a template.
                         own = Template {
                             method: request.method().clone(),
                             uri: request.uri().clone(),
                             headers: request.headers().clone(),
+                            body: Bytes::new(),
                         };
                         Some(&own)
                     }

@@ -1068,3 +1068,64 @@ health_check = {{ type = "http", path = "/healthz", interval = "1s", timeout = "
     }
     drop(hole);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_body_is_kept_and_sent_again_a_large_one_goes_once() {
+    let (a, b) = (Origin::start("a").await, Origin::start("b").await);
+    a.fail_with(Some(503));
+    let (listen, admin) = (free_addr(), free_addr());
+    let _proxy = Proxy::start(&format!(
+        r#"
+concurrency = 1
+[admin]
+address = "{admin}"
+
+[[listener]]
+name = "public"
+address = "{listen}"
+protocol = "http"
+route = [{{ cluster = "app", retry = {{ retry_on = ["503"], num_retries = 2 }} }}]
+
+[[cluster]]
+name = "app"
+endpoints = ["{}", "{}"]
+"#,
+        a.addr, b.addr
+    ));
+    let mut c = H1::connect(listen).await.unwrap();
+    let small = "x".repeat(10_000);
+    for _ in 0..4 {
+        let r = c
+            .send(request("PUT", "app.test", "/echo", small.clone()))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.text(),
+            small,
+            "the body came whole to the second endpoint"
+        );
+    }
+    assert!(a.requests() >= 2, "round robin sent some first tries to a");
+    assert!(stat(admin, "upstream_rq_retry_success{cluster=app}").await >= 2);
+
+    // Over 64 KiB: streamed, tried once, so a's 503 reaches the client.
+    let large = "y".repeat(100_000);
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        // A connection each: an answer that comes before the whole body may close it.
+        let mut c = H1::connect(listen).await.unwrap();
+        let r = c
+            .send(request("PUT", "app.test", "/echo", large.clone()))
+            .await
+            .unwrap();
+        statuses.push(r.status.as_u16());
+        if r.status == 200 {
+            assert_eq!(r.text().len(), large.len());
+        }
+    }
+    assert!(
+        statuses.contains(&503) && statuses.contains(&200),
+        "{statuses:?}"
+    );
+}

@@ -142,7 +142,11 @@ async fn baton_stats_reads_what_the_proxy_counted_in_every_format() {
     assert!(json["stats"].as_array().unwrap().len() > 20);
 
     // A pattern selects by `name{tags}`.
-    let (_, out, _) = baton_stats(&["--path", region.to_str().unwrap(), "code_class=5xx"]);
+    let (_, out, _) = baton_stats(&[
+        "--path",
+        region.to_str().unwrap(),
+        "listener=public,code_class=5xx",
+    ]);
     assert_eq!(out.lines().count(), 1, "{out}");
     assert!(
         out.starts_with("downstream_rq_5xx{listener=public,code_class=5xx}"),
