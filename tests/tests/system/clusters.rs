@@ -1124,8 +1124,9 @@ endpoints = ["{}", "{}"]
             assert_eq!(r.text().len(), large.len());
         }
     }
+    // a answers 503 (or, closing on the body it did not read, resets: 502), and no retry hides it.
     assert!(
-        statuses.contains(&503) && statuses.contains(&200),
+        statuses.iter().any(|s| *s == 503 || *s == 502) && statuses.contains(&200),
         "{statuses:?}"
     );
 }
