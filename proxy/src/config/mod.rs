@@ -533,26 +533,28 @@ impl Route {
         };
         path_matches
             && (self.hosts.is_empty() || self.hosts.iter().any(|h| h.matches(host)))
-            && self.headers.iter().all(|m| m.matches(headers))
+            && self.headers.iter().all(|m| m.matches(headers, host))
     }
 }
 
 impl HeaderMatch {
-    pub fn matches(&self, headers: &HeaderMap) -> bool {
-        let mut values = headers.get_all(&self.name).iter();
-        let hit = match &self.rule {
-            HeaderRule::Present => values.next().is_some(),
-            rule => values.any(|v| {
-                let Ok(v) = v.to_str() else {
-                    return false;
-                };
-                match rule {
-                    HeaderRule::Exact(e) => v == e,
-                    HeaderRule::Prefix(p) => v.starts_with(p.as_str()),
-                    HeaderRule::Regex(r) => r.is_match(v),
-                    HeaderRule::Present => true,
-                }
-            }),
+    /// `host` is the request's host without port: a match on `host` reads it, so that it works
+    /// for HTTP/2 requests too (their host is the `:authority`, not a header).
+    pub fn matches(&self, headers: &HeaderMap, host: &str) -> bool {
+        let test = |v: &str| match &self.rule {
+            HeaderRule::Exact(e) => v == e,
+            HeaderRule::Prefix(p) => v.starts_with(p.as_str()),
+            HeaderRule::Regex(r) => r.is_match(v),
+            HeaderRule::Present => true,
+        };
+        let hit = if self.name == http::header::HOST {
+            !host.is_empty() && test(host)
+        } else {
+            let mut values = headers.get_all(&self.name).iter();
+            match &self.rule {
+                HeaderRule::Present => values.next().is_some(),
+                _ => values.any(|v| v.to_str().is_ok_and(test)),
+            }
         };
         hit != self.invert
     }
@@ -589,6 +591,24 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_match_reads_the_host_of_http2_requests_too() {
+        let m = HeaderMatch {
+            name: http::header::HOST,
+            rule: HeaderRule::Exact("api.test".into()),
+            invert: false,
+        };
+        // An HTTP/2 request: no Host header, the host comes from :authority.
+        assert!(m.matches(&HeaderMap::new(), "api.test"));
+        assert!(!m.matches(&HeaderMap::new(), "web.test"));
+        let other = HeaderMatch {
+            name: http::HeaderName::from_static("x-a"),
+            rule: HeaderRule::Present,
+            invert: true,
+        };
+        assert!(other.matches(&HeaderMap::new(), "api.test"));
+    }
 
     #[test]
     fn host_patterns_match_case_insensitively() {
