@@ -10,6 +10,19 @@ use baton_tests::{free_addr, wait_until_async};
 
 use crate::{WAIT, stat};
 
+/// The start of a config: a concurrency (0: the default), the admin listener, and an HTTP
+/// listener `public` whose one route goes to `cluster`.
+fn front(listen: SocketAddr, admin: SocketAddr, concurrency: usize, cluster: &str) -> String {
+    let concurrency = if concurrency == 0 {
+        String::new()
+    } else {
+        format!("concurrency = {concurrency}\n")
+    };
+    format!(
+        "{concurrency}[admin]\naddress = \"{admin}\"\n\n[[listener]]\nname = \"public\"\naddress = \"{listen}\"\nprotocol = \"http\"\nroute = [{{ cluster = \"{cluster}\" }}]\n"
+    )
+}
+
 /// `/clusters?format=json` of the admin.
 async fn clusters(admin: SocketAddr) -> serde_json::Value {
     client::get(admin, "/clusters?format=json").await.json()
@@ -312,17 +325,10 @@ async fn outlier_detection_ejects_an_endpoint_that_answers_5xx_and_lets_it_back(
     let a = Origin::start("a").await;
     let b = Origin::start("b").await;
     let (listen, admin) = (free_addr(), free_addr());
+    let front = front(listen, admin, 1, "app");
     let _proxy = Proxy::start(&format!(
         r#"
-concurrency = 1
-[admin]
-address = "{admin}"
-
-[[listener]]
-name = "public"
-address = "{listen}"
-protocol = "http"
-route = [{{ cluster = "app" }}]
+{front}
 
 [[cluster]]
 name = "app"
@@ -593,17 +599,10 @@ async fn endpoint_sets_flipping_under_load_never_fail_a_request() {
     ];
     let (listen, admin) = (free_addr(), free_addr());
     let endpoints: Vec<String> = origins.iter().map(|o| format!("\"{}\"", o.addr)).collect();
+    let front = front(listen, admin, 2, "app");
     let _proxy = Proxy::start(&format!(
         r#"
-concurrency = 2
-[admin]
-address = "{admin}"
-
-[[listener]]
-name = "public"
-address = "{listen}"
-protocol = "http"
-route = [{{ cluster = "app" }}]
+{front}
 
 [[cluster]]
 name = "app"
@@ -698,17 +697,10 @@ async fn strict_dns_follows_the_answers_and_keeps_the_last_one_when_dns_fails() 
     let (two, three, port) = origins_on_two_addresses().await;
     dns.set("app.test", vec![two.addr.ip()]);
     let (listen, admin) = (free_addr(), free_addr());
+    let front = front(listen, admin, 1, "app");
     let _proxy = Proxy::start(&format!(
         r#"
-concurrency = 1
-[admin]
-address = "{admin}"
-
-[[listener]]
-name = "public"
-address = "{listen}"
-protocol = "http"
-route = [{{ cluster = "app" }}]
+{front}
 
 [[cluster]]
 name = "app"
@@ -781,17 +773,10 @@ async fn health_checks_keep_an_endpoint_that_dns_dropped_until_it_fails() {
     let (two, three, port) = origins_on_two_addresses().await;
     dns.set("app.test", vec![two.addr.ip(), three.addr.ip()]);
     let (listen, admin) = (free_addr(), free_addr());
+    let front = front(listen, admin, 1, "app");
     let _proxy = Proxy::start(&format!(
         r#"
-concurrency = 1
-[admin]
-address = "{admin}"
-
-[[listener]]
-name = "public"
-address = "{listen}"
-protocol = "http"
-route = [{{ cluster = "app" }}]
+{front}
 
 [[cluster]]
 name = "app"
@@ -838,16 +823,10 @@ async fn a_first_health_check_without_an_answer_decides_nothing() {
     // The cluster's endpoint is a listener of this same generation: its first health check runs
     // before the workers that would answer it, and times out. That must not mark it down.
     let (listen, upstream, admin) = (free_addr(), free_addr(), free_addr());
+    let front = front(listen, admin, 0, "self");
     let _proxy = Proxy::start(&format!(
         r#"
-[admin]
-address = "{admin}"
-
-[[listener]]
-name = "public"
-address = "{listen}"
-protocol = "http"
-route = [{{ cluster = "self" }}]
+{front}
 
 [[listener]]
 name = "upstream"
@@ -878,16 +857,10 @@ async fn health_checks_of_an_http2_cluster_speak_http2() {
     let h2 = Origin::start_h2("h2").await;
     let h1 = Origin::start("h1").await;
     let (listen, admin) = (free_addr(), free_addr());
+    let front = front(listen, admin, 0, "grpc");
     let _proxy = Proxy::start(&format!(
         r#"
-[admin]
-address = "{admin}"
-
-[[listener]]
-name = "public"
-address = "{listen}"
-protocol = "http"
-route = [{{ cluster = "grpc" }}]
+{front}
 
 [[cluster]]
 name = "grpc"
@@ -936,17 +909,10 @@ async fn an_ejection_refused_for_the_cap_happens_once_there_is_room() {
         Origin::start("c").await,
     );
     let (listen, admin) = (free_addr(), free_addr());
+    let front = front(listen, admin, 1, "app");
     let _proxy = Proxy::start(&format!(
         r#"
-concurrency = 1
-[admin]
-address = "{admin}"
-
-[[listener]]
-name = "public"
-address = "{listen}"
-protocol = "http"
-route = [{{ cluster = "app" }}]
+{front}
 
 [[cluster]]
 name = "app"
@@ -1031,16 +997,10 @@ async fn a_reload_does_not_send_requests_to_an_endpoint_that_never_answers() {
     let hole_addr = hole.local_addr().unwrap();
     let good = Origin::start("good").await;
     let (listen, admin) = (free_addr(), free_addr());
+    let front = front(listen, admin, 0, "app");
     let supervisor = Supervisor::start(&format!(
         r#"
-[admin]
-address = "{admin}"
-
-[[listener]]
-name = "public"
-address = "{listen}"
-protocol = "http"
-route = [{{ cluster = "app" }}]
+{front}
 
 [[cluster]]
 name = "app"
