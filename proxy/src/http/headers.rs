@@ -113,19 +113,27 @@ pub fn for_http2_upstream(parts: &mut request::Parts, trailers: bool, fallback: 
     if trailers {
         headers.insert(TE, HeaderValue::from_static("trailers"));
     }
-    let path = parts
-        .uri
-        .path_and_query()
+    let path = path_of(&parts.uri);
+    if let Some(uri) = absolute(authority, path) {
+        parts.uri = uri;
+    }
+    parts.version = Version::HTTP_2;
+}
+
+/// A URI's path and query (`/` when it has none).
+fn path_of(uri: &Uri) -> PathAndQuery {
+    uri.path_and_query()
         .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        .unwrap_or_else(|| PathAndQuery::from_static("/"))
+}
+
+/// `http://<authority><path>`, as an HTTP/2 request's URI.
+fn absolute(authority: Authority, path: PathAndQuery) -> Option<Uri> {
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(Scheme::HTTP);
     uri.authority = Some(authority);
     uri.path_and_query = Some(path);
-    if let Ok(uri) = Uri::from_parts(uri) {
-        parts.uri = uri;
-    }
-    parts.version = Version::HTTP_2;
+    Uri::from_parts(uri).ok()
 }
 
 /// Makes a copy of a request (already prepared for its own cluster) fit for the mirror
@@ -151,22 +159,14 @@ pub fn for_mirror<B>(request: &mut http::Request<B>, http2: bool, cluster: &str)
             _ => format!("{h}-shadow"),
         }
     });
-    let path = request
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let path = path_of(request.uri());
     if http2 {
         request.headers_mut().remove(HOST);
         let authority = shadow
             .and_then(|s| Authority::try_from(s.as_str()).ok())
             .or_else(|| Authority::try_from(cluster).ok())
             .unwrap_or_else(|| Authority::from_static("localhost"));
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
-        uri.authority = Some(authority);
-        uri.path_and_query = Some(path);
-        if let Ok(uri) = Uri::from_parts(uri) {
+        if let Some(uri) = absolute(authority, path) {
             *request.uri_mut() = uri;
         }
         *request.version_mut() = Version::HTTP_2;
