@@ -289,6 +289,18 @@ impl ClusterHandle {
                 break;
             }
         }
+        if chosen.as_ref().is_some_and(|h| avoid.contains(&h.address)) {
+            // The draws kept landing on hosts already tried: take any other, from a random
+            // place, so that a retry goes elsewhere whenever there is an elsewhere.
+            let n = snapshot.targets.len();
+            let start = fastrand::usize(..n);
+            if let Some(other) = (0..n)
+                .map(|k| &snapshot.targets[(start + k) % n])
+                .find(|h| !avoid.contains(&h.address))
+            {
+                chosen = Some(other.clone());
+            }
+        }
         chosen.map(|host| Pick {
             host,
             panic: snapshot.panic,
@@ -504,6 +516,23 @@ mod tests {
         let s = Snapshot::build(&cluster(0.0), 1, hosts(&[false, false]));
         assert!(!s.panic);
         assert!(s.targets.is_empty());
+    }
+
+    #[test]
+    fn a_retry_goes_to_another_host_whenever_there_is_one() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        for policy in [Policy::RoundRobin, Policy::Random, Policy::LeastRequest] {
+            let mut c = cluster(50.0);
+            c.lb_policy = policy;
+            let s = Snapshot::build(&c, 1, hosts(&[true, true]));
+            let first = s.targets[0].address;
+            let handle = ClusterHandle::new(0, s, tx.clone());
+            let cursor = Cell::new(0);
+            for _ in 0..500 {
+                let pick = handle.pick(policy, &cursor, None, &[first]).unwrap();
+                assert_ne!(pick.host.address, first, "{policy:?}");
+            }
+        }
     }
 
     #[test]
