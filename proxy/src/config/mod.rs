@@ -307,8 +307,8 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
-    /// Takes a token if there is one.
-    pub fn take(&self) -> bool {
+    /// Takes a token if there is one; if not, says how long until the next fill.
+    pub fn take(&self) -> Result<(), Duration> {
         let now = std::time::Instant::now();
         let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
         let (tokens, since) = *bucket;
@@ -331,7 +331,11 @@ impl RateLimit {
             tokens -= 1;
         }
         *bucket = (tokens, since);
-        taken
+        if taken {
+            Ok(())
+        } else {
+            Err((since + self.fill_interval).saturating_duration_since(now))
+        }
     }
 }
 

@@ -95,9 +95,10 @@ pub async fn handle(
         }
         ListenerKind::Tcp { .. } => None,
     };
+    // When refused: how long until the bucket has a token again.
     let limited = route
         .and_then(|r| r.rate_limit.as_ref())
-        .is_some_and(|limit| !limit.take());
+        .and_then(|limit| limit.take().err());
     let mut response = match route.map(|r| &r.action) {
         None => local(
             StatusCode::NOT_FOUND,
@@ -105,14 +106,21 @@ pub async fn handle(
             exchange,
             Flag::NoRoute,
         ),
-        Some(_) if limited => {
+        Some(_) if limited.is_some() => {
             stats.shard.inc(listener_stats.downstream_rq_rate_limited);
-            local(
+            let mut response = local(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate limited: this route's rate_limit is reached; try again later\n",
                 exchange,
                 Flag::RateLimited,
-            )
+            );
+            // Whole seconds (RFC 9110, 10.2.3), rounded up, at least one.
+            let wait = limited.unwrap_or_default();
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+            response
         }
         Some(RouteAction::Direct(direct)) => direct_response(direct, exchange),
         // Boxed: hyper keeps room for this future for the connection's whole life, and an idle
