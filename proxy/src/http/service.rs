@@ -3,7 +3,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,9 +16,7 @@ use tracing::debug;
 use super::body::{Exchange, Flag, LogRecord, Release, ResponseBody, Upstream};
 use super::headers::{self, Downstream, X_REQUEST_ID};
 use super::io::Activity;
-use crate::cluster::{
-    self, ActiveRetry, ClusterRequest, Host, HostRequest, Outcome, PendingRequest,
-};
+use crate::cluster::{self, ActiveRetry, ClusterRequest, HostRequest, Outcome, PendingRequest};
 use crate::config::{
     ClusterId, ClusterRoute, DirectResponse, ListenerKind, RetryPolicy, RouteAction,
     UpstreamProtocol,
@@ -404,7 +401,7 @@ async fn proxy(
     {
         // The try in flight ran out the request's time: a host that never answers is a
         // failing host for outlier detection too.
-        handle.report(&host, Outcome::LocalFailure, cluster.outlier.as_ref());
+        handle.report(host.host(), Outcome::LocalFailure, cluster.outlier.as_ref());
     }
     if progress.too_large() && !matches!(sent, Ok((Ok(_), _))) {
         return Err(TooLarge(exchange));
@@ -584,7 +581,7 @@ struct Tries<'a> {
     replayable: bool,
     progress: &'a BodyProgress,
     /// The host of the try in flight, for outlier detection when the request times out.
-    current: std::cell::RefCell<Option<Arc<Host>>>,
+    current: std::cell::RefCell<Option<HostRequest>>,
 }
 
 impl Tries<'_> {
@@ -612,9 +609,9 @@ impl Tries<'_> {
             }
             let addr = pick.host.address;
             last = Some(addr);
-            *self.current.borrow_mut() = Some(pick.host.clone());
+            // Held here while the try runs, so that a request timeout can still name its host.
+            *self.current.borrow_mut() = Some(HostRequest::new(pick.host));
             stats.shard.inc(cluster_stats.upstream_rq_total);
-            let host = HostRequest::new(pick.host);
             let Some(this) = request
                 .take()
                 .or_else(|| self.template.map(Template::request))
@@ -645,7 +642,9 @@ impl Tries<'_> {
                 },
                 None => attempt.await,
             };
-            self.current.borrow_mut().take();
+            let Some(host) = self.current.borrow_mut().take() else {
+                unreachable!("the try's host is set before it runs");
+            };
             // The client's own failures (its body broke off, or went past max_request_body)
             // say nothing of the upstream, and are not tried again.
             let clients_fault = self.progress.too_large()
