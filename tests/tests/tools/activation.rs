@@ -76,13 +76,17 @@ control_socket = "baton.sock"
     let first = client::get(listen, "/first").await;
     assert_eq!(first.status, 200);
     assert_eq!(first.header("x-baton-epoch"), Some("0"));
+    // The generation serves as soon as its workers run; the supervisor logs what it did with
+    // the sockets once it has taken the generation's `Ready`, which may come a moment later.
+    assert!(
+        wait_until(WAIT, || read_log()
+            .contains("systemd passed a socket that no listener uses")),
+        "{}",
+        read_log()
+    );
     let logged = read_log();
     assert!(
         logged.contains("listen socket from systemd") && logged.contains("name=Some(\"public\")"),
-        "{logged}"
-    );
-    assert!(
-        logged.contains("systemd passed a socket that no listener uses"),
         "{logged}"
     );
 
