@@ -21,9 +21,15 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// What the proxy knows about the downstream side of a request.
 #[derive(Debug, Clone, Copy)]
-pub struct Downstream {
-    pub peer: IpAddr,
+pub struct Downstream<'a> {
+    /// The client's address as a header value ([`peer_value`]), made once per connection.
+    pub peer: &'a HeaderValue,
     pub tls: bool,
+}
+
+/// A client's address as it goes into `x-forwarded-for`.
+pub fn peer_value(peer: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&peer.to_string()).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 /// Rewrites a client's request for an HTTP/1.1 upstream (see [`for_http2_upstream`] for HTTP/2)
@@ -33,7 +39,7 @@ pub struct Downstream {
 /// an HTTP/2 request); `x-forwarded-for` gets the client's address appended; `x-forwarded-proto`
 /// says how the client reached us; `x-request-id` is kept when sane, generated otherwise; `via`
 /// gets our hop. `Expect` goes too: the proxy answers `100 Continue` itself when it reads the body.
-pub fn prepare_request(parts: &mut request::Parts, downstream: Downstream) -> HeaderValue {
+pub fn prepare_request(parts: &mut request::Parts, downstream: Downstream<'_>) -> HeaderValue {
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers);
     headers.remove(EXPECT);
@@ -55,12 +61,14 @@ pub fn prepare_request(parts: &mut request::Parts, downstream: Downstream) -> He
         headers.insert(HOST, host);
     }
 
-    let peer = downstream.peer.to_string();
     let forwarded_for = match joined(headers, &X_FORWARDED_FOR) {
-        Some(previous) => format!("{previous}, {peer}"),
-        None => peer,
+        Some(previous) => {
+            let peer = downstream.peer.to_str().unwrap_or("-");
+            HeaderValue::from_str(&format!("{previous}, {peer}")).ok()
+        }
+        None => Some(downstream.peer.clone()),
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    if let Some(value) = forwarded_for {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
     headers.insert(
@@ -212,12 +220,22 @@ pub fn prepare_response(parts: &mut response::Parts, upstream_version: Version) 
 /// set, and every header that `Connection` names except `Host`, which a client must not be able
 /// to strip this way.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most requests and answers have none: one pass over the names (standard names compare as
+    // integers) saves a lookup per hop-by-hop name.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    // `Connection: keep-alive` / `close`, the usual values, name nothing more to remove.
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|token| {
+            !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
+        })
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
         .filter(|name| *name != HOST)
         .collect();
     for name in named {
@@ -233,6 +251,18 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     ] {
         headers.remove(name);
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        &CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &TE,
+        &TRANSFER_ENCODING,
+        &UPGRADE,
+    ]
+    .contains(&name)
 }
 
 fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
@@ -283,9 +313,11 @@ mod tests {
     use super::*;
     use http::Request;
 
-    fn downstream() -> Downstream {
+    static PEER: HeaderValue = HeaderValue::from_static("192.0.2.7");
+
+    fn downstream() -> Downstream<'static> {
         Downstream {
-            peer: "192.0.2.7".parse().unwrap(),
+            peer: &PEER,
             tls: false,
         }
     }

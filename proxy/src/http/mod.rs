@@ -71,6 +71,7 @@ pub async fn serve(guard: ConnectionGuard, stream: TcpStream, peer: SocketAddr) 
             worker: worker.clone(),
             listener,
             peer,
+            peer_value: headers::peer_value(peer.ip()),
             tls,
             h2,
             activity: activity.clone(),

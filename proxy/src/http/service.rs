@@ -36,6 +36,8 @@ pub struct ConnCtx {
     pub worker: Rc<Worker>,
     pub listener: usize,
     pub peer: SocketAddr,
+    /// `peer`'s address as it goes into `x-forwarded-for`.
+    pub peer_value: HeaderValue,
     pub tls: bool,
     pub h2: bool,
     pub activity: Rc<Activity>,
@@ -293,7 +295,7 @@ async fn proxy(
     let request_id = headers::prepare_request(
         &mut parts,
         Downstream {
-            peer: ctx.peer.ip(),
+            peer: &ctx.peer_value,
             tls: ctx.tls,
         },
     );
