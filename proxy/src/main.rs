@@ -19,6 +19,7 @@ mod stats;
 mod supervised;
 mod tcp_proxy;
 mod upstream;
+mod upstream_h1;
 mod upstream_h2;
 mod worker;
 

@@ -1,5 +1,5 @@
 //! Upstream connections: connecting with a timeout, the cluster's connection limit, and each
-//! worker's pool of idle HTTP/1.1 connections per endpoint.
+//! worker's pool of idle HTTP/1.1 connections per endpoint (spoken by `upstream_h1`).
 //!
 //! A pool belongs to one worker and is only touched from its thread, so it is a `RefCell`, not a
 //! lock. Connections are taken most-recently-used first, which keeps a small hot set warm and lets
@@ -16,13 +16,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tracing::debug;
 
 use crate::cluster::ClusterHandle;
 use crate::config::Cluster;
+use crate::upstream_h1::Conn;
 use crate::worker::Worker;
 
 /// The body of a request sent upstream: the client's as it streams in, or one kept in memory
@@ -168,12 +166,6 @@ impl http_body::Body for TrackedBody {
         self.inner.size_hint()
     }
 }
-pub type Sender = http1::SendRequest<RequestBody>;
-
-/// How long a connection that has just finished a response may take to become usable again
-/// before the pool gives up on it.
-const READY_WAIT: Duration = Duration::from_secs(1);
-
 /// Why no connection to an endpoint could be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -187,7 +179,7 @@ pub enum ConnectError {
     /// No answer within the cluster's connect timeout.
     #[error("connect to {addr} timed out after {timeout:?}")]
     TimedOut { addr: SocketAddr, timeout: Duration },
-    /// The HTTP handshake with a connected endpoint failed.
+    /// The HTTP/2 handshake with a connected endpoint failed.
     #[error("HTTP handshake with {addr} failed: {source}")]
     Handshake {
         addr: SocketAddr,
@@ -220,33 +212,6 @@ pub async fn connect_tcp(
             Err(ConnectError::TimedOut { addr, timeout })
         }
     }
-}
-
-/// Opens an HTTP/1.1 connection and runs it on this worker. `slot` is the cluster's
-/// connection count it takes (`circuit_breakers.max_connections`), given back when it closes.
-pub async fn connect_http1(
-    addr: SocketAddr,
-    cluster: &Cluster,
-    worker: &Rc<Worker>,
-    cluster_index: usize,
-    slot: ConnectionSlot,
-) -> Result<Sender, ConnectError> {
-    let stream = connect_tcp(addr, cluster.connect_timeout, worker, cluster_index).await?;
-    let (sender, connection) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|source| ConnectError::Handshake { addr, source })?;
-    let worker = worker.clone();
-    let active = worker.stats.ids.clusters[cluster_index].upstream_cx_active;
-    worker.stats.shard.gauge_add(active, 1);
-    tokio::task::spawn_local(async move {
-        if let Err(e) = connection.await {
-            debug!(upstream = %addr, "upstream connection ended: {e}");
-        }
-        worker.stats.shard.gauge_add(active, -1);
-        drop(slot);
-    });
-    Ok(sender)
 }
 
 /// One of a cluster's `max_connections`, held for a connection's life.
@@ -288,13 +253,13 @@ pub struct ClusterPool {
 }
 
 struct IdleConnection {
-    sender: Sender,
+    conn: Conn,
     since: Instant,
 }
 
 /// A connection taken from the pool (or new), to go back once its response is complete.
 pub struct Checkout {
-    pub sender: Sender,
+    pub conn: Conn,
     /// How long it sat idle in the pool; `None` for a new connection.
     pub idle_for: Option<Duration>,
 }
@@ -311,19 +276,16 @@ impl ClusterPool {
         }
     }
 
-    /// A ready idle connection to `endpoint`, dropping any that closed or expired.
+    /// A usable idle connection to `endpoint`, dropping any that closed or expired.
     pub fn checkout(&self, endpoint: SocketAddr) -> Option<Checkout> {
         let mut idle = self.idle.borrow_mut();
         let list = idle.get_mut(&endpoint)?;
         let now = Instant::now();
-        while let Some(conn) = list.pop() {
-            let idle_for = now.saturating_duration_since(conn.since);
-            if idle_for >= self.idle_timeout || conn.sender.is_closed() {
-                continue;
-            }
-            if conn.sender.is_ready() {
+        while let Some(idle) = list.pop() {
+            let idle_for = now.saturating_duration_since(idle.since);
+            if idle_for < self.idle_timeout && idle.conn.is_usable() {
                 return Some(Checkout {
-                    sender: conn.sender,
+                    conn: idle.conn,
                     idle_for: Some(idle_for),
                 });
             }
@@ -331,25 +293,14 @@ impl ClusterPool {
         None
     }
 
-    /// Returns a connection whose response is complete. If it is not ready for the next request
-    /// yet (its last bytes are still being processed), a task waits for it briefly.
-    pub fn release(self: &Rc<Self>, endpoint: SocketAddr, mut sender: Sender) {
-        if sender.is_closed() {
-            return;
+    /// Takes back a connection whose response is complete.
+    pub fn release(&self, endpoint: SocketAddr, conn: Conn) {
+        if conn.is_usable() {
+            self.put(endpoint, conn);
         }
-        if sender.is_ready() {
-            self.put(endpoint, sender);
-            return;
-        }
-        let pool = self.clone();
-        tokio::task::spawn_local(async move {
-            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, sender.ready()).await {
-                pool.put(endpoint, sender);
-            }
-        });
     }
 
-    fn put(&self, endpoint: SocketAddr, sender: Sender) {
+    fn put(&self, endpoint: SocketAddr, conn: Conn) {
         let wanted_here = self.waiting.borrow().contains_key(&endpoint);
         if !wanted_here && self.handle.rq_pending.load(Ordering::Relaxed) > 0 {
             // A request waits for a connection elsewhere (another endpoint, another worker;
@@ -361,7 +312,7 @@ impl ClusterPool {
         let list = idle.entry(endpoint).or_default();
         if list.len() < self.max_idle {
             list.push(IdleConnection {
-                sender,
+                conn,
                 since: Instant::now(),
             });
             drop(idle);
@@ -404,7 +355,7 @@ impl ClusterPool {
         let now = Instant::now();
         self.idle.borrow_mut().retain(|_, list| {
             list.retain(|c| {
-                now.saturating_duration_since(c.since) < self.idle_timeout && !c.sender.is_closed()
+                now.saturating_duration_since(c.since) < self.idle_timeout && c.conn.is_usable()
             });
             !list.is_empty()
         });

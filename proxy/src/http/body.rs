@@ -19,9 +19,9 @@ use hyper::body::Incoming;
 
 use super::io::Activity;
 use crate::cluster::{ClusterRequest, HostRequest};
-use crate::upstream::{ClusterPool, Sender};
-use crate::upstream_h2;
+use crate::upstream::ClusterPool;
 use crate::worker::Worker;
+use crate::{upstream_h1, upstream_h2};
 
 /// Short codes in the access log that say why a response is what it is, after Envoy's
 /// response flags.
@@ -228,17 +228,55 @@ pub struct Release {
 
 /// What a response holds of its upstream connection.
 pub enum Upstream {
-    /// An HTTP/1.1 connection, given back to its pool once the response is complete.
+    /// An HTTP/1.1 connection (read by the body, [`UpstreamBody::Http1`]), given back to its
+    /// pool once the response is complete.
     Http1 {
         pool: Rc<ClusterPool>,
         endpoint: SocketAddr,
-        sender: Sender,
     },
     /// A stream of a shared HTTP/2 connection: nothing goes back, the stream just ends.
     Http2(
         #[expect(dead_code, reason = "held for its drop, which ends the stream")]
         upstream_h2::Stream,
     ),
+}
+
+/// A response body as it comes from an upstream.
+pub enum UpstreamBody {
+    Http1(upstream_h1::Body),
+    Http2(Incoming),
+}
+
+/// What an upstream's response body can fail with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Http1(body) => body.is_end_stream(),
+            UpstreamBody::Http2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Http1(body) => body.size_hint(),
+            UpstreamBody::Http2(body) => body.size_hint(),
+        }
+    }
 }
 
 /// The body of a response to the client.
@@ -250,7 +288,7 @@ pub struct ResponseBody {
 enum Kind {
     Full(Option<Bytes>),
     Upstream {
-        body: Incoming,
+        body: UpstreamBody,
         release: Option<Release>,
     },
 }
@@ -270,7 +308,7 @@ impl ResponseBody {
     }
 
     /// A body streamed from an upstream connection, which goes back to its pool at the end.
-    pub fn upstream(body: Incoming, release: Release, exchange: Exchange) -> Self {
+    pub fn upstream(body: UpstreamBody, release: Release, exchange: Exchange) -> Self {
         let mut this = ResponseBody {
             kind: Kind::Upstream {
                 body,
@@ -299,7 +337,7 @@ impl ResponseBody {
 
     fn finish_upstream(&mut self) {
         self.exchange.complete = true;
-        if let Kind::Upstream { release, .. } = &mut self.kind
+        if let Kind::Upstream { release, body } = &mut self.kind
             && let Some(r) = release.take()
         {
             let stats = &self.exchange.worker.stats;
@@ -307,13 +345,11 @@ impl ResponseBody {
                 stats.ids.clusters[r.cluster].upstream_rq_time,
                 micros(r.started.elapsed()),
             );
-            if let Upstream::Http1 {
-                pool,
-                endpoint,
-                sender,
-            } = r.upstream
+            if let (Upstream::Http1 { pool, endpoint }, UpstreamBody::Http1(body)) =
+                (r.upstream, body)
+                && let Some(conn) = body.reusable()
             {
-                pool.release(endpoint, sender);
+                pool.release(endpoint, conn);
             }
             drop(r.in_flight);
         }
@@ -322,12 +358,12 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         match &mut this.kind {
             Kind::Full(bytes) => {

@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use tracing::debug;
 
-use super::body::{Exchange, Flag, LogRecord, Release, ResponseBody, Upstream};
+use super::body::{Exchange, Flag, LogRecord, Release, ResponseBody, Upstream, UpstreamBody};
 use super::headers::{self, Downstream, X_REQUEST_ID};
 use super::io::Activity;
 use crate::cluster::{self, ActiveRetry, ClusterRequest, HostRequest, Outcome, PendingRequest};
@@ -23,9 +23,10 @@ use crate::config::{
 };
 use crate::stats;
 use crate::upstream::{
-    self, BodyProgress, ClusterPool, ConnectError, ConnectionSlot, RequestBody, RequestTimeout,
+    BodyProgress, Checkout, ClusterPool, ConnectError, ConnectionSlot, RequestBody, RequestTimeout,
     TrackedBody,
 };
+use crate::upstream_h1::{self, Outgoing};
 use crate::upstream_h2;
 use crate::worker::Worker;
 
@@ -256,7 +257,10 @@ fn local(
 /// Why a request could not be sent upstream.
 enum SendError {
     Connect(ConnectError),
+    /// An HTTP/2 stream failed.
     Reset(hyper::Error),
+    /// An HTTP/1.1 exchange failed.
+    Http1(upstream_h1::Error),
     /// The route's `per_try_timeout` passed.
     PerTryTimeout,
     /// A circuit breaker refused it; names which.
@@ -267,7 +271,7 @@ enum SendError {
 
 /// A try that got an answer.
 struct Sent {
-    response: Response<Incoming>,
+    response: Response<UpstreamBody>,
     upstream: Upstream,
     host: HostRequest,
 }
@@ -492,6 +496,25 @@ fn failed(
                 Flag::UpstreamProtocolError,
             )
         }
+        SendError::Http1(upstream_h1::Error::Invalid(why)) => {
+            debug!(worker = worker.id, upstream = %addr, "upstream answered with invalid HTTP: {why}");
+            local(
+                StatusCode::BAD_GATEWAY,
+                "upstream sent an invalid response\n",
+                exchange,
+                Flag::UpstreamProtocolError,
+            )
+        }
+        SendError::Http1(e) => {
+            debug!(worker = worker.id, upstream = %addr, "upstream request failed: {e}");
+            stats.shard.inc(cluster_stats.upstream_rq_reset);
+            local(
+                StatusCode::BAD_GATEWAY,
+                "upstream reset before response\n",
+                exchange,
+                Flag::UpstreamReset,
+            )
+        }
         SendError::Reset(e) => {
             debug!(worker = worker.id, upstream = %addr, "upstream request failed: {e}");
             stats.shard.inc(cluster_stats.upstream_rq_reset);
@@ -620,14 +643,7 @@ impl Tries<'_> {
             else {
                 unreachable!("a retried request has a template");
             };
-            let attempt = send(
-                worker,
-                self.cluster_id,
-                addr,
-                this,
-                self.replayable,
-                self.template,
-            );
+            let attempt = send(worker, self.cluster_id, addr, this, self.replayable);
             let started = std::time::Instant::now();
             let result = match self.route.per_try_timeout {
                 // Each try's time starts when the client's body is all sent (a slow upload is
@@ -650,7 +666,11 @@ impl Tries<'_> {
             // The client's own failures (its body broke off, or went past max_request_body)
             // say nothing of the upstream, and are not tried again.
             let clients_fault = self.progress.too_large()
-                || matches!(&result, Err(SendError::Reset(e)) if e.is_user());
+                || matches!(&result, Err(SendError::Reset(e)) if e.is_user())
+                || matches!(
+                    &result,
+                    Err(SendError::Http1(upstream_h1::Error::RequestBody(_)))
+                );
             if let Ok((response, _)) = &result
                 && let Some(class) = stats::class_index(response.status().as_u16())
             {
@@ -709,7 +729,7 @@ impl Tries<'_> {
 /// Whether a try's end is one the policy retries.
 fn should_retry(
     policy: &RetryPolicy,
-    result: &Result<(Response<Incoming>, Upstream), SendError>,
+    result: &Result<(Response<UpstreamBody>, Upstream), SendError>,
 ) -> bool {
     let on = &policy.on;
     match result {
@@ -720,7 +740,7 @@ fn should_retry(
                 || on.statuses.contains(&s)
         }
         Err(SendError::Connect(_)) => on.connect_failure || on.server_error || on.gateway_error,
-        Err(SendError::Reset(_) | SendError::PerTryTimeout) => {
+        Err(SendError::Reset(_) | SendError::Http1(_) | SendError::PerTryTimeout) => {
             on.reset || on.server_error || on.gateway_error
         }
         Err(SendError::Overflow(_) | SendError::NoHost) => false,
@@ -768,11 +788,8 @@ async fn shadow(worker: Rc<Worker>, cluster_id: ClusterId, template: Template) {
     // Everything, the answer's body included, within the cluster's request timeout: a shadow
     // that stalls must not hold the mirror cluster's counts.
     let deadline = tokio::time::Instant::now() + cluster.request_timeout;
-    let sent = tokio::time::timeout_at(
-        deadline,
-        send(&worker, cluster_id, addr, request, true, None),
-    )
-    .await;
+    let sent =
+        tokio::time::timeout_at(deadline, send(&worker, cluster_id, addr, request, true)).await;
     match sent {
         Ok(Ok((response, upstream))) => {
             wc.handle.report(
@@ -792,16 +809,11 @@ async fn shadow(worker: Rc<Worker>, cluster_id: ClusterId, template: Template) {
                 true
             })
             .await;
-            if let (
-                Ok(true),
-                Upstream::Http1 {
-                    pool,
-                    endpoint,
-                    sender,
-                },
-            ) = (drained, upstream)
+            if let (Ok(true), Upstream::Http1 { pool, endpoint }, UpstreamBody::Http1(body)) =
+                (drained, upstream, &mut body)
+                && let Some(conn) = body.reusable()
             {
-                pool.release(endpoint, sender);
+                pool.release(endpoint, conn);
             }
         }
         Ok(Err(SendError::Overflow(_) | SendError::NoHost)) => {}
@@ -814,37 +826,43 @@ async fn shadow(worker: Rc<Worker>, cluster_id: ClusterId, template: Template) {
     drop(in_flight);
 }
 
-/// Sends on a pooled connection to `addr` when one is ready, else on a new one (waiting for one
+/// Sends on a pooled connection to `addr` when one is usable, else on a new one (waiting for one
 /// when the cluster is at `max_connections`). A request that a pooled connection could not
-/// carry (it closed first) goes once more: `replayable` requests from `template` (or a copy made
-/// here) when the connection took them, others only when it did not. An `http2` cluster's
-/// requests go as streams of the worker's connection to the endpoint (`upstream_h2`).
+/// carry (it closed under the request, before any answer) goes once more on another connection:
+/// a `replayable` one (idempotent, its body kept) in any case, others only when not even their
+/// head could be written. An `http2` cluster's requests go as streams of the worker's connection
+/// to the endpoint (`upstream_h2`).
 async fn send(
     worker: &Rc<Worker>,
     cluster_id: ClusterId,
     addr: SocketAddr,
-    mut request: Request<RequestBody>,
+    request: Request<RequestBody>,
     replayable: bool,
-    template: Option<&Template>,
-) -> Result<(Response<Incoming>, Upstream), SendError> {
+) -> Result<(Response<UpstreamBody>, Upstream), SendError> {
     let cluster = worker.config.cluster(cluster_id);
     if cluster.protocol == UpstreamProtocol::Http2 {
         return match worker.h2.send(worker, cluster_id, addr, request).await {
-            Ok((response, stream)) => Ok((response, Upstream::Http2(stream))),
+            Ok((response, stream)) => {
+                Ok((response.map(UpstreamBody::Http2), Upstream::Http2(stream)))
+            }
             Err(upstream_h2::SendError::Connect(e)) => Err(SendError::Connect(e)),
             Err(upstream_h2::SendError::Request(e)) => Err(SendError::Reset(e)),
         };
     }
     let wc = &worker.clusters[cluster_id.0];
     let pool = &wc.pool;
-    let http1 = |sender| Upstream::Http1 {
-        pool: pool.clone(),
-        endpoint: addr,
-        sender,
-    };
     let stats = &worker.stats;
     let cluster_stats = &stats.ids.clusters[cluster_id.0];
     let max = cluster.breakers.max_connections;
+    let (parts, body) = request.into_parts();
+    let mut outgoing = match body {
+        Either::Left(streamed) if !streamed.is_end_stream() => Outgoing::streamed(&parts, streamed),
+        Either::Left(_) => Outgoing::kept(&parts, Bytes::new()),
+        Either::Right(kept) => {
+            let kept = kept.collect().await.map(|b| b.to_bytes());
+            Outgoing::kept(&parts, kept.unwrap_or_default())
+        }
+    };
     let mut sent_again = false;
     loop {
         let connection = match pool.checkout(addr) {
@@ -854,64 +872,53 @@ async fn send(
                 None => wait_for_connection(worker, cluster_id, addr).await?,
             },
         };
-        let slot = match connection {
-            Connection::New(slot) => slot,
-            Connection::Pooled(mut pooled) => {
-                // Kept only for a pooled connection, the one case where a request may need
-                // sending again.
-                let own;
-                let replay = match (replayable, template) {
-                    (false, _) => None,
-                    (true, Some(t)) => Some(t),
-                    (true, None) => {
-                        // Only a request without a body comes here without a template.
-                        own = Template {
-                            method: request.method().clone(),
-                            uri: request.uri().clone(),
-                            headers: request.headers().clone(),
-                            body: Bytes::new(),
-                        };
-                        Some(&own)
-                    }
-                };
-                match pooled.sender.try_send_request(request).await {
-                    Ok(response) => return Ok((response, http1(pooled.sender))),
-                    Err(mut e) => {
-                        request = match (e.take_message(), replay) {
-                            (Some(unsent), _) => unsent,
-                            (None, Some(template)) if !sent_again => template.request(),
-                            _ => return Err(SendError::Reset(e.into_error())),
-                        };
-                        if sent_again {
-                            return Err(SendError::Reset(e.into_error()));
-                        }
-                        sent_again = true;
-                        debug!(
-                            worker = worker.id,
-                            idle_for = ?pooled.idle_for.unwrap_or(Duration::ZERO),
-                            "pooled upstream connection closed under a request; sending it again: {}",
-                            e.error()
-                        );
-                        stats.shard.inc(cluster_stats.upstream_rq_retry);
-                        continue;
-                    }
-                }
-            }
+        let (mut conn, idle_for) = match connection {
+            Connection::Pooled(pooled) => (pooled.conn, pooled.idle_for),
+            Connection::New(slot) => (
+                upstream_h1::Conn::connect(addr, cluster, worker, cluster_id.0, slot)
+                    .await
+                    .map_err(SendError::Connect)?,
+                None,
+            ),
         };
-        let mut sender = upstream::connect_http1(addr, cluster, worker, cluster_id.0, slot)
-            .await
-            .map_err(SendError::Connect)?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(SendError::Reset)?;
-        return Ok((response, http1(sender)));
+        match conn.send(&mut outgoing).await {
+            Ok(head) => {
+                let body = upstream_h1::Body::new(conn, &head, outgoing);
+                let mut response = Response::new(UpstreamBody::Http1(body));
+                *response.status_mut() = head.status;
+                *response.version_mut() = head.version;
+                *response.headers_mut() = head.headers;
+                let upstream = Upstream::Http1 {
+                    pool: pool.clone(),
+                    endpoint: addr,
+                };
+                return Ok((response, upstream));
+            }
+            Err(failure) => {
+                let again = idle_for.is_some()
+                    && !sent_again
+                    && !failure.answered
+                    && !failure.body_taken
+                    && (replayable || !failure.head_sent);
+                if !again {
+                    return Err(SendError::Http1(failure.error));
+                }
+                sent_again = true;
+                debug!(
+                    worker = worker.id,
+                    idle_for = ?idle_for.unwrap_or(Duration::ZERO),
+                    "pooled upstream connection closed under a request; sending it again: {}",
+                    failure.error
+                );
+                stats.shard.inc(cluster_stats.upstream_rq_retry);
+            }
+        }
     }
 }
 
 /// A connection to send on: a pooled one, or a place for a new one.
 enum Connection {
-    Pooled(upstream::Checkout),
+    Pooled(Checkout),
     New(ConnectionSlot),
 }
 
