@@ -30,6 +30,8 @@ mod stats;
 mod systemd;
 /// The L4 (TCP) proxy.
 mod tcp;
+/// HTTP/1.1 as upstreams send it, byte for byte: framings, interim answers, closes, bad answers.
+mod upstream_http1;
 
 use std::net::SocketAddr;
 use std::time::Duration;
