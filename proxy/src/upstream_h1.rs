@@ -13,6 +13,7 @@
 //! dropped; a `101` is an error, since the proxy never asks for an upgrade.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
@@ -391,9 +392,8 @@ fn encode_head(parts: &request::Parts, length: Option<u64>, room: usize) -> Byte
     match length {
         Some(0) if !expects_body(&parts.method) => {}
         Some(n) => {
-            head.put_slice(b"content-length: ");
-            head.put_slice(n.to_string().as_bytes());
-            head.put_slice(b"\r\n");
+            use std::fmt::Write as _;
+            let _ = write!(head, "content-length: {n}\r\n");
         }
         None => head.put_slice(b"transfer-encoding: chunked\r\n"),
     }
@@ -440,9 +440,16 @@ enum Framing {
 /// out of `buf`. `None` if the head is not complete yet.
 fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Error> {
     loop {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut response = httparse::Response::new(&mut fields);
-        let len = match response.parse(buf) {
+        // Uninitialised slots: httparse fills as many as the head has (no 3 KiB of zeroes to
+        // write per response).
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            buf,
+            &mut slots,
+        );
+        let len = match parsed {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(httparse::Error::TooManyHeaders) => {
@@ -467,19 +474,26 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
         }
         let status =
             StatusCode::from_u16(code).map_err(|_| Error::Invalid("status code out of range"))?;
-        // Where each value lies in `buf`, to be taken as slices of it without copying.
+        // Where each field lies in `buf`, so that values are taken as slices of it, uncopied.
         let base = buf.as_ptr() as usize;
-        let mut found = Vec::with_capacity(response.headers.len());
-        for field in response.headers.iter() {
-            let name = HeaderName::from_bytes(field.name.as_bytes())
-                .map_err(|_| Error::Invalid("invalid header field name"))?;
-            let start = field.value.as_ptr() as usize - base;
-            found.push((name, start, start + field.value.len()));
+        let mut found = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        let count = response.headers.len();
+        for (slot, field) in found.iter_mut().zip(response.headers.iter()) {
+            let name = (field.name.as_ptr() as usize - base) as u32;
+            let value = (field.value.as_ptr() as usize - base) as u32;
+            *slot = (
+                name,
+                name + field.name.len() as u32,
+                value,
+                value + field.value.len() as u32,
+            );
         }
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(found.len());
-        for (name, start, end) in found {
-            let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(name_start, name_end, start, end) in &found[..count] {
+            let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
+                .map_err(|_| Error::Invalid("invalid header field name"))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(start as usize..end as usize))
                 .map_err(|_| Error::Invalid("invalid header field value"))?;
             headers.append(name, value);
         }

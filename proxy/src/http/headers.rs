@@ -220,50 +220,48 @@ pub fn prepare_response(parts: &mut response::Parts, upstream_version: Version) 
 /// set, and every header that `Connection` names except `Host`, which a client must not be able
 /// to strip this way.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Most requests and answers have none: one pass over the names (standard names compare as
-    // integers) saves a lookup per hop-by-hop name.
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
+    // One pass over the names finds the hop-by-hop fields present (standard names compare as
+    // integers); most messages have none, or only `connection: keep-alive`.
+    let mut present = [false; HOP_BY_HOP.len()];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name) {
+            present[i] = true;
+        }
     }
-    // `Connection: keep-alive` / `close`, the usual values, name nothing more to remove.
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|token| {
-            !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
-        })
-        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-        .filter(|name| *name != HOST)
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if present[0] {
+        // `Connection: keep-alive` / `close`, the usual values, name nothing more to remove.
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|token| {
+                !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
+            })
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .filter(|name| *name != HOST)
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
-    for name in [
-        &CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &TE,
-        &TRANSFER_ENCODING,
-        &UPGRADE,
-    ] {
-        headers.remove(name);
+    for (name, present) in HOP_BY_HOP.iter().zip(present) {
+        if present {
+            headers.remove(*name);
+        }
     }
 }
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    [
-        &CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &TE,
-        &TRANSFER_ENCODING,
-        &UPGRADE,
-    ]
-    .contains(&name)
-}
+/// Fields that concern one connection only (RFC 9110, 7.6.1); `connection` first.
+static HOP_BY_HOP: [&HeaderName; 6] = [
+    &CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &TE,
+    &TRANSFER_ENCODING,
+    &UPGRADE,
+];
 
 fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     let mut values = headers.get_all(name).iter().filter_map(|v| v.to_str().ok());

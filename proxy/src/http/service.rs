@@ -841,7 +841,9 @@ async fn send(
 ) -> Result<(Response<UpstreamBody>, Upstream), SendError> {
     let cluster = worker.config.cluster(cluster_id);
     if cluster.protocol == UpstreamProtocol::Http2 {
-        return match worker.h2.send(worker, cluster_id, addr, request).await {
+        // Boxed: the HTTP/1.1 path below, the common one, should not carry (and copy) the size
+        // of HTTP/2's state in every request's future.
+        return match Box::pin(worker.h2.send(worker, cluster_id, addr, request)).await {
             Ok((response, stream)) => {
                 Ok((response.map(UpstreamBody::Http2), Upstream::Http2(stream)))
             }
