@@ -310,6 +310,10 @@ impl ClusterPool {
         }
         let mut idle = self.idle.borrow_mut();
         let list = idle.entry(endpoint).or_default();
+        if list.len() >= self.max_idle {
+            // Connections the upstream closed meanwhile make room first.
+            list.retain(|c| c.conn.is_usable());
+        }
         if list.len() < self.max_idle {
             list.push(IdleConnection {
                 conn,
@@ -337,9 +341,10 @@ impl ClusterPool {
     }
 
     /// Closes one idle connection to an endpoint other than `endpoint`, so that its place under
-    /// `max_connections` goes to a request that waits. Its slot comes free once the connection's
-    /// task has ended.
+    /// `max_connections` goes to a request that waits (its slot comes free as it closes).
+    /// Connections the upstreams closed go first.
     pub fn close_idle_except(&self, endpoint: SocketAddr) {
+        self.sweep();
         let mut idle = self.idle.borrow_mut();
         if let Some(list) = idle
             .iter_mut()

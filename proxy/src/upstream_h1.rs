@@ -75,6 +75,9 @@ pub struct Failure {
 pub struct Conn {
     stream: TcpStream,
     buf: BytesMut,
+    /// How much room a body read asks for: doubled when a read fills it, so that a long body
+    /// is read in large pieces, and back to [`READ_MIN`] when the connection idles.
+    read_size: usize,
     _live: Live,
 }
 
@@ -112,6 +115,7 @@ impl Conn {
         Ok(Conn {
             stream,
             buf: BytesMut::new(),
+            read_size: READ_MIN,
             _live: Live {
                 worker: Rc::downgrade(worker),
                 gauge,
@@ -122,21 +126,22 @@ impl Conn {
 
     /// Whether an idle connection can carry a request: nothing has arrived on it. An upstream
     /// closes an idle connection by sending its FIN, and must send nothing else while idle.
-    /// Costs no system call while the socket has not become readable.
+    /// `try_read` makes no system call while tokio has not seen the socket become readable
+    /// (and, unlike polling readiness, is not subject to the task's cooperative budget).
     pub fn is_usable(&self) -> bool {
-        if !self.buf.is_empty() {
-            return false;
-        }
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            // Readiness can be left over from the last response: look.
-            Poll::Ready(Ok(())) => matches!(
+        self.buf.is_empty()
+            && matches!(
                 self.stream.try_read(&mut [0u8; 1]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock
-            ),
+            )
+    }
+
+    /// Lets go of a large read buffer before the connection idles in a pool.
+    fn shrink(&mut self) {
+        if self.buf.capacity() > 2 * READ_MIN {
+            self.buf = BytesMut::new();
         }
+        self.read_size = READ_MIN;
     }
 
     /// Writes `request` and reads the response's head (interim answers skipped). The body
@@ -151,13 +156,17 @@ impl Conn {
         let head_request = request.head_request;
         let written = match &mut request.body {
             OutBody::Kept(rest) => {
-                let written = self.stream.write_all(&request.head).await;
-                failure.head_sent = written.is_ok();
-                match (written, rest.is_empty()) {
-                    (Ok(()), false) => self.stream.write_all(rest).await,
-                    (written, _) => written,
+                if let Err(e) = self.stream.write_all(&request.head).await {
+                    // Not even the head went: whatever the connection holds is no answer to it.
+                    failure.error = Error::Io(e);
+                    return Err(failure);
                 }
-                .map_err(Error::Io)
+                failure.head_sent = true;
+                if rest.is_empty() {
+                    Ok(())
+                } else {
+                    self.stream.write_all(rest).await.map_err(Error::Io)
+                }
             }
             OutBody::Streamed(upload) => {
                 if let Err(e) = self.stream.write_all(&request.head).await {
@@ -334,7 +343,8 @@ impl Outgoing {
     /// needed.
     pub fn kept(parts: &request::Parts, body: Bytes) -> Self {
         let len = body.len();
-        let mut head = encode_head(parts, Some(len as u64), len.min(COALESCE));
+        let room = if len <= COALESCE { len } else { 0 };
+        let mut head = encode_head(parts, Some(len as u64), room);
         let rest = if len <= COALESCE {
             head.put_slice(&body);
             Bytes::new()
@@ -450,7 +460,10 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
             &mut slots,
         );
         let len = match parsed {
-            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
+            Ok(httparse::Status::Complete(_)) => {
+                return Err(Error::Invalid("response head larger than 64 KiB"));
+            }
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(httparse::Error::TooManyHeaders) => {
                 return Err(Error::Invalid("more than 100 header fields"));
@@ -498,6 +511,11 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
             headers.append(name, value);
         }
         let (framing, mut keep_alive) = framing(&headers, status, head_request)?;
+        if headers.contains_key(TRANSFER_ENCODING) {
+            // The transfer coding decides the length; a content-length beside it is wrong and
+            // must not reach the client (RFC 9112, 6.3).
+            headers.remove(CONTENT_LENGTH);
+        }
         keep_alive &= version == Version::HTTP_11 && !has_token(&headers, CONNECTION, "close");
         return Ok(Some(Head {
             status,
@@ -632,6 +650,9 @@ impl Decoder {
                         }
                         return Ok(Decoded::More);
                     };
+                    if end > MAX_CHUNK_LINE {
+                        return Err(Error::Invalid("chunk-size line too long"));
+                    }
                     let size = chunk_size(&buf[..end])?;
                     buf.advance(end + 2);
                     *self = if size == 0 {
@@ -695,13 +716,12 @@ impl Decoder {
         }
     }
 
-    /// How much room the next read should ask for.
-    fn want(&self) -> usize {
+    /// How much room the next read should ask for: `size` (what reads have been bringing),
+    /// but no more than the rest of a body of known length needs.
+    fn want(&self, size: usize) -> usize {
         match *self {
-            Decoder::Length(n) | Decoder::ChunkData(n) => usize::try_from(n)
-                .unwrap_or(READ_MAX)
-                .clamp(READ_MIN, READ_MAX),
-            _ => READ_MIN,
+            Decoder::Length(n) => usize::try_from(n).unwrap_or(size).clamp(READ_MIN, size),
+            _ => size,
         }
     }
 }
@@ -713,8 +733,14 @@ fn find_crlf(buf: &[u8]) -> Option<usize> {
 /// A chunk-size line's size (hex digits, then optional extensions, which are ignored).
 fn chunk_size(line: &[u8]) -> Result<u64, Error> {
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    let rest = &line[digits..];
-    if digits == 0 || digits > 15 || !(rest.is_empty() || matches!(rest[0], b';' | b' ' | b'\t')) {
+    // Then optional whitespace and extensions (RFC 9112, 7.1.1), nothing else, and no bare
+    // CR or LF anywhere in the line.
+    let rest = line[digits..].trim_ascii_start();
+    if digits == 0
+        || digits > 15
+        || !(rest.is_empty() || rest[0] == b';')
+        || line.iter().any(|&b| b == b'\r' || b == b'\n')
+    {
         return Err(Error::Invalid("invalid chunk size"));
     }
     let text = std::str::from_utf8(&line[..digits]).map_err(|_| Error::Invalid("chunk size"))?;
@@ -758,8 +784,11 @@ impl Body {
     /// request.
     pub fn reusable(&mut self) -> Option<Conn> {
         let done = self.decoder == Decoder::Done && self.upload.is_none();
-        self.conn
-            .take_if(|conn| done && self.keep_alive && conn.buf.is_empty())
+        let mut conn = self
+            .conn
+            .take_if(|conn| done && self.keep_alive && conn.buf.is_empty())?;
+        conn.shrink();
+        Some(conn)
     }
 }
 
@@ -802,10 +831,10 @@ impl http_body::Body for Body {
                     return Poll::Ready(Some(Err(e)));
                 }
             }
-            let want = this.decoder.want();
-            if conn.buf.capacity() - conn.buf.len() < want {
-                conn.buf.reserve(want);
+            if conn.buf.capacity() - conn.buf.len() < READ_MIN {
+                conn.buf.reserve(this.decoder.want(conn.read_size));
             }
+            let room = conn.buf.capacity() - conn.buf.len();
             let read = ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut conn.stream),
                 cx,
@@ -813,7 +842,12 @@ impl http_body::Body for Body {
             ));
             let failed = match read {
                 Ok(0) => this.decoder.closed().err(),
-                Ok(_) => continue,
+                Ok(n) => {
+                    if n == room {
+                        conn.read_size = (conn.read_size * 2).min(READ_MAX);
+                    }
+                    continue;
+                }
                 Err(e) => Some(Error::Io(e)),
             };
             // The connection is done with either way: closed by the upstream, or broken.
@@ -919,6 +953,13 @@ mod tests {
             framing("HTTP/1.0 200 OK\r\ncontent-length: 4\r\n\r\n"),
             (Framing::Length(4), false)
         );
+        let head =
+            head_of("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n");
+        let headers = head.unwrap().unwrap().headers;
+        assert!(
+            !headers.contains_key(CONTENT_LENGTH),
+            "a length beside a coding goes"
+        );
         let head = parse_head(
             &mut BytesMut::from("HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n"),
             true,
@@ -961,7 +1002,13 @@ mod tests {
             decode_all(Framing::Chunked, b"5\r\nhello\r\n", 3),
             Err(Error::Closed)
         ));
-        for bad in [&b"z\r\n"[..], b"5\r\nhelloXY", b"ffffffffffffffffff\r\n"] {
+        for bad in [
+            &b"z\r\n"[..],
+            b"5\r\nhelloXY",
+            b"ffffffffffffffffff\r\n",
+            b"5 junk\r\nhello\r\n",
+            b"5;a=\nb\r\nhello\r\n",
+        ] {
             assert!(matches!(
                 decode_all(Framing::Chunked, bad, 64),
                 Err(Error::Invalid(_))

@@ -437,6 +437,9 @@ async fn sweep_pools(worker: Rc<Worker>) {
     else {
         return;
     };
+    // At least every second: a connection the upstream closed while it idled holds its place
+    // under `max_connections` until it is swept.
+    let period = period.min(Duration::from_secs(1));
     let mut interval = tokio::time::interval(period.max(Duration::from_millis(100)));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

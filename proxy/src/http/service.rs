@@ -788,8 +788,13 @@ async fn shadow(worker: Rc<Worker>, cluster_id: ClusterId, template: Template) {
     // Everything, the answer's body included, within the cluster's request timeout: a shadow
     // that stalls must not hold the mirror cluster's counts.
     let deadline = tokio::time::Instant::now() + cluster.request_timeout;
-    let sent =
-        tokio::time::timeout_at(deadline, send(&worker, cluster_id, addr, request, true)).await;
+    // A copy that a closed pooled connection did not carry is sent again only if it is safe to.
+    let replayable = is_idempotent(request.method());
+    let sent = tokio::time::timeout_at(
+        deadline,
+        send(&worker, cluster_id, addr, request, replayable),
+    )
+    .await;
     match sent {
         Ok(Ok((response, upstream))) => {
             wc.handle.report(

@@ -12,7 +12,7 @@ use baton_tests::proxy::Proxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::{WAIT, http_config};
+use crate::{WAIT, http_config, stat};
 
 /// An upstream that answers each request with the bytes its path names, and keeps every request
 /// it received (head and body, as they came).
@@ -90,7 +90,7 @@ impl Scripted {
 
 async fn serve(mut stream: TcpStream, log: Arc<Mutex<Vec<String>>>) {
     let mut buf = Vec::new();
-    loop {
+    for served in 0.. {
         let Some(head_end) = read_until(&mut stream, &mut buf, 0, b"\r\n\r\n").await else {
             return;
         };
@@ -119,6 +119,11 @@ async fn serve(mut stream: TcpStream, log: Arc<Mutex<Vec<String>>>) {
             .push(String::from_utf8_lossy(&buf[..body_end]).into_owned());
         let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
         buf.drain(..body_end);
+        if path.starts_with("/once") && served > 0 {
+            // Takes a second request on its connection, then closes without an answer: the
+            // race of a request sent just as an upstream's keep-alive timeout closes.
+            return;
+        }
         let (bytes, close) = answer(&path);
         if stream.write_all(bytes).await.is_err() || close {
             return;
@@ -301,4 +306,29 @@ async fn requests_go_upstream_framed_as_http1_1() {
         .map(|(_, data)| data)
         .collect();
     assert_eq!(decoded, "abcde", "{body:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_a_pooled_connection_dropped_unanswered_is_sent_again_only_if_idempotent() {
+    let upstream = Scripted::start().await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _proxy = Proxy::start(&http_config(listen, admin, upstream.addr));
+    let mut c = H1::connect(listen).await.unwrap();
+    assert_eq!(c.get("/once").await.unwrap().status, 200);
+    // The pooled connection takes this GET and closes unanswered: it goes again on a new one.
+    let r = c.get("/once-more").await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "yes"));
+    assert_eq!(upstream.connections(), 2);
+    assert_eq!(stat(admin, "upstream_rq_retry{cluster=origin}").await, 1);
+    // A POST may have been acted on: it is not sent twice.
+    let r = c
+        .send(request("POST", "test.local", "/once-posted", "data"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str()),
+        (502, "upstream reset before response\n")
+    );
+    assert_eq!(upstream.connections(), 2, "the POST was not sent again");
+    assert_eq!(stat(admin, "upstream_rq_retry{cluster=origin}").await, 1);
 }
