@@ -113,6 +113,15 @@ impl<S> ConnIo<S> {
         }
     }
 
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Bytes already read (and counted) to be served again before the socket's.
+    pub fn set_prefix(&mut self, bytes: Bytes) {
+        self.prefix = bytes;
+    }
+
     fn sent(&self, n: usize) {
         self.bytes.worker.stats.shard.add(self.bytes.tx, n as u64);
     }

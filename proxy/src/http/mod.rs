@@ -179,7 +179,7 @@ async fn sniff(stream: &mut TcpStream) -> Option<(Bytes, bool)> {
 /// Runs hyper's HTTP/1.1 or HTTP/2 server on the connection.
 async fn run<S>(ctx: Rc<ConnCtx>, io: S, idle_timeout: Duration, limits: RequestLimits)
 where
-    S: AsyncRead + AsyncWrite + Unpin + 'static,
+    S: AsyncRead + AsyncWrite + Hibernate + Unpin + 'static,
 {
     let h2 = ctx.h2;
     let activity = ctx.activity.clone();
@@ -194,6 +194,7 @@ where
         // idle timeout.
         header_timeout: (!h2).then_some(limits.header_timeout),
         h2,
+        hibernate: !h2 && S::CAN,
     };
     if h2 {
         let connection = http2::Builder::new(LocalExec)
@@ -214,15 +215,32 @@ where
             // hyper's default; setting any value moves the parsed headers to the heap.
             builder.max_headers(limits.max_headers);
         }
-        let mut connection = Box::new(builder.serve_connection(io, service));
-        let ended = drive(
-            Pin::new(&mut *connection),
-            &worker,
-            listener,
-            &activity,
-            settings,
-        )
-        .await;
+        let mut io = io;
+        let (connection, ended) = loop {
+            let mut connection = Box::new(builder.serve_connection(io, service.clone()));
+            let ended = drive(
+                Pin::new(&mut *connection),
+                &worker,
+                listener,
+                &activity,
+                settings,
+            )
+            .await;
+            if ended != Ended::Idle {
+                break (connection, ended);
+            }
+            // Idle, all answers flushed, no byte of a next request: hyper's buffers go, and
+            // only the socket waits for the client (nginx does the same with a keep-alive
+            // connection's buffers).
+            let parts = connection.into_parts();
+            let mut stream = parts.io.into_inner();
+            stream.replay(parts.read_buf);
+            if !hibernate(&stream, &worker, listener, &activity, settings).await {
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+                return;
+            }
+            io = TokioIo::new(stream);
+        };
         if ended == Ended::HeaderTimeout {
             let ids = &worker.stats.ids.listeners[listener];
             worker.stats.shard.inc(ids.downstream_rq_header_timeout);
@@ -261,6 +279,75 @@ struct DriveSettings {
     /// HTTP/1.1 only: how long a request's line and headers may take.
     header_timeout: Option<Duration>,
     h2: bool,
+    /// Whether an idle connection ends [`drive`] with [`Ended::Idle`] to wait in [`hibernate`].
+    hibernate: bool,
+}
+
+/// How long an HTTP/1.1 connection idles before hyper's connection state (two 8 KiB buffers)
+/// is let go.
+const HIBERNATE_AFTER: Duration = Duration::from_secs(1);
+
+/// A client's stream that can wait for its next bytes without a reader's buffers: cleartext
+/// TCP can, TLS cannot (rustls keeps its own buffers).
+pub trait Hibernate {
+    const CAN: bool;
+    /// Resolves when the client sent something (or closed).
+    fn readable(&self) -> impl Future<Output = ()>;
+    /// Bytes read but not used, to be read again first.
+    fn replay(&mut self, bytes: Bytes);
+}
+
+impl Hibernate for ConnIo<TcpStream> {
+    const CAN: bool = true;
+
+    async fn readable(&self) {
+        let _ = self.get_ref().readable().await;
+    }
+
+    fn replay(&mut self, bytes: Bytes) {
+        self.set_prefix(bytes);
+    }
+}
+
+impl Hibernate for tokio_rustls::server::TlsStream<ConnIo<TcpStream>> {
+    const CAN: bool = false;
+
+    async fn readable(&self) {
+        std::future::pending().await
+    }
+
+    fn replay(&mut self, _bytes: Bytes) {
+        unreachable!("a TLS connection does not hibernate");
+    }
+}
+
+/// Waits, holding only the socket, until the client of an idle HTTP/1.1 connection sends
+/// again: `true`. `false` when the connection is to close: idle past its timeout, or a drain
+/// began and the idle grace passed.
+async fn hibernate<S: Hibernate>(
+    stream: &S,
+    worker: &Worker,
+    listener: usize,
+    activity: &Activity,
+    settings: DriveSettings,
+) -> bool {
+    let idle_since = Instant::from_std(activity.idle_since());
+    let drained = async {
+        while !worker.drain.is_draining() {
+            worker.drain.started().await;
+        }
+        tokio::time::sleep_until(idle_since + settings.drain_grace).await;
+    };
+    tokio::select! {
+        biased;
+        () = stream.readable() => true,
+        () = tokio::time::sleep_until(idle_since + settings.idle_timeout) => {
+            let ids = &worker.stats.ids.listeners[listener];
+            worker.stats.shard.inc(ids.downstream_cx_idle_timeout);
+            false
+        }
+        () = drained => false,
+    }
 }
 
 /// How [`drive`] ended.
@@ -271,6 +358,9 @@ enum Ended {
     /// A client took longer than the header timeout to send a request's headers: the
     /// connection is left for the caller to answer 408 and close.
     HeaderTimeout,
+    /// An HTTP/1.1 connection has idled for [`HIBERNATE_AFTER`] with nothing pending: the
+    /// caller may take the socket back from hyper.
+    Idle,
 }
 
 /// Polls the connection to completion, closing it gracefully when it has been idle too long or
@@ -290,13 +380,17 @@ where
         drain_grace,
         header_timeout,
         h2,
+        hibernate,
     } = settings;
     let ids = &worker.stats.ids.listeners[listener];
     let mut drain_seen = false;
     let mut closing = false;
     // HTTP/2: when to send the graceful GOAWAY once a drain began.
     let mut goaway_at: Option<Instant> = None;
-    let first_check = header_timeout.map_or(idle_timeout, |h| h.min(idle_timeout));
+    let mut first_check = header_timeout.map_or(idle_timeout, |h| h.min(idle_timeout));
+    if hibernate {
+        first_check = first_check.min(HIBERNATE_AFTER);
+    }
     let mut check = std::pin::pin!(tokio::time::sleep(first_check));
     loop {
         if worker.drain.is_draining() && !closing {
@@ -359,9 +453,24 @@ where
                     }
                     connection.as_mut().graceful_shutdown();
                     closing = true;
+                } else if hibernate
+                    && idle
+                    && !drain_seen
+                    && activity.head() == (None, false)
+                    && now.saturating_duration_since(idle_since) >= HIBERNATE_AFTER
+                {
+                    return Ended::Idle;
                 } else {
                     let next = if idle {
-                        (idle_since + limit).min(head_check).max(now + Duration::from_millis(10))
+                        let wake = if hibernate && !drain_seen {
+                            (idle_since + HIBERNATE_AFTER).min(idle_since + limit)
+                        } else {
+                            idle_since + limit
+                        };
+                        wake.min(head_check).max(now + Duration::from_millis(10))
+                    } else if hibernate {
+                        // Busy now: look again soon enough to let the state go once it idles.
+                        (now + limit).min(head_check).min(now + HIBERNATE_AFTER)
                     } else {
                         (now + limit).min(head_check)
                     };

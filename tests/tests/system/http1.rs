@@ -460,3 +460,79 @@ async fn requests_without_host_and_bad_upstream_answers_get_clear_errors() {
         .to_owned();
     assert!(!head_line.contains(" DC "), "{head_line}");
 }
+
+/// An idle keep-alive connection gives its HTTP state back after a second (only its socket
+/// waits for the client): it still serves the client's next request, and still closes at its
+/// idle timeout and when a drain begins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_idle_past_a_second_still_serve_and_still_close() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let config = http_config(listen, admin, origin.addr)
+        .replace(
+            "access_log = \"access.log\"",
+            "access_log = \"access.log\"\nidle_timeout = \"3s\"",
+        )
+        .replace("drain_idle_grace = \"500ms\"", "drain_idle_grace = \"2s\"");
+    let mut proxy = Proxy::start(&config);
+
+    // The client's own pause, longer than the second after which the state goes.
+    let mut c = H1::connect(listen).await.unwrap();
+    assert_eq!(c.get("/first").await.unwrap().status, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = c
+        .get("/after-a-pause")
+        .await
+        .expect("the idle connection serves again");
+    assert_eq!(r.text(), "upstream origin\n");
+    // Pipelined bytes that arrive together with the wake-up are all served.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut raw = TcpStream::connect(listen).await.unwrap();
+    raw.write_all(b"GET /a HTTP/1.1\r\nHost: x.test\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut raw, b"upstream origin\n").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    raw.write_all(
+        b"GET /b HTTP/1.1\r\nHost: x.test\r\n\r\nGET /c HTTP/1.1\r\nHost: x.test\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut both = String::new();
+    while both.matches("upstream origin\n").count() < 2 {
+        let more = read_until(&mut raw, b"upstream origin\n").await;
+        assert!(!more.is_empty(), "closed after {both:?}");
+        both.push_str(&String::from_utf8_lossy(&more));
+    }
+    assert_eq!(both.matches("HTTP/1.1 200 OK").count(), 2, "{both}");
+
+    // Closed at the idle timeout, counted as such.
+    drop(c);
+    let mut c = H1::connect(listen).await.unwrap();
+    assert_eq!(c.get("/last").await.unwrap().status, 200);
+    let idle_from = Instant::now();
+    assert!(
+        baton_tests::wait_until(WAIT, || c.is_closed()),
+        "closed once idle for 3s"
+    );
+    assert!(
+        idle_from.elapsed() >= Duration::from_millis(2500),
+        "closed after {:?}",
+        idle_from.elapsed()
+    );
+    assert!(stat(admin, "downstream_cx_idle_timeout{listener=public}").await >= 1);
+
+    // A drain closes an idle connection once the grace has passed since its last answer.
+    let mut idle = H1::connect(listen).await.unwrap();
+    assert_eq!(idle.get("/d").await.unwrap().status, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        baton_tests::wait_until(WAIT, || idle.is_closed()),
+        "the idle connection is closed by the drain"
+    );
+    let status = proxy
+        .wait_exit(WAIT)
+        .expect("the proxy exits after the drain");
+    assert!(status.success(), "{status:?}");
+}
