@@ -75,8 +75,8 @@ pub struct Failure {
 pub struct Conn {
     stream: TcpStream,
     buf: BytesMut,
-    /// How much room a body read asks for: doubled when a read fills it, so that a long body
-    /// is read in large pieces, and back to [`READ_MIN`] when the connection idles.
+    /// How much room a read of a body of unknown length asks for: doubled when a read fills
+    /// it, so that a long body is read in large pieces.
     read_size: usize,
     _live: Live,
 }
@@ -141,7 +141,6 @@ impl Conn {
         if self.buf.capacity() > 2 * READ_MIN {
             self.buf = BytesMut::new();
         }
-        self.read_size = READ_MIN;
     }
 
     /// Writes `request` and reads the response's head (interim answers skipped). The body
@@ -716,11 +715,14 @@ impl Decoder {
         }
     }
 
-    /// How much room the next read should ask for: `size` (what reads have been bringing),
-    /// but no more than the rest of a body of known length needs.
+    /// How much room the next read should ask for: what the rest of a body of known length
+    /// needs (up to [`READ_MAX`]: the room fills with that body), else `size`, what reads have
+    /// been bringing.
     fn want(&self, size: usize) -> usize {
         match *self {
-            Decoder::Length(n) => usize::try_from(n).unwrap_or(size).clamp(READ_MIN, size),
+            Decoder::Length(n) => usize::try_from(n)
+                .unwrap_or(READ_MAX)
+                .clamp(READ_MIN, READ_MAX),
             _ => size,
         }
     }
