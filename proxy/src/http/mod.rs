@@ -457,6 +457,9 @@ where
                     && idle
                     && !drain_seen
                     && activity.head() == (None, false)
+                    // hyper may still hold the end of the last answer for a client that does
+                    // not read: taking the socket back would cut that answer off.
+                    && !activity.write_blocked()
                     && now.saturating_duration_since(idle_since) >= HIBERNATE_AFTER
                 {
                     return Ended::Idle;

@@ -506,6 +506,39 @@ async fn connections_idle_past_a_second_still_serve_and_still_close() {
     }
     assert_eq!(both.matches("HTTP/1.1 200 OK").count(), 2, "{both}");
 
+    // A client that reads its answer slowly keeps all of it, however long it takes.
+    // A small receive window, so that the end of the answer waits in the proxy.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut slow = socket.connect(listen).await.unwrap();
+    slow.write_all(b"GET /bytes/6000000 HTTP/1.1\r\nHost: x.test\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let head_end = loop {
+        let n = tokio::time::timeout(WAIT, slow.read(&mut buf))
+            .await
+            .expect("the answer keeps coming")
+            .unwrap();
+        assert!(n > 0, "closed after {} bytes", got.len());
+        got.extend_from_slice(&buf[..n]);
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let end = end + 4;
+            if got.len() - end >= 6_000_000 {
+                break end;
+            }
+        }
+    };
+    assert_eq!(got.len() - head_end, 6_000_000);
+    assert!(
+        got[head_end..]
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == pattern(i))
+    );
+
     // Closed at the idle timeout, counted as such.
     drop(c);
     let mut c = H1::connect(listen).await.unwrap();
