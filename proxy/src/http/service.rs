@@ -487,36 +487,23 @@ fn failed(
                 ),
             }
         }
-        SendError::Reset(e) if e.is_parse() || e.is_parse_status() => {
-            debug!(worker = worker.id, upstream = %addr, "upstream answered with invalid HTTP: {e}");
-            local(
-                StatusCode::BAD_GATEWAY,
-                "upstream sent an invalid response\n",
-                exchange,
-                Flag::UpstreamProtocolError,
-            )
-        }
-        SendError::Http1(upstream_h1::Error::Invalid(why)) => {
-            debug!(worker = worker.id, upstream = %addr, "upstream answered with invalid HTTP: {why}");
-            local(
-                StatusCode::BAD_GATEWAY,
-                "upstream sent an invalid response\n",
-                exchange,
-                Flag::UpstreamProtocolError,
-            )
-        }
-        SendError::Http1(e) => {
-            debug!(worker = worker.id, upstream = %addr, "upstream request failed: {e}");
-            stats.shard.inc(cluster_stats.upstream_rq_reset);
-            local(
-                StatusCode::BAD_GATEWAY,
-                "upstream reset before response\n",
-                exchange,
-                Flag::UpstreamReset,
-            )
-        }
-        SendError::Reset(e) => {
-            debug!(worker = worker.id, upstream = %addr, "upstream request failed: {e}");
+        SendError::Reset(_) | SendError::Http1(_) => {
+            let (invalid, what): (bool, &dyn std::fmt::Display) = match &error {
+                SendError::Reset(e) => (e.is_parse() || e.is_parse_status(), e),
+                SendError::Http1(upstream_h1::Error::Invalid(why)) => (true, why),
+                SendError::Http1(e) => (false, e),
+                _ => unreachable!("matched above"),
+            };
+            if invalid {
+                debug!(worker = worker.id, upstream = %addr, "upstream answered with invalid HTTP: {what}");
+                return local(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream sent an invalid response\n",
+                    exchange,
+                    Flag::UpstreamProtocolError,
+                );
+            }
+            debug!(worker = worker.id, upstream = %addr, "upstream request failed: {what}");
             stats.shard.inc(cluster_stats.upstream_rq_reset);
             local(
                 StatusCode::BAD_GATEWAY,

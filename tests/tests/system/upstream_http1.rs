@@ -106,10 +106,8 @@ async fn serve(mut stream: TcpStream, log: Arc<Mutex<Vec<String>>>) {
                 .find_map(|l| l.strip_prefix("content-length: "))
                 .map_or(0, |n| n.trim().parse().unwrap());
             while buf.len() < head_end + length {
-                let mut more = [0u8; 4096];
-                match stream.read(&mut more).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&more[..n]),
+                if !read_more(&mut stream, &mut buf).await {
+                    return;
                 }
             }
             head_end + length
@@ -142,19 +140,36 @@ async fn read_until(
         if let Some(at) = buf[from..].windows(end.len()).position(|w| w == end) {
             return Some(from + at + end.len());
         }
-        let mut more = [0u8; 4096];
-        match stream.read(&mut more).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&more[..n]),
+        if !read_more(stream, buf).await {
+            return None;
         }
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_body_framing_an_upstream_uses_reaches_the_client() {
+/// Appends what the stream brings next; `false` at its end.
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+    let mut more = [0u8; 4096];
+    match stream.read(&mut more).await {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            buf.extend_from_slice(&more[..n]);
+            true
+        }
+    }
+}
+
+/// A scripted upstream and a proxy in front of it: the upstream, the proxy, its listen and
+/// admin addresses.
+async fn start() -> (Scripted, Proxy, SocketAddr, SocketAddr) {
     let upstream = Scripted::start().await;
     let (listen, admin) = (free_addr(), free_addr());
-    let _proxy = Proxy::start(&http_config(listen, admin, upstream.addr));
+    let proxy = Proxy::start(&http_config(listen, admin, upstream.addr));
+    (upstream, proxy, listen, admin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_body_framing_an_upstream_uses_reaches_the_client() {
+    let (upstream, _proxy, listen, _) = start().await;
     let mut c = H1::connect(listen).await.unwrap();
 
     let r = c.get("/chunked").await.unwrap();
@@ -199,9 +214,7 @@ async fn every_body_framing_an_upstream_uses_reaches_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_answers_are_502_or_cut_off() {
-    let upstream = Scripted::start().await;
-    let (listen, admin) = (free_addr(), free_addr());
-    let proxy = Proxy::start(&http_config(listen, admin, upstream.addr));
+    let (_upstream, proxy, listen, _) = start().await;
     let mut c = H1::connect(listen).await.unwrap();
     let r = c.get("/conflicting").await.unwrap();
     assert_eq!(
@@ -228,9 +241,7 @@ async fn broken_answers_are_502_or_cut_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_the_upstream_closed_in_the_pool_costs_no_request() {
-    let upstream = Scripted::start().await;
-    let (listen, admin) = (free_addr(), free_addr());
-    let _proxy = Proxy::start(&http_config(listen, admin, upstream.addr));
+    let (upstream, _proxy, listen, _) = start().await;
     let mut c = H1::connect(listen).await.unwrap();
     // Each answer's connection is closed by the upstream right after it, without notice: the
     // next request must not be lost to it.
@@ -247,9 +258,7 @@ async fn a_connection_the_upstream_closed_in_the_pool_costs_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_go_upstream_framed_as_http1_1() {
-    let upstream = Scripted::start().await;
-    let (listen, admin) = (free_addr(), free_addr());
-    let _proxy = Proxy::start(&http_config(listen, admin, upstream.addr));
+    let (upstream, _proxy, listen, _) = start().await;
     let mut c = H1::connect(listen).await.unwrap();
 
     c.get("/get").await.unwrap();
@@ -310,9 +319,7 @@ async fn requests_go_upstream_framed_as_http1_1() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_a_pooled_connection_dropped_unanswered_is_sent_again_only_if_idempotent() {
-    let upstream = Scripted::start().await;
-    let (listen, admin) = (free_addr(), free_addr());
-    let _proxy = Proxy::start(&http_config(listen, admin, upstream.addr));
+    let (upstream, _proxy, listen, admin) = start().await;
     let mut c = H1::connect(listen).await.unwrap();
     assert_eq!(c.get("/once").await.unwrap().status, 200);
     // The pooled connection takes this GET and closes unanswered: it goes again on a new one.
