@@ -55,11 +55,54 @@ const LINGER_TIME: Duration = Duration::from_secs(5);
 const LINGER_PAUSE: Duration = Duration::from_secs(1);
 
 /// Serves one accepted connection of an HTTP listener until it closes.
+///
+/// This future is the connection's task, and a task is as large as its largest state for as
+/// long as it lives: so it holds little itself. The work is done in boxed futures that are
+/// dropped whenever the connection idles ([`Sleeping`]): an idle HTTP/1.1 connection then
+/// holds its socket, its context and this small future, about 1.5 KB.
 pub async fn serve(guard: ConnectionGuard, stream: TcpStream, peer: SocketAddr) {
+    let mut sleeping = Box::pin(start(&guard, stream, peer)).await;
+    while let Some(idle) = sleeping.take() {
+        if !hibernate(
+            &idle.io,
+            &guard.worker,
+            guard.listener,
+            &idle.ctx.activity,
+            idle.idle_timeout,
+        )
+        .await
+        {
+            let mut io = idle.io;
+            let _ = tokio::time::timeout(Duration::from_secs(1), Box::pin(io.shutdown())).await;
+            break;
+        }
+        let Sleeping {
+            ctx,
+            io,
+            idle_timeout,
+            limits,
+        } = idle;
+        sleeping = Box::pin(run(ctx, io, idle_timeout, limits)).await;
+    }
+    drop(guard);
+}
+
+/// An idle cleartext HTTP/1.1 connection between two requests: hyper's connection and its
+/// buffers are gone; the socket waits for the client's next bytes.
+struct Sleeping {
+    ctx: Rc<ConnCtx>,
+    io: ConnIo<TcpStream>,
+    idle_timeout: Duration,
+    limits: RequestLimits,
+}
+
+/// The connection from accept to its first idle moment (or its end): TLS handshake or
+/// protocol sniffing, then hyper's server.
+async fn start(guard: &ConnectionGuard, stream: TcpStream, peer: SocketAddr) -> Option<Sleeping> {
     let worker = guard.worker.clone();
     let listener = guard.listener;
     let ListenerKind::Http(config) = &worker.config.listeners[listener].kind else {
-        return;
+        return None;
     };
     let idle_timeout = config.idle_timeout;
     let limits = config.limits;
@@ -98,22 +141,22 @@ pub async fn serve(guard: ConnectionGuard, stream: TcpStream, peer: SocketAddr) 
             );
             let handshake = tokio::select! {
                 result = handshake => result,
-                _ = drained_while_silent(&worker) => return,
+                _ = drained_while_silent(&worker) => return None,
             };
             let tls = match handshake {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     debug!(worker = worker.id, %peer, "TLS handshake failed: {e}");
-                    return;
+                    return None;
                 }
                 Err(_) => {
                     debug!(worker = worker.id, %peer, "TLS handshake timed out");
-                    return;
+                    return None;
                 }
             };
             activity.handshake_done();
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            Box::pin(run(ctx(true, h2), tls, idle_timeout, limits)).await;
+            Box::pin(run(ctx(true, h2), tls, idle_timeout, limits)).await
         }
         None => {
             let mut stream = stream;
@@ -122,11 +165,11 @@ pub async fn serve(guard: ConnectionGuard, stream: TcpStream, peer: SocketAddr) 
             let first_bytes = idle_timeout.min(limits.header_timeout);
             let sniffed = tokio::select! {
                 result = tokio::time::timeout(first_bytes, sniff(&mut stream)) => result,
-                _ = drained_while_silent(&worker) => return,
+                _ = drained_while_silent(&worker) => return None,
             };
             let (prefix, h2) = match sniffed {
                 Ok(Some(sniffed)) => sniffed,
-                Ok(None) => return,
+                Ok(None) => return None,
                 Err(_elapsed) => {
                     let ids = &worker.stats.ids.listeners[listener];
                     let counter = if limits.header_timeout <= idle_timeout {
@@ -135,16 +178,15 @@ pub async fn serve(guard: ConnectionGuard, stream: TcpStream, peer: SocketAddr) 
                         ids.downstream_cx_idle_timeout
                     };
                     worker.stats.shard.inc(counter);
-                    return;
+                    return None;
                 }
             };
             // The sniffed bytes are replayed by ConnIo, which does not count them again.
             worker.stats.shard.add(bytes.rx, prefix.len() as u64);
             let io = ConnIo::new(stream, prefix, activity.clone(), bytes);
-            Box::pin(run(ctx(false, h2), io, idle_timeout, limits)).await;
+            Box::pin(run(ctx(false, h2), io, idle_timeout, limits)).await
         }
     }
-    drop(guard);
 }
 
 /// Resolves once a drain has begun and the idle grace has passed: a connection that has not
@@ -176,8 +218,14 @@ async fn sniff(stream: &mut TcpStream) -> Option<(Bytes, bool)> {
     }
 }
 
-/// Runs hyper's HTTP/1.1 or HTTP/2 server on the connection.
-async fn run<S>(ctx: Rc<ConnCtx>, io: S, idle_timeout: Duration, limits: RequestLimits)
+/// Runs hyper's HTTP/1.1 or HTTP/2 server on the connection, until it closes or, HTTP/1.1 in
+/// cleartext, until it idles: then the connection is given back to sleep.
+async fn run<S>(
+    ctx: Rc<ConnCtx>,
+    io: S,
+    idle_timeout: Duration,
+    limits: RequestLimits,
+) -> Option<Sleeping>
 where
     S: AsyncRead + AsyncWrite + Hibernate + Unpin + 'static,
 {
@@ -185,6 +233,7 @@ where
     let activity = ctx.activity.clone();
     let worker = ctx.worker.clone();
     let listener = ctx.listener;
+    let kept = ctx.clone();
     let service = service_fn(move |request| service::handle(ctx.clone(), request));
     let io = TokioIo::new(io);
     let settings = DriveSettings {
@@ -203,6 +252,7 @@ where
             .serve_connection(io, service);
         let mut connection = Box::pin(connection);
         drive(connection.as_mut(), &worker, listener, &activity, settings).await;
+        None
     } else {
         let mut builder = http1::Builder::new();
         builder
@@ -215,32 +265,29 @@ where
             // hyper's default; setting any value moves the parsed headers to the heap.
             builder.max_headers(limits.max_headers);
         }
-        let mut io = io;
-        let (connection, ended) = loop {
-            let mut connection = Box::new(builder.serve_connection(io, service.clone()));
-            let ended = drive(
-                Pin::new(&mut *connection),
-                &worker,
-                listener,
-                &activity,
-                settings,
-            )
-            .await;
-            if ended != Ended::Idle {
-                break (connection, ended);
-            }
+        let mut connection = Box::new(builder.serve_connection(io, service));
+        let ended = drive(
+            Pin::new(&mut *connection),
+            &worker,
+            listener,
+            &activity,
+            settings,
+        )
+        .await;
+        if ended == Ended::Idle {
             // Idle, all answers flushed, no byte of a next request: hyper's buffers go, and
             // only the socket waits for the client (nginx does the same with a keep-alive
             // connection's buffers).
             let parts = connection.into_parts();
             let mut stream = parts.io.into_inner();
             stream.replay(parts.read_buf);
-            if !hibernate(&stream, &worker, listener, &activity, settings).await {
-                let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
-                return;
-            }
-            io = TokioIo::new(stream);
-        };
+            return stream.into_sleeping().map(|io| Sleeping {
+                ctx: kept,
+                io,
+                idle_timeout,
+                limits,
+            });
+        }
         if ended == Ended::HeaderTimeout {
             let ids = &worker.stats.ids.listeners[listener];
             worker.stats.shard.inc(ids.downstream_rq_header_timeout);
@@ -268,6 +315,7 @@ where
             };
             let _ = tokio::time::timeout(LINGER_TIME, linger).await;
         }
+        None
     }
 }
 
@@ -295,6 +343,8 @@ pub trait Hibernate {
     fn readable(&self) -> impl Future<Output = ()>;
     /// Bytes read but not used, to be read again first.
     fn replay(&mut self, bytes: Bytes);
+    /// The stream, as an idle connection keeps it.
+    fn into_sleeping(self) -> Option<ConnIo<TcpStream>>;
 }
 
 impl Hibernate for ConnIo<TcpStream> {
@@ -305,7 +355,17 @@ impl Hibernate for ConnIo<TcpStream> {
     }
 
     fn replay(&mut self, bytes: Bytes) {
-        self.set_prefix(bytes);
+        // hyper's unread bytes are a view of its whole read buffer: kept as they are, even
+        // empty, they would hold that buffer for as long as the connection sleeps.
+        self.set_prefix(if bytes.is_empty() {
+            Bytes::new()
+        } else {
+            Bytes::copy_from_slice(&bytes)
+        });
+    }
+
+    fn into_sleeping(self) -> Option<ConnIo<TcpStream>> {
+        Some(self)
     }
 }
 
@@ -319,6 +379,10 @@ impl Hibernate for tokio_rustls::server::TlsStream<ConnIo<TcpStream>> {
     fn replay(&mut self, _bytes: Bytes) {
         unreachable!("a TLS connection does not hibernate");
     }
+
+    fn into_sleeping(self) -> Option<ConnIo<TcpStream>> {
+        None
+    }
 }
 
 /// Waits, holding only the socket, until the client of an idle HTTP/1.1 connection sends
@@ -329,19 +393,19 @@ async fn hibernate<S: Hibernate>(
     worker: &Worker,
     listener: usize,
     activity: &Activity,
-    settings: DriveSettings,
+    idle_timeout: Duration,
 ) -> bool {
     let idle_since = Instant::from_std(activity.idle_since());
     let drained = async {
         while !worker.drain.is_draining() {
             worker.drain.started().await;
         }
-        tokio::time::sleep_until(idle_since + settings.drain_grace).await;
+        tokio::time::sleep_until(idle_since + worker.config.drain.idle_grace).await;
     };
     tokio::select! {
         biased;
         () = stream.readable() => true,
-        () = tokio::time::sleep_until(idle_since + settings.idle_timeout) => {
+        () = tokio::time::sleep_until(idle_since + idle_timeout) => {
             let ids = &worker.stats.ids.listeners[listener];
             worker.stats.shard.inc(ids.downstream_cx_idle_timeout);
             false
