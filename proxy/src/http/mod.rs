@@ -381,7 +381,7 @@ impl Hibernate for tokio_rustls::server::TlsStream<ConnIo<TcpStream>> {
     }
 
     fn into_sleeping(self) -> Option<ConnIo<TcpStream>> {
-        None
+        unreachable!("a TLS connection does not hibernate");
     }
 }
 
