@@ -75,6 +75,15 @@ impl Activity {
         self.in_flight.get()
     }
 
+    /// Bytes of a next request are known to have come, before the end of the last answer
+    /// (pipelined with it): its header time counts from that end.
+    pub fn next_request_begun(&self) {
+        if self.in_flight.get() == 0 && self.head_since.get().is_none() {
+            self.head_since.set(Some(self.last_active.get()));
+            self.head_bytes.set(true);
+        }
+    }
+
     pub fn request_started(&self) {
         self.in_flight.set(self.in_flight.get() + 1);
         self.head_since.set(None);
@@ -118,6 +127,11 @@ impl<S> ConnIo<S> {
     }
 
     /// Bytes already read (and counted) to be served again before the socket's.
+    /// Whether bytes already read wait to be read again.
+    pub fn has_prefix(&self) -> bool {
+        !self.prefix.is_empty()
+    }
+
     pub fn set_prefix(&mut self, bytes: Bytes) {
         self.prefix = bytes;
     }

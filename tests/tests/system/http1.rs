@@ -650,3 +650,44 @@ direct_response = {{ status = 200, body = "ok\n" }}
         get(c).await;
     }
 }
+
+/// Half of a next request sent together with a complete one (pipelined) is held to the header
+/// timeout like any request's headers: answered 408 and closed, not kept for the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_a_pipelined_request_is_held_to_the_header_timeout() {
+    let listen = free_addr();
+    let _proxy = Proxy::start(&format!(
+        r#"
+[[listener]]
+name = "public"
+address = "{listen}"
+protocol = "http"
+idle_timeout = "60s"
+request_header_timeout = "2s"
+[[listener.route]]
+direct_response = {{ status = 200, body = "ok\n" }}
+"#
+    ));
+    let mut c = TcpStream::connect(listen).await.unwrap();
+    c.write_all(b"GET /a HTTP/1.1\r\nHost: x.test\r\n\r\nGET /b HTTP/1.1\r\nHost: x.te")
+        .await
+        .unwrap();
+    let first = read_until(&mut c, b"ok\n").await;
+    assert!(
+        String::from_utf8_lossy(&first).starts_with("HTTP/1.1 200"),
+        "{first:?}"
+    );
+    let answered = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, c.read_to_end(&mut rest))
+        .await
+        .expect("closed before the idle timeout")
+        .unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.starts_with("HTTP/1.1 408"), "{rest:?}");
+    assert!(
+        answered.elapsed() < Duration::from_secs(10),
+        "408 after {:?}",
+        answered.elapsed()
+    );
+}
