@@ -126,12 +126,12 @@ impl<S> ConnIo<S> {
         &self.inner
     }
 
-    /// Bytes already read (and counted) to be served again before the socket's.
     /// Whether bytes already read wait to be read again.
     pub fn has_prefix(&self) -> bool {
         !self.prefix.is_empty()
     }
 
+    /// Bytes already read (and counted) to be served again before the socket's.
     pub fn set_prefix(&mut self, bytes: Bytes) {
         self.prefix = bytes;
     }

@@ -534,8 +534,15 @@ where
                     return Ended::Idle;
                 } else {
                     let next = if idle {
-                        let wake = if hibernate && !drain_seen {
+                        // Only a connection that could sleep wakes for it: one awaiting the
+                        // rest of a request's headers is looked at again when they are due.
+                        let could_sleep =
+                            hibernate && !drain_seen && activity.head() == (None, false);
+                        let wake = if could_sleep && !activity.write_blocked() {
                             (idle_since + HIBERNATE_AFTER).min(idle_since + limit)
+                        } else if could_sleep {
+                            // Its last answer is still going out: look again in a while.
+                            (now + HIBERNATE_AFTER).min(idle_since + limit)
                         } else {
                             idle_since + limit
                         };
