@@ -116,3 +116,23 @@ pub fn baton_stats(args: &[&str]) -> (Option<i32>, String, String) {
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// Writes an executable file at `path` without this process ever holding it open for writing:
+/// the bytes go to a staging file, and a `cp` child writes the executable. A test process
+/// spawns children from many threads; one forked while this process held a write descriptor on
+/// the executable keeps that descriptor until its own exec, and running the file meanwhile
+/// fails with "Text file busy" (ETXTBSY).
+pub fn write_executable(path: &std::path::Path, content: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(".staging");
+    std::fs::write(&staging, content).expect("the staging file can be written");
+    let status = std::process::Command::new("cp")
+        .arg(&staging)
+        .arg(path)
+        .status()
+        .expect("cp can be run");
+    assert!(status.success(), "cp {staging:?} {path:?}: {status}");
+    std::fs::remove_file(&staging).expect("the staging file can be removed");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}

@@ -61,6 +61,10 @@ impl Supervisor {
         }
         for (name, content) in files {
             let path = dir.path().join(name);
+            if content.starts_with(b"\x7fELF") {
+                crate::write_executable(&path, content);
+                continue;
+            }
             std::fs::write(&path, content).expect("a file beside the config");
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");

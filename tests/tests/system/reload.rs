@@ -212,9 +212,7 @@ async fn a_binary_replaced_on_disk_is_picked_up_by_the_next_reload() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("bin")).unwrap();
     let installed = dir.path().join("bin/baton-proxy");
-    std::fs::write(&installed, &binary).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&installed, std::fs::Permissions::from_mode(0o755)).unwrap();
+    baton_tests::write_executable(&installed, &binary);
     let supervisor = Supervisor::start(&format!(
         "{}\n[supervisor]\ncontrol_socket = \"baton.sock\"\nproxy_binary = \"{}\"\n",
         config(listen, admin, origin.addr, ""),
@@ -226,8 +224,7 @@ async fn a_binary_replaced_on_disk_is_picked_up_by_the_next_reload() {
         .to_owned();
     // Replace it the way a package manager does: write a new file, rename it over the old one.
     let staged = dir.path().join("bin/.baton-proxy.new");
-    std::fs::write(&staged, rebuilt(&binary, &before)).unwrap();
-    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755)).unwrap();
+    baton_tests::write_executable(&staged, &rebuilt(&binary, &before));
     std::fs::rename(&staged, &installed).unwrap();
 
     assert_eq!(supervisor.reload().code, Some(0));
