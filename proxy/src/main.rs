@@ -108,6 +108,8 @@ fn main() -> ExitCode {
         .or(config.concurrency)
         .or_else(|| std::thread::available_parallelism().ok())
         .map_or(1, NonZeroUsize::get);
+    // Before the first thread starts (the event loop below, the workers): see the function.
+    presize_descriptor_table(&config);
 
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -121,6 +123,55 @@ fn main() -> ExitCode {
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, run::run(config, concurrency, cli.epoch, channel))
+}
+
+/// Descriptors to make room for when the config does not limit the connections: 8,192 proxied
+/// connections (one downstream and one upstream descriptor each), with a 128 KiB table.
+const DESCRIPTOR_TABLE_DEFAULT: usize = 16_384;
+/// The largest table made in advance (512 KiB).
+const DESCRIPTOR_TABLE_MAX: usize = 65_536;
+
+/// Grows the process's descriptor table, while the process has one thread, to hold the
+/// descriptors its connections will need (two per downstream connection: its own and an
+/// upstream one), bounded by the descriptor limit.
+///
+/// Linux grows the table when a descriptor past its end is made, and in a process of several
+/// threads every growth waits for an RCU grace period (`synchronize_rcu` in `expand_fdtable`)
+/// before the `accept` or `socket` call that needed it returns. A new generation crosses 64,
+/// 128 and 256 descriptors in its first milliseconds under load, and each growth blocked its
+/// worker 5 to 20 ms here, with every client in the accept queue waiting: the tail latency of
+/// reloads under load (BENCHMARKS.md). With one thread the growth needs no grace period, and a
+/// table never shrinks. A failure only leaves the table to grow as before.
+#[allow(unsafe_code)]
+fn presize_descriptor_table(config: &config::Config) {
+    use nix::fcntl::{FcntlArg, fcntl};
+    use nix::sys::resource::{Resource, getrlimit};
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+
+    let wanted = config
+        .max_connections
+        .map_or(DESCRIPTOR_TABLE_DEFAULT, |n| {
+            n.saturating_mul(2).saturating_add(256)
+        });
+    let limit = getrlimit(Resource::RLIMIT_NOFILE)
+        .map_or(0, |(soft, _)| usize::try_from(soft).unwrap_or(usize::MAX));
+    let slots = wanted.min(limit).min(DESCRIPTOR_TABLE_MAX);
+    let Ok(highest) = i32::try_from(slots.saturating_sub(1)) else {
+        return;
+    };
+    if highest < 64 {
+        return;
+    }
+    // A copy of stderr at the highest descriptor wanted (or the first free one above it) makes
+    // the kernel grow the table to hold it; closing the copy keeps the table.
+    match fcntl(
+        std::io::stderr().as_fd(),
+        FcntlArg::F_DUPFD_CLOEXEC(highest),
+    ) {
+        // SAFETY: `fcntl` just made `fd`, a new descriptor that nothing else owns or uses.
+        Ok(fd) => drop(unsafe { OwnedFd::from_raw_fd(fd) }),
+        Err(e) => tracing::debug!("descriptor table not grown in advance: {e}"),
+    }
 }
 
 fn init_logging() {

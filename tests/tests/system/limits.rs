@@ -1,7 +1,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use baton_tests::client::{H1, request};
+use baton_tests::client::{H1, get, request};
 use baton_tests::free_addr;
 use baton_tests::proxy::Proxy;
 use baton_tests::upstream::Origin;
@@ -403,4 +403,41 @@ async fn past_a_waiting_limit_clients_queue_until_a_connection_closes() {
         stat(admin, "downstream_cx_overflow{listener=public}").await,
         0
     );
+}
+
+/// A field of `/proc/<pid>/status` or a column of `/proc/<pid>/limits`, as a number.
+fn proc_number(pid: u32, file: &str, label: &str, column: usize) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(label))
+        .unwrap_or_else(|| panic!("no {label} in /proc/{pid}/{file}:\n{text}"));
+    let value = line[label.len()..].split_whitespace().nth(column).unwrap();
+    value.parse().unwrap_or_else(|_| panic!("{label}: {value}"))
+}
+
+/// A generation makes room for its connections' descriptors before its workers start: growing
+/// the table later, with several threads, blocks the thread that needs the room for an RCU
+/// grace period (5 to 20 ms), and a new generation under load hit it several times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_sizes_its_descriptor_table_before_its_workers_start() {
+    for (limit, wanted) in [("max_connections = 1000", 2 * 1000 + 256), ("", 16_384)] {
+        let origin = Origin::start("origin").await;
+        let (listen, admin) = (free_addr(), free_addr());
+        let config = listener_config(listen, admin, origin.addr, "").replacen(
+            "concurrency = 2",
+            &format!("concurrency = 2\n{limit}"),
+            1,
+        );
+        let proxy = Proxy::start(&config);
+        let open_files = proc_number(proxy.pid(), "limits", "Max open files", 0);
+        let slots = proc_number(proxy.pid(), "status", "FDSize:", 0);
+        let expected = open_files.min(wanted);
+        assert!(
+            expected > 64 && slots >= expected,
+            "[{limit}] descriptor table of {slots} slots, expected at least {expected} \
+             (descriptor limit {open_files})"
+        );
+        assert_eq!(get(listen, "/direct").await.text(), "direct\n");
+    }
 }
