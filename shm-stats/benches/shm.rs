@@ -1,5 +1,6 @@
 //! The costs that matter on the request path and for readers: one counter increment, one
-//! histogram record, two threads writing their own shards at once, and a full snapshot.
+//! histogram record, two threads writing their own shards at once, and a full snapshot; and at
+//! a generation's start, registering its stats.
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -112,5 +113,36 @@ fn snapshot(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, writes, snapshot);
+fn registration(c: &mut Criterion) {
+    let names: Vec<String> = (0..10_000).map(|i| format!("stat_{i}")).collect();
+    let caps = Capacities {
+        max_stats: 10_240,
+        max_shards: 4,
+        cells_per_shard: 10_240,
+    };
+    let mut group = c.benchmark_group("registration");
+    group.sample_size(10);
+    // A generation of a config with hundreds of clusters registers about this many stats; each
+    // registration looks its name up in the mapping's index of the table.
+    group.bench_function("register 10,000 stats in a new region", |b| {
+        b.iter_batched(
+            || tempfile::tempdir().unwrap(),
+            |dir| {
+                let region = Region::create_or_open(&dir.path().join("bench"), caps).unwrap();
+                for name in &names {
+                    black_box(
+                        region
+                            .counter(Spec::new(name, &[("cluster", "origin")], "A stat."))
+                            .unwrap(),
+                    );
+                }
+                dir
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, writes, snapshot, registration);
 criterion_main!(benches);

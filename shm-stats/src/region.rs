@@ -1,13 +1,14 @@
 //! The writer side: creating or opening a region, registering stats, attaching shards, retiring
 //! them.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::marker::PhantomData;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering, fence};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use memmap2::{MmapOptions, MmapRaw};
@@ -69,6 +70,30 @@ pub struct Region {
     view: View,
     header: HeaderInfo,
     metas: reader::MetaCache,
+    names: Mutex<NameIndex>,
+}
+
+/// The name table as this process has read it, so that a registration looks a name up instead
+/// of reading the whole table: with thousands of stats (a config of hundreds of clusters) that
+/// scan made a generation's start quadratic, seconds long. The table only grows, and a
+/// published entry never changes, so entries read once stay true.
+#[derive(Default)]
+struct NameIndex {
+    /// Entries read so far: the table's first `read` entries.
+    read: u32,
+    /// By name: the name's kind (one name, one kind), and the first cell of each tag list.
+    by_name: HashMap<String, (Kind, HashMap<String, u32>)>,
+}
+
+impl NameIndex {
+    fn add(&mut self, kind: Kind, name: &str, tags: &str, first_cell: u32) {
+        let (_, by_tags) = self
+            .by_name
+            .entry(name.to_owned())
+            .or_insert_with(|| (kind, HashMap::new()));
+        by_tags.entry(tags.to_owned()).or_insert(first_cell);
+        self.read += 1;
+    }
 }
 
 // SAFETY: `view` points into `map`, which the region owns and which is shared memory meant for
@@ -263,6 +288,7 @@ impl Region {
             view,
             header,
             metas: Default::default(),
+            names: Default::default(),
         }))
     }
 
@@ -391,26 +417,33 @@ impl Region {
         let used_cell = self.atomic_u32(header::CELLS_USED);
         let count = count_cell.load(Ordering::Relaxed);
         let used = used_cell.load(Ordering::Relaxed);
-        for i in 0..count {
+        let mut names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
+        // Entries registered since this process last looked (by it or another process).
+        while names.read < count {
             let existing =
-                reader::read_entry(self.view, &self.header, i, used).map_err(|what| {
+                reader::read_entry(self.view, &self.header, names.read, used).map_err(|what| {
                     StatsError::Unusable(ReadError::Corrupt {
                         path: self.path.clone(),
                         what,
                     })
                 })?;
-            if existing.name() != spec.name {
-                continue;
-            }
+            names.add(
+                existing.kind,
+                existing.name(),
+                existing.tags(),
+                existing.first_cell,
+            );
+        }
+        if let Some((existing, by_tags)) = names.by_name.get(spec.name) {
             // One name, one kind, whatever the tags: exposition formats group series by name.
-            if existing.kind != kind {
+            if *existing != kind {
                 return Err(StatsError::KindMismatch {
                     name: spec.name.to_owned(),
-                    existing: existing.kind.name(),
+                    existing: existing.name(),
                 });
             }
-            if existing.tags() == tags {
-                return Ok(existing.first_cell);
+            if let Some(&first_cell) = by_tags.get(tags.as_str()) {
+                return Ok(first_cell);
             }
         }
         let full = |what, capacity, setting| StatsError::Full {
@@ -462,6 +495,7 @@ impl Region {
         }
         used_cell.store(used + cells, Ordering::Release);
         count_cell.store(count + 1, Ordering::Release);
+        names.add(kind, spec.name, &tags, used);
         Ok(used)
     }
 

@@ -71,6 +71,28 @@ fn registering_twice_returns_the_same_stat() {
             .unwrap(),
         b
     );
+    // Stats the other mapping adds after this one last looked are found too (each mapping
+    // keeps an index of the names it has read, and catches up with what others appended).
+    let from_other = other
+        .counter(Spec::new("upstream_rq", &[("cluster", "a")], ""))
+        .unwrap();
+    other.gauge(Spec::new("in_flight", &[], "")).unwrap();
+    assert_eq!(
+        region
+            .counter(Spec::new("upstream_rq", &[("cluster", "a")], ""))
+            .unwrap(),
+        from_other
+    );
+    assert_ne!(
+        region
+            .counter(Spec::new("upstream_rq", &[("cluster", "b")], ""))
+            .unwrap(),
+        from_other
+    );
+    match region.counter(Spec::new("in_flight", &[("worker", "0")], "")) {
+        Err(StatsError::KindMismatch { existing, .. }) => assert_eq!(existing, "gauge"),
+        other => panic!("expected a kind mismatch, got {other:?}"),
+    }
 
     match region.gauge(Spec::new("requests", &[], "")) {
         Err(StatsError::KindMismatch { existing, .. }) => assert_eq!(existing, "counter"),
