@@ -29,7 +29,28 @@ pub struct Downstream<'a> {
 
 /// A client's address as it goes into `x-forwarded-for`.
 pub fn peer_value(peer: IpAddr) -> HeaderValue {
-    HeaderValue::from_str(&peer.to_string()).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    let IpAddr::V4(v4) = peer else {
+        return HeaderValue::from_str(&peer.to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("-"));
+    };
+    // Written digit by digit: `Ipv4Addr`'s `Display` goes through the formatting machinery
+    // (with padding) into a growing `String`, about 1,500 instructions, once per connection:
+    // 3 % of a connection-per-request exchange (`bench/instructions`).
+    let mut text = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text[len] = b'.';
+            len += 1;
+        }
+        for (at_least, divisor) in [(100, 100), (10, 10), (0, 1)] {
+            if octet >= at_least {
+                text[len] = b'0' + octet / divisor % 10;
+                len += 1;
+            }
+        }
+    }
+    HeaderValue::from_bytes(&text[..len]).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 /// Rewrites a client's request for an HTTP/1.1 upstream (see [`for_http2_upstream`] for HTTP/2)
@@ -43,6 +64,9 @@ pub fn prepare_request(parts: &mut request::Parts, downstream: Downstream<'_>) -
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers);
     headers.remove(EXPECT);
+    // Room for the fields added below at once: a client's map is sized to what it sent, and
+    // growing it field by field rehashed it twice per connection.
+    headers.reserve(5);
     if parts.version == Version::HTTP_2 && headers.get_all(COOKIE).iter().nth(1).is_some() {
         // HTTP/2 may split cookies over several fields; HTTP/1.1 wants one (RFC 9113, 8.2.3).
         let joined: Vec<&[u8]> = headers
@@ -324,6 +348,24 @@ mod tests {
         let (mut parts, ()) = builder.body(()).unwrap().into_parts();
         let id = prepare_request(&mut parts, downstream());
         (parts, id)
+    }
+
+    #[test]
+    fn peer_values_are_the_addresses_as_text() {
+        for ip in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "127.0.0.1",
+            "192.0.2.7",
+            "255.255.255.255",
+            "10.200.3.45",
+            "::1",
+            "2001:db8::7",
+            "::ffff:192.0.2.1",
+        ] {
+            let parsed: IpAddr = ip.parse().unwrap();
+            assert_eq!(peer_value(parsed), parsed.to_string().as_str(), "{ip}");
+        }
     }
 
     #[test]
