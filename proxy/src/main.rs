@@ -108,7 +108,7 @@ fn main() -> ExitCode {
         .or(config.concurrency)
         .or_else(|| std::thread::available_parallelism().ok())
         .map_or(1, NonZeroUsize::get);
-    // Before the first thread starts (the event loop below, the workers): see the function.
+    // Before the first thread starts (the workers, the access-log flusher): see the function.
     presize_descriptor_table(&config);
 
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -137,8 +137,8 @@ const DESCRIPTOR_TABLE_MAX: usize = 65_536;
 ///
 /// Linux grows the table when a descriptor past its end is made, and in a process of several
 /// threads every growth waits for an RCU grace period (`synchronize_rcu` in `expand_fdtable`)
-/// before the `accept` or `socket` call that needed it returns. A new generation crosses 64,
-/// 128 and 256 descriptors in its first milliseconds under load, and each growth blocked its
+/// before the `accept` or `socket` call that needed it returns. A new generation crossed 64
+/// and 128 descriptors in its first milliseconds under load, and each growth blocked its
 /// worker 5 to 20 ms here, with every client in the accept queue waiting: the tail latency of
 /// reloads under load (BENCHMARKS.md). With one thread the growth needs no grace period, and a
 /// table never shrinks. A failure only leaves the table to grow as before.
@@ -168,8 +168,11 @@ fn presize_descriptor_table(config: &config::Config) {
         std::io::stderr().as_fd(),
         FcntlArg::F_DUPFD_CLOEXEC(highest),
     ) {
-        // SAFETY: `fcntl` just made `fd`, a new descriptor that nothing else owns or uses.
-        Ok(fd) => drop(unsafe { OwnedFd::from_raw_fd(fd) }),
+        Ok(fd) => {
+            // SAFETY: `fcntl` just made `fd`, a new descriptor that nothing else owns or uses.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            tracing::debug!("descriptor table grown to hold {slots} descriptors");
+        }
         Err(e) => tracing::debug!("descriptor table not grown in advance: {e}"),
     }
 }

@@ -415,7 +415,7 @@ impl Region {
         let caps = self.header.capacities;
         let count_cell = self.atomic_u32(header::STAT_COUNT);
         let used_cell = self.atomic_u32(header::CELLS_USED);
-        let count = count_cell.load(Ordering::Relaxed);
+        let count = count_cell.load(Ordering::Relaxed).min(caps.max_stats);
         let used = used_cell.load(Ordering::Relaxed);
         let mut names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
         // Entries registered since this process last looked (by it or another process).
@@ -427,6 +427,21 @@ impl Region {
                         what,
                     })
                 })?;
+            if let Some((kind, _)) = names.by_name.get(existing.name())
+                && *kind != existing.kind
+            {
+                // Registration keeps one kind per name; a table with two was damaged.
+                return Err(StatsError::Unusable(ReadError::Corrupt {
+                    path: self.path.clone(),
+                    what: format!(
+                        "entry {} names `{}` a {} as well as a {}",
+                        names.read,
+                        existing.name(),
+                        existing.kind.name(),
+                        kind.name()
+                    ),
+                }));
+            }
             names.add(
                 existing.kind,
                 existing.name(),
