@@ -5,8 +5,8 @@
 //! lock. Connections are taken most-recently-used first, which keeps a small hot set warm and lets
 //! the rest reach their idle timeout and close.
 
-use std::cell::{Cell, RefCell};
 use rustc_hash::FxHashMap;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
