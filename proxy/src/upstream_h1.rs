@@ -20,7 +20,7 @@ use std::rc::{Rc, Weak};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, request};
 use http_body::{Body as _, Frame, SizeHint};
 use shm_stats::Gauge;
@@ -501,87 +501,174 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
             );
         }
         let head = buf.split_to(len).freeze();
+        let fields = &found[..count];
+        let hop = Hop::scan(&head, fields);
+        let (framing, keep_alive) = framing(&head, fields, &hop, status, head_request)?;
+        // The fields that concern this connection only (RFC 9110, 7.6.1) were read for the
+        // framing and the connection's reuse; they do not go into the client's answer, nor
+        // does a content-length beside a transfer coding (RFC 9112, 6.3).
         let mut headers = HeaderMap::with_capacity(count);
-        for &(name_start, name_end, start, end) in &found[..count] {
-            let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
+        for &(name_start, name_end, start, end) in fields {
+            let raw = &head[name_start as usize..name_end as usize];
+            if hop.drops(&head, raw) {
+                continue;
+            }
+            let name = HeaderName::from_bytes(raw)
                 .map_err(|_| Error::Invalid("invalid header field name"))?;
             let value = HeaderValue::from_maybe_shared(head.slice(start as usize..end as usize))
                 .map_err(|_| Error::Invalid("invalid header field value"))?;
             headers.append(name, value);
         }
-        let (framing, mut keep_alive) = framing(&headers, status, head_request)?;
-        if headers.contains_key(TRANSFER_ENCODING) {
-            // The transfer coding decides the length; a content-length beside it is wrong and
-            // must not reach the client (RFC 9112, 6.3).
-            headers.remove(CONTENT_LENGTH);
-        }
-        keep_alive &= version == Version::HTTP_11 && !has_token(&headers, CONNECTION, "close");
         return Ok(Some(Head {
             status,
             version,
             headers,
             framing,
-            keep_alive,
+            keep_alive: keep_alive && version == Version::HTTP_11 && !hop.close,
         }));
     }
 }
 
+/// A field's place in a response head: where its name starts and ends, then its value.
+type Field = (u32, u32, u32, u32);
+
+fn bytes_of(head: &[u8], start: u32, end: u32) -> &[u8] {
+    &head[start as usize..end as usize]
+}
+
+/// What a response head's connection-level fields say, read from its bytes.
+///
+/// Read from the field names as they came rather than looked up in the header map once built:
+/// every lookup there hashes a name, and the usual head (`Connection: keep-alive` and a length)
+/// needs no lookup at all this way. Names are compared by length first.
+#[derive(Default)]
+struct Hop {
+    /// `Connection: close`.
+    close: bool,
+    transfer_encoding: bool,
+    content_length: bool,
+    /// Where the field names that `Connection` lists lie (other than `keep-alive` and
+    /// `close`): those fields go too. Rare, so a `Vec`.
+    named: Vec<(u32, u32)>,
+}
+
+impl Hop {
+    fn scan(head: &[u8], fields: &[Field]) -> Hop {
+        let mut hop = Hop::default();
+        for &(name_start, name_end, start, end) in fields {
+            let name = bytes_of(head, name_start, name_end);
+            match name.len() {
+                10 if name.eq_ignore_ascii_case(b"connection") => {
+                    for token in tokens(bytes_of(head, start, end)) {
+                        if token.eq_ignore_ascii_case(b"close") {
+                            hop.close = true;
+                        } else if !token.eq_ignore_ascii_case(b"keep-alive")
+                            && !token.eq_ignore_ascii_case(b"host")
+                        {
+                            // Within the head, as the field offsets are.
+                            let at = (token.as_ptr() as usize - head.as_ptr() as usize) as u32;
+                            hop.named.push((at, at + token.len() as u32));
+                        }
+                    }
+                }
+                14 if name.eq_ignore_ascii_case(b"content-length") => hop.content_length = true,
+                17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                    hop.transfer_encoding = true;
+                }
+                _ => {}
+            }
+        }
+        hop
+    }
+
+    /// Whether the field `name` stays out of the client's answer.
+    fn drops(&self, head: &[u8], name: &[u8]) -> bool {
+        is_hop_by_hop(name)
+            || (self.transfer_encoding && name.eq_ignore_ascii_case(b"content-length"))
+            || self
+                .named
+                .iter()
+                .any(|&(start, end)| bytes_of(head, start, end).eq_ignore_ascii_case(name))
+    }
+}
+
+/// The fields that concern one connection only (RFC 9110, 7.6.1).
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    match name.len() {
+        2 => name.eq_ignore_ascii_case(b"te"),
+        7 => name.eq_ignore_ascii_case(b"upgrade"),
+        10 => name.eq_ignore_ascii_case(b"connection") || name.eq_ignore_ascii_case(b"keep-alive"),
+        16 => name.eq_ignore_ascii_case(b"proxy-connection"),
+        17 => name.eq_ignore_ascii_case(b"transfer-encoding"),
+        _ => false,
+    }
+}
+
+/// The items of a comma-separated field value, trimmed, empty ones left out.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|token| !token.is_empty())
+}
+
 /// The body's framing, and whether it leaves the connection fit for another request.
 fn framing(
-    headers: &HeaderMap,
+    head: &[u8],
+    fields: &[Field],
+    hop: &Hop,
     status: StatusCode,
     head_request: bool,
 ) -> Result<(Framing, bool), Error> {
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Empty, true));
     }
-    if headers.contains_key(TRANSFER_ENCODING) {
-        let last = headers
-            .get_all(TRANSFER_ENCODING)
+    let values = |wanted: &'static [u8]| {
+        fields
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .rfind(|coding| !coding.is_empty());
-        if last.is_some_and(|c| c.eq_ignore_ascii_case("chunked")) {
+            .filter(move |&&(name_start, name_end, _, _)| {
+                bytes_of(head, name_start, name_end).eq_ignore_ascii_case(wanted)
+            })
+            .map(move |&(_, _, start, end)| bytes_of(head, start, end))
+    };
+    if hop.transfer_encoding {
+        let mut last: &[u8] = b"";
+        for value in values(b"transfer-encoding") {
+            if let Some(token) = tokens(value).last() {
+                last = token;
+            }
+        }
+        if last.eq_ignore_ascii_case(b"chunked") {
             // With a content-length as well, the message is suspect (RFC 9112, 6.3): its
             // connection is not used again.
-            return Ok((Framing::Chunked, !headers.contains_key(CONTENT_LENGTH)));
+            return Ok((Framing::Chunked, !hop.content_length));
         }
         return Ok((Framing::Close, false));
     }
+    if !hop.content_length {
+        return Ok((Framing::Close, false));
+    }
     let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        let text = value
-            .to_str()
-            .map_err(|_| Error::Invalid("invalid content-length"))?;
-        for item in text.split(',') {
-            let item = item.trim();
-            if item.is_empty() || !item.bytes().all(|b| b.is_ascii_digit()) {
+    for value in values(b"content-length") {
+        // Strict: an empty item is malformed too (RFC 9110, 8.6).
+        for item in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
                 return Err(Error::Invalid("invalid content-length"));
             }
-            let n: u64 = item
-                .parse()
-                .map_err(|_| Error::Invalid("invalid content-length"))?;
+            let n: u64 = std::str::from_utf8(item)
+                .ok()
+                .and_then(|text| text.parse().ok())
+                .ok_or(Error::Invalid("invalid content-length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(Error::Invalid("conflicting content-length values"));
             }
             length = Some(n);
         }
     }
-    Ok(match length {
-        Some(n) => (Framing::Length(n), true),
-        None => (Framing::Close, false),
-    })
-}
-
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+    match length {
+        Some(n) => Ok((Framing::Length(n), true)),
+        None => Err(Error::Invalid("invalid content-length")),
+    }
 }
 
 /// What the decoder found in the buffer.
@@ -975,6 +1062,35 @@ mod tests {
             "HTTX/1.1 200 OK\r\n\r\n",
         ] {
             assert!(head_of(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn connection_fields_stay_out_of_the_answer() {
+        let head = head_of(
+            "HTTP/1.1 200 OK\r\nConnection: Keep-Alive, X-Hop,\tx-other \r\nKeep-Alive: timeout=5\r\n\
+             X-Hop: 1\r\nx-other: 2\r\nX-Kept: 3\r\nTransfer-Encoding: chunked\r\n\
+             Content-Length: 7\r\nUpgrade: h2c\r\nProxy-Connection: x\r\nTE: trailers\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        let names: Vec<&str> = head.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+        assert_eq!((head.framing, head.keep_alive), (Framing::Chunked, false));
+        let head = head_of(
+            "HTTP/1.1 200 OK\r\nconnection: host, close\r\nhost: a\r\ncontent-length: 0\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(head.headers["host"], "a", "Connection cannot strip host");
+        assert_eq!((head.framing, head.keep_alive), (Framing::Length(0), false));
+        for bad in [
+            "content-length:",
+            "content-length: 4,",
+            "content-length: ,4",
+        ] {
+            let text = format!("HTTP/1.1 200 OK\r\n{bad}\r\n\r\n");
+            assert!(head_of(&text).is_err(), "{bad:?} was accepted");
         }
     }
 
