@@ -1084,6 +1084,30 @@ mod tests {
         .unwrap();
         assert_eq!(head.headers["host"], "a", "Connection cannot strip host");
         assert_eq!((head.framing, head.keep_alive), (Framing::Length(0), false));
+        let framing = |text: &str| {
+            let head = head_of(text).unwrap().unwrap();
+            (head.framing, head.keep_alive, head.headers)
+        };
+        let (framing_of, reused, _) =
+            framing("HTTP/1.1 200 OK\r\nConnection: keep-alive\r\ncontent-length: 1\r\n\r\n");
+        assert_eq!((framing_of, reused), (Framing::Length(1), true));
+        let (_, reused, _) =
+            framing("HTTP/1.1 200 OK\r\nConnection: CLOSE\r\ncontent-length: 1\r\n\r\n");
+        assert!(!reused);
+        // The last coding of all the transfer-encoding fields decides.
+        let (framing_of, reused, _) = framing(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: gzip\r\n\r\n",
+        );
+        assert_eq!((framing_of, reused), (Framing::Close, false));
+        let (framing_of, reused, _) = framing(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked,\r\n\r\n",
+        );
+        assert_eq!((framing_of, reused), (Framing::Chunked, true));
+        // A length that Connection names still frames the body, and does not reach the client.
+        let (framing_of, reused, headers) =
+            framing("HTTP/1.1 200 OK\r\nconnection: Content-Length\r\ncontent-length: 3\r\n\r\n");
+        assert_eq!((framing_of, reused), (Framing::Length(3), true));
+        assert!(headers.is_empty());
         for bad in [
             "content-length:",
             "content-length: 4,",
