@@ -30,6 +30,7 @@ pub const MAX_HEADERS: usize = 100;
 /// Longest chunk-size line, extensions included.
 const MAX_CHUNK_LINE: usize = 4096;
 
+/// A final response head, with the fields that concern the connection only taken out.
 #[derive(Debug)]
 pub struct Head {
     pub status: StatusCode,

@@ -426,7 +426,6 @@ fn put_fields(out: &mut BytesMut, fields: &HeaderMap) {
     }
 }
 
-/// A final response head.
 /// A response body read from its upstream connection as the client takes it. The connection
 /// goes back to its pool (see [`Body::reusable`]) once the body has ended cleanly.
 pub struct Body {
