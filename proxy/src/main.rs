@@ -82,7 +82,22 @@ fn main() -> ExitCode {
             }
         }
     };
-    let config = match config::load(&cli.config) {
+    // Under a supervisor, the config's bytes come as the supervisor read them (the file on disk
+    // may have changed since: a generation replacing a crashed one runs the last good config).
+    let source = if cli.check {
+        Ok(None)
+    } else {
+        supervised::config_from_env()
+    };
+    let loaded = match source {
+        Ok(Some(source)) => config::parse(&cli.config, &source),
+        Ok(None) => config::load(&cli.config),
+        Err(e) => {
+            eprintln!("baton-proxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = match loaded {
         Ok(config) => Arc::new(config),
         Err(e) => {
             eprintln!("baton-proxy: {e}");

@@ -7,8 +7,8 @@ use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 
 use restart_protocol::{
-    CONTROL_FD_ENV, Channel, ChannelError, FEATURE_BIND_SOCKET, FEATURES, PROTOCOL_VERSIONS,
-    Received, SocketKey, ToGeneration, ToSupervisor,
+    CONFIG_FD_ENV, CONTROL_FD_ENV, Channel, ChannelError, FEATURE_BIND_SOCKET, FEATURES,
+    PROTOCOL_VERSIONS, Received, SocketKey, ToGeneration, ToSupervisor,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info};
@@ -43,6 +43,48 @@ pub fn channel_from_env() -> Result<Option<Channel>, String> {
     Channel::from_fd(fd)
         .map(Some)
         .map_err(|e| format!("{CONTROL_FD_ENV}: {e}"))
+}
+
+/// The config's bytes as the supervisor read them, from the memfd named by `BATON_CONFIG_FD`,
+/// if the proxy was started by a supervisor that sends them (see `restart_protocol::CONFIG_FD_ENV`).
+#[allow(unsafe_code)] // Taking ownership of an inherited fd is what the OS demands here.
+pub fn config_from_env() -> Result<Option<String>, String> {
+    use std::os::unix::fs::FileExt;
+    let Some(value) = std::env::var_os(CONFIG_FD_ENV) else {
+        return Ok(None);
+    };
+    let fd: i32 = value
+        .to_str()
+        .and_then(|v| v.parse().ok())
+        .filter(|fd| *fd >= 3)
+        .ok_or_else(|| format!("{CONFIG_FD_ENV}={value:?} is not a file descriptor number"))?;
+    nix::fcntl::fcntl(
+        // SAFETY: a borrowed fd only for this one check; F_GETFD fails cleanly on a closed fd.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+        nix::fcntl::FcntlArg::F_GETFD,
+    )
+    .map_err(|e| {
+        format!("{CONFIG_FD_ENV}={fd} is not open ({e}); is this process started by `baton run`?")
+    })?;
+    // SAFETY: the supervisor passed this fd to us (the variable names it) and nothing else in
+    // this process has taken it.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    // Read from offset 0 with pread: the file's offset is shared with every generation
+    // started from the same copy.
+    let mut bytes = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file
+            .read_at(&mut buf, bytes.len() as u64)
+            .map_err(|e| format!("{CONFIG_FD_ENV}: cannot read the config: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        bytes.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|e| format!("{CONFIG_FD_ENV}: the config is not UTF-8: {e}"))
 }
 
 /// A handshaken channel to the supervisor.

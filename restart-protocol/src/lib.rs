@@ -32,3 +32,8 @@ pub use version::{
 
 /// The environment variable that tells a generation which fd is its end of the channel.
 pub const CONTROL_FD_ENV: &str = "BATON_CONTROL_FD";
+
+/// The environment variable that tells a generation which fd holds its config file's bytes, as
+/// the supervisor read them (a sealed memfd): the generation parses those, not the file on disk,
+/// whose path it is still given for messages and relative paths.
+pub const CONFIG_FD_ENV: &str = "BATON_CONFIG_FD";

@@ -38,10 +38,20 @@ pub struct RunAs {
     pub gid: u32,
 }
 
+/// A duration as the config writes it: `"5s"`, `"250ms"`, or a number of seconds (the proxy's
+/// syntax, so that one file has one syntax).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawDuration {
+    Text(String),
+    Seconds(i64),
+    Fraction(f64),
+}
+
 #[derive(Debug, Deserialize)]
 struct Raw {
     instance: Option<String>,
-    drain_timeout: Option<Spanned<String>>,
+    drain_timeout: Option<Spanned<RawDuration>>,
     drain_strategy: Option<Spanned<String>>,
     stats: Option<RawStats>,
     supervisor: Option<RawSupervisor>,
@@ -63,7 +73,7 @@ struct RawStats {
 struct RawSupervisor {
     proxy_binary: Option<String>,
     control_socket: Option<String>,
-    readiness_timeout: Option<Spanned<String>>,
+    readiness_timeout: Option<Spanned<RawDuration>>,
     max_draining: Option<Spanned<i64>>,
     fd_store: Option<bool>,
     user: Option<Spanned<String>>,
@@ -94,19 +104,35 @@ pub fn parse(path: &Path, source: &str) -> Result<SupervisorConfig, String> {
             e.message().trim_end(),
         )
     })?;
-    let duration = |field: &str, value: Option<Spanned<String>>, default: Duration| match value {
-        None => Ok(default),
-        Some(v) => humantime::parse_duration(v.get_ref()).map_err(|e| {
-            at(
-                path,
-                source,
-                v.span().start,
+    // A timeout of zero would mean "give up at once": a drain that cuts every connection, a
+    // generation that can never become ready.
+    let duration = |field: &str, value: Option<Spanned<RawDuration>>, default: Duration| {
+        let Some(v) = value else {
+            return Ok(default);
+        };
+        let parsed = match v.get_ref() {
+            RawDuration::Text(text) => humantime::parse_duration(text).map_err(|e| {
                 format!(
-                    "{field}: `{}` is not a duration ({e}); write it like \"5s\"",
-                    v.get_ref()
-                ),
-            )
-        }),
+                    "{field}: `{text}` is not a duration ({e}); write it like \"5s\" or \"250ms\""
+                )
+            }),
+            RawDuration::Seconds(s) => u64::try_from(*s)
+                .map(Duration::from_secs)
+                .map_err(|_| format!("{field}: a duration cannot be negative")),
+            RawDuration::Fraction(f) => Duration::try_from_secs_f64(*f)
+                .map_err(|_| format!("{field}: a duration is a number of seconds from 0, not {f}")),
+        };
+        parsed
+            .and_then(|d| {
+                if d.is_zero() {
+                    Err(format!("{field}: must be more than zero"))
+                } else if d > Duration::from_secs(365 * 24 * 3600) {
+                    Err(format!("{field}: at most a year (365d)"))
+                } else {
+                    Ok(d)
+                }
+            })
+            .map_err(|message| at(path, source, v.span().start, message))
     };
     let instance = raw.instance.unwrap_or_else(|| "baton".to_owned());
     let drain_timeout = duration("drain_timeout", raw.drain_timeout, Duration::from_secs(30))?;
@@ -203,6 +229,48 @@ pub fn parse(path: &Path, source: &str) -> Result<SupervisorConfig, String> {
     })
 }
 
+/// Whether a reload can apply `new` to a supervisor running with `running`: the instance, the
+/// stats region, the control socket and the generations' user are fixed when the supervisor
+/// starts (a reload that changed them would be ignored, and the next start would differ).
+pub fn reloadable(running: &SupervisorConfig, new: &SupervisorConfig) -> Result<(), String> {
+    let file = new.path.display();
+    let refuse = |what: &str, old: &dyn std::fmt::Display, now: &dyn std::fmt::Display| {
+        Err(format!(
+            "{file}: {what} changed from {old} to {now}; a reload cannot apply that (the supervisor sets it up when it starts): put it back, or restart baton to apply it (the active generation serves on meanwhile)"
+        ))
+    };
+    if new.instance != running.instance {
+        return refuse("instance", &running.instance, &new.instance);
+    }
+    if new.stats_path != running.stats_path {
+        return refuse(
+            "stats.path",
+            &running.stats_path.display(),
+            &new.stats_path.display(),
+        );
+    }
+    if new.control_socket != running.control_socket {
+        return refuse(
+            "supervisor.control_socket",
+            &running.control_socket.display(),
+            &new.control_socket.display(),
+        );
+    }
+    if new.run_as != running.run_as {
+        let name = |r: &Option<RunAs>| {
+            r.as_ref().map_or("(none)".to_owned(), |r| {
+                format!("{} (uid {}, gid {})", r.user, r.uid, r.gid)
+            })
+        };
+        return refuse(
+            "supervisor.user/group",
+            &name(&running.run_as),
+            &name(&new.run_as),
+        );
+    }
+    Ok(())
+}
+
 /// Looks `user` (and `group`, else the user's own group) up in the system's user database.
 fn run_as(user: &Spanned<String>, group: Option<&Spanned<String>>) -> Result<RunAs, String> {
     use nix::unistd::{Group, User};
@@ -268,7 +336,12 @@ pub fn default_control_socket(instance: &str) -> PathBuf {
 pub fn listen_addresses(path: &Path) -> Result<Vec<std::net::SocketAddr>, String> {
     let source = std::fs::read_to_string(path)
         .map_err(|e| format!("{}: cannot read the config file: {e}", path.display()))?;
-    let table: toml::Table = toml::from_str(&source)
+    listen_addresses_in(path, &source)
+}
+
+/// [`listen_addresses`] of a config's text (read from `path`).
+pub fn listen_addresses_in(path: &Path, source: &str) -> Result<Vec<std::net::SocketAddr>, String> {
+    let table: toml::Table = toml::from_str(source)
         .map_err(|e| format!("{}: {}", path.display(), e.message().trim_end()))?;
     let address = |t: &toml::Table| {
         t.get("address")

@@ -53,8 +53,16 @@ pub struct Settings {
     /// How long a generation may take to exit after a Stop, or past its drain timeout, before
     /// it is killed.
     pub kill_grace: Duration,
-    /// Drain time given to a draining generation hurried because too many drain at once.
-    pub hurry_timeout: Duration,
+}
+
+/// What a generation is started from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The binary and config on disk (a reload, or the first start).
+    Disk,
+    /// The binary and config the last active generation started from: a replacement for a
+    /// crashed generation, which must not depend on what has changed on disk since.
+    LastGood,
 }
 
 /// One generation as the lifecycle sees it.
@@ -70,6 +78,10 @@ pub struct Generation {
     pub failure: Option<String>,
     /// Stopped or killed on purpose: its exit is no crash.
     pub stopping: bool,
+    /// Started to replace a crashed active generation (not by a reload).
+    pub recovery: bool,
+    /// When it became Active.
+    pub active_since: Option<Instant>,
 }
 
 /// What the outside world tells the lifecycle.
@@ -117,8 +129,8 @@ pub enum Event {
 /// What the lifecycle asks the outside world to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Start generation `epoch` from the binary and config on disk.
-    Spawn { epoch: u64 },
+    /// Start generation `epoch`.
+    Spawn { epoch: u64, from: Source },
     Drain {
         epoch: u64,
         timeout: Duration,
@@ -162,10 +174,14 @@ struct Reload {
 /// How long a reload waits for the replaced generation to stop accepting.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Restart delays after crashes: 100 ms, doubling to 10 s; back to 100 ms after a quiet minute.
+/// Restart delays while no generation is active: 100 ms after the crash of a generation that had
+/// served (been active for [`SERVED`]), doubling to 5 s while replacements fail before they are
+/// ready or crash right after. New clients wait in the accept queue meanwhile, so the delay
+/// stays far below a client's connect timeout.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
-const QUIET: Duration = Duration::from_secs(60);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Active this long, a generation has served: its crash starts the backoff again.
+const SERVED: Duration = Duration::from_secs(1);
 
 /// Counts for the supervisor's stats.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -180,10 +196,11 @@ pub struct Lifecycle {
     generations: BTreeMap<u64, Generation>,
     next_epoch: u64,
     reload: Reload,
-    /// A replacement for a crashed Active generation waits until then.
+    /// While no generation is Active (and none is drained on purpose), the next replacement
+    /// from the last good launch is started then; a reload never cancels it.
     restart_at: Option<Instant>,
+    /// The delay before the next replacement; grows while replacements fail.
     backoff: Duration,
-    last_crash: Option<Instant>,
     /// Set by Stop: no new generations; exit when the last one is gone.
     stopping: bool,
     /// Whether a generation was ever Active (a first generation that fails ends the supervisor).
@@ -207,7 +224,6 @@ impl Lifecycle {
             reload: Reload::default(),
             restart_at: None,
             backoff: FIRST_BACKOFF,
-            last_crash: None,
             stopping: false,
             ever_active: false,
             drained: false,
@@ -242,6 +258,8 @@ impl Lifecycle {
                     draining_since: (state == State::Draining).then_some(now),
                     failure: None,
                     stopping: false,
+                    recovery: false,
+                    active_since: (state == State::Active).then_some(now),
                 },
             );
         }
@@ -352,7 +370,7 @@ impl Lifecycle {
         actions
     }
 
-    fn spawn(&mut self, now: Instant, actions: &mut Vec<Action>) -> u64 {
+    fn spawn(&mut self, from: Source, now: Instant, actions: &mut Vec<Action>) -> u64 {
         let epoch = self.next_epoch;
         self.next_epoch += 1;
         self.generations.insert(
@@ -364,10 +382,23 @@ impl Lifecycle {
                 draining_since: None,
                 failure: None,
                 stopping: false,
+                recovery: from == Source::LastGood,
+                active_since: None,
             },
         );
-        actions.push(Action::Spawn { epoch });
+        actions.push(Action::Spawn { epoch, from });
         epoch
+    }
+
+    /// New settings (a reload's config is active): they apply from now on.
+    pub fn set_settings(&mut self, settings: Settings) {
+        self.settings = settings;
+    }
+
+    /// Whether the supervisor is to get a generation active again: none is, and none is meant
+    /// not to be (drained on purpose, stopping, or the first start still under way).
+    fn needs_recovery(&self) -> bool {
+        self.ever_active && !self.stopping && !self.drained && self.active().is_none()
     }
 
     fn reload(&mut self, waiter: Option<Waiter>, now: Instant, actions: &mut Vec<Action>) {
@@ -389,9 +420,9 @@ impl Lifecycle {
                 .extend(waiter);
             return;
         }
-        // A replacement for a crash is superseded by the reload.
-        self.restart_at = None;
-        let epoch = self.spawn(now, actions);
+        // A replacement for a crash, if one is pending, goes on beside the reload: the reload's
+        // new config may fail, and the last good one must not wait for that.
+        let epoch = self.spawn(Source::Disk, now, actions);
         self.reload.epoch = Some(epoch);
         self.reload.waiters.extend(waiter);
         self.counts.reloads += 1;
@@ -404,8 +435,30 @@ impl Lifecycle {
         if g.state != State::Starting || g.stopping {
             return;
         }
+        let recovery = g.recovery;
+        if recovery && self.active().is_some() {
+            // A reload's generation became active first: the replacement of the crashed one,
+            // from an older config, is not needed.
+            self.stop_one(epoch, now, actions);
+            return;
+        }
+        let Some(g) = self.generations.get_mut(&epoch) else {
+            return;
+        };
         g.state = State::Active;
         g.deadline = None;
+        g.active_since = Some(now);
+        self.restart_at = None;
+        // Replacements of a crashed generation still starting are not needed any more.
+        let spare: Vec<u64> = self
+            .generations
+            .values()
+            .filter(|o| o.recovery && o.state == State::Starting && !o.stopping)
+            .map(|o| o.epoch)
+            .collect();
+        for other in spare {
+            self.stop_one(other, now, actions);
+        }
         self.ever_active = true;
         self.drained = false;
         let previous = self
@@ -476,8 +529,9 @@ impl Lifecycle {
     }
 
     /// Past `max_draining`, the oldest draining generations are hurried: every answer now
-    /// closes its connection, and what is left is closed soon after. Killing them would cut
-    /// requests in flight; hurrying does not.
+    /// closes its connection (and HTTP/2 clients get their GOAWAY at once), so that idle and
+    /// keep-alive connections leave early. An answer being sent, a TCP session or a tunnel is
+    /// never cut for it: what is left is closed at the drain's own deadline, as without a hurry.
     fn limit_draining(&mut self, now: Instant, actions: &mut Vec<Action>) {
         let mut draining: Vec<(Instant, u64)> = self
             .generations
@@ -487,12 +541,17 @@ impl Lifecycle {
             .collect();
         draining.sort();
         let excess = draining.len().saturating_sub(self.settings.max_draining);
+        let kill_grace = self.settings.kill_grace;
         for &(_, epoch) in draining.iter().take(excess) {
-            let hurry = self.settings.hurry_timeout;
-            if let Some(g) = self.generations.get_mut(&epoch) {
-                g.stopping = true;
-            }
-            self.start_draining(epoch, hurry, DrainStrategy::Immediate, now, actions);
+            let Some(g) = self.generations.get_mut(&epoch) else {
+                continue;
+            };
+            g.stopping = true;
+            // What is left of its drain time, unchanged.
+            let left = g.deadline.map_or(self.settings.drain_timeout, |d| {
+                d.saturating_duration_since(now).saturating_sub(kill_grace)
+            });
+            self.start_draining(epoch, left, DrainStrategy::Immediate, now, actions);
         }
     }
 
@@ -520,6 +579,7 @@ impl Lifecycle {
         self.drained = true;
         // A replacement for a crash would undo the drain.
         self.restart_at = None;
+        self.backoff = FIRST_BACKOFF;
         match self.active() {
             Some(epoch) => {
                 self.start_draining(
@@ -564,7 +624,9 @@ impl Lifecycle {
         }
     }
 
-    /// A reload's new generation failed before it was ready: the Active one stays.
+    /// A generation failed before it was ready. A reload's: the Active one stays, and if none
+    /// is (it crashed), the replacement from the last good launch goes on. A replacement's:
+    /// another one is tried, a little later each time.
     fn start_failed(
         &mut self,
         epoch: u64,
@@ -575,22 +637,57 @@ impl Lifecycle {
         if self.reload.epoch == Some(epoch) {
             self.counts.reload_failures += 1;
             let waiters = std::mem::take(&mut self.reload.waiters);
-            actions.push(Action::Reply {
-                waiters,
-                result: Err(reason),
-            });
             self.reload.epoch = None;
             if !self.ever_active && !self.stopping {
                 // The very first generation failed: there is nothing to serve with.
+                actions.push(Action::Reply {
+                    waiters,
+                    result: Err(reason),
+                });
                 self.stopping = true;
                 self.reload.queued = None;
                 actions.push(Action::Exit { code: 1 });
                 return;
             }
+            let reason = if self.needs_recovery() {
+                self.recover(now);
+                format!(
+                    "{reason}; no generation is active (the last one crashed): the supervisor keeps starting one from the last config that was active"
+                )
+            } else {
+                reason
+            };
+            actions.push(Action::Reply {
+                waiters,
+                result: Err(reason),
+            });
             self.next_reload(now, actions);
-        } else if !self.stopping && !self.drained && self.active().is_none() {
-            // A replacement for a crashed generation failed: try again later.
-            self.schedule_restart(now);
+        } else if self.needs_recovery() {
+            // A replacement for a crashed generation failed: try again, later.
+            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+            self.recover(now);
+        }
+    }
+
+    /// Makes sure a replacement is on its way while no generation is active: one starting from
+    /// the last good launch, or one due at `restart_at`.
+    fn recover(&mut self, now: Instant) {
+        let replacing = self
+            .generations
+            .values()
+            .any(|g| g.recovery && g.state == State::Starting && !g.stopping);
+        if !replacing && self.restart_at.is_none() {
+            self.restart_at = Some(now + self.backoff);
+        }
+    }
+
+    /// Tells one generation to close everything and exit.
+    fn stop_one(&mut self, epoch: u64, now: Instant, actions: &mut Vec<Action>) {
+        if let Some(g) = self.generations.get_mut(&epoch) {
+            g.stopping = true;
+            let deadline = now + self.settings.kill_grace;
+            g.deadline = Some(g.deadline.map_or(deadline, |d| d.min(deadline)));
+            actions.push(Action::Stop { epoch });
         }
     }
 
@@ -614,26 +711,25 @@ impl Lifecycle {
             }
             State::Active if !g.stopping && !self.stopping => {
                 // A crash: the listen sockets stay in the store, so clients queue in the kernel
-                // until the replacement accepts.
+                // until the replacement accepts. One that had served is replaced at once; one
+                // that crashes right after it became active is replaced later each time.
                 self.counts.crashes += 1;
-                self.schedule_restart(now);
+                let served = g
+                    .active_since
+                    .is_some_and(|since| now.saturating_duration_since(since) >= SERVED);
+                self.backoff = if served {
+                    FIRST_BACKOFF
+                } else {
+                    (self.backoff * 2).min(MAX_BACKOFF)
+                };
+                self.restart_at = None;
+                self.recover(now);
             }
             State::Active | State::Draining => {}
         }
         if self.stopping && self.generations.is_empty() {
             actions.push(Action::Exit { code: 0 });
         }
-    }
-
-    fn schedule_restart(&mut self, now: Instant) {
-        self.backoff = match self.last_crash {
-            Some(last) if now.saturating_duration_since(last) < QUIET => {
-                (self.backoff * 2).min(MAX_BACKOFF)
-            }
-            _ => FIRST_BACKOFF,
-        };
-        self.last_crash = Some(now);
-        self.restart_at = Some(now + self.backoff);
     }
 
     fn stop(&mut self, graceful: bool, now: Instant, actions: &mut Vec<Action>) {
@@ -721,8 +817,8 @@ impl Lifecycle {
         }
         if self.restart_at.is_some_and(|at| at <= now) {
             self.restart_at = None;
-            if !self.stopping && self.active().is_none() && self.reload.epoch.is_none() {
-                self.spawn(now, actions);
+            if self.needs_recovery() {
+                self.spawn(Source::LastGood, now, actions);
             }
         }
     }
@@ -739,7 +835,6 @@ mod tests {
             strategy: DrainStrategy::Gradual,
             max_draining: 2,
             kill_grace: Duration::from_secs(5),
-            hurry_timeout: Duration::from_secs(1),
         }
     }
 
@@ -748,7 +843,10 @@ mod tests {
         let mut l = Lifecycle::new(settings(), 0);
         assert_eq!(
             l.handle(Event::Reload { waiter: None }, t0),
-            [Action::Spawn { epoch: 0 }]
+            [Action::Spawn {
+                epoch: 0,
+                from: Source::Disk
+            }]
         );
         assert_eq!(
             l.handle(Event::Ready { epoch: 0 }, t0),
@@ -776,7 +874,10 @@ mod tests {
         let mut l = running(t0);
         assert_eq!(
             l.handle(Event::Reload { waiter: Some(7) }, t0),
-            [Action::Spawn { epoch: 1 }]
+            [Action::Spawn {
+                epoch: 1,
+                from: Source::Disk
+            }]
         );
         assert_eq!(states(&l), [(0, State::Active), (1, State::Starting)]);
         assert_eq!(
@@ -890,7 +991,10 @@ mod tests {
         // The next reload works.
         assert_eq!(
             l.handle(Event::Reload { waiter: Some(2) }, t0),
-            [Action::Spawn { epoch: 2 }]
+            [Action::Spawn {
+                epoch: 2,
+                from: Source::Disk
+            }]
         );
     }
 
@@ -943,7 +1047,10 @@ mod tests {
         );
         assert_eq!(
             l.handle(Event::Reload { waiter: Some(3) }, t0),
-            [Action::Spawn { epoch: 2 }]
+            [Action::Spawn {
+                epoch: 2,
+                from: Source::Disk
+            }]
         );
         l.handle(Event::Ready { epoch: 2 }, t0);
         let ready = l.handle(Event::StoppedAccepting { epoch: 0 }, t0);
@@ -972,7 +1079,13 @@ mod tests {
             waiters: vec![1],
             result: Ok(1)
         }));
-        assert!(actions.contains(&Action::Spawn { epoch: 2 }), "{actions:?}");
+        assert!(
+            actions.contains(&Action::Spawn {
+                epoch: 2,
+                from: Source::Disk
+            }),
+            "{actions:?}"
+        );
         l.handle(Event::Ready { epoch: 2 }, t0);
         let actions = l.handle(Event::StoppedAccepting { epoch: 1 }, t0);
         assert!(
@@ -985,66 +1098,197 @@ mod tests {
         assert_eq!(l.counts.reloads, 3, "the first start and two reloads");
     }
 
+    fn crash(l: &mut Lifecycle, epoch: u64, t: Instant) -> Vec<Action> {
+        l.handle(
+            Event::Exited {
+                epoch,
+                status: "killed by signal 9 (SIGKILL)".into(),
+            },
+            t,
+        )
+    }
+
+    fn replacement(epoch: u64) -> Action {
+        Action::Spawn {
+            epoch,
+            from: Source::LastGood,
+        }
+    }
+
     #[test]
-    fn a_crashed_active_generation_is_replaced_after_a_growing_delay() {
+    fn a_crashed_generation_that_served_is_replaced_at_once_from_the_last_good_launch() {
         let t0 = Instant::now();
         let mut l = running(t0);
+        // Served for five seconds, then crashed, eight times over: each replacement comes
+        // 100 ms after the crash, never later.
+        let mut t = t0 + Duration::from_secs(5);
+        for epoch in 0..8u64 {
+            assert_eq!(crash(&mut l, epoch, t), [Action::Retire { epoch }]);
+            assert_eq!(l.next_deadline(), Some(t + Duration::from_millis(100)));
+            t += Duration::from_millis(100);
+            assert_eq!(l.handle(Event::Tick, t), [replacement(epoch + 1)]);
+            assert!(
+                l.handle(Event::Ready { epoch: epoch + 1 }, t)
+                    .contains(&Action::Activated {
+                        epoch: epoch + 1,
+                        replaced: None
+                    })
+            );
+            t += Duration::from_secs(5);
+        }
+        assert_eq!(l.counts.crashes, 8);
+    }
+
+    #[test]
+    fn replacements_that_fail_or_crash_at_once_wait_longer_each_time_up_to_five_seconds() {
+        let t0 = Instant::now();
+        let mut l = running(t0);
+        let mut t = t0 + Duration::from_secs(5);
+        crash(&mut l, 0, t);
+        let mut delay = Duration::from_millis(100);
+        for epoch in 1..10u64 {
+            assert_eq!(
+                l.next_deadline(),
+                Some(t + delay),
+                "before replacement {epoch}"
+            );
+            t += delay;
+            assert_eq!(l.handle(Event::Tick, t), [replacement(epoch)]);
+            if epoch % 2 == 0 {
+                // Fails before it is ready.
+                l.handle(
+                    Event::Exited {
+                        epoch,
+                        status: "exit status 1".into(),
+                    },
+                    t,
+                );
+            } else {
+                // Ready, then crashes within the second.
+                l.handle(Event::Ready { epoch }, t);
+                crash(&mut l, epoch, t + Duration::from_millis(10));
+                t += Duration::from_millis(10);
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        assert_eq!(delay, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_failed_reload_never_cancels_the_replacement_of_a_crashed_generation() {
+        let t0 = Instant::now();
+        let mut l = running(t0);
+        let t1 = t0 + Duration::from_secs(5);
+        crash(&mut l, 0, t1);
+        // A reload comes while the replacement waits out its delay; its config is broken.
         assert_eq!(
-            l.handle(
-                Event::Exited {
-                    epoch: 0,
-                    status: "killed by SIGKILL".into()
-                },
-                t0
-            ),
-            [Action::Retire { epoch: 0 }]
+            l.handle(Event::Reload { waiter: Some(7) }, t1),
+            [Action::Spawn {
+                epoch: 1,
+                from: Source::Disk
+            }]
         );
-        assert_eq!(l.counts.crashes, 1);
-        assert_eq!(l.next_deadline(), Some(t0 + Duration::from_millis(100)));
+        let actions = l.handle(
+            Event::Exited {
+                epoch: 1,
+                status: "exit status 64".into(),
+            },
+            t1 + Duration::from_millis(50),
+        );
+        let reply = actions
+            .iter()
+            .find_map(|a| match a {
+                Action::Reply { waiters, result } if waiters == &[7] => Some(result.clone()),
+                _ => None,
+            })
+            .expect("the reload is answered");
+        let reason = reply.unwrap_err();
+        assert!(reason.contains("no generation is active"), "{reason}");
+        // The replacement from the last good launch still comes.
         assert_eq!(
-            l.handle(Event::Tick, t0 + Duration::from_millis(100)),
-            [Action::Spawn { epoch: 1 }]
+            l.handle(Event::Tick, t1 + Duration::from_millis(100)),
+            [replacement(2)]
         );
-        let t1 = t0 + Duration::from_millis(200);
         assert!(
-            l.handle(Event::Ready { epoch: 1 }, t1)
+            l.handle(Event::Ready { epoch: 2 }, t1 + Duration::from_millis(150))
                 .contains(&Action::Activated {
-                    epoch: 1,
+                    epoch: 2,
                     replaced: None
                 })
         );
-        // A second crash soon after waits twice as long.
+        assert_eq!(l.active(), Some(2));
+    }
+
+    #[test]
+    fn a_crash_during_a_reload_is_replaced_even_if_the_reload_fails() {
+        let t0 = Instant::now();
+        let mut l = running(t0);
+        let t1 = t0 + Duration::from_secs(5);
+        l.handle(Event::Reload { waiter: None }, t1);
+        crash(&mut l, 0, t1);
+        // The replacement starts beside the reload's generation.
+        assert_eq!(
+            l.handle(Event::Tick, t1 + Duration::from_millis(100)),
+            [replacement(2)]
+        );
         l.handle(
             Event::Exited {
                 epoch: 1,
-                status: "exit status 101".into(),
+                status: "exit status 64".into(),
             },
-            t1,
+            t1 + Duration::from_millis(150),
         );
-        assert_eq!(l.next_deadline(), Some(t1 + Duration::from_millis(200)));
-        // A replacement that fails to start is retried.
-        l.handle(Event::Tick, t1 + Duration::from_millis(200));
-        let t2 = t1 + Duration::from_millis(300);
-        l.handle(
-            Event::Exited {
-                epoch: 2,
-                status: "exit status 1".into(),
-            },
-            t2,
+        l.handle(Event::Ready { epoch: 2 }, t1 + Duration::from_millis(200));
+        assert_eq!(l.active(), Some(2));
+    }
+
+    #[test]
+    fn a_replacement_gives_way_to_a_reload_that_is_ready_first() {
+        let t0 = Instant::now();
+        let mut l = running(t0);
+        let t1 = t0 + Duration::from_secs(5);
+        crash(&mut l, 0, t1);
+        l.handle(Event::Reload { waiter: Some(1) }, t1);
+        assert_eq!(
+            l.handle(Event::Tick, t1 + Duration::from_millis(100)),
+            [replacement(2)]
         );
-        assert_eq!(l.next_deadline(), Some(t2 + Duration::from_millis(400)));
-        // After a quiet minute, the delay is short again.
-        let t3 = t2 + Duration::from_secs(120);
-        l.handle(Event::Tick, t3);
-        l.handle(Event::Ready { epoch: 3 }, t3);
-        l.handle(
-            Event::Exited {
-                epoch: 3,
-                status: "exit status 101".into(),
-            },
-            t3,
+        // The reload's generation (new config) is ready first: the replacement (old config) is
+        // stopped, not made active over it.
+        let actions = l.handle(Event::Ready { epoch: 1 }, t1 + Duration::from_millis(150));
+        assert!(actions.contains(&Action::Stop { epoch: 2 }), "{actions:?}");
+        assert!(
+            actions.contains(&Action::Reply {
+                waiters: vec![1],
+                result: Ok(1)
+            }),
+            "{actions:?}"
         );
-        assert_eq!(l.next_deadline(), Some(t3 + Duration::from_millis(100)));
+        assert!(l.handle(Event::Ready { epoch: 2 }, t1).is_empty());
+        assert_eq!(l.active(), Some(1));
+        // And a reload ready after a replacement replaces it as any reload does.
+        let mut l = running(t0);
+        crash(&mut l, 0, t1);
+        l.handle(Event::Reload { waiter: None }, t1);
+        l.handle(Event::Tick, t1 + Duration::from_millis(100));
+        l.handle(Event::Ready { epoch: 2 }, t1 + Duration::from_millis(150));
+        let actions = l.handle(Event::Ready { epoch: 1 }, t1 + Duration::from_millis(200));
+        assert!(
+            actions.contains(&Action::Activated {
+                epoch: 1,
+                replaced: Some(2)
+            }),
+            "{actions:?}"
+        );
+    }
+
+    #[test]
+    fn no_replacement_while_drained_on_purpose() {
+        let t0 = Instant::now();
+        let mut l = running(t0);
+        l.handle(Event::Drain { waiter: None }, t0);
+        crash(&mut l, 0, t0);
+        assert_eq!(l.next_deadline(), None);
     }
 
     #[test]
@@ -1090,9 +1334,10 @@ mod tests {
             l.handle(Event::StoppedAccepting { epoch: epoch - 1 }, t);
             if epoch == 3 {
                 assert!(
+                    // Its drain's own deadline, not a shorter one: answers in flight finish.
                     actions.contains(&Action::Drain {
                         epoch: 0,
-                        timeout: Duration::from_secs(1),
+                        timeout: Duration::from_secs(10) - Duration::from_millis(20),
                         strategy: DrainStrategy::Immediate
                     }),
                     "{actions:?}"
@@ -1214,7 +1459,10 @@ mod tests {
         );
         assert_eq!(l.counts.crashes, 0);
         assert_eq!(l.next_deadline(), None);
-        assert!(l.handle(Event::Tick, t0 + QUIET * 2).is_empty());
+        assert!(
+            l.handle(Event::Tick, t0 + Duration::from_secs(120))
+                .is_empty()
+        );
         assert_eq!(
             l.handle(Event::Drain { waiter: Some(8) }, later),
             [Action::DrainReply {
@@ -1226,7 +1474,10 @@ mod tests {
 
         assert_eq!(
             l.handle(Event::Reload { waiter: Some(9) }, later),
-            [Action::Spawn { epoch: 1 }]
+            [Action::Spawn {
+                epoch: 1,
+                from: Source::Disk
+            }]
         );
         assert_eq!(
             l.handle(Event::Ready { epoch: 1 }, later),

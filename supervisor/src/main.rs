@@ -19,6 +19,7 @@
 mod activation;
 mod config;
 mod control;
+mod launch;
 mod lifecycle;
 mod notify;
 mod server;

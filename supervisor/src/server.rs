@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -27,7 +28,8 @@ use tracing::{debug, error, info, warn};
 use crate::activation;
 use crate::config::{self, SupervisorConfig};
 use crate::control::{GenerationStatus, Request, Response, Status};
-use crate::lifecycle::{self, Action, Event, Lifecycle, Settings, State, Waiter};
+use crate::launch::Launch;
+use crate::lifecycle::{self, Action, Event, Lifecycle, Settings, Source, State, Waiter};
 use crate::notify::{Notifier, Watchdog};
 use crate::spawn;
 use crate::store::SocketStore;
@@ -56,6 +58,9 @@ struct GenIo {
     sockets: Vec<SocketKey>,
     /// When its last load report came: its sign of life for the watchdog.
     heard: Instant,
+    /// The binary and config it was started from (`None` for one taken over from a
+    /// supervisor that did not hand launches over).
+    launch: Option<Rc<Launch>>,
 }
 
 /// A control connection.
@@ -103,6 +108,9 @@ pub struct Supervisor {
     /// The binary and arguments this supervisor was started with, to execute again.
     exe: std::path::PathBuf,
     args: Vec<String>,
+    /// The launch of the last generation that became active: a crashed generation is replaced
+    /// from it, whatever is on disk now.
+    last_good: Option<Rc<Launch>>,
 }
 
 /// Runs the supervisor until it is stopped; returns the exit status.
@@ -211,7 +219,6 @@ fn settings(config: &SupervisorConfig) -> Settings {
         strategy: config.drain_strategy,
         max_draining: config.max_draining,
         kill_grace: std::time::Duration::from_secs(5),
-        hurry_timeout: std::time::Duration::from_secs(2),
     }
 }
 
@@ -347,6 +354,7 @@ impl Supervisor {
             status_line: String::new(),
             exe: upgrade::binary_path(),
             args: std::env::args().collect(),
+            last_good: None,
         })
     }
 
@@ -458,6 +466,7 @@ impl Supervisor {
                     load: g.load(),
                     sockets: g.sockets.clone(),
                     heard: now,
+                    launch: None,
                 },
             );
         }
@@ -646,7 +655,7 @@ impl Supervisor {
 
     fn execute(&mut self, action: Action) {
         match action {
-            Action::Spawn { epoch } => self.spawn(epoch),
+            Action::Spawn { epoch, from } => self.spawn(epoch, from),
             Action::Drain {
                 epoch,
                 timeout,
@@ -697,6 +706,13 @@ impl Supervisor {
                 self.region.set_current_epoch(epoch);
                 let pid = self.generations.get(&epoch).map_or(0, |g| g.pid);
                 info!(epoch, pid, replaced = ?replaced, "active");
+                // Its config is the running one now: its settings apply, and a crash is
+                // replaced from its launch.
+                if let Some(launch) = self.generations.get(&epoch).and_then(|g| g.launch.clone()) {
+                    self.config = launch.config.clone();
+                    self.lifecycle.set_settings(settings(&self.config));
+                    self.last_good = Some(launch);
+                }
             }
             Action::Reply { waiters, result } => {
                 let (ok, message) = match &result {
@@ -756,25 +772,34 @@ impl Supervisor {
                     }
                 }
             }
-            Action::Exit { code } => self.exit = Some(code),
+            // The first reason to exit is the one to report (a failed first start's 1 is not
+            // undone by the exit of its generation that follows).
+            Action::Exit { code } => self.exit = Some(self.exit.map_or(code, |c| c.max(code))),
         }
     }
 
-    fn spawn(&mut self, epoch: u64) {
+    /// The launch a generation starts from: the disk's (checked whole, as `baton check` does),
+    /// or the last good one.
+    fn launch(&self, from: Source) -> Result<Rc<Launch>, String> {
+        if from == Source::LastGood
+            && let Some(launch) = &self.last_good
+        {
+            return Ok(launch.clone());
+        }
+        Launch::from_disk(&self.config.path, Some(&self.config)).map(Rc::new)
+    }
+
+    fn spawn(&mut self, epoch: u64, from: Source) {
         if self.lifecycle.active().is_some() && self.lifecycle.reloading() {
             self.notify.reloading();
         }
-        let spawned = spawn::proxy_binary(self.config.proxy_binary.as_deref()).and_then(|binary| {
-            spawn::spawn(
-                &binary,
-                &self.config.path,
-                epoch,
-                self.config.run_as.as_ref(),
-            )
-            .map_err(|e| format!("cannot run {}: {e}", binary.display()))
+        let spawned = self.launch(from).and_then(|launch| {
+            spawn::spawn(&launch, epoch, self.config.run_as.as_ref())
+                .map(|(child, channel)| (child, channel, launch.clone()))
+                .map_err(|e| format!("cannot run {}: {e}", launch.binary_path.display()))
         });
         match spawned {
-            Ok((child, channel)) => {
+            Ok((child, channel, launch)) => {
                 let pid = child.id();
                 // Reaped by pid in `reap`; the handle itself holds nothing that needs it.
                 drop(child);
@@ -786,7 +811,11 @@ impl Supervisor {
                 ) {
                     error!(epoch, "cannot watch the generation's channel: {e}");
                 }
-                info!(epoch, pid, "spawned");
+                let from = match from {
+                    Source::Disk => "disk",
+                    Source::LastGood => "last active config",
+                };
+                info!(epoch, pid, binary = %launch.binary_path.display(), from, "spawned");
                 self.generations.insert(
                     epoch,
                     GenIo {
@@ -797,6 +826,7 @@ impl Supervisor {
                         load: Load::default(),
                         sockets: Vec::new(),
                         heard: Instant::now(),
+                        launch: Some(launch),
                     },
                 );
             }
@@ -854,7 +884,6 @@ impl Supervisor {
             match signal {
                 SIGHUP => {
                     info!("SIGHUP: reload");
-                    self.warn_if_user_changed();
                     self.apply(Event::Reload { waiter: None });
                 }
                 SIGTERM => {
@@ -888,18 +917,6 @@ impl Supervisor {
                 SIGCHLD => self.reap(),
                 _ => {}
             }
-        }
-    }
-
-    /// The supervisor reads `supervisor.user` when it starts: say so when a reload would not
-    /// apply a change of it.
-    fn warn_if_user_changed(&self) {
-        if let Ok(now) = config::load(&self.config.path)
-            && now.run_as != self.config.run_as
-        {
-            warn!(
-                "supervisor.user/group changed in the config; a reload does not apply that: the supervisor reads them when it starts (`baton upgrade-supervisor` or a restart)"
-            );
         }
     }
 
@@ -1108,7 +1125,17 @@ impl Supervisor {
                 info!(epoch, connections_left, "generation is exiting");
             }
             ToSupervisor::BindSocket { id, key, backlog } => {
-                let bound = config::listen_addresses(&self.config.path).and_then(|configured| {
+                // The addresses of the config this generation was started with.
+                let source = self
+                    .generations
+                    .get(&epoch)
+                    .and_then(|g| g.launch.as_ref())
+                    .map(|l| l.source.clone());
+                let listed = match &source {
+                    Some(source) => config::listen_addresses_in(&self.config.path, source),
+                    None => config::listen_addresses(&self.config.path),
+                };
+                let bound = listed.and_then(|configured| {
                     if !configured.contains(&key.address) {
                         return Err(format!(
                             "{} is not a listener or admin address of {}",
@@ -1277,7 +1304,6 @@ impl Supervisor {
             }
             Request::Reload => {
                 info!("reload requested over the control socket");
-                self.warn_if_user_changed();
                 self.apply(Event::Reload {
                     waiter: Some(client),
                 });

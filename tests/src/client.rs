@@ -157,3 +157,13 @@ pub async fn get(addr: SocketAddr, path: &str) -> Reply {
         .await
         .unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"))
 }
+
+/// A GET on a new HTTP/1.1 connection, or why it failed (refused, reset, closed).
+pub async fn try_get(addr: SocketAddr, path: &str) -> Result<Reply, String> {
+    let mut h1 = H1::connect(addr)
+        .await
+        .map_err(|e| format!("connect to {addr}: {e}"))?;
+    h1.get(path)
+        .await
+        .map_err(|e| format!("GET {path} on {addr}: {e}"))
+}

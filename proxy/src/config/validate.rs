@@ -80,7 +80,8 @@ impl Validator<'_> {
             })
             .transpose()?;
         let drain = DrainSettings {
-            timeout: self.duration_or("drain_timeout", raw.drain_timeout, DEFAULT_DRAIN_TIMEOUT)?,
+            // Zero would close every connection the moment a drain starts, cutting requests in flight.
+            timeout: self.timeout_or("drain_timeout", raw.drain_timeout, DEFAULT_DRAIN_TIMEOUT)?,
             idle_grace: self.duration_or(
                 "drain_idle_grace",
                 raw.drain_idle_grace,
@@ -413,8 +414,9 @@ impl Validator<'_> {
         })
     }
 
+    /// A listen address (a listener's or the admin's): an IP address and a port other than 0.
     fn address(&self, field: &str, value: &Spanned<String>) -> Result<SocketAddr> {
-        value.get_ref().parse().map_err(|_| {
+        let address: SocketAddr = value.get_ref().parse().map_err(|_| {
             self.error(
                 value.span(),
                 format!(
@@ -422,7 +424,18 @@ impl Validator<'_> {
                     value.get_ref()
                 ),
             )
-        })
+        })?;
+        if address.port() == 0 {
+            // The system would pick a free port, another one at every reload, and no client
+            // could know it.
+            return Err(self.error(
+                value.span(),
+                format!(
+                    "{field}: port 0 would make the system pick a port, another one at every reload; give the port clients connect to"
+                ),
+            ));
+        }
+        Ok(address)
     }
 
     fn listener(

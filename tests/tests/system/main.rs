@@ -22,6 +22,9 @@ mod http2_tls;
 mod limits;
 /// Generations as an unprivileged user, on ports the supervisor binds.
 mod privileges;
+/// Never without a proxy: crashes around reloads, the last good config, hurried drains, what a
+/// reload checks.
+mod recovery;
 /// The supervisor: hot restart under load, failed reloads, crashes, binary upgrades.
 mod reload;
 /// The shared-memory stats region, read by `baton-stats` and the admin endpoints.
