@@ -56,6 +56,12 @@ pub struct Status {
     pub last_reload: Option<String>,
     /// Listen sockets held in the store.
     pub sockets: usize,
+    /// In-place upgrades (`baton upgrade-supervisor`) this supervisor has had.
+    #[serde(default)]
+    pub supervisor_upgrades: u64,
+    /// The outcome of the last upgrade asked for, if any.
+    #[serde(default)]
+    pub last_upgrade: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -49,6 +49,27 @@ impl Launch {
             .map_err(|e| format!("{}: {e}", path.display()))?;
         let binary = File::open(&binary_path)
             .map_err(|e| format!("cannot open {}: {e}", binary_path.display()))?;
+        Self::new(config, source, binary, binary_path)
+    }
+
+    /// A launch handed over by the supervisor this process replaced: the running config's text
+    /// and the binary's descriptor.
+    pub fn handed_over(
+        path: &Path,
+        source: String,
+        binary: File,
+        binary_path: PathBuf,
+    ) -> Result<Launch, String> {
+        let config = config::parse(path, &source)?;
+        Self::new(config, source, binary, binary_path)
+    }
+
+    fn new(
+        config: SupervisorConfig,
+        source: String,
+        binary: File,
+        binary_path: PathBuf,
+    ) -> Result<Launch, String> {
         let config_fd = sealed(&source)
             .map_err(|e| format!("cannot keep a copy of the config in memory: {e}"))?;
         Ok(Launch {

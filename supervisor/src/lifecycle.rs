@@ -293,6 +293,11 @@ impl Lifecycle {
         self.restored
     }
 
+    /// Whether a stop was asked for: no generation is started any more.
+    pub fn stopping(&self) -> bool {
+        self.stopping
+    }
+
     /// Whether the supervisor is drained: no generation takes new connections until a reload.
     pub fn drained(&self) -> bool {
         self.drained

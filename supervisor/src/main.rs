@@ -38,7 +38,7 @@ use crate::control::{Request, Response};
 pub const UPGRADE_FD_ENV: &str = "BATON_UPGRADE_FD";
 
 /// Exit status for a configuration or usage the operator must fix (sysexits' EX_USAGE).
-const EXIT_USAGE: u8 = 64;
+pub const EXIT_USAGE: u8 = 64;
 
 /// baton: a hot-restartable proxy. `baton run` supervises `baton-proxy` generations; the other
 /// commands control a running supervisor.
@@ -123,14 +123,20 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config, log_format } => {
             init_logging(log_format);
-            let config = match config::load(&config) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("baton: {e}");
-                    return ExitCode::from(EXIT_USAGE);
-                }
-            };
-            ExitCode::from(server::run(config))
+            if upgrade::trial_requested() {
+                // A supervisor checking this binary before it executes it (see upgrade.rs).
+                return match upgrade::trial(&config) {
+                    Ok(answer) => {
+                        println!("{answer}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("baton: {e}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
+            ExitCode::from(server::main(&config))
         }
         Command::Reload(target) => {
             if let Err(code) = same_config(&target) {
@@ -165,7 +171,7 @@ fn main() -> ExitCode {
         Command::Internal {
             command: Internal::UpgradeCheck,
         } => {
-            println!("{}", upgrade::STATE_VERSION);
+            println!("{}", upgrade::check_answer());
             ExitCode::SUCCESS
         }
     }
@@ -209,23 +215,31 @@ fn client(target: &Target, request: Request, print: impl FnOnce(&Response)) -> E
 }
 
 /// Asks for the upgrade, then waits for the supervisor to answer again and tells whether it
-/// now runs another build.
+/// took over: exit 0 only when the new binary runs (the supervisor counts its upgrades), 1 with
+/// the reason when the upgrade was refused or failed (the supervisor serves on as it was).
 fn upgrade_supervisor(target: &Target) -> ExitCode {
     let socket = match socket_of(target) {
         Ok(s) => s,
         Err(code) => return code,
     };
     let before = match control::call(&socket, Request::Status) {
-        Ok(r) => r.status.map(|s| (s.supervisor_pid, s.supervisor_build)),
+        Ok(r) => r.status,
         Err(e) => {
             eprintln!("baton: {e}");
             return ExitCode::FAILURE;
         }
     };
+    let Some(before) = before else {
+        eprintln!("baton: the supervisor did not say its status");
+        return ExitCode::FAILURE;
+    };
     match control::call(&socket, Request::UpgradeSupervisor) {
         Ok(r) if r.ok => println!("baton: {}", r.message),
         Ok(r) => {
-            eprintln!("baton: {}", r.message);
+            eprintln!(
+                "baton: {}; supervisor pid {} runs build {} as before",
+                r.message, before.supervisor_pid, before.supervisor_build
+            );
             return ExitCode::FAILURE;
         }
         Err(e) => {
@@ -233,27 +247,46 @@ fn upgrade_supervisor(target: &Target) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    // The new program answers on the same socket once it has taken over.
+    // The new program answers on the same socket once it has taken over (or the previous one,
+    // executed again, if it could not).
     let after = control::call(&socket, Request::Status)
         .ok()
-        .and_then(|r| r.status)
-        .map(|s| (s.supervisor_pid, s.supervisor_build));
-    match (before, after) {
-        (Some((pid, old)), Some((same_pid, new))) if pid == same_pid && old != new => {
-            println!("baton: supervisor pid {pid} now runs build {new} (was {old})");
-            ExitCode::SUCCESS
-        }
-        (Some((pid, old)), Some((same_pid, new))) if pid == same_pid && old == new => {
-            println!(
-                "baton: supervisor pid {pid} runs build {new} again (the binary on disk is the same build)"
-            );
-            ExitCode::SUCCESS
-        }
-        _ => {
-            eprintln!("baton: the supervisor did not come back as expected; see its log");
-            ExitCode::FAILURE
-        }
+        .and_then(|r| r.status);
+    let Some(after) = after else {
+        eprintln!("baton: the supervisor did not come back after the upgrade; see its log");
+        return ExitCode::FAILURE;
+    };
+    if after.supervisor_pid != before.supervisor_pid {
+        eprintln!(
+            "baton: another supervisor (pid {}) answers now, not pid {}; see the log",
+            after.supervisor_pid, before.supervisor_pid
+        );
+        return ExitCode::FAILURE;
     }
+    if after.supervisor_upgrades <= before.supervisor_upgrades {
+        eprintln!(
+            "baton: not upgraded: {}; supervisor pid {} runs build {} as before",
+            after
+                .last_upgrade
+                .as_deref()
+                .unwrap_or("the new binary did not take over"),
+            after.supervisor_pid,
+            after.supervisor_build
+        );
+        return ExitCode::FAILURE;
+    }
+    if after.supervisor_build != before.supervisor_build {
+        println!(
+            "baton: supervisor pid {} now runs build {} (was {})",
+            after.supervisor_pid, after.supervisor_build, before.supervisor_build
+        );
+    } else {
+        println!(
+            "baton: supervisor pid {} runs build {} again (the binary on disk is the same build)",
+            after.supervisor_pid, after.supervisor_build
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 /// The control socket a command talks to.

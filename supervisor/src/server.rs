@@ -111,18 +111,185 @@ pub struct Supervisor {
     /// The launch of the last generation that became active: a crashed generation is replaced
     /// from it, whatever is on disk now.
     last_good: Option<Rc<Launch>>,
+    /// In-place upgrades this supervisor has had, and the outcome of the last one asked for.
+    upgrades: u64,
+    last_upgrade: Option<String>,
+    /// The upgrade being checked, if one is.
+    upgrading: Option<Upgrading>,
 }
 
-/// Runs the supervisor until it is stopped; returns the exit status.
-pub fn run(config: SupervisorConfig) -> u8 {
-    let mut supervisor = match Supervisor::new(config) {
-        Ok(s) => s,
-        Err(StartFailure::Fatal(e)) => {
+/// How long the new binary has for each of its checks before an upgrade.
+const UPGRADE_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Where an upgrade is: the new binary answers `internal upgrade-check`, then takes over on
+/// trial.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Check,
+    Trial,
+}
+
+impl Step {
+    fn name(self) -> &'static str {
+        match self {
+            Step::Check => "self-check",
+            Step::Trial => "trial take-over",
+        }
+    }
+}
+
+/// An upgrade under way: the child checking the new binary, and who waits for the outcome.
+struct Upgrading {
+    step: Step,
+    child: std::process::Child,
+    deadline: Instant,
+    waiters: Vec<Waiter>,
+    nonce: u64,
+}
+
+impl Upgrading {
+    /// Starts a check of the new binary, its output read once it has exited (without
+    /// blocking: a child it left behind may hold the pipes), `input` on its standard input.
+    fn start(
+        step: Step,
+        mut command: std::process::Command,
+        input: Option<&[u8]>,
+    ) -> std::io::Result<std::process::Child> {
+        use std::process::Stdio;
+        command
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // The checks are not the supervisor: systemd's variables and the upgrade's are not
+        // theirs.
+        for var in crate::notify::SYSTEMD_ENV {
+            command.env_remove(var);
+        }
+        command.env_remove(crate::UPGRADE_FD_ENV);
+        let mut child = command.spawn()?;
+        if let Some(stdout) = &child.stdout {
+            set_nonblocking(stdout)?;
+        }
+        if let Some(stderr) = &child.stderr {
+            set_nonblocking(stderr)?;
+        }
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            // The state is a few KiB, well within a pipe's buffer; a child that does not read
+            // it fails its check.
+            set_nonblocking(&stdin)?;
+            if let Err(e) = stdin.write_all(input) {
+                debug!("{} does not read the state: {e}", step.name());
+            }
+        }
+        Ok(child)
+    }
+
+    /// What the child wrote (at most 64 KiB of each).
+    fn output(&mut self) -> (String, String) {
+        let read = |pipe: Option<&mut dyn Read>| {
+            let mut out = Vec::new();
+            if let Some(pipe) = pipe {
+                let mut buf = [0u8; 4096];
+                while out.len() < 64 * 1024 {
+                    match pipe.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => out.extend_from_slice(&buf[..n]),
+                    }
+                }
+            }
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        let stdout = read(self.child.stdout.as_mut().map(|p| p as &mut dyn Read));
+        let stderr = read(self.child.stderr.as_mut().map(|p| p as &mut dyn Read));
+        (stdout, stderr)
+    }
+}
+
+fn set_nonblocking(fd: &impl AsFd) -> std::io::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = fcntl(fd.as_fd(), FcntlArg::F_GETFL).map_err(std::io::Error::from)?;
+    fcntl(
+        fd.as_fd(),
+        FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+    )
+    .map(|_| ())
+    .map_err(std::io::Error::from)
+}
+
+/// A number nobody can guess ahead, for an upgrade's trial to answer with.
+fn nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish()
+}
+
+/// `baton run --config PATH`: a fresh start from the config at `path`, or, in a program executed
+/// by `baton upgrade-supervisor`, the take-over of what the previous one handed over (its config
+/// included: the file on disk is not read). Runs the supervisor until it is stopped; returns the
+/// exit status.
+pub fn main(path: &Path) -> u8 {
+    let started = match upgrade::inherited() {
+        None => match config::load(path) {
+            Ok(config) => Supervisor::fresh(&config).map(|parts| (config, parts, None)),
+            Err(e) => {
+                eprintln!("baton: {e}");
+                return crate::EXIT_USAGE;
+            }
+        },
+        Some(Ok(handover)) => match Supervisor::take_over(path, &handover.state) {
+            Ok((config, parts)) => Ok((config, parts, Some(handover))),
+            Err(reason) => return fall_back(&reason),
+        },
+        Some(Err(reason)) => return fall_back(&reason),
+    };
+    let (config, parts, handover) = match started {
+        Ok(started) => started,
+        Err(e) => {
             error!("{e}");
             return 1;
         }
-        Err(StartFailure::Orphaned(e)) => return orphaned(&e),
     };
+    let mut supervisor = match Supervisor::new(config, parts) {
+        Ok(s) => s,
+        Err(e) if handover.is_some() => return fall_back(&e),
+        Err(e) => {
+            error!("{e}");
+            return 1;
+        }
+    };
+    if let Some(handover) = handover {
+        handover.release();
+        match upgrade::failed_upgrade() {
+            Some(reason) => {
+                error!(
+                    "the supervisor upgrade failed: {reason}; this binary took over again and carries on"
+                );
+                supervisor.last_upgrade = Some(format!("failed: {reason}"));
+            }
+            None => {
+                supervisor.upgrades += 1;
+                info!(
+                    upgrades = supervisor.upgrades,
+                    build = env!("BATON_BUILD_ID"),
+                    "took over as the upgraded supervisor"
+                );
+                supervisor.last_upgrade = Some(format!(
+                    "upgraded to build {} at {}",
+                    env!("BATON_BUILD_ID"),
+                    humantime::format_rfc3339_seconds(SystemTime::now())
+                ));
+            }
+        }
+    }
     let took_over = supervisor.lifecycle.restored();
     info!(
         pid = std::process::id(),
@@ -146,6 +313,7 @@ pub fn run(config: SupervisorConfig) -> u8 {
             .next_deadline()
             .into_iter()
             .chain(supervisor.watchdog.as_ref().map(|w| w.next))
+            .chain(supervisor.upgrading.as_ref().map(|u| u.deadline))
             .min()
             .map(|d| d.saturating_duration_since(Instant::now()));
         if let Err(e) = supervisor.poll.poll(&mut events, timeout) {
@@ -159,14 +327,24 @@ pub fn run(config: SupervisorConfig) -> u8 {
             supervisor.dispatch(event.token());
         }
         supervisor.apply(Event::Tick);
+        supervisor.upgrade_progress();
         supervisor.watchdog();
     }
     supervisor.finish()
 }
 
-/// The new program cannot take over what the old one handed over. The generations keep
-/// serving on the fds this process still holds; nothing manages them, so say so loudly and
-/// wait for the operator to stop the service.
+/// This program cannot take over what the previous one handed over: the previous one takes
+/// over again, if it can be executed.
+fn fall_back(reason: &str) -> u8 {
+    error!("this supervisor cannot take over: {reason}; executing the previous binary again");
+    let why = upgrade::fall_back(reason);
+    orphaned(&format!(
+        "{reason}; and the previous binary could not be executed again: {why}"
+    ))
+}
+
+/// Neither program can take over. The generations keep serving on the fds this process still
+/// holds; nothing manages them, so say so loudly and wait for the operator to stop the service.
 fn orphaned(reason: &str) -> u8 {
     error!(
         "the supervisor upgrade failed: {reason}; the generations keep serving unmanaged: restart the service when convenient"
@@ -194,21 +372,6 @@ fn describe(status: WaitStatus) -> Option<String> {
             signal.as_str()
         )),
         _ => None,
-    }
-}
-
-/// Why the supervisor could not start.
-enum StartFailure {
-    /// Nothing runs yet: report and exit.
-    Fatal(String),
-    /// This process replaced a supervisor but cannot understand what it handed over: the
-    /// generations still serve (their fds stay open here), but nobody manages them.
-    Orphaned(String),
-}
-
-impl From<String> for StartFailure {
-    fn from(reason: String) -> Self {
-        StartFailure::Fatal(reason)
     }
 }
 
@@ -284,15 +447,13 @@ struct Parts {
     lifecycle: Lifecycle,
     generations: BTreeMap<u64, GenIo>,
     last_reload: Option<String>,
+    last_good: Option<Rc<Launch>>,
+    upgrades: u64,
+    last_upgrade: Option<String>,
 }
 
 impl Supervisor {
-    fn new(config: SupervisorConfig) -> Result<Supervisor, StartFailure> {
-        let parts = match upgrade::inherited() {
-            None => Self::fresh(&config)?,
-            Some(Ok(state)) => Self::take_over(&config, state).map_err(StartFailure::Orphaned)?,
-            Some(Err(reason)) => return Err(StartFailure::Orphaned(reason)),
-        };
+    fn new(config: SupervisorConfig, parts: Parts) -> Result<Supervisor, String> {
         let Parts {
             region,
             mut control,
@@ -302,6 +463,9 @@ impl Supervisor {
             lifecycle,
             generations,
             last_reload,
+            last_good,
+            upgrades,
+            last_upgrade,
         } = parts;
         region.set_supervisor_pid(std::process::id());
         if let Some(mismatch) = region.capacity_mismatch(config.capacities) {
@@ -318,6 +482,7 @@ impl Supervisor {
         poll.registry()
             .register(&mut control, CONTROL, Interest::READABLE)
             .map_err(|e| format!("cannot watch the control socket: {e}"))?;
+        let region = region;
         for (&epoch, g) in &generations {
             if let Some(channel) = &g.channel {
                 poll.registry()
@@ -354,7 +519,10 @@ impl Supervisor {
             status_line: String::new(),
             exe: upgrade::binary_path(),
             args: std::env::args().collect(),
-            last_good: None,
+            last_good,
+            upgrades,
+            last_upgrade,
+            upgrading: None,
         })
     }
 
@@ -411,13 +579,47 @@ impl Supervisor {
             lifecycle: Lifecycle::new(settings(config), 0),
             generations: BTreeMap::new(),
             last_reload: None,
+            last_good: None,
+            upgrades: 0,
+            last_upgrade: None,
         })
     }
 
     /// Takes over from the supervisor this process replaced (see `upgrade.rs`). Entries that
     /// do not check out (a process gone, an fd that is not what it should be) are left out,
     /// with a word in the log.
-    fn take_over(config: &SupervisorConfig, state: upgrade::Inherited) -> Result<Parts, String> {
+    fn take_over(
+        path: &Path,
+        state: &upgrade::Inherited,
+    ) -> Result<(SupervisorConfig, Parts), String> {
+        #[cfg(debug_assertions)]
+        if std::env::var_os("BATON_TEST_TAKEOVER_FAILS").is_some()
+            && upgrade::failed_upgrade().is_none()
+        {
+            // Tests make an upgraded program fail here, to see the previous one take over again.
+            return Err("BATON_TEST_TAKEOVER_FAILS is set (a test build)".into());
+        }
+        // The running config: the one handed over (a supervisor that did not hand it over
+        // leaves only the file to read).
+        let last_good = match &state.last_good {
+            Some(launch) => {
+                let binary = upgrade::adopt(launch.binary_fd)
+                    .map(std::fs::File::from)
+                    .ok_or("the proxy binary was not handed over")?;
+                Some(Rc::new(Launch::handed_over(
+                    path,
+                    launch.config_source.clone(),
+                    binary,
+                    launch.binary_path.clone(),
+                )?))
+            }
+            None => None,
+        };
+        let config = match &last_good {
+            Some(launch) => launch.config.clone(),
+            None => config::load(path)?,
+        };
+        let config = &config;
         let control = upgrade::adopt(state.control_fd)
             .map(std::os::unix::net::UnixListener::from)
             .ok_or("the control socket was not handed over")?;
@@ -483,32 +685,185 @@ impl Supervisor {
             state.drained,
             now,
         );
-        Ok(Parts {
-            region,
-            control,
-            store,
-            names: state.names.into_iter().collect(),
-            activated: state.activated.into_iter().collect(),
-            lifecycle,
-            generations,
-            last_reload: state.last_reload,
-        })
+        // The active generation runs the handed-over launch.
+        if let Some(active) = lifecycle.active()
+            && let Some(g) = generations.get_mut(&active)
+        {
+            g.launch = last_good.clone();
+        }
+        Ok((
+            config.clone(),
+            Parts {
+                region,
+                control,
+                store,
+                names: state.names.iter().cloned().collect(),
+                activated: state.activated.iter().copied().collect(),
+                lifecycle,
+                generations,
+                last_reload: state.last_reload.clone(),
+                last_good,
+                upgrades: state.upgrades,
+                last_upgrade: state.last_upgrade.clone(),
+            },
+        ))
     }
 
-    /// SIGUSR2 and `baton upgrade-supervisor`: execute the `baton` binary on disk in this
-    /// process's place. Returns why not, if it did not happen.
-    fn upgrade(&mut self) -> Result<(), String> {
+    /// Why the supervisor cannot be upgraded now, if it cannot.
+    fn upgrade_refusal(&self) -> Option<String> {
+        if self.lifecycle.stopping() {
+            return Some("the supervisor is stopping".into());
+        }
         if self.lifecycle.reloading() {
-            return Err("a reload is in progress; upgrade the supervisor once it has ended".into());
+            return Some(
+                "a reload is in progress; upgrade the supervisor once it has ended".into(),
+            );
         }
         if self.lifecycle.starting() {
-            return Err(
+            return Some(
                 "a generation is starting (replacing one that crashed); upgrade the supervisor once `baton status` shows it active"
                     .into(),
             );
         }
-        upgrade::check(&self.exe)?;
-        let state = upgrade::Inherited {
+        None
+    }
+
+    /// SIGUSR2 and `baton upgrade-supervisor`: check the `baton` binary on disk (see
+    /// `upgrade.rs`), then execute it in this process's place. The checks run as children the
+    /// loop waits for, so that a binary that hangs holds nothing up.
+    fn start_upgrade(&mut self, waiter: Option<Waiter>) {
+        if let Some(reason) = self.upgrade_refusal() {
+            self.upgrade_failed(waiter.into_iter().collect(), &reason);
+            return;
+        }
+        if let Some(upgrading) = &mut self.upgrading {
+            upgrading.waiters.extend(waiter);
+            return;
+        }
+        info!(binary = %self.exe.display(), "upgrading the supervisor: checking the binary on disk");
+        let mut command = std::process::Command::new(&self.exe);
+        command.args(["internal", "upgrade-check"]);
+        match Upgrading::start(Step::Check, command, None) {
+            Ok(child) => {
+                self.upgrading = Some(Upgrading {
+                    step: Step::Check,
+                    child,
+                    deadline: Instant::now() + UPGRADE_CHECK_TIMEOUT,
+                    waiters: waiter.into_iter().collect(),
+                    nonce: nonce(),
+                });
+            }
+            Err(e) => {
+                let reason = format!("cannot run {}: {e}", self.exe.display());
+                self.upgrade_failed(waiter.into_iter().collect(), &reason);
+            }
+        }
+    }
+
+    /// Looks at the check under way: carries on when it has ended, gives up past its deadline.
+    fn upgrade_progress(&mut self) {
+        let Some(upgrading) = &mut self.upgrading else {
+            return;
+        };
+        let status = match upgrading.child.try_wait() {
+            Ok(Some(status)) => status,
+            Ok(None) if Instant::now() < upgrading.deadline => return,
+            Ok(None) | Err(_) => {
+                let _ = upgrading.child.kill();
+                let _ = upgrading.child.wait();
+                let step = upgrading.step;
+                let Some(upgrading) = self.upgrading.take() else {
+                    return;
+                };
+                let reason = format!(
+                    "{} did not answer its {} within {UPGRADE_CHECK_TIMEOUT:?}; it was killed",
+                    self.exe.display(),
+                    step.name()
+                );
+                self.upgrade_failed(upgrading.waiters, &reason);
+                return;
+            }
+        };
+        let (stdout, stderr) = upgrading.output();
+        let step = upgrading.step;
+        let nonce = upgrading.nonce;
+        let exe = self.exe.clone();
+        let said = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .map_or(String::new(), |l| format!(": {}", l.trim()));
+        match step {
+            Step::Check => {
+                let answer = if status.success() {
+                    upgrade::read_check_answer(&exe, &stdout)
+                } else {
+                    Err(format!(
+                        "{} failed its self-check ({status}){said}",
+                        exe.display()
+                    ))
+                };
+                match answer {
+                    Ok(()) => {
+                        let state = self.handover_state(nonce);
+                        let mut command = std::process::Command::new(&exe);
+                        command
+                            .args(self.args.iter().skip(1))
+                            .env(upgrade::TRIAL_ENV, "1");
+                        let trial = upgrade::to_json(&state).and_then(|json| {
+                            Upgrading::start(Step::Trial, command, Some(&json))
+                                .map_err(|e| format!("cannot run {}: {e}", exe.display()))
+                        });
+                        match trial {
+                            Ok(child) => {
+                                if let Some(upgrading) = &mut self.upgrading {
+                                    upgrading.step = Step::Trial;
+                                    upgrading.child = child;
+                                    upgrading.deadline = Instant::now() + UPGRADE_CHECK_TIMEOUT;
+                                }
+                            }
+                            Err(reason) => {
+                                let waiters =
+                                    self.upgrading.take().map(|u| u.waiters).unwrap_or_default();
+                                self.upgrade_failed(waiters, &reason);
+                            }
+                        }
+                    }
+                    Err(reason) => {
+                        let waiters = self.upgrading.take().map(|u| u.waiters).unwrap_or_default();
+                        self.upgrade_failed(waiters, &reason);
+                    }
+                }
+            }
+            Step::Trial => {
+                if status.success() && stdout.trim() == format!("ok {nonce}") {
+                    self.exec_upgrade();
+                } else {
+                    let waiters = self.upgrading.take().map(|u| u.waiters).unwrap_or_default();
+                    let reason = format!(
+                        "{} cannot take over this supervisor: run as `baton run` with the running state, it {}{said}",
+                        exe.display(),
+                        if status.success() {
+                            "did not read it".to_owned()
+                        } else {
+                            format!("failed ({status})")
+                        }
+                    );
+                    self.upgrade_failed(waiters, &reason);
+                }
+            }
+        }
+    }
+
+    fn upgrade_failed(&mut self, waiters: Vec<Waiter>, reason: &str) {
+        error!("the supervisor was not upgraded: {reason}");
+        self.last_upgrade = Some(format!("not upgraded: {reason}"));
+        self.respond_all(waiters, false, &format!("not upgraded: {reason}"));
+    }
+
+    /// What a new program takes over.
+    fn handover_state(&self, nonce: u64) -> upgrade::Inherited {
+        upgrade::Inherited {
             version: upgrade::STATE_VERSION,
             control_fd: self.control.as_raw_fd(),
             region_fd: self.region.file().as_raw_fd(),
@@ -540,21 +895,58 @@ impl Supervisor {
             ),
             last_reload: self.last_reload.clone(),
             drained: self.lifecycle.drained(),
+            last_good: self.last_good.as_ref().map(|l| upgrade::InheritedLaunch {
+                config_source: l.source.clone(),
+                binary_fd: upgrade::raw(&l.binary),
+                binary_path: l.binary_path.clone(),
+            }),
+            upgrades: self.upgrades,
+            last_upgrade: self.last_upgrade.clone(),
+            nonce,
+        }
+    }
+
+    /// The new binary passed its checks: execute it in this process's place.
+    fn exec_upgrade(&mut self) {
+        let Some(upgrading) = self.upgrading.take() else {
+            return;
         };
+        if let Some(reason) = self.upgrade_refusal() {
+            self.upgrade_failed(upgrading.waiters, &reason);
+            return;
+        }
+        // This program's own binary, for the new one to go back to if it cannot take over.
+        let previous = match upgrade::own_binary() {
+            Ok(file) => Some(file),
+            Err(e) => {
+                warn!("cannot keep this binary for a fallback: {e}");
+                None
+            }
+        };
+        let state = self.handover_state(upgrading.nonce);
         info!(binary = %self.exe.display(), "upgrading the supervisor: executing the binary on disk in place");
+        // Answered first: the connections do not survive the exec.
+        let message = format!("upgrading: executing {} in place", self.exe.display());
+        self.respond_all(upgrading.waiters, true, &message);
         self.notify.reloading();
         // The new program attaches its own stats row; this one's counts fold in first.
         if let Err(e) = self.region.retire_epoch(SUPERVISOR_SHARD_EPOCH) {
             warn!("cannot retire the supervisor's stats: {e}");
         }
-        let error = upgrade::exec(&self.exe, &self.args, &state);
+        let error = upgrade::exec(
+            &self.exe,
+            &self.args,
+            &state,
+            previous.as_ref().map(upgrade::raw),
+        );
         // Still here: the exec failed and nothing was handed over.
         match register_stats(&self.region) {
             Ok(stats) => self.stats = stats,
             Err(e) => warn!("cannot count the supervisor's stats again: {e}"),
         }
         self.notify.ready(&self.status_line);
-        Err(error)
+        error!("the supervisor was not upgraded: {error}");
+        self.last_upgrade = Some(format!("not upgraded: {error}"));
     }
 
     /// Feeds an event to the lifecycle and carries out what it decides.
@@ -910,11 +1302,12 @@ impl Supervisor {
                 }
                 SIGUSR2 => {
                     info!("SIGUSR2: upgrade the supervisor in place");
-                    if let Err(e) = self.upgrade() {
-                        error!("the supervisor was not upgraded: {e}");
-                    }
+                    self.start_upgrade(None);
                 }
-                SIGCHLD => self.reap(),
+                SIGCHLD => {
+                    self.reap();
+                    self.upgrade_progress();
+                }
                 _ => {}
             }
         }
@@ -1323,18 +1716,9 @@ impl Supervisor {
             }
             Request::UpgradeSupervisor => {
                 info!("supervisor upgrade requested over the control socket");
-                // Answer first: the connection does not survive the exec.
-                self.respond(
-                    client,
-                    Response {
-                        ok: true,
-                        message: format!("upgrading: executing {} in place", self.exe.display()),
-                        status: None,
-                    },
-                );
-                if let Err(e) = self.upgrade() {
-                    error!("the supervisor was not upgraded: {e}");
-                }
+                // Answered once the new binary passed its checks, right before it is executed,
+                // or with why it was not.
+                self.start_upgrade(Some(client));
             }
             Request::ReopenLogs => {
                 self.reopen_logs();
@@ -1387,6 +1771,8 @@ impl Supervisor {
             crashes: counts.crashes,
             last_reload: self.last_reload.clone(),
             sockets: self.store.len(),
+            supervisor_upgrades: self.upgrades,
+            last_upgrade: self.last_upgrade.clone(),
         }
     }
 

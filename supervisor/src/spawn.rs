@@ -88,6 +88,8 @@ pub fn spawn(
         .env(CONTROL_FD_ENV, CHILD_CONTROL_FD.to_string())
         .env(CONFIG_FD_ENV, CHILD_CONFIG_FD.to_string())
         .env_remove(crate::UPGRADE_FD_ENV)
+        .env_remove(crate::upgrade::PREVIOUS_FD_ENV)
+        .env_remove(crate::upgrade::FAILED_ENV)
         .stdin(Stdio::null());
     // systemd's variables are for the supervisor (its main pid) alone.
     for var in crate::notify::SYSTEMD_ENV {

@@ -3,13 +3,24 @@
 //! arguments. The new program finds the memfd in `BATON_UPGRADE_FD`, takes the fds over and
 //! carries on: same pid (systemd sees the same main process), same children, same sockets.
 //!
-//! Before it executes anything, the old supervisor asks the new binary which state versions it
-//! reads (`baton internal upgrade-check`): a binary that cannot take over is never executed, and
-//! nothing changes.
+//! The new program takes over from the state it is handed, never from the config file on disk
+//! (which may have changed, or be broken): the state holds the running config's text.
+//!
+//! Nothing is executed before the new binary has shown it can take over, without blocking the
+//! supervisor's loop (`server.rs` runs these as children and waits for them by SIGCHLD, with a
+//! deadline): `baton internal upgrade-check` prints the state versions it reads (a binary that
+//! does not read this one's is never executed), and one that says it can (`trial`) is then run
+//! as the supervisor would be, `baton run ...` with `BATON_UPGRADE_TRIAL=1` and the state on its
+//! standard input, and must parse it and the config and answer with the state's nonce.
+//!
+//! Should the new program still fail to take over, it executes the previous binary again (kept
+//! open across the exec, `BATON_UPGRADE_PREVIOUS_FD`) with the same state, untouched: the new
+//! program adopts copies of the handed-over descriptors and closes the originals only once it
+//! has taken over, so the old program finds them all.
 
 use std::ffi::CString;
-use std::io::{Read, Seek, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
@@ -22,7 +33,22 @@ use crate::lifecycle::{Counts, State};
 /// The version of [`Inherited`]; a new binary that does not read it is not executed.
 pub const STATE_VERSION: u32 = 1;
 
-/// Everything a supervisor hands to the program that replaces it.
+/// Names the previous program's binary, kept open for a fallback.
+pub const PREVIOUS_FD_ENV: &str = "BATON_UPGRADE_PREVIOUS_FD";
+/// Set by a new program that could not take over, for the previous one it executes again.
+pub const FAILED_ENV: &str = "BATON_UPGRADE_FAILED";
+/// Asks `baton run` for a trial take-over (see the module's documentation).
+pub const TRIAL_ENV: &str = "BATON_UPGRADE_TRIAL";
+
+/// What `baton internal upgrade-check` prints: the state versions this binary reads, and that
+/// it does trial take-overs.
+pub fn check_answer() -> String {
+    format!("{STATE_VERSION} trial")
+}
+
+/// Everything a supervisor hands to the program that replaces it. Fields added since the first
+/// version have defaults, so that a newer program reads an older one's state and the other way
+/// round.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Inherited {
     pub version: u32,
@@ -39,6 +65,25 @@ pub struct Inherited {
     /// from the state of a supervisor that did not know drains.
     #[serde(default)]
     pub drained: bool,
+    /// The running config's text (what the active generation was started from) and the proxy
+    /// binary it runs: the new program's config, and its last good launch.
+    #[serde(default)]
+    pub last_good: Option<InheritedLaunch>,
+    /// In-place upgrades so far, and the outcome of the last one.
+    #[serde(default)]
+    pub upgrades: u64,
+    #[serde(default)]
+    pub last_upgrade: Option<String>,
+    /// A number the trial take-over answers with, to show it read this state.
+    #[serde(default)]
+    pub nonce: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct InheritedLaunch {
+    pub config_source: String,
+    pub binary_fd: RawFd,
+    pub binary_path: PathBuf,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -62,6 +107,15 @@ impl Inherited {
             crashes: self.counts.2,
         }
     }
+
+    /// Every descriptor the state names.
+    fn fds(&self) -> Vec<RawFd> {
+        let mut fds = vec![self.control_fd, self.region_fd];
+        fds.extend(self.sockets.iter().map(|(_, fd)| *fd));
+        fds.extend(self.generations.iter().map(|g| g.channel_fd));
+        fds.extend(self.last_good.as_ref().map(|l| l.binary_fd));
+        fds
+    }
 }
 
 impl InheritedGeneration {
@@ -81,32 +135,34 @@ impl InheritedGeneration {
     }
 }
 
-/// Asks `binary` whether it can take over; `Err` says why not.
-pub fn check(binary: &Path) -> Result<(), String> {
-    let output = std::process::Command::new(binary)
-        .args(["internal", "upgrade-check"])
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
-    let versions = String::from_utf8_lossy(&output.stdout);
-    let reads = versions
+/// Whether `upgrade-check`'s answer says the binary can take over: it reads this state's
+/// version and does trial take-overs (a binary from before trials is not executed blind: one
+/// that answers the check and then fails would end the supervisor).
+pub fn read_check_answer(binary: &Path, answer: &str) -> Result<(), String> {
+    let reads = answer
         .split_whitespace()
         .any(|v| v.parse::<u32>() == Ok(STATE_VERSION));
-    if output.status.success() && reads {
-        Ok(())
-    } else {
-        Err(format!(
+    if !reads {
+        return Err(format!(
             "{} cannot take over from this supervisor (it reads state versions `{}`, this one writes {STATE_VERSION})",
             binary.display(),
-            versions.trim()
-        ))
+            answer.trim()
+        ));
     }
+    if !answer.split_whitespace().any(|w| w == "trial") {
+        return Err(format!(
+            "{} cannot show that it can take over (it does no trial take-over: a build older than this one's upgrade protocol); restart the service to run it",
+            binary.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Makes `fd` survive (or not survive) `execve`.
 #[allow(unsafe_code)] // A borrowed fd for one fcntl call.
 fn set_inheritable(fd: RawFd, inheritable: bool) -> std::io::Result<()> {
     // SAFETY: a borrowed fd for one fcntl call; the caller holds the fd open.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     let flags = if inheritable {
         FdFlag::empty()
     } else {
@@ -117,25 +173,38 @@ fn set_inheritable(fd: RawFd, inheritable: bool) -> std::io::Result<()> {
         .map_err(std::io::Error::from)
 }
 
-/// Executes `binary` with `args`, handing over `state` and the fds it names. Returns only if
-/// the exec failed; every fd is then close-on-exec again, as before.
-#[allow(unsafe_code)] // borrow_raw in set_inheritable: the fds are ours and open.
-pub fn exec(binary: &Path, args: &[String], state: &Inherited) -> String {
-    let mut fds: Vec<RawFd> = vec![state.control_fd, state.region_fd];
-    fds.extend(state.sockets.iter().map(|(_, fd)| *fd));
-    fds.extend(state.generations.iter().map(|g| g.channel_fd));
+/// The running program's own binary, opened (whatever replaced it on disk since), for the new
+/// program to fall back to.
+pub fn own_binary() -> std::io::Result<std::fs::File> {
+    std::fs::File::open("/proc/self/exe")
+}
 
-    let memfd =
-        match nix::sys::memfd::memfd_create(c"baton-upgrade", nix::sys::memfd::MFdFlags::empty()) {
-            Ok(fd) => fd,
-            Err(e) => return format!("cannot create the state memfd: {e}"),
-        };
+/// The state as JSON, for the memfd and for a trial's standard input.
+pub fn to_json(state: &Inherited) -> Result<Vec<u8>, String> {
+    serde_json::to_vec(state).map_err(|e| format!("cannot write the state: {e}"))
+}
+
+/// Executes `binary` with `args`, handing over `state`, the fds it names and `previous` (this
+/// program's binary). Returns only if the exec failed; every fd is then close-on-exec again, as
+/// before.
+pub fn exec(binary: &Path, args: &[String], state: &Inherited, previous: Option<RawFd>) -> String {
+    let mut fds = state.fds();
+    fds.extend(previous);
+
+    let memfd = match nix::sys::memfd::memfd_create(
+        c"baton-upgrade",
+        nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+    ) {
+        Ok(fd) => fd,
+        Err(e) => return format!("cannot create the state memfd: {e}"),
+    };
     let mut file = std::fs::File::from(memfd);
-    if let Err(e) = serde_json::to_writer(&mut file, state)
-        .map_err(|e| e.to_string())
-        .and_then(|()| file.flush().map_err(|e| e.to_string()))
-    {
-        return format!("cannot write the state: {e}");
+    if let Err(e) = to_json(state).and_then(|json| {
+        file.write_all(&json)
+            .and_then(|()| file.flush())
+            .map_err(|e| format!("cannot write the state: {e}"))
+    }) {
+        return e;
     }
     let memfd = file.as_raw_fd();
     fds.push(memfd);
@@ -151,7 +220,19 @@ pub fn exec(binary: &Path, args: &[String], state: &Inherited) -> String {
             return format!("cannot hand fd {fd} over: {e}");
         }
     }
+    let mut extra = vec![(UPGRADE_FD_ENV, memfd.to_string())];
+    if let Some(previous) = previous {
+        extra.push((PREVIOUS_FD_ENV, previous.to_string()));
+    }
+    let error = execve(binary, args, &extra);
+    restore(&fds);
+    drop(file);
+    error
+}
 
+/// `execve` with this process's environment (without the upgrade's own variables) and `extra`.
+/// Returns only with the reason it failed.
+fn execve(binary: &Path, args: &[String], extra: &[(&str, String)]) -> String {
     let to_c = |s: &str| CString::new(s).map_err(|e| e.to_string());
     let built = (|| -> Result<(CString, Vec<CString>, Vec<CString>), String> {
         let path = to_c(&binary.to_string_lossy())?;
@@ -161,7 +242,10 @@ pub fn exec(binary: &Path, args: &[String], state: &Inherited) -> String {
             .collect::<Result<Vec<_>, _>>()?;
         let mut env = Vec::new();
         for (key, value) in std::env::vars_os() {
-            if key == UPGRADE_FD_ENV {
+            if [UPGRADE_FD_ENV, PREVIOUS_FD_ENV, FAILED_ENV, TRIAL_ENV]
+                .iter()
+                .any(|k| key == *k)
+            {
                 continue;
             }
             let mut pair = key.into_encoded_bytes();
@@ -169,43 +253,60 @@ pub fn exec(binary: &Path, args: &[String], state: &Inherited) -> String {
             pair.extend(value.into_encoded_bytes());
             env.push(CString::new(pair).map_err(|e| e.to_string())?);
         }
-        env.push(to_c(&format!("{UPGRADE_FD_ENV}={memfd}"))?);
+        for (key, value) in extra {
+            env.push(to_c(&format!("{key}={value}"))?);
+        }
         Ok((path, argv, env))
     })();
-    let error = match built {
+    match built {
         Ok((path, argv, env)) => match nix::unistd::execve(&path, &argv, &env) {
             Ok(never) => match never {},
             Err(e) => format!("cannot execute {}: {e}", binary.display()),
         },
         Err(e) => e,
-    };
-    restore(&fds);
-    drop(file);
-    error
+    }
+}
+
+/// What the supervisor this process replaced handed over: the state, and the descriptor numbers
+/// it came with, which stay open (and inheritable) until [`Handover::release`], so that a
+/// fallback to the previous program hands them on untouched.
+pub struct Handover {
+    pub state: Inherited,
+    memfd: RawFd,
+}
+
+/// The fd number named by the variable `name`, if it is set and open.
+fn fd_from_env(name: &str) -> Option<Result<RawFd, String>> {
+    let value = std::env::var(name).ok()?;
+    Some((|| {
+        let fd: RawFd = value
+            .parse()
+            .map_err(|_| format!("{name}={value} is not a descriptor number"))?;
+        if fd < 3 {
+            return Err(format!("{name}={value} is not a descriptor number"));
+        }
+        fcntl(unsafe_borrow(fd), FcntlArg::F_GETFD)
+            .map_err(|e| format!("{name}={fd} is not open: {e}"))?;
+        Ok(fd)
+    })())
+}
+
+#[allow(unsafe_code)] // Borrowing a descriptor number handed over by the previous program.
+fn unsafe_borrow(fd: RawFd) -> BorrowedFd<'static> {
+    // SAFETY: only for descriptors the previous program handed over and that stay open until
+    // `Handover::release` (or the exec of a fallback), past every use of the borrow.
+    unsafe { BorrowedFd::borrow_raw(fd) }
 }
 
 /// The state handed over by the supervisor this process replaced, if any.
-#[allow(unsafe_code)] // Taking ownership of the inherited memfd.
-pub fn inherited() -> Option<Result<Inherited, String>> {
-    let fd: RawFd = std::env::var(UPGRADE_FD_ENV).ok()?.parse().ok()?;
+pub fn inherited() -> Option<Result<Handover, String>> {
+    let fd = match fd_from_env(UPGRADE_FD_ENV)? {
+        Ok(fd) => fd,
+        Err(e) => return Some(Err(e)),
+    };
     Some((|| {
-        if fcntl(
-            // SAFETY: a borrowed fd for one fcntl call, to check that it is open.
-            unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
-            FcntlArg::F_GETFD,
-        )
-        .is_err()
-        {
-            return Err(format!("{UPGRADE_FD_ENV}={fd} is not open"));
-        }
-        // SAFETY: the supervisor we replace opened this memfd for us and named it in the
-        // variable; nothing else here has taken it.
-        let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        let mut text = String::new();
-        file.rewind()
-            .and_then(|()| file.read_to_string(&mut text))
-            .map_err(|e| format!("cannot read the handed-over state: {e}"))?;
-        let state: Inherited = serde_json::from_str(&text)
+        let text = read_fd(fd).map_err(|e| format!("cannot read the handed-over state: {e}"))?;
+        let state: Inherited = serde_json::from_slice(&text)
             .map_err(|e| format!("cannot understand the handed-over state: {e}"))?;
         if state.version != STATE_VERSION {
             return Err(format!(
@@ -213,20 +314,120 @@ pub fn inherited() -> Option<Result<Inherited, String>> {
                 state.version
             ));
         }
-        Ok(state)
+        Ok(Handover { state, memfd: fd })
     })())
 }
 
-/// Takes ownership of an inherited fd, making it close-on-exec again; `None` if it is not open.
-#[allow(unsafe_code)] // Taking ownership of fds the replaced supervisor handed over.
+/// Reads a whole file from offset 0 without moving its offset.
+fn read_fd(fd: RawFd) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let copy = unsafe_borrow(fd).try_clone_to_owned()?;
+    let file = std::fs::File::from(copy);
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = file.read_at(&mut buf, bytes.len() as u64)?;
+        if n == 0 {
+            return Ok(bytes);
+        }
+        bytes.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A copy (close-on-exec) of a handed-over descriptor; `None` if it is not open. The original
+/// stays as it is until [`Handover::release`].
 pub fn adopt(fd: RawFd) -> Option<OwnedFd> {
-    set_inheritable(fd, false).ok()?;
-    // SAFETY: the replaced supervisor handed this fd over (it is named in the state), it is
-    // open (fcntl above succeeded), and it is taken once.
-    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+    fcntl(unsafe_borrow(fd), FcntlArg::F_GETFD).ok()?;
+    unsafe_borrow(fd).try_clone_to_owned().ok()
+}
+
+impl Handover {
+    /// Taken over: the originals of the handed-over descriptors (this process holds copies of
+    /// what it uses) and the state's memfd are closed.
+    #[allow(unsafe_code)] // Closing descriptor numbers the previous program handed over.
+    pub fn release(self) {
+        let mut fds = self.state.fds();
+        fds.push(self.memfd);
+        if let Some(Ok(previous)) = fd_from_env(PREVIOUS_FD_ENV) {
+            fds.push(previous);
+        }
+        fds.sort_unstable();
+        fds.dedup();
+        for fd in fds {
+            if fcntl(unsafe_borrow(fd), FcntlArg::F_GETFD).is_ok() {
+                // SAFETY: handed over to this process, used by nothing here (it holds its own
+                // copies), and closed once (deduplicated above).
+                drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+}
+
+/// This program could not take over: execute the previous one again, with the same state and
+/// descriptors, telling it why. Returns only if that could not be done.
+pub fn fall_back(reason: &str) -> String {
+    let previous = match fd_from_env(PREVIOUS_FD_ENV) {
+        Some(Ok(fd)) => fd,
+        Some(Err(e)) => return e,
+        None => return "the previous supervisor left no binary to go back to".into(),
+    };
+    let memfd = match fd_from_env(UPGRADE_FD_ENV) {
+        Some(Ok(fd)) => fd,
+        Some(Err(e)) => return e,
+        None => return format!("{UPGRADE_FD_ENV} is not set"),
+    };
+    let args: Vec<String> = std::env::args().collect();
+    let binary = PathBuf::from(format!("/proc/self/fd/{previous}"));
+    let one_line = reason.replace(['\n', '\r'], " ");
+    execve(
+        &binary,
+        &args,
+        &[
+            (UPGRADE_FD_ENV, memfd.to_string()),
+            (PREVIOUS_FD_ENV, previous.to_string()),
+            (FAILED_ENV, one_line),
+        ],
+    )
+}
+
+/// Why the upgrade that executed this program failed, if this program is the previous one
+/// executed again by a new one that could not take over.
+pub fn failed_upgrade() -> Option<String> {
+    std::env::var(FAILED_ENV).ok()
+}
+
+/// Whether `baton run` is asked for a trial take-over.
+pub fn trial_requested() -> bool {
+    std::env::var_os(TRIAL_ENV).is_some()
+}
+
+/// A trial take-over: reads the state from standard input, checks that this program reads its
+/// version and its config, and answers `ok <nonce>`. Touches nothing else.
+pub fn trial(config_path: &Path) -> Result<String, String> {
+    let mut text = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut text)
+        .map_err(|e| format!("cannot read the state: {e}"))?;
+    let state: Inherited = serde_json::from_slice(&text)
+        .map_err(|e| format!("cannot understand the handed-over state: {e}"))?;
+    if state.version != STATE_VERSION {
+        return Err(format!(
+            "the handed-over state is version {}, this supervisor reads {STATE_VERSION}",
+            state.version
+        ));
+    }
+    if let Some(launch) = &state.last_good {
+        crate::config::parse(config_path, &launch.config_source)?;
+    }
+    Ok(format!("ok {}", state.nonce))
 }
 
 /// Where the running binary was started from (for `execve` after it was replaced on disk).
 pub fn binary_path() -> PathBuf {
     std::env::current_exe().unwrap_or_else(|_| PathBuf::from("baton"))
+}
+
+/// A handle's raw number, for the state.
+pub fn raw(fd: &impl AsFd) -> RawFd {
+    fd.as_fd().as_raw_fd()
 }

@@ -372,3 +372,193 @@ fn a_zero_drain_timeout_and_port_zero_are_refused() {
         assert!(stderr.contains("baton.toml:"), "{text}: {stderr}");
     }
 }
+
+/// A copy of `binary` whose build id reads differently: a new build, as far as anyone can tell.
+fn rebuilt(binary: &[u8], build_id: &str) -> Vec<u8> {
+    let mut other = build_id.to_owned();
+    let last = other.pop().unwrap();
+    other.push(if last == '0' { '1' } else { '0' });
+    let (from, to) = (build_id.as_bytes(), other.as_bytes());
+    let mut out = binary.to_vec();
+    let mut i = 0;
+    while let Some(at) = out[i..].windows(from.len()).position(|w| w == from) {
+        out[i + at..i + at + to.len()].copy_from_slice(to);
+        i += at + to.len();
+    }
+    assert!(i > 0, "the build id is in the binary");
+    out
+}
+
+/// The `[supervisor]` line naming the built proxy (a supervisor run from a copy of `baton`
+/// does not find it beside itself).
+fn built_proxy() -> String {
+    format!(
+        "proxy_binary = \"{}\"",
+        baton_tests::binaries::proxy().display()
+    )
+}
+
+/// A supervisor run from a copy of `baton` beside its config, which tests replace.
+fn upgradable(config: &str, env: Vec<(String, String)>) -> (Supervisor, Vec<u8>) {
+    let baton = std::fs::read(baton_tests::binaries::supervisor()).unwrap();
+    let supervisor = Supervisor::start_with(
+        config,
+        &[("baton", &baton)],
+        &baton_tests::supervisor::Options {
+            binary: Some("baton".into()),
+            env,
+            ..Default::default()
+        },
+    );
+    (supervisor, baton)
+}
+
+/// Installs `content` as the supervisor's binary the way a package manager does.
+fn install(supervisor: &Supervisor, content: &[u8]) {
+    let staged = supervisor.dir().join(".baton.new");
+    baton_tests::write_executable(&staged, content);
+    std::fs::rename(&staged, supervisor.dir().join("baton")).unwrap();
+}
+
+/// Item 3: the upgraded supervisor takes over from the state it is handed, not from the config
+/// file, which may be broken by then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_takes_over_from_the_running_state_even_with_a_broken_config_on_disk() {
+    let origin = Origin::start("origin").await;
+    let listen = free_addr();
+    let good = config(listen, origin.addr, &built_proxy());
+    let (supervisor, baton) = upgradable(&good, Vec::new());
+    let before = supervisor.status();
+    let build = before["supervisor_build"].as_str().unwrap().to_owned();
+    std::fs::write(
+        &supervisor.config_path,
+        "instance = \"recovery\"\n[[listener]\n",
+    )
+    .unwrap();
+    install(&supervisor, &rebuilt(&baton, &build));
+    let out = supervisor.command("upgrade-supervisor", &[]);
+    assert_eq!(out.code, Some(0), "{out:?}\n{}", supervisor.log());
+    assert!(out.stdout.contains("now runs build"), "{}", out.stdout);
+    let after = supervisor.status();
+    assert_eq!(after["supervisor_pid"], supervisor.pid());
+    assert_ne!(after["supervisor_build"], build);
+    assert_eq!(after["supervisor_upgrades"], 1);
+    assert_eq!(after["active_epoch"], before["active_epoch"]);
+    assert_eq!(client::get(listen, "/after").await.status, 200);
+    // The running config is still the one reloads compare with, and a crash is still replaced
+    // from it.
+    let victim = kill_active(&supervisor);
+    assert!(wait_until(WAIT, || supervisor
+        .active_pid()
+        .is_some_and(|pid| pid != victim)));
+    until_served(listen).await;
+}
+
+/// Item 3: a binary that answers the self-check but cannot run, a missing binary, garbage, or
+/// a binary that hangs: not executed; `baton upgrade-supervisor` says so and exits 1; the
+/// supervisor runs on as it was, and answers all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_that_cannot_take_over_is_never_executed() {
+    let origin = Origin::start("origin").await;
+    let listen = free_addr();
+    let (supervisor, _) = upgradable(&config(listen, origin.addr, &built_proxy()), Vec::new());
+    let build = supervisor.status()["supervisor_build"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let pretender: &[u8] = b"#!/bin/sh\nif [ \"$1\" = internal ]; then echo 1 trial; exit 0; fi\necho cannot run >&2\nexit 1\n";
+    let cases: &[(&str, Option<&[u8]>, &str)] = &[
+        (
+            "passes the self-check, cannot run",
+            Some(pretender),
+            "cannot take over this supervisor",
+        ),
+        (
+            "an old self-check",
+            Some(b"#!/bin/sh\necho 1\n"),
+            "does no trial take-over",
+        ),
+        (
+            "garbage",
+            Some(b"\x7fELF garbage garbage garbage"),
+            "cannot run",
+        ),
+        ("missing", None, "cannot run"),
+    ];
+    for (what, content, message) in cases {
+        match content {
+            Some(content) => install(&supervisor, content),
+            None => std::fs::remove_file(supervisor.dir().join("baton")).unwrap(),
+        }
+        let out = supervisor.command("upgrade-supervisor", &[]);
+        assert_eq!(out.code, Some(1), "{what}: {out:?}");
+        assert!(out.stderr.contains(message), "{what}: {}", out.stderr);
+        assert!(out.stderr.contains("as before"), "{what}: {}", out.stderr);
+        let status = supervisor.status();
+        assert_eq!(status["supervisor_build"], build.as_str(), "{what}");
+        assert_eq!(status["supervisor_pid"], supervisor.pid(), "{what}");
+        assert_eq!(client::get(listen, "/x").await.status, 200, "{what}");
+    }
+    // One that hangs in its self-check is given up after a while; the supervisor answers
+    // meanwhile.
+    install(&supervisor, b"#!/bin/sh\nexec sleep 60\n");
+    let socket = supervisor.socket.clone();
+    let upgrade = std::thread::spawn(move || {
+        std::process::Command::new(baton_tests::binaries::supervisor())
+            .args(["upgrade-supervisor", "--socket"])
+            .arg(socket)
+            .output()
+            .unwrap()
+    });
+    assert!(
+        supervisor.wait_for_log("checking the binary on disk", WAIT),
+        "{}",
+        supervisor.log()
+    );
+    let asked = Instant::now();
+    assert_eq!(supervisor.status()["supervisor_build"], build.as_str());
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "status answered while the check hangs"
+    );
+    let out = baton_tests::blocking(|| upgrade.join().unwrap());
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("did not answer its self-check"), "{stderr}");
+}
+
+/// Item 3: an upgraded program that fails to take over executes the previous one again, which
+/// takes over with everything as it was; the command says it failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_supervisor_that_fails_to_take_over_gives_the_old_one_back() {
+    let origin = Origin::start("origin").await;
+    let listen = free_addr();
+    let (supervisor, baton) = upgradable(
+        &config(listen, origin.addr, &built_proxy()),
+        vec![("BATON_TEST_TAKEOVER_FAILS".into(), "1".into())],
+    );
+    let before = supervisor.status();
+    let generations = supervisor.generations();
+    let build = before["supervisor_build"].as_str().unwrap().to_owned();
+    install(&supervisor, &rebuilt(&baton, &build));
+    let out = supervisor.command("upgrade-supervisor", &[]);
+    assert_eq!(out.code, Some(1), "{out:?}\n{}", supervisor.log());
+    assert!(
+        out.stderr.contains("BATON_TEST_TAKEOVER_FAILS"),
+        "{}",
+        out.stderr
+    );
+    let after = supervisor.status();
+    assert_eq!(
+        after["supervisor_build"],
+        build.as_str(),
+        "the old build again"
+    );
+    assert_eq!(after["supervisor_pid"], supervisor.pid());
+    assert_eq!(supervisor.generations(), generations);
+    assert_eq!(client::get(listen, "/x").await.status, 200);
+    assert!(supervisor.log().contains("this binary took over again"));
+    // And it still reloads.
+    assert_eq!(supervisor.reload().code, Some(0));
+    assert_eq!(client::get(listen, "/y").await.status, 200);
+}
