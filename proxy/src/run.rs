@@ -8,10 +8,14 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::os::fd::OwnedFd;
+
 use restart_protocol::{
-    Channel, ChannelError, DrainStrategy, FEATURE_DRAIN_REQUEST, ToGeneration, ToSupervisor,
+    Channel, ChannelError, DrainStrategy, FEATURE_ADOPT, FEATURE_DRAIN_REQUEST, SocketKey,
+    ToGeneration, ToSupervisor,
 };
 use shm_stats::Region;
+use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
@@ -100,6 +104,33 @@ pub async fn run(
         if !supervised && let Err(e) = region.retire_pid(std::process::id()) {
             warn!("cannot retire this process's stats: {e}");
         }
+    };
+    // Copies of the listen sockets, to hand to a new supervisor that adopts this generation
+    // should its own die (see `restart_protocol::rendezvous`).
+    let adoptable = link
+        .as_ref()
+        .is_some_and(|l| l.features & FEATURE_ADOPT != 0);
+    let held: Vec<(SocketKey, OwnedFd)> = if adoptable {
+        let copies = sockets
+            .iter()
+            .map(|s| s.try_clone().map(OwnedFd::from))
+            .chain(
+                admin_socket
+                    .iter()
+                    .map(|s| s.try_clone().map(OwnedFd::from)),
+            )
+            .collect::<Result<Vec<_>, _>>();
+        match copies {
+            Ok(copies) => keys.iter().copied().zip(copies).collect(),
+            Err(e) => {
+                warn!(
+                    "cannot keep copies of the listen sockets: {e}; this generation cannot be adopted if the supervisor dies"
+                );
+                Vec::new()
+            }
+        }
+    } else {
+        Vec::new()
     };
 
     // The clusters first: their first health checks and DNS answers come in before the workers
@@ -196,9 +227,28 @@ pub async fn run(
     let mut report = tokio::time::interval(LOAD_INTERVAL);
     let mut drain: Option<Pin<Box<dyn Future<Output = DrainOutcome> + '_>>> = None;
     let mut supervisor_gone = !supervised;
+    // The drain's accept loops have ended: told to the supervisor from the loop (the drain
+    // future does not hold the link, which an adoption replaces).
+    let stopped = Rc::new(tokio::sync::Notify::new());
+    let mut stop_reported = false;
+    let stop_signal = || {
+        let stopped = stopped.clone();
+        move || stopped.notify_one()
+    };
+    // Where a new supervisor adopts this generation if its own dies (the active generation
+    // only), and whether it is waiting for one.
+    let mut rendezvous: Option<AsyncFd<OwnedFd>> = None;
+    let mut orphaned = false;
+    let mut region_lost = false;
     let End::Done = loop {
         tokio::select! {
-            _ = tick.tick() => generation.tick(),
+            _ = tick.tick() => {
+                generation.tick();
+                if !region_lost && region.lost() {
+                    region_lost = true;
+                    error!(epoch, path = %region.path().display(), "the stats region was cut short by another process: this generation serves on, but its stats are no longer recorded there");
+                }
+            }
             _ = guard_dog.tick() => generation.guard_dog(),
             _ = async { drain_request.as_ref().expect("guarded by is_some").notified().await },
                 if drain_request.is_some() && drain.is_none() && !supervisor_gone => {
@@ -213,7 +263,14 @@ pub async fn run(
                     let _ = link.send(&ToSupervisor::Load(generation.load()));
                 }
             }
+            _ = stopped.notified(), if !stop_reported => {
+                stop_reported = true;
+                stopped_accepting(&link, &admin_task);
+            }
             outcome = async { drain.as_mut().expect("guarded by is_some").await }, if drain.is_some() => {
+                if !stop_reported {
+                    stopped_accepting(&link, &admin_task);
+                }
                 if outcome.connections_left > 0 {
                     warn!(connections = outcome.connections_left, took = ?outcome.took, "drain timeout reached; closing the connections left");
                 } else {
@@ -225,38 +282,81 @@ pub async fn run(
                 break End::Done;
             }
             message = recv(&link), if !supervisor_gone => match message {
-                Ok(ToGeneration::Drain { timeout_ms, strategy }) => {
+                Ok((ToGeneration::Drain { timeout_ms, strategy }, _)) => {
+                    // A draining generation is never adopted.
+                    rendezvous = None;
                     let timeout = Duration::from_millis(timeout_ms);
                     if drain.is_some() {
                         info!(epoch, timeout = ?timeout, "asked to hurry the drain");
                         generation.hurry(timeout);
                     } else {
-                        drain = Some(Box::pin(generation.drain(timeout, strategy, || stopped_accepting(&link, &admin_task))));
+                        drain = Some(Box::pin(generation.drain(timeout, strategy, stop_signal())));
                     }
                 }
-                Ok(ToGeneration::Stop) => {
+                Ok((ToGeneration::Rendezvous, mut fds)) => {
+                    if drain.is_none() && let Some(fd) = fds.pop() {
+                        match watch(fd) {
+                            Ok(fd) => rendezvous = Some(fd),
+                            Err(e) => warn!(epoch, "cannot watch the rendezvous: {e}"),
+                        }
+                    }
+                }
+                Ok((ToGeneration::Stop, _)) => {
                     info!(epoch, connections = generation.open_connections(), "stopped by the supervisor");
                     break End::Done;
                 }
-                Ok(ToGeneration::ReopenLogs) => generation.reopen_logs(),
-                Ok(other) => warn!(epoch, "unexpected message from the supervisor: {other:?}"),
+                Ok((ToGeneration::ReopenLogs, _)) => generation.reopen_logs(),
+                Ok((other, _)) => warn!(epoch, "unexpected message from the supervisor: {other:?}"),
+                Err(ChannelError::Closed) if drain.is_none() && rendezvous.is_some() && !held.is_empty() => {
+                    // The supervisor is gone (it crashed or was killed). The active generation
+                    // serves on with its sockets, as nginx's workers do without their master,
+                    // until the next `baton run` adopts it at the rendezvous.
+                    error!(epoch, "the supervisor is gone; serving on, and waiting for the next `baton run` to adopt this generation");
+                    supervisor_gone = true;
+                    orphaned = true;
+                }
                 Err(ChannelError::Closed) => {
-                    // The supervisor is gone (it crashed or was killed): nobody will tell this
-                    // generation when to stop, so it drains and leaves nothing behind.
+                    // The supervisor is gone and this generation is not the active one (or
+                    // cannot be adopted): nobody will tell it when to stop, so it drains and
+                    // leaves nothing behind.
                     error!(epoch, "the supervisor is gone; draining and exiting");
                     supervisor_gone = true;
+                    rendezvous = None;
                     if drain.is_none() {
-                        drain = Some(Box::pin(generation.drain(config.drain.timeout, DrainStrategy::Immediate, || stopped_accepting(&link, &admin_task))));
+                        drain = Some(Box::pin(generation.drain(config.drain.timeout, DrainStrategy::Immediate, stop_signal())));
                     }
                 }
                 Err(e) => warn!(epoch, "bad message from the supervisor: {e}"),
+            },
+            accepted = accept(&rendezvous), if orphaned => match accepted {
+                Ok(channel) => {
+                    match tokio::time::timeout(ADOPTION_TIMEOUT, Link::adopted(channel, epoch, &held)).await {
+                        Ok(Ok(adopted)) => {
+                            info!(epoch, "adopted by a new supervisor: it manages this generation from now on");
+                            link = Some(adopted);
+                            supervisor_gone = false;
+                            orphaned = false;
+                            // The new supervisor sends a rendezvous of its own.
+                            rendezvous = None;
+                        }
+                        Ok(Err(e)) => warn!(epoch, "a supervisor could not adopt this generation: {e}"),
+                        Err(_) => warn!(epoch, "a supervisor did not finish adopting this generation within {ADOPTION_TIMEOUT:?}"),
+                    }
+                }
+                Err(e) => {
+                    warn!(epoch, "the rendezvous failed: {e}; this generation serves on but cannot be adopted");
+                    rendezvous = None;
+                    orphaned = false;
+                }
             },
             _ = term.recv() => {
                 if drain.is_some() {
                     info!(connections = generation.open_connections(), "SIGTERM: already draining (SIGINT stops now)");
                 } else {
                     info!("SIGTERM: stop accepting and drain");
-                    drain = Some(Box::pin(generation.drain(config.drain.timeout, DrainStrategy::Immediate, || stopped_accepting(&link, &admin_task))));
+                    rendezvous = None;
+                    orphaned = false;
+                    drain = Some(Box::pin(generation.drain(config.drain.timeout, DrainStrategy::Immediate, stop_signal())));
                 }
             }
             _ = int.recv() => {
@@ -283,6 +383,12 @@ pub async fn run(
     generation.stop();
     clusters.stop();
     retire_own(&region);
+    if supervised && supervisor_gone {
+        // No supervisor retires these stats: fold them in now, so that no count is lost.
+        if let Err(e) = region.retire_pid(std::process::id()) {
+            warn!("cannot retire this process's stats: {e}");
+        }
+    }
     info!(epoch, "exited");
     ExitCode::SUCCESS
 }
@@ -299,11 +405,42 @@ fn stopped_accepting(link: &Option<Link>, admin: &Option<tokio::task::JoinHandle
     }
 }
 
-/// The next message from the supervisor; never resolves without one.
-async fn recv(link: &Option<Link>) -> Result<ToGeneration, ChannelError> {
+/// The next message from the supervisor, and the fds beside it; never resolves without one.
+async fn recv(link: &Option<Link>) -> Result<(ToGeneration, Vec<OwnedFd>), ChannelError> {
     match link {
-        Some(link) => link.recv().await.map(|r| r.msg),
+        Some(link) => link.recv().await.map(|r| (r.msg, r.fds)),
         None => std::future::pending().await,
+    }
+}
+
+/// The rendezvous, registered with the event loop.
+#[allow(unsafe_code)] // Registering an fd with the reactor is unsafe in tokio's API.
+fn watch(fd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd keeps its descriptor open for its whole life and always returns the
+    // same number; the AsyncFd owns it, so it is deregistered before it closes.
+    unsafe { AsyncFd::register(fd) }.map_err(std::io::Error::from)
+}
+
+/// How long a supervisor may take to adopt this generation once it connected.
+const ADOPTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The next supervisor to connect at the rendezvous; never resolves without one.
+async fn accept(rendezvous: &Option<AsyncFd<OwnedFd>>) -> std::io::Result<Channel> {
+    let Some(rendezvous) = rendezvous else {
+        return std::future::pending().await;
+    };
+    loop {
+        let mut guard = rendezvous.readable().await?;
+        match guard.try_io(
+            |fd| match restart_protocol::rendezvous::accept(fd.get_ref()) {
+                Ok(Some(channel)) => Ok(channel),
+                Ok(None) => Err(std::io::ErrorKind::WouldBlock.into()),
+                Err(e) => Err(e),
+            },
+        ) {
+            Ok(result) => return result,
+            Err(_would_block) => continue,
+        }
     }
 }
 

@@ -136,6 +136,30 @@ impl Link {
         }
     }
 
+    /// Lets a new supervisor, connected at the rendezvous, adopt this generation: the handshake
+    /// as at a spawn, then every listen socket it holds (`HeldSocket`), then `Ready` with their
+    /// keys, after which the supervisor takes it for its active generation.
+    pub async fn adopted(
+        channel: Channel,
+        epoch: u64,
+        held: &[(SocketKey, OwnedFd)],
+    ) -> Result<Link, String> {
+        let link = Link::handshake(channel, epoch).await?;
+        if link.features & restart_protocol::FEATURE_ADOPT == 0 {
+            return Err("the supervisor does not adopt generations".into());
+        }
+        for (key, fd) in held {
+            link.channel
+                .get_ref()
+                .send(&ToSupervisor::HeldSocket { key: *key }, &[fd.as_fd()])
+                .map_err(|e| format!("cannot hand socket {key} over: {e}"))?;
+        }
+        link.send(&ToSupervisor::Ready {
+            sockets: held.iter().map(|(key, _)| *key).collect(),
+        })?;
+        Ok(link)
+    }
+
     pub fn send(&self, msg: &ToSupervisor) -> Result<(), String> {
         self.channel
             .get_ref()

@@ -21,13 +21,14 @@
 mod channel;
 pub mod listen;
 mod messages;
+pub mod rendezvous;
 mod version;
 
 pub use channel::{Channel, ChannelError, MAX_FDS, MAX_MESSAGE, Received, decode};
 pub use messages::{DrainStrategy, Load, Protocol, SocketKey, ToGeneration, ToSupervisor};
 pub use version::{
-    FEATURE_BIND_SOCKET, FEATURE_DRAIN_REQUEST, FEATURES, NoCommonVersion, PROTOCOL_VERSIONS,
-    VersionRange, negotiate,
+    FEATURE_ADOPT, FEATURE_BIND_SOCKET, FEATURE_DRAIN_REQUEST, FEATURES, NoCommonVersion,
+    PROTOCOL_VERSIONS, VersionRange, negotiate,
 };
 
 /// The environment variable that tells a generation which fd is its end of the channel.

@@ -113,6 +113,11 @@ pub enum ToSupervisor {
         key: SocketKey,
         backlog: u32,
     },
+    /// A generation being adopted by a new supervisor (at the rendezvous, see
+    /// [`crate::rendezvous`]) hands over a listen socket it holds (the fd attached), after the
+    /// handshake and before its `Ready`, which lists every key. Sent only when both sides have
+    /// [`FEATURE_ADOPT`](crate::FEATURE_ADOPT).
+    HeldSocket { key: SocketKey },
 }
 
 /// From the supervisor to a generation.
@@ -145,6 +150,11 @@ pub enum ToGeneration {
     ReopenLogs,
     /// A request the supervisor could not serve, with the reason.
     Error { id: u32, message: String },
+    /// The rendezvous (the fd attached: a listening socket), sent to the generation that becomes
+    /// active: should the supervisor die, the generation serves on and lets the next one adopt
+    /// it there. A generation told to drain closes it. Sent only when both sides have
+    /// [`FEATURE_ADOPT`](crate::FEATURE_ADOPT).
+    Rendezvous,
 }
 
 #[cfg(test)]

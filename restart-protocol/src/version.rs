@@ -20,8 +20,13 @@ pub const FEATURE_DRAIN_REQUEST: u64 = 1 << 0;
 /// The supervisor binds sockets on request (`ToSupervisor::BindSocket`).
 pub const FEATURE_BIND_SOCKET: u64 = 1 << 1;
 
+/// Adoption: the supervisor hands the active generation the rendezvous
+/// (`ToGeneration::Rendezvous`), and a generation whose supervisor died serves on and lets the
+/// next supervisor adopt it there (`ToSupervisor::HeldSocket`).
+pub const FEATURE_ADOPT: u64 = 1 << 2;
+
 /// Feature flags this build offers; both sides use the intersection.
-pub const FEATURES: u64 = FEATURE_DRAIN_REQUEST | FEATURE_BIND_SOCKET;
+pub const FEATURES: u64 = FEATURE_DRAIN_REQUEST | FEATURE_BIND_SOCKET | FEATURE_ADOPT;
 
 /// The two ranges share no version: the peers come from releases too far apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

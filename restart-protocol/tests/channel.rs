@@ -51,6 +51,13 @@ fn all_to_supervisor() -> Vec<ToSupervisor> {
         ToSupervisor::Exiting {
             connections_left: 0,
         },
+        ToSupervisor::DrainRequested,
+        ToSupervisor::BindSocket {
+            id: 5,
+            key: key(),
+            backlog: 511,
+        },
+        ToSupervisor::HeldSocket { key: key() },
     ]
 }
 
@@ -81,6 +88,7 @@ fn all_to_generation() -> Vec<ToGeneration> {
             id: 9,
             message: "no".into(),
         },
+        ToGeneration::Rendezvous,
     ]
 }
 

@@ -21,6 +21,7 @@
 //! It does not know about processes beyond a pid in each row, nor about sockets or the proxy.
 
 pub mod format;
+mod guard;
 pub mod histogram;
 pub mod layout;
 mod lock;

@@ -13,6 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use memmap2::{MmapOptions, MmapRaw};
 
+use crate::guard::Guard;
 use crate::histogram::{self, BUCKETS};
 use crate::layout::{self, Capacities, Kind, Merge, SlotState, Unit, entry, header, locks, slot};
 use crate::lock::{Acquired, LockGuard, RawLock};
@@ -66,6 +67,8 @@ pub enum StatsError {
 pub struct Region {
     path: PathBuf,
     file: File,
+    /// Before `map`, so that it is unguarded before it is unmapped.
+    guard: Guard,
     map: MmapRaw,
     view: View,
     header: HeaderInfo,
@@ -284,6 +287,7 @@ impl Region {
         Ok(Arc::new(Region {
             path: path.to_owned(),
             file,
+            guard: Guard::new(map.as_ptr(), map.len()),
             map,
             view,
             header,
@@ -294,6 +298,13 @@ impl Region {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether another process cut the region's file short under this mapping. The process
+    /// lives on (see `guard.rs`), but its stats go nowhere anyone reads until it maps a region
+    /// again.
+    pub fn lost(&self) -> bool {
+        self.guard.lost()
     }
 
     /// The open file, to hand to another process.

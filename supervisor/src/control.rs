@@ -77,8 +77,28 @@ pub struct GenerationStatus {
     pub build: String,
 }
 
-/// Sends `request` to the supervisor listening at `socket` and waits for the answer.
+/// The supervisor closed the connection without answering.
+const NO_ANSWER: &str = "the supervisor closed the connection without an answer (did it stop?)";
+
+/// Sends `request` to the supervisor listening at `socket` and waits for the answer. A status
+/// request that meets a supervisor in the instant it executes its upgrade (which closes the
+/// connections it had not answered yet) is asked again.
 pub fn call(socket: &Path, request: Request) -> Result<Response, String> {
+    let mut tries = 0;
+    loop {
+        match call_once(socket, request) {
+            Err((true, _)) if request == Request::Status && tries < 10 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            result => return result.map_err(|(_, e)| e),
+        }
+    }
+}
+
+/// One request; an error says whether the supervisor went away without answering.
+fn call_once(socket: &Path, request: Request) -> Result<Response, (bool, String)> {
+    let fail = |e: String| (false, e);
     let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => format!(
             "no supervisor is listening on {} ({e}); is `baton run` running with this config? (or pass --socket PATH)",
@@ -89,20 +109,22 @@ pub fn call(socket: &Path, request: Request) -> Result<Response, String> {
             socket.display()
         ),
         _ => format!("cannot connect to {}: {e}", socket.display()),
-    })?;
-    let mut line = serde_json::to_string(&request).map_err(|e| e.to_string())?;
+    })
+    .map_err(fail)?;
+    let mut line = serde_json::to_string(&request).map_err(|e| fail(e.to_string()))?;
     line.push('\n');
     (&stream)
         .write_all(line.as_bytes())
-        .map_err(|e| format!("cannot send to the supervisor: {e}"))?;
+        .map_err(|e| fail(format!("cannot send to the supervisor: {e}")))?;
     let mut answer = String::new();
     BufReader::new(&stream)
         .read_line(&mut answer)
-        .map_err(|e| format!("no answer from the supervisor: {e}"))?;
+        .map_err(|e| (true, format!("no answer from the supervisor: {e}")))?;
     if answer.is_empty() {
-        return Err("the supervisor closed the connection without an answer (did it stop?)".into());
+        return Err((true, NO_ANSWER.into()));
     }
-    serde_json::from_str(&answer).map_err(|e| format!("unreadable answer from the supervisor: {e}"))
+    serde_json::from_str(&answer)
+        .map_err(|e| fail(format!("unreadable answer from the supervisor: {e}")))
 }
 
 #[cfg(test)]

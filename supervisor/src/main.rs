@@ -17,6 +17,7 @@
 #![deny(unsafe_code)]
 
 mod activation;
+mod adopt;
 mod config;
 mod control;
 mod launch;

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -17,8 +17,8 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use restart_protocol::{
-    Channel, ChannelError, FEATURE_BIND_SOCKET, FEATURES, Load, PROTOCOL_VERSIONS, Received,
-    SocketKey, ToGeneration, ToSupervisor, negotiate,
+    Channel, ChannelError, FEATURE_ADOPT, FEATURE_BIND_SOCKET, FEATURES, Load, PROTOCOL_VERSIONS,
+    Received, SocketKey, ToGeneration, ToSupervisor, negotiate,
 };
 use shm_stats::{Counter, Gauge, Region, Shard, Spec};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH};
@@ -26,6 +26,7 @@ use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, error, info, warn};
 
 use crate::activation;
+use crate::adopt;
 use crate::config::{self, SupervisorConfig};
 use crate::control::{GenerationStatus, Request, Response, Status};
 use crate::launch::Launch;
@@ -59,8 +60,13 @@ struct GenIo {
     /// When its last load report came: its sign of life for the watchdog.
     heard: Instant,
     /// The binary and config it was started from (`None` for one taken over from a
-    /// supervisor that did not hand launches over).
+    /// supervisor that did not hand launches over, or adopted).
     launch: Option<Rc<Launch>>,
+    /// The protocol features both sides have.
+    features: u64,
+    /// Adopted from a supervisor that died: not this process's child, so its exit is known by
+    /// its channel closing, not by `waitpid`.
+    adopted: bool,
 }
 
 /// A control connection.
@@ -116,6 +122,10 @@ pub struct Supervisor {
     last_upgrade: Option<String>,
     /// The upgrade being checked, if one is.
     upgrading: Option<Upgrading>,
+    /// The rendezvous's listening socket, handed to the active generation (see `adopt.rs`).
+    rendezvous: Option<OwnedFd>,
+    /// Said once: the stats region was cut short under us.
+    region_lost: bool,
 }
 
 /// How long the new binary has for each of its checks before an upgrade.
@@ -298,6 +308,10 @@ pub fn main(path: &Path) -> u8 {
         stats = %supervisor.region.path().display(),
         "supervisor started"
     );
+    if let Some(active) = supervisor.lifecycle.active() {
+        // Adopted, or taken over: the (new) rendezvous goes to the active generation.
+        supervisor.hand_rendezvous(active);
+    }
     if took_over {
         // Children that exited while the binary was being replaced are reaped now.
         supervisor.reap();
@@ -329,6 +343,7 @@ pub fn main(path: &Path) -> u8 {
         supervisor.apply(Event::Tick);
         supervisor.upgrade_progress();
         supervisor.watchdog();
+        supervisor.check_region();
     }
     supervisor.finish()
 }
@@ -450,6 +465,7 @@ struct Parts {
     last_good: Option<Rc<Launch>>,
     upgrades: u64,
     last_upgrade: Option<String>,
+    rendezvous: Option<OwnedFd>,
 }
 
 impl Supervisor {
@@ -466,6 +482,7 @@ impl Supervisor {
             last_good,
             upgrades,
             last_upgrade,
+            rendezvous,
         } = parts;
         region.set_supervisor_pid(std::process::id());
         if let Some(mismatch) = region.capacity_mismatch(config.capacities) {
@@ -523,6 +540,8 @@ impl Supervisor {
             upgrades,
             last_upgrade,
             upgrading: None,
+            rendezvous,
+            region_lost: false,
         })
     }
 
@@ -558,8 +577,98 @@ impl Supervisor {
             Err(e) => warn!("{e}"),
         }
         let control = bind_control(&config.control_socket)?;
-        // Sockets systemd passed (socket activation, or our own fd store) seed the store.
+        // Generations a supervisor of this instance left serving when it died are adopted,
+        // not replaced: no connection is refused, none is cut.
+        let at = restart_protocol::rendezvous::path_for(&config.control_socket);
+        let mut uids = vec![nix::unistd::geteuid().as_raw()];
+        uids.extend(config.run_as.as_ref().map(|r| r.uid));
+        let mut orphans = adopt::find(&at, &uids, config.run_as.is_some());
+        let rendezvous = match restart_protocol::rendezvous::listen_at(&at) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                warn!(
+                    "cannot make the rendezvous {}: {e}; should this supervisor die, its generations drain instead of waiting to be adopted",
+                    at.display()
+                );
+                None
+            }
+        };
         let mut store = SocketStore::default();
+        let mut generations = BTreeMap::new();
+        let mut states = Vec::new();
+        let mut last_reload = None;
+        // The newest is the active one (there is one, unless a supervisor died in the middle
+        // of a handover); any other drains.
+        orphans.sort_by_key(|o| std::cmp::Reverse(o.epoch));
+        let now = Instant::now();
+        for (i, orphan) in orphans.into_iter().enumerate() {
+            let state = if i == 0 {
+                info!(
+                    epoch = orphan.epoch,
+                    pid = orphan.pid,
+                    sockets = orphan.sockets.len(),
+                    "adopted the active generation a supervisor that is gone left serving"
+                );
+                last_reload = Some(format!(
+                    "adopted generation {} (pid {}), left serving by a supervisor that is gone",
+                    orphan.epoch, orphan.pid
+                ));
+                for (key, fd) in orphan.sockets {
+                    store.insert(key, fd);
+                }
+                State::Active
+            } else {
+                warn!(
+                    epoch = orphan.epoch,
+                    pid = orphan.pid,
+                    "adopted another generation that thought it was active; draining it"
+                );
+                let _ = orphan.channel.send(
+                    &ToGeneration::Drain {
+                        timeout_ms: u64::try_from(config.drain_timeout.as_millis())
+                            .unwrap_or(u64::MAX),
+                        strategy: config.drain_strategy,
+                    },
+                    &[],
+                );
+                State::Draining
+            };
+            states.push((orphan.epoch, state));
+            generations.insert(
+                orphan.epoch,
+                GenIo {
+                    pid: orphan.pid,
+                    channel: Some(orphan.channel),
+                    started: SystemTime::now(),
+                    build: orphan.build,
+                    load: Load::default(),
+                    sockets: Vec::new(),
+                    heard: now,
+                    launch: None,
+                    features: orphan.features,
+                    adopted: true,
+                },
+            );
+        }
+        for (epoch, state) in &states {
+            if *state == State::Active
+                && let Some(g) = generations.get_mut(epoch)
+            {
+                g.sockets = store.keys();
+            }
+        }
+        let lifecycle = match states.iter().map(|(e, _)| *e).max() {
+            Some(newest) => Lifecycle::restore(
+                settings(config),
+                newest + 1,
+                states,
+                lifecycle::Counts::default(),
+                false,
+                now,
+            ),
+            None => Lifecycle::new(settings(config), 0),
+        };
+        // Sockets systemd passed (socket activation, or our own fd store) seed the store.
         let mut names = HashMap::new();
         let mut activated = std::collections::HashSet::new();
         for passed in activation::passed() {
@@ -576,12 +685,13 @@ impl Supervisor {
             store,
             names,
             activated,
-            lifecycle: Lifecycle::new(settings(config), 0),
-            generations: BTreeMap::new(),
-            last_reload: None,
+            lifecycle,
+            generations,
+            last_reload,
             last_good: None,
             upgrades: 0,
             last_upgrade: None,
+            rendezvous,
         })
     }
 
@@ -669,6 +779,8 @@ impl Supervisor {
                     sockets: g.sockets.clone(),
                     heard: now,
                     launch: None,
+                    features: g.features,
+                    adopted: g.adopted,
                 },
             );
         }
@@ -685,6 +797,14 @@ impl Supervisor {
             state.drained,
             now,
         );
+        // The rendezvous: handed over, or made now (a supervisor that had none).
+        let rendezvous = state.rendezvous_fd.and_then(upgrade::adopt).or_else(|| {
+            restart_protocol::rendezvous::listen_at(&restart_protocol::rendezvous::path_for(
+                &config.control_socket,
+            ))
+            .map_err(|e| warn!("cannot make the rendezvous: {e}"))
+            .ok()
+        });
         // The active generation runs the handed-over launch.
         if let Some(active) = lifecycle.active()
             && let Some(g) = generations.get_mut(&active)
@@ -705,6 +825,7 @@ impl Supervisor {
                 last_good,
                 upgrades: state.upgrades,
                 last_upgrade: state.last_upgrade.clone(),
+                rendezvous,
             },
         ))
     }
@@ -884,6 +1005,8 @@ impl Supervisor {
                         build: io.build.clone(),
                         sockets: io.sockets.clone(),
                         load: (io.load.connections, io.load.requests),
+                        features: io.features,
+                        adopted: io.adopted,
                     })
                 })
                 .collect(),
@@ -903,6 +1026,7 @@ impl Supervisor {
             upgrades: self.upgrades,
             last_upgrade: self.last_upgrade.clone(),
             nonce,
+            rendezvous_fd: self.rendezvous.as_ref().map(upgrade::raw),
         }
     }
 
@@ -1100,6 +1224,7 @@ impl Supervisor {
                 info!(epoch, pid, replaced = ?replaced, "active");
                 // Its config is the running one now: its settings apply, and a crash is
                 // replaced from its launch.
+                self.hand_rendezvous(epoch);
                 if let Some(launch) = self.generations.get(&epoch).and_then(|g| g.launch.clone()) {
                     self.config = launch.config.clone();
                     self.lifecycle.set_settings(settings(&self.config));
@@ -1219,6 +1344,8 @@ impl Supervisor {
                         sockets: Vec::new(),
                         heard: Instant::now(),
                         launch: Some(launch),
+                        features: 0,
+                        adopted: false,
                     },
                 );
             }
@@ -1227,6 +1354,62 @@ impl Supervisor {
                 self.apply(Event::SpawnFailed { epoch, error });
             }
         }
+    }
+
+    /// Another process cut the stats region short (the supervisor lives on: see `shm_stats`'s
+    /// guard): makes a new one at the path, for itself and the generations started from now on,
+    /// so that reloads work and stats are recorded again (from zero: the old counts went with
+    /// the file).
+    fn check_region(&mut self) {
+        if self.region_lost || !self.region.lost() {
+            return;
+        }
+        let path = self.region.path().to_owned();
+        error!(
+            "the stats region {} was cut short by another process (never truncate or remove it while baton runs); the generations serve on, their counts so far are gone",
+            path.display()
+        );
+        let _ = std::fs::remove_file(&path);
+        let made = Region::create_or_open(&path, self.config.capacities)
+            .map_err(|e| e.to_string())
+            .and_then(|region| {
+                share_region(&self.config, &region)?;
+                region.set_supervisor_pid(std::process::id());
+                if let Some(active) = self.lifecycle.active() {
+                    region.set_current_epoch(active);
+                }
+                let stats = register_stats(&region)?;
+                Ok((region, stats))
+            });
+        match made {
+            Ok((region, stats)) => {
+                self.region = region;
+                self.stats = stats;
+                info!(path = %path.display(), "made a new stats region: the generations started from now on record their stats there, from zero");
+            }
+            Err(e) => {
+                self.region_lost = true;
+                error!(
+                    "cannot make a new stats region: {e}; stop and start baton to have stats again"
+                );
+            }
+        }
+    }
+
+    /// Gives the active generation the rendezvous, where the next supervisor adopts it should
+    /// this one die.
+    fn hand_rendezvous(&mut self, epoch: u64) {
+        let adoptable = self
+            .generations
+            .get(&epoch)
+            .is_some_and(|g| g.features & FEATURE_ADOPT != 0);
+        let Some(rendezvous) = self.rendezvous.as_ref().filter(|_| adoptable) else {
+            return;
+        };
+        let Ok(copy) = rendezvous.try_clone() else {
+            return;
+        };
+        self.send(epoch, &ToGeneration::Rendezvous, &[copy.as_fd()]);
     }
 
     fn kill(&mut self, epoch: u64) {
@@ -1323,6 +1506,10 @@ impl Supervisor {
     fn reap(&mut self) {
         let mut exited = Vec::new();
         for (&epoch, g) in &self.generations {
+            if g.adopted {
+                // Not our child: its channel closing tells its exit.
+                continue;
+            }
             match waitpid(Pid::from_raw(g.pid as i32), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => {}
                 Ok(status) => {
@@ -1359,6 +1546,7 @@ impl Supervisor {
                 Ok(None) => return,
                 Err(ChannelError::Closed) => {
                     debug!(epoch, "the generation closed its channel");
+                    let mut adopted = None;
                     if let Some(g) = self.generations.get_mut(&epoch)
                         && let Some(channel) = g.channel.take()
                     {
@@ -1366,8 +1554,16 @@ impl Supervisor {
                             .poll
                             .registry()
                             .deregister(&mut SourceFd(&channel.as_raw_fd()));
+                        adopted = g.adopted.then_some((g.pid, g.load));
                     }
-                    // Its exit arrives with SIGCHLD (see `reap`).
+                    // A child's exit arrives with SIGCHLD (see `reap`); an adopted generation
+                    // closes its channel only by exiting.
+                    if let Some((pid, load)) = adopted {
+                        let status =
+                            "exited (adopted: its exit status went to its parent)".to_owned();
+                        info!(epoch, pid, status = %status, connections_left = load.connections, "exited");
+                        self.apply(Event::Exited { epoch, status });
+                    }
                     return;
                 }
                 Err(ChannelError::Io(e)) => {
@@ -1389,8 +1585,14 @@ impl Supervisor {
                 ..
             } => match negotiate(PROTOCOL_VERSIONS, versions) {
                 Ok(version) => {
+                    let offered_features = if self.config.run_as.is_some() {
+                        FEATURES
+                    } else {
+                        FEATURES & !FEATURE_BIND_SOCKET
+                    } & features;
                     if let Some(g) = self.generations.get_mut(&epoch) {
                         g.build = build;
+                        g.features = offered_features;
                     }
                     // Binding for a generation is for one that runs unprivileged; others bind
                     // themselves and report their own errors, with their advice.
@@ -1565,6 +1767,10 @@ impl Supervisor {
                         self.send(epoch, &ToGeneration::Error { id, message }, &[]);
                     }
                 }
+            }
+            ToSupervisor::HeldSocket { key } => {
+                // Only an adoption at the rendezvous hands sockets over this way (`adopt.rs`).
+                debug!(epoch, %key, "ignored a socket handed over outside an adoption");
             }
             ToSupervisor::DrainRequested => {
                 if self.lifecycle.active() == Some(epoch) {

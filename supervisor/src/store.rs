@@ -49,6 +49,11 @@ impl SocketStore {
             .collect()
     }
 
+    /// Every key held.
+    pub fn keys(&self) -> Vec<SocketKey> {
+        self.sockets.keys().copied().collect()
+    }
+
     pub fn len(&self) -> usize {
         self.sockets.len()
     }

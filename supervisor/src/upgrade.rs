@@ -77,6 +77,9 @@ pub struct Inherited {
     /// A number the trial take-over answers with, to show it read this state.
     #[serde(default)]
     pub nonce: u64,
+    /// The rendezvous's listening socket (see `adopt.rs`), if there is one.
+    #[serde(default)]
+    pub rendezvous_fd: Option<RawFd>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -97,6 +100,12 @@ pub struct InheritedGeneration {
     pub build: String,
     pub sockets: Vec<SocketKey>,
     pub load: (u64, u64),
+    /// The protocol features both sides have.
+    #[serde(default)]
+    pub features: u64,
+    /// Adopted from a supervisor that died (not a child: its exit is seen on its channel).
+    #[serde(default)]
+    pub adopted: bool,
 }
 
 impl Inherited {
@@ -114,6 +123,7 @@ impl Inherited {
         fds.extend(self.sockets.iter().map(|(_, fd)| *fd));
         fds.extend(self.generations.iter().map(|g| g.channel_fd));
         fds.extend(self.last_good.as_ref().map(|l| l.binary_fd));
+        fds.extend(self.rendezvous_fd);
         fds
     }
 }

@@ -120,6 +120,43 @@ impl Supervisor {
         }
     }
 
+    /// Starts `baton run` again on the same config and folder, once the previous supervisor
+    /// process has gone (killed by the test), and waits until a generation is active: one it
+    /// adopted, or one it started. Its log goes on in the same file.
+    pub fn respawn(&mut self) {
+        assert!(
+            self.wait_exit(START_TIMEOUT).is_some(),
+            "the previous supervisor is still running"
+        );
+        let before = self.log().len();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .expect("the log file can be opened");
+        self.child = Command::new(binaries::supervisor())
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("BATON_LOG", "info,baton=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("baton can be started");
+        let up = wait_until(START_TIMEOUT, || {
+            let log = self.log();
+            let new = log.get(before..).unwrap_or_default();
+            new.contains(" active epoch=")
+                || new.contains("adopted the active generation")
+                || self.exited()
+        });
+        assert!(
+            up && !self.exited(),
+            "baton run did not come up again:\n{}",
+            self.log()
+        );
+    }
+
     /// Replaces the config file (the next reload reads it).
     pub fn write_config(&self, config: &str) {
         std::fs::write(&self.config_path, Self::complete(config, &self.socket))

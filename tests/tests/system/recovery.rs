@@ -562,3 +562,123 @@ async fn a_new_supervisor_that_fails_to_take_over_gives_the_old_one_back() {
     assert_eq!(supervisor.reload().code, Some(0));
     assert_eq!(client::get(listen, "/y").await.status, 200);
 }
+
+/// Kills a process on drop: a generation left without its supervisor must not outlive a test
+/// that fails before another supervisor adopts it.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.0 as i32), Signal::SIGKILL);
+    }
+}
+
+/// Item 5: SIGKILL of the supervisor under load: the active generation serves on with its
+/// sockets (no connection refused, no request failed), and the next `baton run` adopts it
+/// instead of starting cold; it then reloads as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_supervisor_leaves_its_generation_serving_and_the_next_one_adopts_it() {
+    use baton_tests::load::{Load, Mode};
+    let origin = Origin::start("origin").await;
+    let listen = free_addr();
+    let mut supervisor = Supervisor::start(
+        &config(listen, origin.addr, "")
+            .replace("drain_timeout = \"30s\"", "drain_timeout = \"3s\""),
+    );
+    let generation = supervisor.active_pid().unwrap();
+    let _cleanup = KillOnDrop(generation);
+    let keep_alive = Load::start(listen, "/x", Mode::KeepAlive, 4, Duration::from_secs(120));
+    let per_request = Load::start(listen, "/y", Mode::PerRequest, 2, Duration::from_secs(120));
+    let served = |load: &Load, more: u64| {
+        let start = load.snapshot().ok;
+        wait_until(WAIT, || load.snapshot().ok >= start + more)
+    };
+    assert!(served(&keep_alive, 50) && served(&per_request, 20));
+
+    supervisor.signal(Signal::SIGKILL);
+    assert!(supervisor.wait_exit(WAIT).is_some());
+    // Nobody manages the generation now; it serves on.
+    assert!(
+        served(&keep_alive, 200) && served(&per_request, 50),
+        "served without a supervisor: {:?} {:?}",
+        keep_alive.snapshot(),
+        per_request.snapshot()
+    );
+    assert!(
+        supervisor
+            .log()
+            .contains("the supervisor is gone; serving on"),
+        "{}",
+        supervisor.log()
+    );
+
+    supervisor.respawn();
+    let status = supervisor.status();
+    assert_eq!(
+        status["active_epoch"], 0,
+        "adopted, not started cold: {status}"
+    );
+    assert_eq!(supervisor.active_pid(), Some(generation));
+    assert!(served(&keep_alive, 100) && served(&per_request, 20));
+
+    // The adopted generation is this supervisor's now: a reload replaces it, and its exit
+    // (it is not this supervisor's child) is seen.
+    assert_eq!(supervisor.reload().code, Some(0), "{}", supervisor.log());
+    assert!(
+        wait_until(WAIT, || supervisor.generations().len() == 1),
+        "the adopted generation drained and its exit was seen: {:?}",
+        supervisor.generations()
+    );
+    assert!(served(&keep_alive, 100) && served(&per_request, 20));
+    let (a, b) = (keep_alive.stop().await, per_request.stop().await);
+    assert_eq!(a.failures() + b.failures(), 0, "{a:?} {b:?}");
+}
+
+/// Item 5: the stats region's file cut short while baton runs: the supervisor and its
+/// generation live on (no SIGBUS), keep serving and reloading, and say what happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_stats_region_kills_nobody() {
+    let origin = Origin::start("origin").await;
+    let listen = free_addr();
+    let supervisor = Supervisor::start(&config(listen, origin.addr, ""));
+    let generation = supervisor.active_pid().unwrap();
+    assert_eq!(client::get(listen, "/a").await.status, 200);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(supervisor.dir().join("stats.shm"))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    for _ in 0..20 {
+        assert_eq!(client::get(listen, "/b").await.status, 200);
+    }
+    assert!(
+        supervisor.wait_for_log("the stats region was cut short", WAIT)
+            && supervisor.wait_for_log("made a new stats region", WAIT),
+        "{}",
+        supervisor.log()
+    );
+    assert_eq!(
+        supervisor.active_pid(),
+        Some(generation),
+        "the generation lives"
+    );
+    // Reloads work, and the next generation's stats are read again.
+    assert_eq!(supervisor.reload().code, Some(0), "{}", supervisor.log());
+    for _ in 0..3 {
+        assert_eq!(client::get(listen, "/c").await.status, 200);
+    }
+    let region = supervisor.dir().join("stats.shm");
+    assert!(
+        wait_until(WAIT, || {
+            let (code, out, _) = baton_tests::baton_stats(&[
+                "--path",
+                region.to_str().unwrap(),
+                "^downstream_rq_total",
+            ]);
+            code == Some(0) && out.contains(" 3")
+        }),
+        "{}",
+        supervisor.log()
+    );
+}
