@@ -175,10 +175,12 @@ struct Reload {
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Restart delays while no generation is active: 100 ms after the crash of a generation that had
-/// served (been active for [`SERVED`]), doubling to 5 s while replacements fail before they are
-/// ready or crash right after. New clients wait in the accept queue meanwhile, so the delay
-/// stays far below a client's connect timeout.
+/// served (been active for [`SERVED`]); doubling, but never past 1 s, while generations crash
+/// right after they became active; doubling to 5 s while replacements fail before they are ready
+/// (a config or binary that cannot start is not helped by haste). New clients wait in the accept
+/// queue meanwhile, so the delay stays far below a client's connect timeout.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_CRASH_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Active this long, a generation has served: its crash starts the backoff again.
 const SERVED: Duration = Duration::from_secs(1);
@@ -725,7 +727,7 @@ impl Lifecycle {
                 self.backoff = if served {
                     FIRST_BACKOFF
                 } else {
-                    (self.backoff * 2).min(MAX_BACKOFF)
+                    (self.backoff * 2).min(MAX_CRASH_BACKOFF)
                 };
                 self.restart_at = None;
                 self.recover(now);
@@ -1150,6 +1152,7 @@ mod tests {
         let mut l = running(t0);
         let mut t = t0 + Duration::from_secs(5);
         crash(&mut l, 0, t);
+        // Replacements that fail before they are ready: 100 ms, doubling to 5 s.
         let mut delay = Duration::from_millis(100);
         for epoch in 1..10u64 {
             assert_eq!(
@@ -1159,24 +1162,49 @@ mod tests {
             );
             t += delay;
             assert_eq!(l.handle(Event::Tick, t), [replacement(epoch)]);
-            if epoch % 2 == 0 {
-                // Fails before it is ready.
-                l.handle(
-                    Event::Exited {
-                        epoch,
-                        status: "exit status 1".into(),
-                    },
-                    t,
-                );
-            } else {
-                // Ready, then crashes within the second.
-                l.handle(Event::Ready { epoch }, t);
-                crash(&mut l, epoch, t + Duration::from_millis(10));
-                t += Duration::from_millis(10);
-            }
+            l.handle(
+                Event::Exited {
+                    epoch,
+                    status: "exit status 1".into(),
+                },
+                t,
+            );
             delay = (delay * 2).min(Duration::from_secs(5));
         }
         assert_eq!(delay, Duration::from_secs(5));
+        // One that becomes active and crashes within its first second is replaced within a
+        // second, however long the delay had grown.
+        t += delay;
+        assert_eq!(l.handle(Event::Tick, t), [replacement(10)]);
+        l.handle(Event::Ready { epoch: 10 }, t);
+        crash(&mut l, 10, t + Duration::from_millis(10));
+        assert_eq!(
+            l.next_deadline(),
+            Some(t + Duration::from_millis(10) + Duration::from_secs(1))
+        );
+    }
+
+    #[test]
+    fn generations_that_crash_right_after_they_became_active_are_replaced_within_a_second() {
+        let t0 = Instant::now();
+        let mut l = running(t0);
+        let mut t = t0 + Duration::from_secs(5);
+        crash(&mut l, 0, t);
+        let mut delay = Duration::from_millis(100);
+        for epoch in 1..8u64 {
+            assert_eq!(
+                l.next_deadline(),
+                Some(t + delay),
+                "before replacement {epoch}"
+            );
+            t += delay;
+            assert_eq!(l.handle(Event::Tick, t), [replacement(epoch)]);
+            l.handle(Event::Ready { epoch }, t);
+            t += Duration::from_millis(10);
+            crash(&mut l, epoch, t);
+            delay = (delay * 2).min(Duration::from_secs(1));
+        }
+        assert_eq!(delay, Duration::from_secs(1));
     }
 
     #[test]

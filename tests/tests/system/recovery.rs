@@ -682,3 +682,107 @@ async fn a_truncated_stats_region_kills_nobody() {
         supervisor.log()
     );
 }
+
+/// The kill-timing fuzz: the active generation (and sometimes the starting one) is killed at
+/// random moments around reloads, a quarter of which fail (their config is broken); a probe
+/// asks all along, one request per connection. A request waits in the accept queue while no
+/// generation accepts, so the slowest answer is the longest time without a proxy. Every round
+/// ends with a generation active. Rounds: `BATON_KILL_FUZZ_ROUNDS` (20 by default; the issue's
+/// closing note ran 200), seed: `BATON_KILL_FUZZ_SEED`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_timing_fuzz_never_leaves_the_host_without_a_proxy() {
+    let rounds: u32 = std::env::var("BATON_KILL_FUZZ_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(20);
+    let seed: u64 = std::env::var("BATON_KILL_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    println!("kill-timing fuzz: {rounds} rounds, seed {seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let origin = Origin::start("origin").await;
+    let listen = free_addr();
+    let good = config(listen, origin.addr, "readiness_timeout = \"5s\"")
+        .replace("drain_timeout = \"30s\"", "drain_timeout = \"1s\"");
+    let supervisor = Supervisor::start(&good);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let (mut slowest, mut answered, mut failed) = (Duration::ZERO, 0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let start = Instant::now();
+                match tokio::time::timeout(WAIT, client::try_get(listen, "/probe")).await {
+                    Ok(Ok(reply)) if reply.status == 200 => {
+                        answered += 1;
+                        slowest = slowest.max(start.elapsed());
+                    }
+                    // A request on a killed generation is lost with it.
+                    _ => failed += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (slowest, answered, failed)
+        }
+    });
+    for round in 0..rounds {
+        let broken = rng.u8(..4) == 0;
+        if broken {
+            supervisor.write_config(&broken_config(&good));
+        }
+        let socket = supervisor.socket.clone();
+        let round_start = Instant::now();
+        let reload = std::thread::spawn(move || {
+            std::process::Command::new(baton_tests::binaries::supervisor())
+                .args(["reload", "--socket"])
+                .arg(socket)
+                .output()
+                .unwrap()
+        });
+        // The random moment is the point of the fuzz.
+        tokio::time::sleep(Duration::from_millis(rng.u64(..300))).await;
+        let generations = supervisor.generations();
+        for (_, pid, state) in &generations {
+            let victim = state == "active" || (state == "starting" && rng.bool());
+            if victim {
+                let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+            }
+        }
+        let _ = baton_tests::blocking(|| reload.join().unwrap());
+        let reload_took = round_start.elapsed();
+        if broken {
+            supervisor.write_config(&good);
+        }
+        assert!(
+            wait_until(WAIT, || supervisor.active_pid().is_some()),
+            "round {round} (seed {seed}): no active generation:\n{}",
+            supervisor.log()
+        );
+        let outage = until_served(listen).await;
+        println!(
+            "round {round}: broken config {broken}, killed {}, reload answered after {reload_took:?}, served again {outage:?} after that",
+            generations.len()
+        );
+        tokio::time::sleep(Duration::from_millis(rng.u64(..1500))).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (slowest, answered, failed) = probe.await.unwrap();
+    let status = supervisor.status();
+    println!(
+        "kill-timing fuzz: {rounds} rounds, {} crashes, {answered} probe answers, {failed} lost on killed generations; longest time without an accepting generation: {} ms",
+        status["crashes"],
+        slowest.as_millis()
+    );
+    // The delay after a crash is at most a second (for generations that crash within a second
+    // of becoming active), plus a generation's start.
+    assert!(
+        slowest < Duration::from_secs(3),
+        "seed {seed}: a probe waited {slowest:?}"
+    );
+}
+
+fn broken_config(good: &str) -> String {
+    broken(good)
+}
