@@ -330,17 +330,33 @@ pub async fn run(
             },
             accepted = accept(&rendezvous), if orphaned => match accepted {
                 Ok(channel) => {
-                    match tokio::time::timeout(ADOPTION_TIMEOUT, Link::adopted(channel, epoch, &held)).await {
-                        Ok(Ok(adopted)) => {
+                    let adopted = match tokio::time::timeout(ADOPTION_TIMEOUT, Link::adopting(channel, epoch, &held)).await {
+                        Ok(Ok(adopting)) => {
+                            // Closed before the end, so that the supervisor, looking for more
+                            // generations to adopt, is refused there at once; the new
+                            // supervisor sends a rendezvous of its own.
+                            rendezvous = None;
+                            adopting.adopted(&held).map(|()| adopting)
+                        }
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Err(format!("it did not finish within {ADOPTION_TIMEOUT:?}")),
+                    };
+                    match adopted {
+                        Ok(adopted) => {
                             info!(epoch, "adopted by a new supervisor: it manages this generation from now on");
                             link = Some(adopted);
                             supervisor_gone = false;
                             orphaned = false;
-                            // The new supervisor sends a rendezvous of its own.
-                            rendezvous = None;
                         }
-                        Ok(Err(e)) => warn!(epoch, "a supervisor could not adopt this generation: {e}"),
-                        Err(_) => warn!(epoch, "a supervisor did not finish adopting this generation within {ADOPTION_TIMEOUT:?}"),
+                        Err(e) if rendezvous.is_some() => warn!(epoch, "a supervisor could not adopt this generation: {e}"),
+                        Err(e) => {
+                            // Too late to wait for another: drain and leave nothing behind.
+                            error!(epoch, "a supervisor could not adopt this generation: {e}; draining and exiting");
+                            orphaned = false;
+                            if drain.is_none() {
+                                drain = Some(Box::pin(generation.drain(config.drain.timeout, DrainStrategy::Immediate, stop_signal())));
+                            }
+                        }
                     }
                 }
                 Err(e) => {

@@ -137,9 +137,10 @@ impl Link {
     }
 
     /// Lets a new supervisor, connected at the rendezvous, adopt this generation: the handshake
-    /// as at a spawn, then every listen socket it holds (`HeldSocket`), then `Ready` with their
-    /// keys, after which the supervisor takes it for its active generation.
-    pub async fn adopted(
+    /// as at a spawn, then every listen socket it holds (`HeldSocket`). The caller then closes
+    /// its rendezvous (so that the supervisor, looking for more, is refused at once) and sends
+    /// [`Link::adopted`], after which the supervisor takes it for its active generation.
+    pub async fn adopting(
         channel: Channel,
         epoch: u64,
         held: &[(SocketKey, OwnedFd)],
@@ -154,10 +155,14 @@ impl Link {
                 .send(&ToSupervisor::HeldSocket { key: *key }, &[fd.as_fd()])
                 .map_err(|e| format!("cannot hand socket {key} over: {e}"))?;
         }
-        link.send(&ToSupervisor::Ready {
-            sockets: held.iter().map(|(key, _)| *key).collect(),
-        })?;
         Ok(link)
+    }
+
+    /// The end of an adoption (see [`Link::adopting`]): `Ready`, with every key handed over.
+    pub fn adopted(&self, held: &[(SocketKey, OwnedFd)]) -> Result<(), String> {
+        self.send(&ToSupervisor::Ready {
+            sockets: held.iter().map(|(key, _)| *key).collect(),
+        })
     }
 
     pub fn send(&self, msg: &ToSupervisor) -> Result<(), String> {

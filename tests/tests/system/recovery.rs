@@ -613,6 +613,11 @@ async fn a_killed_supervisor_leaves_its_generation_serving_and_the_next_one_adop
     );
 
     supervisor.respawn();
+    assert!(
+        !supervisor.log().contains("did not adopt"),
+        "one generation to adopt, adopted at once:\n{}",
+        supervisor.log()
+    );
     let status = supervisor.status();
     assert_eq!(
         status["active_epoch"], 0,
