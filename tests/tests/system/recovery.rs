@@ -215,8 +215,12 @@ async fn a_hurried_generation_finishes_its_answers_and_sessions() {
     for _ in 0..2 {
         assert_eq!(supervisor.reload().code, Some(0));
     }
+    // The second reload hurried generation 0 (it drains immediately now).
     assert!(
-        supervisor.wait_for_log("epoch=0 timeout=", WAIT),
+        wait_until(WAIT, || supervisor
+            .log()
+            .lines()
+            .any(|l| l.contains("draining epoch=0") && l.contains("strategy=Immediate"))),
         "{}",
         supervisor.log()
     );
