@@ -51,6 +51,27 @@ pub enum Flag {
     NoHealthyUpstream,
     /// A route's rate limit refused the request (`RL`).
     RateLimited,
+    /// The client's request was not valid HTTP: a bad path, authority or body framing (`DPE`).
+    DownstreamProtocolError,
+}
+
+/// How a client's request body failed: its framing was invalid (`DPE`: a chunk size that is
+/// none, data longer than its chunk, a missing CRLF, which hyper reports as invalid input or
+/// data), or it stopped short (`DC`).
+pub fn client_body_flag(error: &(dyn std::error::Error + 'static)) -> Flag {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData => {
+                    Flag::DownstreamProtocolError
+                }
+                _ => Flag::DownstreamClosed,
+            };
+        }
+        cause = e.source();
+    }
+    Flag::DownstreamClosed
 }
 
 impl Flag {
@@ -68,6 +89,7 @@ impl Flag {
             Flag::UpstreamOverflow => "UO",
             Flag::NoHealthyUpstream => "UH",
             Flag::RateLimited => "RL",
+            Flag::DownstreamProtocolError => "DPE",
         }
     }
 }
@@ -383,9 +405,16 @@ impl Body for ResponseBody {
                         Poll::Ready(Some(Ok(frame)))
                     }
                     Some(Err(e)) => {
-                        // The upstream connection broke mid-body: it must not be reused.
+                        // The upstream connection broke mid-body: it must not be reused. It
+                        // broke under the client's request body, or on the upstream's side.
                         release.take();
-                        this.exchange.set_flag(Flag::UpstreamReset);
+                        let flag = match e.downcast_ref::<upstream_h1::Error>() {
+                            Some(upstream_h1::Error::RequestBody(cause)) => {
+                                client_body_flag(cause.as_ref())
+                            }
+                            _ => Flag::UpstreamReset,
+                        };
+                        this.exchange.set_flag(flag);
                         Poll::Ready(Some(Err(e)))
                     }
                     None => {

@@ -483,6 +483,11 @@ where
                         // hyper answered 431.
                         worker.stats.shard.inc(ids.downstream_rq_headers_too_large);
                         worker.stats.shard.inc(ids.downstream_rq_class[3]);
+                    } else if e.is_parse() {
+                        // hyper answered 400 to bytes that are no request (a bad request
+                        // line or header, a transfer coding that does not end in chunked):
+                        // the client's error, counted with the other 4xx.
+                        worker.stats.shard.inc(ids.downstream_rq_class[3]);
                     }
                     debug!(worker = worker.id, "connection ended: {e}");
                 }

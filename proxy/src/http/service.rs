@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use tracing::debug;
 
-use super::body::{Exchange, Flag, LogRecord, Release, ResponseBody, Upstream, UpstreamBody};
+use super::body::{self, Exchange, Flag, LogRecord, Release, ResponseBody, Upstream, UpstreamBody};
 use super::headers::{self, Downstream, X_REQUEST_ID};
 use super::io::Activity;
 use crate::cluster::{self, ActiveRetry, ClusterRequest, HostRequest, Outcome, PendingRequest};
@@ -487,6 +487,10 @@ fn failed(
                 ),
             }
         }
+        SendError::Http1(upstream_h1::Error::RequestBody(e)) => {
+            body_failed(ctx, e.as_ref(), exchange)
+        }
+        SendError::Reset(e) if e.is_user() => body_failed(ctx, &e, exchange),
         SendError::Reset(_) | SendError::Http1(_) => {
             let (invalid, what): (bool, &dyn std::fmt::Display) = match &error {
                 SendError::Reset(e) => (e.is_parse() || e.is_parse_status(), e),
@@ -532,6 +536,34 @@ fn failed(
             )
         }
     }
+}
+
+/// The answer to a request whose body broke on its way in (malformed chunked framing, or the
+/// client stopped sending it): the client's doing, so 400, counted downstream and not as an
+/// upstream reset. The upstream connection it was going on is mid-request: it is closed, and
+/// neither retried nor reported to outlier detection (see `Tries::run`).
+fn body_failed(
+    ctx: &ConnCtx,
+    error: &(dyn std::error::Error + 'static),
+    exchange: Exchange,
+) -> Response<ResponseBody> {
+    debug!(worker = ctx.worker.id, "request body failed: {error}");
+    let flag = body::client_body_flag(error);
+    let message = if flag == Flag::DownstreamProtocolError {
+        "bad request: the request body's framing is invalid\n"
+    } else {
+        "request body incomplete: the client stopped sending it\n"
+    };
+    let mut response = local(StatusCode::BAD_REQUEST, message, exchange, flag);
+    if !ctx.h2 {
+        // hyper reads no more of this connection: what the client still sends is read and
+        // dropped, so that closing does not reset the connection under the answer.
+        ctx.activity.linger.set(true);
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 static X_BATON_OVERLOADED: http::HeaderName = http::HeaderName::from_static("x-baton-overloaded");

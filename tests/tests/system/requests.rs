@@ -1,0 +1,191 @@
+//! Requests as an attacker writes them, byte for byte: request bodies whose chunked framing is
+//! broken.
+
+use std::net::SocketAddr;
+
+use baton_tests::free_addr;
+use baton_tests::proxy::Proxy;
+use baton_tests::upstream::Origin;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::{WAIT, stat};
+
+/// One answer read off a raw connection: its head and its (content-length) body.
+struct Answer {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then_some(v.trim())
+        })
+    }
+}
+
+/// Reads one answer from `stream`.
+async fn read_answer(stream: &mut TcpStream) -> Answer {
+    let read = async {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8192];
+        let head_end = loop {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            let n = stream.read(&mut buf).await.expect("the answer can be read");
+            assert!(
+                n > 0,
+                "closed before an answer: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        };
+        let head = String::from_utf8_lossy(&got[..head_end]).into_owned();
+        let mut answer = Answer {
+            status: head
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("no status in {head:?}")),
+            head,
+            body: String::new(),
+        };
+        let length: usize = answer
+            .header("content-length")
+            .map_or(0, |l| l.parse().expect("a content length"));
+        while got.len() < head_end + length {
+            let n = stream.read(&mut buf).await.expect("the body can be read");
+            assert!(n > 0, "closed within the body");
+            got.extend_from_slice(&buf[..n]);
+        }
+        answer.body = String::from_utf8_lossy(&got[head_end..head_end + length]).into_owned();
+        answer
+    };
+    tokio::time::timeout(WAIT, read)
+        .await
+        .expect("the answer arrives")
+}
+
+/// Sends `request` as it is on a new connection and reads the answer.
+async fn send_raw(addr: SocketAddr, request: &[u8]) -> (Answer, TcpStream) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let answer = read_answer(&mut stream).await;
+    (answer, stream)
+}
+
+/// Whether the proxy closes `stream` (nothing more comes, then the end).
+async fn closes(stream: &mut TcpStream) -> bool {
+    let mut rest = Vec::new();
+    matches!(
+        tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await,
+        Ok(Ok(0))
+    )
+}
+
+/// Item: a client's malformed chunked body was answered 502 "upstream reset" and counted as
+/// an upstream reset. It is the client's fault: 400, counted downstream; the upstream
+/// connection the body was being written to is closed (it is mid-request), not reused, not
+/// counted as a reset and not reported to outlier detection. Chunked twice is 400 before
+/// anything goes upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_request_body_is_the_clients_fault() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let config = crate::http_config(listen, admin, origin.addr)
+        .replace("concurrency = 2", "concurrency = 1")
+        .replace(
+            "request_timeout = \"1s\"",
+            "request_timeout = \"5s\"\noutlier_detection = { consecutive_gateway_failure = 1, consecutive_5xx = 1 }",
+        );
+    let proxy = Proxy::start(&config);
+    // A pooled connection for the first broken body to go on.
+    let (a, _) = send_raw(listen, b"GET /warm HTTP/1.1\r\nHost: x.test\r\n\r\n").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(origin.connections(), 1);
+
+    let broken: [(&str, &[u8]); 5] = [
+        (
+            "a chunk size that is no number",
+            b"zz\r\nhello\r\n0\r\n\r\n",
+        ),
+        ("a negative chunk size", b"-1\r\nhello\r\n0\r\n\r\n"),
+        (
+            "a chunk size of 20 hex digits",
+            b"fffffffffffffffffffff\r\nhello\r\n0\r\n\r\n",
+        ),
+        ("data longer than its chunk", b"3\r\nhello\r\n0\r\n\r\n"),
+        ("a chunk without its CRLF", b"5\r\nhelloX0\r\n\r\n"),
+    ];
+    for (what, body) in broken {
+        // `/collect` reads the whole body before answering: the proxy is writing it upstream
+        // when it breaks.
+        let mut request =
+            b"POST /collect HTTP/1.1\r\nHost: x.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+                .to_vec();
+        request.extend_from_slice(body);
+        let (a, mut stream) = send_raw(listen, &request).await;
+        assert_eq!(
+            (a.status, a.body.as_str()),
+            (400, "bad request: the request body's framing is invalid\n"),
+            "{what}"
+        );
+        assert_eq!(a.header("connection"), Some("close"), "{what}");
+        assert!(closes(&mut stream).await, "{what}: the connection closes");
+    }
+    // What hyper itself refuses (a coding that does not end in chunked, a request line that
+    // is none) is counted as a 4xx too.
+    for request in [
+        "POST /collect HTTP/1.1\r\nHost: x.test\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+        "GET /a b HTTP/1.1\r\nHost: x.test\r\n\r\n",
+    ] {
+        let (a, _) = send_raw(listen, request.as_bytes()).await;
+        assert_eq!(a.status, 400, "{request:?}");
+    }
+
+    // Every broken body's upstream connection was closed: none is used again, and the next
+    // request gets a new one and its answer.
+    let (a, _) = send_raw(listen, b"GET /after HTTP/1.1\r\nHost: x.test\r\n\r\n").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(origin.requests(), 1 + 5 + 1);
+    assert_eq!(origin.connections(), 1 + 4 + 1);
+
+    let counted = baton_tests::wait_until_async(WAIT, || async {
+        stat(admin, "downstream_rq_4xx{listener=public,code_class=4xx}").await == 7
+    })
+    .await;
+    assert!(
+        counted,
+        "4xx: {}",
+        stat(admin, "downstream_rq_4xx{listener=public,code_class=4xx}").await
+    );
+    assert_eq!(
+        stat(admin, "downstream_rq_5xx{listener=public,code_class=5xx}").await,
+        0
+    );
+    assert_eq!(stat(admin, "upstream_rq_reset{cluster=origin}").await, 0);
+    assert_eq!(
+        stat(admin, "outlier_ejections_total{cluster=origin}").await,
+        0
+    );
+    assert!(baton_tests::wait_until(WAIT, || {
+        proxy
+            .read_file("access.log")
+            .matches("\"POST /collect HTTP/1.1\" 400 ")
+            .count()
+            == 5
+    }));
+    let log = proxy.read_file("access.log");
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("POST /collect"))
+        .collect();
+    assert!(
+        refused.len() == 5 && refused.iter().all(|l| l.contains(" DPE ")),
+        "every refused body is the client's protocol error, none an upstream reset:\n{log}"
+    );
+}
