@@ -130,6 +130,37 @@ pub fn accepts_trailers(headers: &HeaderMap) -> bool {
         })
 }
 
+/// What is wrong with an HTTP/1.1 request's `Transfer-Encoding`, when something is. hyper
+/// frames the body by it (chunked must come last, or hyper answers 400 itself) and the proxy
+/// sends the body on with framing of its own, so a coding beside chunked would be lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadTransferCoding {
+    /// `chunked` applied more than once (RFC 9112, section 6.1: a sender must not): 400.
+    ChunkedTwice,
+    /// A coding other than `chunked` (`gzip, chunked`): 501 (RFC 9112, section 6.1).
+    Unsupported,
+}
+
+/// Checks a request's transfer codings: `chunked` once, and nothing else.
+pub fn check_transfer_coding(headers: &HeaderMap) -> Result<(), BadTransferCoding> {
+    let mut chunked = 0;
+    for value in headers.get_all(TRANSFER_ENCODING) {
+        let Ok(value) = value.to_str() else {
+            return Err(BadTransferCoding::Unsupported);
+        };
+        for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if !coding.eq_ignore_ascii_case("chunked") {
+                return Err(BadTransferCoding::Unsupported);
+            }
+            chunked += 1;
+        }
+    }
+    if chunked > 1 {
+        return Err(BadTransferCoding::ChunkedTwice);
+    }
+    Ok(())
+}
+
 /// Turns a request made by [`prepare_request`] into one for an HTTP/2 upstream: HTTP/2, its URI
 /// absolute (`http`, and the authority from `Host`, else `fallback`, the cluster's name), no `Host`
 /// field (it travels as `:authority`), and `te: trailers` when the client accepts trailers (the
@@ -336,6 +367,33 @@ mod tests {
     use http::Request;
 
     static PEER: HeaderValue = HeaderValue::from_static("192.0.2.7");
+
+    #[test]
+    fn chunked_goes_once_and_alone() {
+        let te = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for v in values {
+                headers.append(TRANSFER_ENCODING, HeaderValue::from_str(v).unwrap());
+            }
+            check_transfer_coding(&headers)
+        };
+        assert_eq!(te(&[]), Ok(()));
+        assert_eq!(te(&["chunked"]), Ok(()));
+        assert_eq!(te(&["Chunked"]), Ok(()));
+        assert_eq!(
+            te(&["chunked", "chunked"]),
+            Err(BadTransferCoding::ChunkedTwice)
+        );
+        assert_eq!(
+            te(&["chunked, chunked"]),
+            Err(BadTransferCoding::ChunkedTwice)
+        );
+        assert_eq!(te(&["gzip, chunked"]), Err(BadTransferCoding::Unsupported));
+        assert_eq!(
+            te(&["gzip", "chunked"]),
+            Err(BadTransferCoding::Unsupported)
+        );
+    }
 
     fn downstream() -> Downstream<'static> {
         Downstream {

@@ -9,6 +9,7 @@
 //! request's line and headers is answered 408 and cut off (slowloris); hyper answers 431 to
 //! headers over `max_request_header_size` or `max_request_headers`.
 
+mod authority;
 mod body;
 mod headers;
 mod io;

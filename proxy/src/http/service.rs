@@ -13,8 +13,9 @@ use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use tracing::debug;
 
+use super::authority;
 use super::body::{self, Exchange, Flag, LogRecord, Release, ResponseBody, Upstream, UpstreamBody};
-use super::headers::{self, Downstream, X_REQUEST_ID};
+use super::headers::{self, BadTransferCoding, Downstream, X_REQUEST_ID};
 use super::io::Activity;
 use crate::cluster::{self, ActiveRetry, ClusterRequest, HostRequest, Outcome, PendingRequest};
 use crate::config::{
@@ -67,11 +68,14 @@ pub async fn handle(
             StatusCode::BAD_REQUEST,
             "bad request: an HTTP/1.1 request needs a Host header\n",
             exchange,
-            Flag::None,
+            Flag::DownstreamProtocolError,
         );
         stats.shard.inc(listener_stats.downstream_rq_class[3]);
         response.body_mut().bodyless_if(bodyless);
         return Ok(response);
+    }
+    if let Err(refused) = check(&request) {
+        return Ok(refuse(&ctx, refused, exchange, bodyless));
     }
 
     let max_body = match &worker.config.listeners[ctx.listener].kind {
@@ -186,6 +190,71 @@ fn too_large(ctx: &ConnCtx, exchange: Exchange, bodyless: bool) -> Response<Resp
 
 /// A request body went past `max_request_body` before the upstream answered.
 struct TooLarge(Exchange);
+
+/// A request refused before routing: its status and the line that says why.
+enum Refused {
+    Status(StatusCode, &'static str),
+}
+
+/// What a request must be before it is routed: one valid authority (see `authority.rs`), and
+/// chunked applied once (HTTP/1.1).
+fn check(request: &Request<Incoming>) -> Result<(), Refused> {
+    authority::check(request)
+        .map_err(|bad| Refused::Status(StatusCode::BAD_REQUEST, bad.answer()))?;
+    // Only a body of unknown length can be chunked: most requests skip the header lookup.
+    if request.version() == Version::HTTP_11 && request.body().size_hint().exact().is_none() {
+        match headers::check_transfer_coding(request.headers()) {
+            Ok(()) => {}
+            Err(BadTransferCoding::ChunkedTwice) => {
+                return Err(Refused::Status(
+                    StatusCode::BAD_REQUEST,
+                    "bad request: Transfer-Encoding applies chunked more than once\n",
+                ));
+            }
+            Err(BadTransferCoding::Unsupported) => {
+                return Err(Refused::Status(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "not implemented: a transfer coding other than chunked\n",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The answer to a request refused before routing. Its intent or its framing is in doubt, so an
+/// HTTP/1.1 connection closes after it (reading what the client still sends, so that the
+/// answer is not lost to a reset).
+fn refuse(
+    ctx: &ConnCtx,
+    refused: Refused,
+    exchange: Exchange,
+    bodyless: bool,
+) -> Response<ResponseBody> {
+    let stats = &ctx.worker.stats;
+    let ids = &stats.ids.listeners[ctx.listener];
+    let mut response = match refused {
+        Refused::Status(status, message) => {
+            local(status, message, exchange, Flag::DownstreamProtocolError)
+        }
+    };
+    if let Some(class) = stats::class_index(response.status().as_u16()) {
+        stats.shard.inc(ids.downstream_rq_class[class]);
+    }
+    response.body_mut().bodyless_if(bodyless);
+    if !ctx.h2 {
+        ctx.activity.linger.set(true);
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    if let Some(epoch) = &ctx.worker.epoch_header {
+        response
+            .headers_mut()
+            .insert(X_BATON_EPOCH.clone(), epoch.clone());
+    }
+    response
+}
 
 fn log_record(ctx: &ConnCtx, request: &Request<Incoming>) -> Box<LogRecord> {
     Box::new(LogRecord {

@@ -1,11 +1,15 @@
-//! Requests as an attacker writes them, byte for byte: request bodies whose chunked framing is
-//! broken.
+//! Requests as an attacker writes them, byte for byte: authorities that are two or none, and
+//! request bodies whose chunked framing is broken.
 
 use std::net::SocketAddr;
 
+use baton_tests::client::{H2, Reply};
 use baton_tests::free_addr;
 use baton_tests::proxy::Proxy;
 use baton_tests::upstream::Origin;
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -78,6 +82,12 @@ async fn send_raw(addr: SocketAddr, request: &[u8]) -> (Answer, TcpStream) {
     (answer, stream)
 }
 
+/// A GET of `target` with `Host: x.test`, on a new connection.
+async fn get_raw(addr: SocketAddr, target: &str) -> Answer {
+    let request = format!("GET {target} HTTP/1.1\r\nHost: x.test\r\n\r\n");
+    send_raw(addr, request.as_bytes()).await.0
+}
+
 /// Whether the proxy closes `stream` (nothing more comes, then the end).
 async fn closes(stream: &mut TcpStream) -> bool {
     let mut rest = Vec::new();
@@ -85,6 +95,115 @@ async fn closes(stream: &mut TcpStream) -> bool {
         tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await,
         Ok(Ok(0))
     )
+}
+
+/// An HTTP/2 GET of `uri` (absolute: its authority is the `:authority`), with a `Host` field
+/// when given.
+async fn h2_get(c: &mut H2, uri: &str, host: Option<&str>) -> Reply {
+    let mut request = Request::get(uri);
+    if let Some(host) = host {
+        request = request.header("host", host);
+    }
+    let request = request.body(Full::new(Bytes::new())).unwrap();
+    c.send(request).await.expect("an HTTP/2 answer")
+}
+
+/// `/public/` goes to the origin and everything else is forbidden: the route table of a site
+/// whose backend also serves `/admin/`.
+fn public_only(listen: SocketAddr, admin: SocketAddr, origin: SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+concurrency = 1
+[admin]
+address = "{admin}"
+
+[[listener]]
+name = "public"
+address = "{listen}"
+protocol = "http"
+access_log = "access.log"
+{extra}
+
+[[listener.route]]
+path_prefix = "/public/"
+cluster = "origin"
+
+[[listener.route]]
+direct_response = {{ status = 403, body = "forbidden\n" }}
+
+[[cluster]]
+name = "origin"
+endpoints = ["{origin}"]
+"#
+    )
+}
+
+/// Item: two `Host` fields were routed by the first and both forwarded; userinfo of an
+/// absolute-form target went into the upstream's `Host`; an invalid `Host` was forwarded. Each
+/// is now 400 (RFC 9112, 3.2; RFC 9110, 4.2.4), and so, over HTTP/2, are userinfo or an invalid
+/// `:authority`, and a `Host` that names another host than `:authority` (RFC 9113, 8.3.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_has_one_valid_authority() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _proxy = Proxy::start(&public_only(listen, admin, origin.addr, ""));
+
+    for (what, request) in [
+        (
+            "two Host fields",
+            "GET /public/x HTTP/1.1\r\nHost: good.test\r\nHost: evil.test\r\n\r\n",
+        ),
+        (
+            "userinfo in an absolute-form target",
+            "GET http://user:pw@evil.example:444/public/x HTTP/1.1\r\nHost: good.test\r\n\r\n",
+        ),
+        (
+            "a Host that is not one",
+            "GET /public/x HTTP/1.1\r\nHost: a b/c@d\r\n\r\n",
+        ),
+        (
+            "a Host with userinfo",
+            "GET /public/x HTTP/1.1\r\nHost: evil.example@good.test\r\n\r\n",
+        ),
+        (
+            "a port that is not one",
+            "GET /public/x HTTP/1.1\r\nHost: good.test:abc\r\n\r\n",
+        ),
+    ] {
+        let (a, mut stream) = send_raw(listen, request.as_bytes()).await;
+        assert_eq!(a.status, 400, "{what}: {}", a.body);
+        assert!(a.body.starts_with("bad request: "), "{what}: {}", a.body);
+        assert!(closes(&mut stream).await, "{what}: the connection closes");
+    }
+    assert_eq!(origin.requests(), 0, "none reached the backend");
+
+    // What is valid still passes; an absolute-form target's authority wins over Host
+    // (RFC 9112, 3.2.2).
+    let a = get_raw(listen, "/public/x").await;
+    assert_eq!(a.status, 200);
+    let request = "GET http://good.test:81/public/x HTTP/1.1\r\nHost: other.test\r\n\r\n";
+    let (a, _) = send_raw(listen, request.as_bytes()).await;
+    assert_eq!(a.status, 200);
+    let request = "GET /public/x HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n";
+    let (a, _) = send_raw(listen, request.as_bytes()).await;
+    assert_eq!(a.status, 200);
+
+    // HTTP/2.
+    let mut c = H2::connect(listen).await.unwrap();
+    let r = h2_get(&mut c, "http://user:pw@evil.example:444/public/x", None).await;
+    assert_eq!(r.status, 400, "userinfo in :authority");
+    let r = h2_get(&mut c, "http://good.test:abc/public/x", None).await;
+    assert_eq!(r.status, 400, "an invalid :authority");
+    let r = h2_get(&mut c, "http://good.test/public/x", Some("evil.test")).await;
+    assert_eq!(r.status, 400, ":authority and Host disagree");
+    let r = h2_get(&mut c, "http://good.test/public/x", Some("GOOD.test:80")).await;
+    assert_eq!(r.status, 200, ":authority and Host agree");
+    assert_eq!(origin.requests(), 4);
+
+    assert_eq!(
+        stat(admin, "downstream_rq_4xx{listener=public,code_class=4xx}").await,
+        8
+    );
 }
 
 /// Item: a client's malformed chunked body was answered 502 "upstream reset" and counted as
@@ -137,6 +256,34 @@ async fn a_malformed_request_body_is_the_clients_fault() {
         assert_eq!(a.header("connection"), Some("close"), "{what}");
         assert!(closes(&mut stream).await, "{what}: the connection closes");
     }
+    for (what, fields) in [
+        (
+            "chunked twice",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        ),
+        (
+            "chunked, chunked",
+            "Transfer-Encoding: chunked, chunked\r\n",
+        ),
+    ] {
+        let request = format!(
+            "POST /collect HTTP/1.1\r\nHost: x.test\r\n{fields}\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        let (a, mut stream) = send_raw(listen, request.as_bytes()).await;
+        assert_eq!(a.status, 400, "{what}");
+        assert!(
+            a.body.contains("chunked more than once"),
+            "{what}: {}",
+            a.body
+        );
+        assert!(closes(&mut stream).await, "{what}: the connection closes");
+    }
+
+    // A coding beside chunked would be lost on the way (the body is framed again upstream):
+    // 501, as RFC 9112 (6.1) says for a coding the server does not implement.
+    let request = "POST /collect HTTP/1.1\r\nHost: x.test\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    let (a, _) = send_raw(listen, request.as_bytes()).await;
+    assert_eq!(a.status, 501, "{}", a.body);
     // What hyper itself refuses (a coding that does not end in chunked, a request line that
     // is none) is counted as a 4xx too.
     for request in [
@@ -151,11 +298,15 @@ async fn a_malformed_request_body_is_the_clients_fault() {
     // request gets a new one and its answer.
     let (a, _) = send_raw(listen, b"GET /after HTTP/1.1\r\nHost: x.test\r\n\r\n").await;
     assert_eq!(a.status, 200);
-    assert_eq!(origin.requests(), 1 + 5 + 1);
+    assert_eq!(
+        origin.requests(),
+        1 + 5 + 1,
+        "chunked twice never went upstream"
+    );
     assert_eq!(origin.connections(), 1 + 4 + 1);
 
     let counted = baton_tests::wait_until_async(WAIT, || async {
-        stat(admin, "downstream_rq_4xx{listener=public,code_class=4xx}").await == 7
+        stat(admin, "downstream_rq_4xx{listener=public,code_class=4xx}").await == 9
     })
     .await;
     assert!(
@@ -165,7 +316,8 @@ async fn a_malformed_request_body_is_the_clients_fault() {
     );
     assert_eq!(
         stat(admin, "downstream_rq_5xx{listener=public,code_class=5xx}").await,
-        0
+        1,
+        "the 501 alone"
     );
     assert_eq!(stat(admin, "upstream_rq_reset{cluster=origin}").await, 0);
     assert_eq!(
@@ -177,7 +329,7 @@ async fn a_malformed_request_body_is_the_clients_fault() {
             .read_file("access.log")
             .matches("\"POST /collect HTTP/1.1\" 400 ")
             .count()
-            == 5
+            == 7
     }));
     let log = proxy.read_file("access.log");
     let refused: Vec<&str> = log
@@ -185,7 +337,7 @@ async fn a_malformed_request_body_is_the_clients_fault() {
         .filter(|l| l.contains("POST /collect"))
         .collect();
     assert!(
-        refused.len() == 5 && refused.iter().all(|l| l.contains(" DPE ")),
+        refused.len() == 8 && refused.iter().all(|l| l.contains(" DPE ")),
         "every refused body is the client's protocol error, none an upstream reset:\n{log}"
     );
 }
