@@ -37,7 +37,8 @@ const GATE_TIMEOUT: Duration = Duration::from_secs(15);
 /// - `/chunked/<n>`: `n` chunks, streamed without a content length;
 /// - `/gate/<k>`: answers `gate open` once `k` requests are waiting at the gate at once (so `k`
 ///   answers prove `k` requests in flight together), or 503 after 15 s;
-/// - anything else: `upstream <name>`.
+/// - anything else: `upstream <name>`, with the request's target (path and query, or the
+///   whole URI of an HTTP/2 request) as it arrived in `x-upstream-uri`.
 pub struct Origin {
     pub addr: SocketAddr,
     /// Requests received.
@@ -261,10 +262,13 @@ async fn handle(
         });
         Response::new(ChannelBody(rx).boxed())
     } else {
+        let uri = request.uri().to_string();
         let mut response = full(StatusCode::OK, format!("upstream {name}\n"));
-        response
-            .headers_mut()
-            .insert("x-upstream-name", name.parse().unwrap());
+        let headers = response.headers_mut();
+        headers.insert("x-upstream-name", name.parse().unwrap());
+        if let Ok(uri) = uri.parse() {
+            headers.insert("x-upstream-uri", uri);
+        }
         response
     };
     Ok(response)

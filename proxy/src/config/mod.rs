@@ -157,6 +157,46 @@ pub struct HttpListener {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub idle_timeout: Duration,
     pub limits: RequestLimits,
+    /// What is done to a request's path before it is routed and forwarded.
+    pub path: PathNormalization,
+}
+
+/// How a listener normalises request paths (RFC 3986, section 6.2.2) before routing them; the
+/// upstream gets the normalised path. Envoy's `normalize_path`, `merge_slashes` and
+/// `path_with_escaped_slashes_action`, nginx's `merge_slashes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathNormalization {
+    /// Decode percent-encoded unreserved characters, refuse invalid percent-encodings and
+    /// remove `.` and `..` segments (RFC 3986, section 5.2.4).
+    pub normalize: bool,
+    /// Collapse runs of `/` into one.
+    pub merge_slashes: bool,
+    /// What to do with `%2F` and `%5C` in a path.
+    pub escaped_slashes: EscapedSlashes,
+}
+
+impl Default for PathNormalization {
+    fn default() -> Self {
+        PathNormalization {
+            normalize: true,
+            merge_slashes: true,
+            escaped_slashes: EscapedSlashes::Reject,
+        }
+    }
+}
+
+/// What a listener does with a path that holds an encoded slash (`%2F`) or backslash (`%5C`):
+/// a backend that decodes it before resolving `..` sees another path than the routes did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EscapedSlashes {
+    /// Forward it as it is (for backends that give `%2F` a meaning, such as an encoded name).
+    Keep,
+    /// Answer 400.
+    Reject,
+    /// Decode it to `/`, then normalise and route the result.
+    UnescapeAndForward,
+    /// Decode it to `/`, normalise, and answer 307 with the result as `Location`.
+    UnescapeAndRedirect,
 }
 
 /// What an HTTP listener accepts of a request.

@@ -145,6 +145,17 @@ impl<'de> serde::Deserialize<'de> for RawSize {
     }
 }
 
+/// What an http listener does with `%2F` and `%5C` in a path (Envoy's
+/// `path_with_escaped_slashes_action`, in lower case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawEscapedSlashes {
+    Keep,
+    Reject,
+    UnescapeAndForward,
+    UnescapeAndRedirect,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RawProtocol {
@@ -171,6 +182,9 @@ pub struct RawListener {
     pub max_request_header_size: Option<Spanned<RawSize>>,
     pub max_request_headers: Option<Spanned<i64>>,
     pub max_request_body: Option<Spanned<RawSize>>,
+    pub normalize_path: Option<Spanned<bool>>,
+    pub merge_slashes: Option<Spanned<bool>>,
+    pub path_with_escaped_slashes: Option<Spanned<RawEscapedSlashes>>,
     pub tls: Option<Spanned<RawTls>>,
     #[serde(default)]
     pub route: Vec<Spanned<RawRoute>>,

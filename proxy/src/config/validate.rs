@@ -14,8 +14,8 @@ use http::{HeaderMap, StatusCode};
 use serde_spanned::Spanned;
 
 use super::raw::{
-    RawConfig, RawDirectResponse, RawDuration, RawGuardDog, RawListener, RawOverflow, RawProtocol,
-    RawRoute, RawSize, RawStats, RawTls,
+    RawConfig, RawDirectResponse, RawDuration, RawEscapedSlashes, RawGuardDog, RawListener,
+    RawOverflow, RawProtocol, RawRoute, RawSize, RawStats, RawTls,
 };
 use super::tls::{self, LoadedCertificate};
 use super::*;
@@ -528,6 +528,18 @@ impl Validator<'_> {
                         "max_request_body",
                         raw.max_request_body.as_ref().map(|t| t.span()),
                     ),
+                    (
+                        "normalize_path",
+                        raw.normalize_path.as_ref().map(|t| t.span()),
+                    ),
+                    (
+                        "merge_slashes",
+                        raw.merge_slashes.as_ref().map(|t| t.span()),
+                    ),
+                    (
+                        "path_with_escaped_slashes",
+                        raw.path_with_escaped_slashes.as_ref().map(|t| t.span()),
+                    ),
                 ] {
                     if let Some(span) = present {
                         return Err(self.error(
@@ -597,6 +609,26 @@ impl Validator<'_> {
                         .map(|s| self.size("listener.max_request_body", s, u64::MAX))
                         .transpose()?,
                 };
+                let defaults = PathNormalization::default();
+                let path = PathNormalization {
+                    normalize: raw
+                        .normalize_path
+                        .map_or(defaults.normalize, |b| b.into_inner()),
+                    merge_slashes: raw
+                        .merge_slashes
+                        .map_or(defaults.merge_slashes, |b| b.into_inner()),
+                    escaped_slashes: match raw.path_with_escaped_slashes.map(|a| a.into_inner()) {
+                        None => defaults.escaped_slashes,
+                        Some(RawEscapedSlashes::Keep) => EscapedSlashes::Keep,
+                        Some(RawEscapedSlashes::Reject) => EscapedSlashes::Reject,
+                        Some(RawEscapedSlashes::UnescapeAndForward) => {
+                            EscapedSlashes::UnescapeAndForward
+                        }
+                        Some(RawEscapedSlashes::UnescapeAndRedirect) => {
+                            EscapedSlashes::UnescapeAndRedirect
+                        }
+                    },
+                };
                 HttpListener {
                     routes,
                     tls,
@@ -606,6 +638,7 @@ impl Validator<'_> {
                         DEFAULT_LISTENER_IDLE_TIMEOUT,
                     )?,
                     limits,
+                    path,
                 }
                 .into()
             }

@@ -13,6 +13,7 @@ mod authority;
 mod body;
 mod headers;
 mod io;
+mod path;
 mod service;
 
 use std::convert::Infallible;

@@ -6,7 +6,8 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_TYPE, HOST, HeaderValue, SERVER, USER_AGENT};
+use http::header::{CONNECTION, CONTENT_TYPE, HOST, HeaderValue, LOCATION, SERVER, USER_AGENT};
+use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::{BodyExt, Either, Full};
@@ -17,6 +18,7 @@ use super::authority;
 use super::body::{self, Exchange, Flag, LogRecord, Release, ResponseBody, Upstream, UpstreamBody};
 use super::headers::{self, BadTransferCoding, Downstream, X_REQUEST_ID};
 use super::io::Activity;
+use super::path::{self, Normalized};
 use crate::cluster::{self, ActiveRetry, ClusterRequest, HostRequest, Outcome, PendingRequest};
 use crate::config::{
     ClusterId, ClusterRoute, DirectResponse, ListenerKind, RetryPolicy, RouteAction,
@@ -74,7 +76,8 @@ pub async fn handle(
         response.body_mut().bodyless_if(bodyless);
         return Ok(response);
     }
-    if let Err(refused) = check(&request) {
+    let mut request = request;
+    if let Err(refused) = check(&ctx, &mut request) {
         return Ok(refuse(&ctx, refused, exchange, bodyless));
     }
 
@@ -191,14 +194,17 @@ fn too_large(ctx: &ConnCtx, exchange: Exchange, bodyless: bool) -> Response<Resp
 /// A request body went past `max_request_body` before the upstream answered.
 struct TooLarge(Exchange);
 
-/// A request refused before routing: its status and the line that says why.
+/// A request answered before routing: refused, or redirected to its normal path.
 enum Refused {
     Status(StatusCode, &'static str),
+    /// `path_with_escaped_slashes = "unescape_and_redirect"`: 307 to this path and query.
+    Redirect(String),
 }
 
-/// What a request must be before it is routed: one valid authority (see `authority.rs`), and
-/// chunked applied once (HTTP/1.1).
-fn check(request: &Request<Incoming>) -> Result<(), Refused> {
+/// What a request must be before it is routed: one valid authority, chunked applied once
+/// (HTTP/1.1), and a normal path, which then replaces the client's (see `authority.rs` and
+/// `path.rs`). A path that needs nothing costs a scan of its bytes.
+fn check(ctx: &ConnCtx, request: &mut Request<Incoming>) -> Result<(), Refused> {
     authority::check(request)
         .map_err(|bad| Refused::Status(StatusCode::BAD_REQUEST, bad.answer()))?;
     // Only a body of unknown length can be chunked: most requests skip the header lookup.
@@ -219,6 +225,35 @@ fn check(request: &Request<Incoming>) -> Result<(), Refused> {
             }
         }
     }
+    let ListenerKind::Http(http) = &ctx.worker.config.listeners[ctx.listener].kind else {
+        return Ok(());
+    };
+    let normalized = path::normalize(request.uri().path(), &http.path)
+        .map_err(|bad| Refused::Status(StatusCode::BAD_REQUEST, bad.answer()))?;
+    let (redirect, mut target) = match normalized {
+        Normalized::Unchanged => return Ok(()),
+        Normalized::Changed(path) => (false, path),
+        Normalized::Redirect(path) => (true, path),
+    };
+    if let Some(query) = request.uri().query() {
+        target.push('?');
+        target.push_str(query);
+    }
+    if redirect {
+        return Err(Refused::Redirect(target));
+    }
+    // The normalised path holds only what the client's did, less escapes of unreserved
+    // characters: it is a valid path (the unit tests check it), and these errors do not happen.
+    let invalid = || {
+        Refused::Status(
+            StatusCode::BAD_REQUEST,
+            "bad request: invalid request target\n",
+        )
+    };
+    let path_and_query = PathAndQuery::try_from(target).map_err(|_| invalid())?;
+    let mut parts = std::mem::take(request.uri_mut()).into_parts();
+    parts.path_and_query = Some(path_and_query);
+    *request.uri_mut() = Uri::from_parts(parts).map_err(|_| invalid())?;
     Ok(())
 }
 
@@ -237,12 +272,24 @@ fn refuse(
         Refused::Status(status, message) => {
             local(status, message, exchange, Flag::DownstreamProtocolError)
         }
+        Refused::Redirect(target) => {
+            let mut response = local(
+                StatusCode::TEMPORARY_REDIRECT,
+                "redirected to the normalised path\n",
+                exchange,
+                Flag::None,
+            );
+            if let Ok(location) = HeaderValue::try_from(target) {
+                response.headers_mut().insert(LOCATION, location);
+            }
+            response
+        }
     };
     if let Some(class) = stats::class_index(response.status().as_u16()) {
         stats.shard.inc(ids.downstream_rq_class[class]);
     }
     response.body_mut().bodyless_if(bodyless);
-    if !ctx.h2 {
+    if !ctx.h2 && response.status() != StatusCode::TEMPORARY_REDIRECT {
         ctx.activity.linger.set(true);
         response
             .headers_mut()

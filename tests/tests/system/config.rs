@@ -197,6 +197,21 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
             "outlier_detection has every detector off",
         ),
         (
+            "an escaped-slash action that does not exist",
+            BASE.replace(
+                "protocol = \"http\"",
+                "protocol = \"http\"\npath_with_escaped_slashes = \"decode\"",
+            ),
+            7,
+            "unknown variant `decode`, expected one of `keep`, `reject`, `unescape_and_forward`, `unescape_and_redirect`",
+        ),
+        (
+            "path normalisation on a tcp listener",
+            format!("{BASE}\n[[listener]]\nname = \"raw\"\naddress = \"127.0.0.1:18082\"\nprotocol = \"tcp\"\ncluster = \"origin\"\nmerge_slashes = false\n"),
+            21,
+            "listener `raw`: `merge_slashes` applies to http listeners only",
+        ),
+        (
             "a health check status range upside down",
             BASE.replace(
                 "endpoints = [",

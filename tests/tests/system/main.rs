@@ -27,8 +27,8 @@ mod privileges;
 mod recovery;
 /// The supervisor: hot restart under load, failed reloads, crashes, binary upgrades.
 mod reload;
-/// Requests as attackers send them: one valid authority, malformed request bodies answered 400
-/// as the client's fault.
+/// Requests as attackers send them: paths normalised before routing, one valid authority,
+/// malformed request bodies answered 400 as the client's fault.
 mod requests;
 /// The shared-memory stats region, read by `baton-stats` and the admin endpoints.
 mod stats;

@@ -1,4 +1,5 @@
-//! Requests as an attacker writes them, byte for byte: authorities that are two or none, and
+//! Requests as an attacker writes them, byte for byte: paths that would pass a `path_prefix`
+//! route as one path and reach the backend as another, authorities that are two or none, and
 //! request bodies whose chunked framing is broken.
 
 use std::net::SocketAddr;
@@ -136,6 +137,143 @@ name = "origin"
 endpoints = ["{origin}"]
 "#
     )
+}
+
+/// Item: a path with `..`, `%2e%2e` or `..%2f` passed the `/public/` route and reached the
+/// backend's `/admin/`. Paths are normalised before routing and the backend gets the
+/// normalised path; an encoded slash or a bad percent-encoding is refused. The query is the
+/// application's and is not touched; the access log keeps the target as the client sent it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_normalised_before_routing() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let proxy = Proxy::start(&public_only(listen, admin, origin.addr, ""));
+
+    for target in [
+        "/public/../admin/x",
+        "/public/%2e%2e/admin/x",
+        "/public/.%2E/admin/x",
+        "/public/a/../../admin/x",
+        "/public/./../admin/x",
+    ] {
+        let a = get_raw(listen, target).await;
+        assert_eq!(
+            (a.status, a.body.as_str()),
+            (403, "forbidden\n"),
+            "{target}"
+        );
+    }
+    let a = get_raw(listen, "/public/..%2fadmin/x").await;
+    assert_eq!(a.status, 400, "an encoded slash is refused by default");
+    assert!(a.body.contains("path_with_escaped_slashes"), "{}", a.body);
+    assert_eq!(a.header("connection"), Some("close"));
+    let a = get_raw(listen, "/public/%zz").await;
+    assert_eq!(a.status, 400);
+    assert!(a.body.contains("invalid percent-encoding"), "{}", a.body);
+    assert_eq!(origin.requests(), 0, "nothing of that reached the backend");
+
+    let a = get_raw(listen, "/public/./a/../b%7e//c%41?q=%2e%2e/../x//y").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        a.header("x-upstream-uri"),
+        Some("/public/b~/cA?q=%2e%2e/../x//y"),
+        "the backend gets the normalised path and the query as it was"
+    );
+    let a = get_raw(listen, "/public/plain.txt?x=1").await;
+    assert_eq!(a.header("x-upstream-uri"), Some("/public/plain.txt?x=1"));
+
+    // HTTP/2: the same for `:path`.
+    let mut c = H2::connect(listen).await.unwrap();
+    for path in ["/public/../admin/x", "/public/%2e%2e/admin/x"] {
+        let r = h2_get(&mut c, &format!("http://x.test{path}"), None).await;
+        assert_eq!(r.status, 403, "HTTP/2 {path}");
+    }
+    let r = h2_get(&mut c, "http://x.test/public/..%2Fadmin", None).await;
+    assert_eq!(r.status, 400);
+    let r = h2_get(&mut c, "http://x.test/public/a/./b/%2e%2e/c", None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("x-upstream-uri"),
+        Some("/public/a/c"),
+        "HTTP/2 path normalised"
+    );
+
+    // Counted as the client's: 4xx downstream, nothing upstream.
+    assert_eq!(
+        stat(admin, "downstream_rq_4xx{listener=public,code_class=4xx}").await,
+        10
+    );
+    assert_eq!(stat(admin, "upstream_rq_total{cluster=origin}").await, 3);
+    assert!(proxy.wait_for_log_file(
+        "access.log",
+        "\"GET /public/../admin/x HTTP/1.1\" 403 ",
+        WAIT
+    ));
+    assert!(proxy.wait_for_log_file("access.log", "\"GET /public/%zz HTTP/1.1\" 400 ", WAIT));
+    let log = proxy.read_file("access.log");
+    let line = log.lines().find(|l| l.contains("/public/%zz")).unwrap();
+    assert!(line.contains(" DPE "), "{line}");
+}
+
+/// The knobs, one listener each: an encoded slash kept (and slashes not merged), decoded and
+/// forwarded, decoded and redirected; and normalisation off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_normalisation_follows_the_listener_settings() {
+    let origin = Origin::start("origin").await;
+    let admin = free_addr();
+    let listeners = [
+        (
+            "keep",
+            "path_with_escaped_slashes = \"keep\"\nmerge_slashes = false",
+        ),
+        (
+            "forward",
+            "path_with_escaped_slashes = \"unescape_and_forward\"",
+        ),
+        (
+            "redirect",
+            "path_with_escaped_slashes = \"unescape_and_redirect\"",
+        ),
+        ("raw", "normalize_path = false"),
+    ]
+    .map(|(name, settings)| (name, free_addr(), settings));
+    let mut config = format!(
+        "concurrency = 1\n[admin]\naddress = \"{admin}\"\n[[cluster]]\nname = \"origin\"\nendpoints = [\"{}\"]\n",
+        origin.addr
+    );
+    for (name, addr, settings) in &listeners {
+        config.push_str(&format!(
+            "[[listener]]\nname = \"{name}\"\naddress = \"{addr}\"\nprotocol = \"http\"\n{settings}\n\
+             [[listener.route]]\npath_prefix = \"/public/\"\ncluster = \"origin\"\n\
+             [[listener.route]]\ndirect_response = {{ status = 403, body = \"forbidden\\n\" }}\n"
+        ));
+    }
+    let _proxy = Proxy::start(&config);
+    let [keep, forward, redirect, raw] = listeners.map(|(_, addr, _)| addr);
+
+    let a = get_raw(keep, "/public/..%2fadmin/x").await;
+    assert_eq!(a.status, 200, "kept: one segment `..%2fadmin`");
+    assert_eq!(a.header("x-upstream-uri"), Some("/public/..%2fadmin/x"));
+    let a = get_raw(keep, "/public//x/../y").await;
+    assert_eq!(a.header("x-upstream-uri"), Some("/public//y"));
+
+    let a = get_raw(forward, "/public/..%2fadmin/x").await;
+    assert_eq!(a.status, 403, "decoded, then normalised to /admin/x");
+    let a = get_raw(forward, "/public/a%2Fb%5Cc").await;
+    assert_eq!(a.header("x-upstream-uri"), Some("/public/a/b/c"));
+
+    let a = get_raw(redirect, "/public/a%2Fb/../c?q=%2F").await;
+    assert_eq!(a.status, 307);
+    assert_eq!(a.header("location"), Some("/public/a/c?q=%2F"));
+    let a = get_raw(redirect, "/public/a/../c").await;
+    assert_eq!(a.header("x-upstream-uri"), Some("/public/c"));
+
+    let a = get_raw(raw, "/public/../admin/x").await;
+    assert_eq!(
+        (a.status, a.header("x-upstream-uri")),
+        (200, Some("/public/../admin/x")),
+        "normalize_path = false forwards the path as it came"
+    );
 }
 
 /// Item: two `Host` fields were routed by the first and both forwarded; userinfo of an
