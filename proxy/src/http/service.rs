@@ -49,7 +49,7 @@ pub struct ConnCtx {
 
 pub async fn handle(
     ctx: Rc<ConnCtx>,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let worker = &ctx.worker;
     let stats = &worker.stats;
@@ -61,22 +61,6 @@ pub async fn handle(
     let exchange = Exchange::new(ctx.activity.clone(), worker.clone(), ctx.listener, log);
     let bodyless = request.method() == Method::HEAD;
 
-    if request.version() == Version::HTTP_11
-        && request.uri().authority().is_none()
-        && !request.headers().contains_key(HOST)
-    {
-        // RFC 9112, section 3.2: an HTTP/1.1 request without Host is answered 400.
-        let mut response = local(
-            StatusCode::BAD_REQUEST,
-            "bad request: an HTTP/1.1 request needs a Host header\n",
-            exchange,
-            Flag::DownstreamProtocolError,
-        );
-        stats.shard.inc(listener_stats.downstream_rq_class[3]);
-        response.body_mut().bodyless_if(bodyless);
-        return Ok(response);
-    }
-    let mut request = request;
     if let Err(refused) = check(&ctx, &mut request) {
         return Ok(refuse(&ctx, refused, exchange, bodyless));
     }
@@ -201,7 +185,8 @@ enum Refused {
     Redirect(String),
 }
 
-/// What a request must be before it is routed: one valid authority, chunked applied once
+/// What a request must be before it is routed: one valid authority (and a `Host` in HTTP/1.1,
+/// RFC 9112, section 3.2), chunked applied once
 /// (HTTP/1.1), and a normal path, which then replaces the client's (see `authority.rs` and
 /// `path.rs`). A path that needs nothing costs a scan of its bytes.
 fn check(ctx: &ConnCtx, request: &mut Request<Incoming>) -> Result<(), Refused> {
