@@ -3,8 +3,9 @@
 //!
 //! Heads are parsed by httparse, the parser hyper uses. What this module adds is the framing:
 //! which bytes are the body (a length, chunked with trailers, or up to the close), and whether the
-//! connection may carry another request; interim (1xx) answers are skipped and a `101` is an
-//! error, since the proxy never asks for an upgrade. Pure functions over buffers, in the library
+//! connection may carry another request; interim (1xx) answers are skipped, and a `101` is the
+//! final answer to a request that asked for an upgrade ([`parse_head_for`]) and an error to any
+//! other. Pure functions over buffers, in the library
 //! so that a fuzz target can feed them any bytes an upstream may send (`fuzz/`); the proxy's
 //! upstream client (`upstream_h1` in the binary) reads the sockets.
 
@@ -55,6 +56,18 @@ pub enum Framing {
 /// Parses a response head at the start of `buf`, taking it (and any interim answers before it)
 /// out of `buf`. `None` if the head is not complete yet.
 pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, WireError> {
+    parse_head_for(buf, head_request, false)
+}
+
+/// [`parse_head`] for a request that may have asked for an upgrade (`upgrade`): then a `101
+/// Switching Protocols` is its final answer, with no body, a connection that carries no other
+/// request, and its `Upgrade` field kept (it names the protocol the connection now speaks; what
+/// follows the head in `buf` is that protocol's). Without `upgrade`, a `101` is an error.
+pub fn parse_head_for(
+    buf: &mut BytesMut,
+    head_request: bool,
+    upgrade: bool,
+) -> Result<Option<Head>, WireError> {
     loop {
         // Uninitialised slots: httparse fills as many as the head has (no 3 KiB of zeroes to
         // write per response).
@@ -81,12 +94,13 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
             Some(0) => Version::HTTP_10,
             _ => Version::HTTP_11,
         };
-        if code == 101 {
+        let switching = code == 101;
+        if switching && !upgrade {
             return Err(WireError::Invalid(
                 "101 Switching Protocols, which was not asked for",
             ));
         }
-        if (100..200).contains(&code) {
+        if (100..200).contains(&code) && !switching {
             // An interim answer (100 Continue, 103 Early Hints): the final one follows.
             buf.advance(len);
             continue;
@@ -110,14 +124,18 @@ pub fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>
         let head = buf.split_to(len).freeze();
         let fields = &found[..count];
         let hop = Hop::scan(&head, fields);
-        let (framing, keep_alive) = framing(&head, fields, &hop, status, head_request)?;
+        let (framing, keep_alive) = if switching {
+            (Framing::Empty, false)
+        } else {
+            framing(&head, fields, &hop, status, head_request)?
+        };
         // The fields that concern this connection only (RFC 9110, 7.6.1) were read for the
         // framing and the connection's reuse; they do not go into the client's answer, nor
         // does a content-length beside a transfer coding (RFC 9112, 6.3).
         let mut headers = HeaderMap::with_capacity(count);
         for &(name_start, name_end, start, end) in fields {
             let raw = &head[name_start as usize..name_end as usize];
-            if hop.drops(&head, raw) {
+            if hop.drops(&head, raw) && !(switching && raw.eq_ignore_ascii_case(b"upgrade")) {
                 continue;
             }
             let name = HeaderName::from_bytes(raw)
@@ -540,6 +558,40 @@ mod tests {
         ] {
             assert!(head_of(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn a_101_answers_only_a_request_that_asked_for_an_upgrade() {
+        let wire: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+            Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81\x02hi";
+        assert!(
+            parse_head(&mut BytesMut::from(wire), false).is_err(),
+            "a 101 nobody asked for is refused"
+        );
+        let mut buf = BytesMut::from(wire);
+        let head = parse_head_for(&mut buf, false, true).unwrap().unwrap();
+        assert_eq!(head.status, StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!((head.framing, head.keep_alive), (Framing::Empty, false));
+        assert_eq!(head.headers["upgrade"], "websocket");
+        assert_eq!(
+            head.headers["sec-websocket-accept"],
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        assert!(!head.headers.contains_key("connection"));
+        assert_eq!(
+            &buf[..],
+            b"\x81\x02hi",
+            "what follows is the new protocol's"
+        );
+        // A refusal is an ordinary answer, and interim answers before either are skipped.
+        let mut buf = BytesMut::from(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 403 Forbidden\r\ncontent-length: 2\r\n\r\nno",
+        );
+        let head = parse_head_for(&mut buf, false, true).unwrap().unwrap();
+        assert_eq!(
+            (head.status.as_u16(), head.framing),
+            (403, Framing::Length(2))
+        );
     }
 
     #[test]
