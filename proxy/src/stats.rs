@@ -32,6 +32,12 @@ pub struct ListenerStats {
     pub downstream_rq_too_large: Counter,
     /// Requests refused (429) by a route's rate limit.
     pub downstream_rq_rate_limited: Counter,
+    /// Connections that switched protocols (a `101`) and became tunnels.
+    pub downstream_cx_upgrades_total: Counter,
+    /// Tunnels open.
+    pub downstream_cx_upgrades_active: Gauge,
+    /// Tunnels closed after their idle timeout without a byte either way.
+    pub downstream_cx_upgrades_idle_timeout: Counter,
 }
 
 /// Stats of one cluster.
@@ -177,6 +183,19 @@ impl StatIds {
                     downstream_rq_rate_limited: counter(
                         "downstream_rq_rate_limited",
                         "Requests refused (429) by a route's rate_limit.",
+                    )?,
+                    downstream_cx_upgrades_total: counter(
+                        "downstream_cx_upgrades_total",
+                        "Connections upgraded (101 Switching Protocols, a WebSocket) into tunnels.",
+                    )?,
+                    downstream_cx_upgrades_active: region.gauge(Spec::new(
+                        "downstream_cx_upgrades_active",
+                        &tags,
+                        "Tunnels of upgraded connections open.",
+                    ))?,
+                    downstream_cx_upgrades_idle_timeout: counter(
+                        "downstream_cx_upgrades_idle_timeout",
+                        "Tunnels closed after the route's upgrade_idle_timeout without a byte either way.",
                     )?,
                 })
             })

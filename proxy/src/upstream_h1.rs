@@ -18,14 +18,16 @@ use std::rc::{Rc, Weak};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, request};
 use http_body::{Body as _, Frame, SizeHint};
 use shm_stats::Gauge;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use baton_proxy::http1_wire::{Decoded, Decoder, Framing, Head, MAX_HEAD, WireError, parse_head};
+use baton_proxy::http1_wire::{
+    Decoded, Decoder, Framing, Head, MAX_HEAD, WireError, parse_head_for,
+};
 
 use crate::config::Cluster;
 use crate::upstream::{self, ConnectError, ConnectionSlot, TrackedBody};
@@ -155,7 +157,7 @@ impl Conn {
             body_taken: false,
             answered: false,
         };
-        let head_request = request.head_request;
+        let (head_request, upgrade) = (request.head_request, request.upgrade);
         let written = match &mut request.body {
             OutBody::Kept(rest) => {
                 if let Err(e) = self.stream.write_all(&request.head).await {
@@ -184,7 +186,7 @@ impl Conn {
                 let (mut reader, mut writer) = stream.split();
                 let raced = tokio::select! {
                     biased;
-                    head = read_head(&mut reader, buf, head_request) => Err(head),
+                    head = read_head(&mut reader, buf, head_request, upgrade) => Err(head),
                     sent = std::future::poll_fn(|cx| upload.poll(&mut writer, cx)) => Ok(sent),
                 };
                 match raced {
@@ -210,7 +212,7 @@ impl Conn {
         };
         // A write that failed may still have an answer behind it (an upstream that refuses a
         // request it will not read sends its answer, then closes): read it.
-        match read_head(&mut self.stream, &mut self.buf, head_request).await {
+        match read_head(&mut self.stream, &mut self.buf, head_request, upgrade).await {
             Ok(head) => {
                 if write_error.is_some() {
                     request.unfinished = true;
@@ -300,15 +302,17 @@ impl Upload {
     }
 }
 
-/// Reads until `buf` holds a complete final response head, and parses it.
+/// Reads until `buf` holds a complete final response head (a `101` too, when the request asked
+/// for an `upgrade`), and parses it.
 async fn read_head<R: tokio::io::AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut BytesMut,
     head_request: bool,
+    upgrade: bool,
 ) -> Result<Head, Error> {
     loop {
         if !buf.is_empty()
-            && let Some(head) = parse_head(buf, head_request)?
+            && let Some(head) = parse_head_for(buf, head_request, upgrade)?
         {
             return Ok(head);
         }
@@ -329,6 +333,9 @@ pub struct Outgoing {
     head: Bytes,
     body: OutBody,
     head_request: bool,
+    /// The request asks for an upgrade (it carries `Upgrade`): a `101` may answer it, and its
+    /// connection is not used again whatever the answer.
+    upgrade: bool,
     /// Set when the request was not all sent (the upstream answered first).
     unfinished: bool,
 }
@@ -346,7 +353,7 @@ impl Outgoing {
     pub fn kept(parts: &request::Parts, body: Bytes) -> Self {
         let len = body.len();
         let room = if len <= COALESCE { len } else { 0 };
-        let mut head = encode_head(parts, Some(len as u64), room);
+        let (mut head, upgrade) = encode_head(parts, Some(len as u64), room);
         let rest = if len <= COALESCE {
             head.put_slice(&body);
             Bytes::new()
@@ -357,6 +364,7 @@ impl Outgoing {
             head: head.freeze(),
             body: OutBody::Kept(rest),
             head_request: parts.method == Method::HEAD,
+            upgrade,
             unfinished: false,
         }
     }
@@ -365,7 +373,7 @@ impl Outgoing {
     /// client declared one, chunked otherwise.
     pub fn streamed(parts: &request::Parts, body: TrackedBody) -> Self {
         let length = body.size_hint().exact();
-        let head = encode_head(parts, length, 0);
+        let (head, upgrade) = encode_head(parts, length, 0);
         Outgoing {
             head: head.freeze(),
             body: OutBody::Streamed(Upload {
@@ -375,6 +383,7 @@ impl Outgoing {
                 ended: false,
             }),
             head_request: parts.method == Method::HEAD,
+            upgrade,
             unfinished: false,
         }
     }
@@ -387,18 +396,21 @@ fn expects_body(method: &Method) -> bool {
 }
 
 /// The request line and header fields; `length` is the body's `content-length`, `None` for a
-/// chunked body. The client's own framing fields are replaced.
-fn encode_head(parts: &request::Parts, length: Option<u64>, room: usize) -> BytesMut {
+/// chunked body. The client's own framing fields are replaced. Also says whether the request
+/// asks for an upgrade (seen on the way, rather than by a lookup in every request's map).
+fn encode_head(parts: &request::Parts, length: Option<u64>, room: usize) -> (BytesMut, bool) {
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let mut head = BytesMut::with_capacity(256 + room);
     head.put_slice(parts.method.as_str().as_bytes());
     head.put_u8(b' ');
     head.put_slice(target.as_bytes());
     head.put_slice(b" HTTP/1.1\r\n");
+    let mut upgrade = false;
     for (name, value) in &parts.headers {
         if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
             continue;
         }
+        upgrade |= name == UPGRADE;
         put_field(&mut head, name, value);
     }
     match length {
@@ -410,7 +422,7 @@ fn encode_head(parts: &request::Parts, length: Option<u64>, room: usize) -> Byte
         None => head.put_slice(b"transfer-encoding: chunked\r\n"),
     }
     head.put_slice(b"\r\n");
-    head
+    (head, upgrade)
 }
 
 fn put_field(out: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
@@ -450,7 +462,7 @@ impl Body {
             conn: Some(conn),
             upload,
             decoder: Decoder::new(head.framing),
-            keep_alive: head.keep_alive && !request.unfinished,
+            keep_alive: head.keep_alive && !request.unfinished && !request.upgrade,
             length: match head.framing {
                 Framing::Empty => Some(0),
                 Framing::Length(n) => Some(n),
@@ -469,6 +481,29 @@ impl Body {
         conn.shrink();
         Some(conn)
     }
+
+    /// The connection of a `101 Switching Protocols`, to carry the protocol switched to; `None`
+    /// if part of the request body was still to be sent (the upstream switched too early).
+    pub fn into_upgraded(mut self) -> Option<Upgraded> {
+        if self.upload.is_some() {
+            return None;
+        }
+        let conn = self.conn.take()?;
+        Some(Upgraded {
+            stream: conn.stream,
+            read: conn.buf,
+            _live: conn._live,
+        })
+    }
+}
+
+/// An upstream connection that switched protocols: from now on a tunnel's, never pooled. It
+/// still counts in `upstream_cx_active` and holds its place under `max_connections`.
+pub struct Upgraded {
+    pub stream: TcpStream,
+    /// Bytes of the new protocol that came with the `101`.
+    pub read: BytesMut,
+    _live: Live,
 }
 
 impl http_body::Body for Body {
@@ -582,6 +617,24 @@ mod tests {
         assert_eq!(
             &kept.head[..],
             b"GET /up?x=1 HTTP/1.1\r\nhost: example\r\n\r\n"
+        );
+        assert!(!kept.upgrade);
+    }
+
+    #[test]
+    fn a_request_with_upgrade_asks_for_one() {
+        let (parts, ()) = http::Request::get("/chat")
+            .header("host", "example")
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let kept = Outgoing::kept(&parts, Bytes::new());
+        assert!(kept.upgrade);
+        assert_eq!(
+            &kept.head[..],
+            b"GET /chat HTTP/1.1\r\nhost: example\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
         );
     }
 }

@@ -14,6 +14,7 @@ pub mod proxy;
 pub mod supervisor;
 pub mod tls;
 pub mod upstream;
+pub mod websocket;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU16, Ordering};

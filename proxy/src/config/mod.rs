@@ -267,6 +267,12 @@ pub struct ClusterRoute {
     pub per_try_timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
     pub mirror: Option<Mirror>,
+    /// Protocols an HTTP/1.1 client may switch to (`Upgrade`), in lower case, each a name with
+    /// or without a version (`websocket`, `foo/2`); never `h2c`.
+    pub upgrades: Vec<String>,
+    /// How long a tunnel (after a `101`) may carry no byte either way; the listener's
+    /// `idle_timeout` when not given.
+    pub upgrade_idle_timeout: Option<Duration>,
 }
 
 /// Which cluster a request goes to.

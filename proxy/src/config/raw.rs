@@ -221,6 +221,9 @@ pub struct RawRoute {
     pub retry: Option<Spanned<RawRetry>>,
     pub rate_limit: Option<Spanned<RawRateLimit>>,
     pub mirror: Option<Spanned<RawMirror>>,
+    /// Protocols a client may switch to with `Upgrade` (`["websocket"]` when not given).
+    pub upgrades: Option<Spanned<Vec<Spanned<String>>>>,
+    pub upgrade_idle_timeout: Option<Spanned<RawDuration>>,
 }
 
 /// `{ name = "x-canary", exact = "1" }`; one of `exact`, `prefix`, `regex`, `present`.

@@ -53,6 +53,8 @@ pub enum Flag {
     RateLimited,
     /// The client's request was not valid HTTP: a bad path, authority or body framing (`DPE`).
     DownstreamProtocolError,
+    /// A tunnel (an upgraded connection) carried no byte for its idle timeout (`SI`).
+    StreamIdleTimeout,
 }
 
 /// How a client's request body failed: its framing was invalid (`DPE`: a chunk size that is
@@ -90,6 +92,7 @@ impl Flag {
             Flag::NoHealthyUpstream => "UH",
             Flag::RateLimited => "RL",
             Flag::DownstreamProtocolError => "DPE",
+            Flag::StreamIdleTimeout => "SI",
         }
     }
 }
@@ -150,6 +153,12 @@ impl Exchange {
         self.status = status;
     }
 
+    /// Takes the access log record away, with the request's arrival, for what outlives the
+    /// response and writes the line itself: the tunnel of an upgraded connection.
+    pub fn take_log(&mut self) -> (Option<Box<LogRecord>>, Instant) {
+        (self.log.take(), self.start)
+    }
+
     fn set_flag(&mut self, flag: Flag) {
         if let Some(log) = &mut self.log
             && log.flag == Flag::None
@@ -203,7 +212,13 @@ impl Drop for Exchange {
 }
 
 /// `time listener client "METHOD target VERSION" status bytes seconds upstream flag request-id "user-agent"`
-fn format_line(listener: &str, log: &LogRecord, status: u16, bytes: u64, seconds: f64) -> String {
+pub(super) fn format_line(
+    listener: &str,
+    log: &LogRecord,
+    status: u16,
+    bytes: u64,
+    seconds: f64,
+) -> String {
     let mut line = String::with_capacity(192);
     let _ = write!(
         line,

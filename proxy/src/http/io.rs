@@ -136,6 +136,11 @@ impl<S> ConnIo<S> {
         self.prefix = bytes;
     }
 
+    /// Takes the bytes already read and not yet served, for whatever reads the socket itself.
+    pub fn take_prefix(&mut self) -> Bytes {
+        std::mem::take(&mut self.prefix)
+    }
+
     fn sent(&self, n: usize) {
         self.bytes.worker.stats.shard.add(self.bytes.tx, n as u64);
     }

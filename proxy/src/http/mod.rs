@@ -15,6 +15,7 @@ mod headers;
 mod io;
 mod path;
 mod service;
+mod upgrade;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -125,6 +126,7 @@ async fn start(guard: &ConnectionGuard, stream: TcpStream, peer: SocketAddr) -> 
             tls,
             h2,
             activity: activity.clone(),
+            handoff: upgrade::Handoff::default(),
         })
     };
 
@@ -234,7 +236,7 @@ async fn run<S>(
     limits: RequestLimits,
 ) -> Option<Sleeping>
 where
-    S: AsyncRead + AsyncWrite + Hibernate + Unpin + 'static,
+    S: AsyncRead + AsyncWrite + Hibernate + upgrade::Downstream + Unpin + 'static,
 {
     let h2 = ctx.h2;
     let activity = ctx.activity.clone();
@@ -281,6 +283,13 @@ where
             settings,
         )
         .await;
+        if let Some(tunnel) = kept.handoff.take() {
+            // hyper has sent the 101 and let the connection go: it is a tunnel now. Boxed: a
+            // connection's task should not carry the tunnel's state when it never upgrades.
+            let parts = connection.into_parts();
+            Box::pin(upgrade::run(tunnel, parts.io.into_inner(), parts.read_buf)).await;
+            return None;
+        }
         if ended == Ended::Idle {
             // Idle, all answers flushed, no byte of a next request: hyper's buffers go, and
             // only the socket waits for the client (nginx does the same with a keep-alive

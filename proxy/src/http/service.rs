@@ -19,6 +19,7 @@ use super::body::{self, Exchange, Flag, LogRecord, Release, ResponseBody, Upstre
 use super::headers::{self, BadTransferCoding, Downstream, X_REQUEST_ID};
 use super::io::Activity;
 use super::path::{self, Normalized};
+use super::upgrade;
 use crate::cluster::{self, ActiveRetry, ClusterRequest, HostRequest, Outcome, PendingRequest};
 use crate::config::{
     ClusterId, ClusterRoute, DirectResponse, ListenerKind, RetryPolicy, RouteAction,
@@ -45,6 +46,8 @@ pub struct ConnCtx {
     pub tls: bool,
     pub h2: bool,
     pub activity: Rc<Activity>,
+    /// Where an upgraded request leaves its tunnel for the connection.
+    pub handoff: upgrade::Handoff,
 }
 
 pub async fn handle(
@@ -132,7 +135,11 @@ pub async fn handle(
     response.body_mut().bodyless_if(
         bodyless || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED,
     );
-    if !ctx.h2 && worker.drain.is_draining() && worker.drain.close_this_answer() {
+    if !ctx.h2
+        && status != StatusCode::SWITCHING_PROTOCOLS
+        && worker.drain.is_draining()
+        && worker.drain.close_this_answer()
+    {
         // Ask the client to reconnect (to the next generation) instead of closing the connection
         // under it: the only way to drain HTTP/1.1 without losing a request.
         response
@@ -335,7 +342,7 @@ fn direct_response(direct: &DirectResponse, mut exchange: Exchange) -> Response<
 }
 
 /// A response made by the proxy itself, with a one-line body that says what happened.
-fn local(
+pub(super) fn local(
     status: StatusCode,
     message: &'static str,
     mut exchange: Exchange,
@@ -396,6 +403,11 @@ async fn proxy(
     let hash = cluster::request_hash(cluster.hash_key.as_ref(), request.headers(), ctx.peer.ip());
     let (mut parts, body) = request.into_parts();
     let h2_upstream = cluster.protocol == UpstreamProtocol::Http2;
+    // Read before the hop-by-hop fields go: the protocols to ask the upstream to switch to.
+    let upgrade = match upgrade::offer(&mut parts, route, h2_upstream) {
+        Ok(upgrade) => upgrade,
+        Err(refusal) => return Ok(upgrade::refuse(refusal, exchange)),
+    };
     let trailers = headers::accepts_trailers(&parts.headers);
     let request_id = headers::prepare_request(
         &mut parts,
@@ -406,6 +418,9 @@ async fn proxy(
     );
     if h2_upstream {
         headers::for_http2_upstream(&mut parts, trailers, &cluster.name);
+    }
+    if let Some(protocols) = &upgrade {
+        upgrade::forward(&mut parts.headers, protocols.clone());
     }
     if let Some(log) = exchange.log_mut() {
         log.request_id = Some(request_id);
@@ -419,7 +434,10 @@ async fn proxy(
     let retry = route
         .retry
         .filter(|r| r.num_retries > 0 && (idempotent || r.retry_non_idempotent));
-    let mirror = route.mirror.filter(|m| fastrand::f64() * 100.0 < m.percent);
+    // An upgrade is not copied: a shadow would open a tunnel nobody uses.
+    let mirror = route
+        .mirror
+        .filter(|m| upgrade.is_none() && fastrand::f64() * 100.0 < m.percent);
     // A body can be sent again (or copied) only if it is kept: one of a declared size up to
     // RETRY_BUFFER_LIMIT is read whole first, as Envoy buffers a request it may retry; a larger
     // one streams through and goes once.
@@ -519,6 +537,15 @@ async fn proxy(
         log.upstream = Some(*addr);
     }
     Ok(match sent {
+        // Only a request that asked for an upgrade can have a 101 (`http1_wire`).
+        Ok((Ok(sent), _)) if sent.response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            let switch = upgrade::Switch {
+                offered: upgrade.as_ref(),
+                in_flight: (in_flight, sent.host),
+                idle_timeout: route.upgrade_idle_timeout.unwrap_or(idle_timeout),
+            };
+            upgrade::switched(ctx, sent.response, switch, exchange)
+        }
         Ok((Ok(sent), _)) => {
             let (mut parts, body) = sent.response.into_parts();
             let version = if h2_upstream {

@@ -220,6 +220,33 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
             14,
             "expected a status from 100 to 599 such as 200, or a range such as \"200-399\"",
         ),
+        (
+            "h2c among a route's upgrades",
+            BASE.replace(
+                "cluster = \"origin\"",
+                "cluster = \"origin\"\nupgrades = [\"websocket\", \"h2c\"]",
+            ),
+            11,
+            "upgrades: `h2c` cannot be allowed: a client's `Upgrade: h2c` is always ignored",
+        ),
+        (
+            "an upgrade protocol that is not a token",
+            BASE.replace(
+                "cluster = \"origin\"",
+                "cluster = \"origin\"\nupgrades = [\"web socket\"]",
+            ),
+            11,
+            "upgrades: `web socket` is not a protocol name",
+        ),
+        (
+            "upgrades on a direct response",
+            BASE.replace(
+                "cluster = \"origin\"\n\n",
+                "direct_response = { status = 200 }\nupgrade_idle_timeout = \"1h\"\n\n",
+            ),
+            11,
+            "`upgrade_idle_timeout` applies to routes to a cluster",
+        ),
     ]
 }
 

@@ -38,6 +38,9 @@ mod systemd;
 mod tcp;
 /// HTTP/1.1 as upstreams send it, byte for byte: framings, interim answers, closes, bad answers.
 mod upstream_http1;
+/// HTTP/1.1 upgrades: WebSocket through baton (cleartext and TLS), refusals, `h2c`, idle
+/// tunnels, reloads.
+mod websocket;
 
 use std::net::SocketAddr;
 use std::time::Duration;

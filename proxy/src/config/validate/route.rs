@@ -5,6 +5,8 @@ use super::*;
 
 /// Default first retry backoff (Envoy's).
 const DEFAULT_RETRY_BASE: Duration = Duration::from_millis(25);
+/// What a route lets clients upgrade to when it does not say.
+const DEFAULT_UPGRADE: &str = "websocket";
 
 impl Validator<'_> {
     pub(super) fn route(
@@ -61,6 +63,10 @@ impl Validator<'_> {
                     .map(|t| ("per_try_timeout", t.span())),
                 raw.retry.as_ref().map(|t| ("retry", t.span())),
                 raw.mirror.as_ref().map(|t| ("mirror", t.span())),
+                raw.upgrades.as_ref().map(|t| ("upgrades", t.span())),
+                raw.upgrade_idle_timeout
+                    .as_ref()
+                    .map(|t| ("upgrade_idle_timeout", t.span())),
             ];
             if let Some((field, at)) = extras.into_iter().flatten().next() {
                 return Err(self.error(
@@ -155,6 +161,24 @@ impl Validator<'_> {
             .mirror
             .map(|m| self.mirror(&what, m.into_inner(), clusters))
             .transpose()?;
+        let upgrades = match raw.upgrades {
+            None => vec![DEFAULT_UPGRADE.to_owned()],
+            Some(list) => list
+                .into_inner()
+                .iter()
+                .map(|p| self.upgrade(&what, p))
+                .collect::<Result<Vec<_>>>()?,
+        };
+        let upgrade_idle_timeout = raw
+            .upgrade_idle_timeout
+            .map(|t| {
+                self.timeout_or(
+                    &format!("{what}: upgrade_idle_timeout"),
+                    Some(t),
+                    Duration::ZERO,
+                )
+            })
+            .transpose()?;
         Ok(Route {
             hosts,
             path,
@@ -166,8 +190,44 @@ impl Validator<'_> {
                 per_try_timeout,
                 retry,
                 mirror,
+                upgrades,
+                upgrade_idle_timeout,
             })),
         })
+    }
+
+    /// A protocol of `upgrades`: a token, optionally `/` and a version (RFC 9110, 7.8), kept in
+    /// lower case. `h2c` is refused: baton speaks cleartext HTTP/2 by prior knowledge, and a
+    /// tunnel to an upstream that switched to HTTP/2 would carry requests no route saw.
+    fn upgrade(&self, what: &str, raw: &Spanned<String>) -> Result<String> {
+        let protocol = raw.get_ref().to_ascii_lowercase();
+        let is_token = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        };
+        let (name, version) = match protocol.split_once('/') {
+            Some((name, version)) => (name, Some(version)),
+            None => (protocol.as_str(), None),
+        };
+        if !is_token(name) || version.is_some_and(|v| !is_token(v)) {
+            return Err(self.error(
+                raw.span(),
+                format!(
+                    "{what}: upgrades: `{}` is not a protocol name as `Upgrade` carries it (like \"websocket\")",
+                    raw.get_ref()
+                ),
+            ));
+        }
+        if name == "h2c" {
+            return Err(self.error(
+                raw.span(),
+                format!(
+                    "{what}: upgrades: `h2c` cannot be allowed: a client's `Upgrade: h2c` is always ignored and its request served as HTTP/1.1 (RFC 9113 retired the upgrade); clients reach HTTP/2 on this listener by prior knowledge or TLS"
+                ),
+            ));
+        }
+        Ok(protocol)
     }
 
     fn header_match(&self, what: &str, raw: Spanned<RawHeaderMatch>) -> Result<HeaderMatch> {
