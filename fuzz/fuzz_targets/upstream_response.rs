@@ -1,25 +1,27 @@
 //! An upstream's HTTP/1.1 response: any bytes a server, or something posing as one, may send,
 //! arriving in pieces of any size. The head is parsed and the body taken out frame by frame as
 //! the proxy does it; the answer must be frames or an error, never a panic, and never more body
-//! than arrived, nor more than a declared length.
+//! than arrived, nor more than a declared length; a `101` only to a request that asked for an
+//! upgrade, and then with no body and no reuse.
 #![no_main]
 
-use baton_proxy::http1_wire::{Decoded, Decoder, Framing, MAX_HEAD, parse_head};
+use baton_proxy::http1_wire::{Decoded, Decoder, Framing, MAX_HEAD, parse_head_for};
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    // The first byte says how the rest arrives: pieces of 1 to 64 bytes, and whether the request
-    // was a HEAD (whose answer has no body whatever it declares).
+    // The first byte says how the rest arrives: pieces of 1 to 64 bytes, whether the request was
+    // a HEAD (whose answer has no body whatever it declares), and whether it asked for an upgrade.
     let Some((&how, wire)) = data.split_first() else {
         return;
     };
     let mut pieces = wire.chunks(usize::from(how & 0x3f) + 1);
     let head_request = how & 0x40 != 0;
+    let upgrade = how & 0x80 != 0;
     let mut buf = BytesMut::new();
     let head = loop {
         if !buf.is_empty() {
-            match parse_head(&mut buf, head_request) {
+            match parse_head_for(&mut buf, head_request, upgrade) {
                 Ok(Some(head)) => break head,
                 Ok(None) => {}
                 Err(_) => return,
@@ -35,6 +37,11 @@ fuzz_target!(|data: &[u8]| {
     };
     if head_request {
         assert_eq!(head.framing, Framing::Empty, "a HEAD request's answer has no body");
+    }
+    if head.status == 101 {
+        assert!(upgrade, "a 101 only to a request that asked for an upgrade");
+        assert_eq!(head.framing, Framing::Empty, "a 101 has no body");
+        assert!(!head.keep_alive, "a connection that switched carries no other request");
     }
     let mut arrived = buf.len();
     let mut body = 0usize;
