@@ -217,10 +217,9 @@ async fn a_hurried_generation_finishes_its_answers_and_sessions() {
     }
     // The second reload hurried generation 0 (it drains immediately now).
     assert!(
-        wait_until(WAIT, || supervisor
-            .log()
-            .lines()
-            .any(|l| l.contains("draining epoch=0") && l.contains("strategy=Immediate"))),
+        wait_until(WAIT, || supervisor.log().lines().any(|l| l
+            .contains("draining epoch=0")
+            && l.contains("strategy=Immediate"))),
         "{}",
         supervisor.log()
     );
