@@ -87,7 +87,15 @@ impl Supervisor {
             .env("BATON_LOG", "info,baton=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(File::create(&log).expect("the log file can be created"))
+            .stderr(
+                // Appending: generations write to it too, and may outlive this supervisor
+                // while another one writes (adoption); each line lands whole at the end.
+                File::options()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .expect("the log file can be created"),
+            )
             .spawn()
             .expect("baton can be started");
         let mut supervisor = Supervisor {
