@@ -1100,6 +1100,9 @@ impl Supervisor {
             None if self.lifecycle.drained() => {
                 "drained: no generation accepts until `baton reload`".to_owned()
             }
+            None if self.lifecycle.starting() => {
+                "no active generation yet: one is starting".to_owned()
+            }
             None => "no active generation".to_owned(),
         };
         let draining = self.lifecycle.draining();
