@@ -150,5 +150,41 @@ control_socket = "baton.sock"
         .await
     );
     assert_eq!(client::get(listen, "/again").await.status, 200);
+
+    // sv kill: SIGKILL to baton itself, under load. runit starts it again, and it adopts the
+    // generation the killed one left serving: nothing is refused or fails meanwhile.
+    let socket = dir.path().join("baton.sock");
+    let active = || -> Option<u64> {
+        let out = Command::new(baton_tests::binaries::supervisor())
+            .args(["status", "--json", "--socket"])
+            .arg(&socket)
+            .output()
+            .ok()?;
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        status["generations"]
+            .as_array()?
+            .iter()
+            .find(|g| g["state"] == "active")
+            .and_then(|g| g["pid"].as_u64())
+    };
+    let generation = baton_tests::blocking(active).expect("an active generation");
+    let load = Load::start(listen, "/x", Mode::PerRequest, 2, Duration::from_secs(120));
+    assert!(wait_until(WAIT, || load.snapshot().ok > 20));
+    sv("kill");
+    assert!(
+        wait_until(WAIT, || read_log()
+            .contains("adopted the active generation")),
+        "{}",
+        read_log()
+    );
+    assert_eq!(
+        baton_tests::blocking(active),
+        Some(generation),
+        "the same generation, adopted"
+    );
+    let start = load.snapshot().ok;
+    assert!(wait_until(WAIT, || load.snapshot().ok > start + 20));
+    let report = load.stop().await;
+    assert_eq!(report.failures(), 0, "{report:?}\n{}", read_log());
     drop(runsv);
 }
