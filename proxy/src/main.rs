@@ -89,8 +89,12 @@ fn main() -> ExitCode {
     } else {
         supervised::config_from_env()
     };
+    let mut config_fd = None;
     let loaded = match source {
-        Ok(Some(source)) => config::parse(&cli.config, &source),
+        Ok(Some((source, fd))) => {
+            config_fd = Some(fd);
+            config::parse(&cli.config, &source)
+        }
         Ok(None) => config::load(&cli.config),
         Err(e) => {
             eprintln!("baton-proxy: {e}");
@@ -137,7 +141,10 @@ fn main() -> ExitCode {
         }
     };
     let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, run::run(config, concurrency, cli.epoch, channel))
+    local.block_on(
+        &runtime,
+        run::run(config, concurrency, cli.epoch, channel, config_fd),
+    )
 }
 
 /// Descriptors to make room for when the config does not limit the connections: 8,192 proxied

@@ -41,6 +41,8 @@ pub async fn run(
     concurrency: usize,
     epoch: u64,
     channel: Option<Channel>,
+    // The config's memfd from the supervisor, handed on to one that adopts this generation.
+    config_fd: Option<OwnedFd>,
 ) -> ExitCode {
     let signals = (|| {
         Ok::<_, std::io::Error>((
@@ -110,7 +112,7 @@ pub async fn run(
     let adoptable = link
         .as_ref()
         .is_some_and(|l| l.features & FEATURE_ADOPT != 0);
-    let held: Vec<(SocketKey, OwnedFd)> = if adoptable {
+    let mut held: Vec<(SocketKey, OwnedFd)> = if adoptable {
         let copies = sockets
             .iter()
             .map(|s| s.try_clone().map(OwnedFd::from))
@@ -283,8 +285,10 @@ pub async fn run(
             }
             message = recv(&link), if !supervisor_gone => match message {
                 Ok((ToGeneration::Drain { timeout_ms, strategy }, _)) => {
-                    // A draining generation is never adopted.
+                    // A draining generation is never adopted: its copies of the listen sockets
+                    // go (a socket the next generation no longer uses must close).
                     rendezvous = None;
+                    held.clear();
                     let timeout = Duration::from_millis(timeout_ms);
                     if drain.is_some() {
                         info!(epoch, timeout = ?timeout, "asked to hurry the drain");
@@ -322,6 +326,7 @@ pub async fn run(
                     error!(epoch, "the supervisor is gone; draining and exiting");
                     supervisor_gone = true;
                     rendezvous = None;
+                    held.clear();
                     if drain.is_none() {
                         drain = Some(Box::pin(generation.drain(config.drain.timeout, DrainStrategy::Immediate, stop_signal())));
                     }
@@ -330,7 +335,7 @@ pub async fn run(
             },
             accepted = accept(&rendezvous), if orphaned => match accepted {
                 Ok(channel) => {
-                    let adopted = match tokio::time::timeout(ADOPTION_TIMEOUT, Link::adopting(channel, epoch, &held)).await {
+                    let adopted = match tokio::time::timeout(ADOPTION_TIMEOUT, Link::adopting(channel, epoch, &held, config_fd.as_ref())).await {
                         Ok(Ok(adopting)) => {
                             // Closed before the end, so that the supervisor, looking for more
                             // generations to adopt, is refused there at once; the new
@@ -348,11 +353,13 @@ pub async fn run(
                             supervisor_gone = false;
                             orphaned = false;
                         }
-                        Err(e) if rendezvous.is_some() => warn!(epoch, "a supervisor could not adopt this generation: {e}"),
                         Err(e) => {
-                            // Too late to wait for another: drain and leave nothing behind.
+                            // The supervisor that came starts a generation of its own: this one
+                            // gets out of its way (its listen sockets close at once) and drains.
                             error!(epoch, "a supervisor could not adopt this generation: {e}; draining and exiting");
                             orphaned = false;
+                            rendezvous = None;
+                            held.clear();
                             if drain.is_none() {
                                 drain = Some(Box::pin(generation.drain(config.drain.timeout, DrainStrategy::Immediate, stop_signal())));
                             }
@@ -371,6 +378,7 @@ pub async fn run(
                 } else {
                     info!("SIGTERM: stop accepting and drain");
                     rendezvous = None;
+                    held.clear();
                     orphaned = false;
                     drain = Some(Box::pin(generation.drain(config.drain.timeout, DrainStrategy::Immediate, stop_signal())));
                 }

@@ -48,7 +48,9 @@ pub fn channel_from_env() -> Result<Option<Channel>, String> {
 /// The config's bytes as the supervisor read them, from the memfd named by `BATON_CONFIG_FD`,
 /// if the proxy was started by a supervisor that sends them (see `restart_protocol::CONFIG_FD_ENV`).
 #[allow(unsafe_code)] // Taking ownership of an inherited fd is what the OS demands here.
-pub fn config_from_env() -> Result<Option<String>, String> {
+/// The memfd is kept (returned beside the text), to be handed to a supervisor that adopts this
+/// generation.
+pub fn config_from_env() -> Result<Option<(String, OwnedFd)>, String> {
     use std::os::unix::fs::FileExt;
     let Some(value) = std::env::var_os(CONFIG_FD_ENV) else {
         return Ok(None);
@@ -69,6 +71,12 @@ pub fn config_from_env() -> Result<Option<String>, String> {
     // SAFETY: the supervisor passed this fd to us (the variable names it) and nothing else in
     // this process has taken it.
     let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    // Close-on-exec: nothing this process runs needs it.
+    nix::fcntl::fcntl(
+        &file,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| format!("{CONFIG_FD_ENV}: {e}"))?;
     // Read from offset 0 with pread: the file's offset is shared with every generation
     // started from the same copy.
     let mut bytes = Vec::new();
@@ -83,7 +91,7 @@ pub fn config_from_env() -> Result<Option<String>, String> {
         bytes.extend_from_slice(&buf[..n]);
     }
     String::from_utf8(bytes)
-        .map(Some)
+        .map(|text| Some((text, OwnedFd::from(file))))
         .map_err(|e| format!("{CONFIG_FD_ENV}: the config is not UTF-8: {e}"))
 }
 
@@ -144,6 +152,7 @@ impl Link {
         channel: Channel,
         epoch: u64,
         held: &[(SocketKey, OwnedFd)],
+        config: Option<&OwnedFd>,
     ) -> Result<Link, String> {
         let link = Link::handshake(channel, epoch).await?;
         if link.features & restart_protocol::FEATURE_ADOPT == 0 {
@@ -154,6 +163,12 @@ impl Link {
                 .get_ref()
                 .send(&ToSupervisor::HeldSocket { key: *key }, &[fd.as_fd()])
                 .map_err(|e| format!("cannot hand socket {key} over: {e}"))?;
+        }
+        if let Some(config) = config {
+            link.channel
+                .get_ref()
+                .send(&ToSupervisor::HeldConfig, &[config.as_fd()])
+                .map_err(|e| format!("cannot hand the config over: {e}"))?;
         }
         Ok(link)
     }

@@ -118,6 +118,10 @@ pub enum ToSupervisor {
     /// handshake and before its `Ready`, which lists every key. Sent only when both sides have
     /// [`FEATURE_ADOPT`](crate::FEATURE_ADOPT).
     HeldSocket { key: SocketKey },
+    /// A generation being adopted hands over the config it runs (the fd attached: the sealed
+    /// memfd it was started with), so that a crash of it is replaced from that config, not from
+    /// the file on disk. Sent, when it has one, before its `Ready`.
+    HeldConfig,
 }
 
 /// From the supervisor to a generation.

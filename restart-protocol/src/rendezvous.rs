@@ -8,7 +8,10 @@
 //! connection becomes that generation's channel (the handshake as at a spawn, then the listen
 //! sockets it holds, `ToSupervisor::HeldSocket`, and `Ready`); a refused or absent socket means
 //! nothing is left to adopt. Only the supervisor's user can connect (the socket file is mode
-//! 0600 in the control socket's folder), and the supervisor checks its peer's credentials.
+//! 0600 in the control socket's folder). Peer credentials cannot tell the supervisor who
+//! accepted (`SO_PEERCRED` names whoever called `listen`), so the supervisor checks instead that
+//! the socket file is its own and that the pid the generation claims runs as the generations'
+//! user (`adopt.rs` in the supervisor).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};

@@ -58,6 +58,7 @@ fn all_to_supervisor() -> Vec<ToSupervisor> {
             backlog: 511,
         },
         ToSupervisor::HeldSocket { key: key() },
+        ToSupervisor::HeldConfig,
     ]
 }
 

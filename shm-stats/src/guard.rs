@@ -80,18 +80,23 @@ impl Drop for Guard {
 #[allow(unsafe_code)]
 fn install() {
     INSTALL.call_once(|| {
-        // SAFETY: a zeroed sigaction is a valid starting value; the handler only does
-        // async-signal-safe work (see the module's documentation); PREVIOUS is written here,
-        // once, before the handler can run, and only read by it afterwards.
+        // SAFETY: zeroed sigactions are valid starting values. The action in place is read and
+        // kept in PREVIOUS before ours is installed, so the handler (which only reads it, after
+        // the installing sigaction call) never sees it unwritten; it is written only here, once.
+        // The handler does only async-signal-safe work (see the module's documentation).
         unsafe {
+            let mut previous: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut previous) != 0 {
+                return;
+            }
+            PREVIOUS = Some(previous);
             let mut action: libc::sigaction = std::mem::zeroed();
             action.sa_sigaction = on_sigbus as *const () as usize;
-            action.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER;
+            // On the alternate stack where there is one (std sets one up for its own SIGBUS
+            // and SIGSEGV handler, which reports stack overflows).
+            action.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER | libc::SA_ONSTACK;
             libc::sigemptyset(&mut action.sa_mask);
-            let mut previous: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(libc::SIGBUS, &action, &mut previous) == 0 {
-                PREVIOUS = Some(previous);
-            }
+            libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut());
         }
     });
 }
@@ -130,9 +135,10 @@ extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
             }
         }
     }
-    // Not ours: the action in place before, which the retried access now meets.
-    // SAFETY: PREVIOUS was written before this handler was installed; sigaction is
-    // async-signal-safe.
+    // Not ours: the action in place before (std's, which reports a stack overflow and else
+    // restores the default), which the retried access now meets.
+    // SAFETY: PREVIOUS was written before this handler was installed and is never written
+    // again; sigaction is async-signal-safe.
     unsafe {
         let previous = (*std::ptr::addr_of!(PREVIOUS)).unwrap_or_else(|| {
             let mut default: libc::sigaction = std::mem::zeroed();

@@ -256,6 +256,9 @@ pub fn reloadable(running: &SupervisorConfig, new: &SupervisorConfig) -> Result<
             &new.control_socket.display(),
         );
     }
+    if new.fd_store != running.fd_store {
+        return refuse("supervisor.fd_store", &running.fd_store, &new.fd_store);
+    }
     if new.run_as != running.run_as {
         let name = |r: &Option<RunAs>| {
             r.as_ref().map_or("(none)".to_owned(), |r| {

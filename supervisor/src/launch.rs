@@ -32,6 +32,9 @@ pub struct Launch {
     pub binary: File,
     /// Where it was found, for logs and the generation's `argv[0]`.
     pub binary_path: PathBuf,
+    /// A `#!` script (its interpreter opens it by path after the exec, so its descriptor
+    /// must stay open across the exec).
+    pub script: bool,
 }
 
 impl Launch {
@@ -72,12 +75,16 @@ impl Launch {
     ) -> Result<Launch, String> {
         let config_fd = sealed(&source)
             .map_err(|e| format!("cannot keep a copy of the config in memory: {e}"))?;
+        let mut head = [0u8; 2];
+        use std::os::unix::fs::FileExt;
+        let script = binary.read_exact_at(&mut head, 0).is_ok() && head == *b"#!";
         Ok(Launch {
             config,
             source,
             config_fd,
             binary,
             binary_path,
+            script,
         })
     }
 }

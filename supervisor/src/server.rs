@@ -166,12 +166,23 @@ impl Upgrading {
         input: Option<&[u8]>,
     ) -> std::io::Result<std::process::Child> {
         use std::process::Stdio;
+        // The state on standard input from a memfd, whatever its size (a pipe holds 64 KiB,
+        // and a config can be larger).
+        let stdin = match input {
+            Some(input) => {
+                let memfd = nix::sys::memfd::memfd_create(
+                    c"baton-upgrade-trial",
+                    nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+                )?;
+                let mut file = std::fs::File::from(memfd);
+                file.write_all(input)?;
+                std::io::Seek::rewind(&mut file)?;
+                Stdio::from(file)
+            }
+            None => Stdio::null(),
+        };
         command
-            .stdin(if input.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         // The checks are not the supervisor: systemd's variables and the upgrade's are not
@@ -180,21 +191,14 @@ impl Upgrading {
             command.env_remove(var);
         }
         command.env_remove(crate::UPGRADE_FD_ENV);
-        let mut child = command.spawn()?;
+        let child = command.spawn()?;
         if let Some(stdout) = &child.stdout {
             set_nonblocking(stdout)?;
         }
         if let Some(stderr) = &child.stderr {
             set_nonblocking(stderr)?;
         }
-        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
-            // The state is a few KiB, well within a pipe's buffer; a child that does not read
-            // it fails its check.
-            set_nonblocking(&stdin)?;
-            if let Err(e) = stdin.write_all(input) {
-                debug!("{} does not read the state: {e}", step.name());
-            }
-        }
+        debug!("{} started", step.name());
         Ok(child)
     }
 
@@ -349,8 +353,14 @@ pub fn main(path: &Path) -> u8 {
 }
 
 /// This program cannot take over what the previous one handed over: the previous one takes
-/// over again, if it can be executed.
+/// over again, if it can be executed (once: a previous program that cannot take over either
+/// does not go back to the one that failed).
 fn fall_back(reason: &str) -> u8 {
+    if let Some(first) = upgrade::failed_upgrade() {
+        return orphaned(&format!(
+            "the upgrade failed ({first}), and the previous binary cannot take over again either: {reason}"
+        ));
+    }
     error!("this supervisor cannot take over: {reason}; executing the previous binary again");
     let why = upgrade::fall_back(reason);
     orphaned(&format!(
@@ -358,17 +368,13 @@ fn fall_back(reason: &str) -> u8 {
     ))
 }
 
-/// Neither program can take over. The generations keep serving on the fds this process still
-/// holds; nothing manages them, so say so loudly and wait for the operator to stop the service.
+/// Neither program can take over: this process exits. Its generations see their channel close:
+/// the active one serves on and waits at the rendezvous for the next `baton run` (which systemd
+/// or runit start), the draining ones finish.
 fn orphaned(reason: &str) -> u8 {
     error!(
-        "the supervisor upgrade failed: {reason}; the generations keep serving unmanaged: restart the service when convenient"
+        "the supervisor cannot run: {reason}; exiting: the active generation serves on and the next `baton run` adopts it"
     );
-    let mut signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT]) {
-        Ok(s) => s,
-        Err(_) => return 1,
-    };
-    let _ = signals.forever().next();
     1
 }
 
@@ -580,9 +586,11 @@ impl Supervisor {
         // Generations a supervisor of this instance left serving when it died are adopted,
         // not replaced: no connection is refused, none is cut.
         let at = restart_protocol::rendezvous::path_for(&config.control_socket);
-        let mut uids = vec![nix::unistd::geteuid().as_raw()];
-        uids.extend(config.run_as.as_ref().map(|r| r.uid));
-        let mut orphans = adopt::find(&at, &uids, config.run_as.is_some());
+        let uid = config
+            .run_as
+            .as_ref()
+            .map_or(nix::unistd::geteuid().as_raw(), |r| r.uid);
+        let mut orphans = adopt::find(&at, uid, config.run_as.is_some());
         let rendezvous = match restart_protocol::rendezvous::listen_at(&at) {
             Ok(fd) => Some(fd),
             Err(e) => {
@@ -597,6 +605,7 @@ impl Supervisor {
         let mut generations = BTreeMap::new();
         let mut states = Vec::new();
         let mut last_reload = None;
+        let mut last_good = None;
         // The newest is the active one (there is one, unless a supervisor died in the middle
         // of a handover); any other drains.
         orphans.sort_by_key(|o| std::cmp::Reverse(o.epoch));
@@ -616,6 +625,10 @@ impl Supervisor {
                 for (key, fd) in orphan.sockets {
                     store.insert(key, fd);
                 }
+                // Its config and binary: what a crash of it is replaced from.
+                last_good = orphan
+                    .config
+                    .and_then(|fd| adopted_launch(fd, orphan.pid, &config.path));
                 State::Active
             } else {
                 warn!(
@@ -644,7 +657,7 @@ impl Supervisor {
                     load: Load::default(),
                     sockets: Vec::new(),
                     heard: now,
-                    launch: None,
+                    launch: last_good.clone().filter(|_| state == State::Active),
                     features: orphan.features,
                     adopted: true,
                 },
@@ -688,7 +701,7 @@ impl Supervisor {
             lifecycle,
             generations,
             last_reload,
-            last_good: None,
+            last_good,
             upgrades: 0,
             last_upgrade: None,
             rendezvous,
@@ -703,8 +716,8 @@ impl Supervisor {
         state: &upgrade::Inherited,
     ) -> Result<(SupervisorConfig, Parts), String> {
         #[cfg(debug_assertions)]
-        if std::env::var_os("BATON_TEST_TAKEOVER_FAILS").is_some()
-            && upgrade::failed_upgrade().is_none()
+        if let Some(how) = std::env::var_os("BATON_TEST_TAKEOVER_FAILS")
+            && (how == "always" || upgrade::failed_upgrade().is_none())
         {
             // Tests make an upgraded program fail here, to see the previous one take over again.
             return Err("BATON_TEST_TAKEOVER_FAILS is set (a test build)".into());
@@ -1376,6 +1389,16 @@ impl Supervisor {
         let made = Region::create_or_open(&path, self.config.capacities)
             .map_err(|e| e.to_string())
             .and_then(|region| {
+                // Made by this process, not planted by another user in the moment between.
+                use std::os::unix::fs::MetadataExt;
+                let me = nix::unistd::geteuid().as_raw();
+                let owner = region.file().metadata().map_err(|e| e.to_string())?.uid();
+                if owner != me {
+                    return Err(format!(
+                        "{} belongs to uid {owner}, not to this supervisor's uid {me}",
+                        path.display()
+                    ));
+                }
                 share_region(&self.config, &region)?;
                 region.set_supervisor_pid(std::process::id());
                 if let Some(active) = self.lifecycle.active() {
@@ -1775,6 +1798,9 @@ impl Supervisor {
                 // Only an adoption at the rendezvous hands sockets over this way (`adopt.rs`).
                 debug!(epoch, %key, "ignored a socket handed over outside an adoption");
             }
+            ToSupervisor::HeldConfig => {
+                debug!(epoch, "ignored a config handed over outside an adoption");
+            }
             ToSupervisor::DrainRequested => {
                 if self.lifecycle.active() == Some(epoch) {
                     info!(
@@ -2052,6 +2078,27 @@ impl Supervisor {
         }
         info!(code, "supervisor exited");
         code
+    }
+}
+
+/// The launch of an adopted generation: the config it handed over and the binary it runs.
+fn adopted_launch(config: OwnedFd, pid: u32, path: &Path) -> Option<Rc<Launch>> {
+    let made = (|| {
+        let exe = format!("/proc/{pid}/exe");
+        let binary = std::fs::File::open(&exe).map_err(|e| format!("{exe}: {e}"))?;
+        let binary_path = std::fs::read_link(&exe).map_err(|e| format!("{exe}: {e}"))?;
+        let source = std::fs::read_to_string(format!("/proc/self/fd/{}", config.as_raw_fd()))
+            .map_err(|e| format!("the config it handed over: {e}"))?;
+        Launch::handed_over(path, source, binary, binary_path)
+    })();
+    match made {
+        Ok(launch) => Some(Rc::new(launch)),
+        Err(e) => {
+            warn!(
+                "cannot keep the adopted generation's launch ({e}); a crash of it is replaced from the files on disk"
+            );
+            None
+        }
     }
 }
 

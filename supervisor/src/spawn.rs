@@ -1,5 +1,6 @@
-//! Starting a generation: find `baton-proxy` on disk (again at every spawn, so that a replaced
-//! binary is picked up) and run it with its end of the control channel as fd 3.
+//! Starting a generation: find `baton-proxy` on disk (again at every reload, so that a replaced
+//! binary is picked up; see `launch.rs`) and run it with its end of the control channel as fd 3
+//! and its config's bytes as fd 4.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
@@ -73,6 +74,7 @@ pub fn spawn(
     // SAFETY: fcntl just made this descriptor; nothing else owns it.
     let binary = unsafe { OwnedFd::from_raw_fd(binary) };
     let through_fd = Path::new("/proc/self/fd").is_dir();
+    let script = launch.script;
     let program = if through_fd {
         PathBuf::from(format!("/proc/self/fd/{binary_raw}"))
     } else {
@@ -123,8 +125,9 @@ pub fn spawn(
             let config = check(libc::fcntl(config_raw, libc::F_DUPFD_CLOEXEC, HIGH_FD))?;
             check(libc::dup2(channel, CHILD_CONTROL_FD))?;
             check(libc::dup2(config, CHILD_CONFIG_FD))?;
-            if through_fd {
-                // A script's interpreter opens `/proc/self/fd/N` after the exec.
+            if through_fd && script {
+                // A script's interpreter opens `/proc/self/fd/N` after the exec; a binary is
+                // opened by the exec itself, and its descriptor closes then.
                 check(libc::fcntl(binary_raw, libc::F_SETFD, 0))?;
             }
             Ok(())

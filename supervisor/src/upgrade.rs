@@ -426,8 +426,10 @@ pub fn trial(config_path: &Path) -> Result<String, String> {
             state.version
         ));
     }
-    if let Some(launch) = &state.last_good {
-        crate::config::parse(config_path, &launch.config_source)?;
+    // The config as the take-over finds it: handed over, else the file.
+    match &state.last_good {
+        Some(launch) => crate::config::parse(config_path, &launch.config_source).map(|_| ())?,
+        None => crate::config::load(config_path).map(|_| ())?,
     }
     Ok(format!("ok {}", state.nonce))
 }

@@ -429,7 +429,12 @@ fn install(supervisor: &Supervisor, content: &[u8]) {
 async fn an_upgrade_takes_over_from_the_running_state_even_with_a_broken_config_on_disk() {
     let origin = Origin::start("origin").await;
     let listen = free_addr();
-    let good = config(listen, origin.addr, &built_proxy());
+    // A config larger than a pipe holds (64 KiB), as large installations have.
+    let padding: String = (0..2000)
+        .map(|i| format!("# a comment line to make the config large, number {i}\n"))
+        .collect();
+    assert!(padding.len() > 70_000);
+    let good = format!("{padding}{}", config(listen, origin.addr, &built_proxy()));
     let (supervisor, baton) = upgradable(&good, Vec::new());
     let before = supervisor.status();
     let build = before["supervisor_build"].as_str().unwrap().to_owned();
@@ -628,18 +633,32 @@ async fn a_killed_supervisor_leaves_its_generation_serving_and_the_next_one_adop
     );
     assert_eq!(supervisor.active_pid(), Some(generation));
     assert!(served(&keep_alive, 100) && served(&per_request, 20));
-
-    // The adopted generation is this supervisor's now: a reload replaces it, and its exit
-    // (it is not this supervisor's child) is seen.
-    assert_eq!(supervisor.reload().code, Some(0), "{}", supervisor.log());
-    assert!(
-        wait_until(WAIT, || supervisor.generations().len() == 1),
-        "the adopted generation drained and its exit was seen: {:?}",
-        supervisor.generations()
-    );
-    assert!(served(&keep_alive, 100) && served(&per_request, 20));
     let (a, b) = (keep_alive.stop().await, per_request.stop().await);
     assert_eq!(a.failures() + b.failures(), 0, "{a:?} {b:?}");
+
+    // The adopted generation is this supervisor's now. It handed over the config it runs: a
+    // crash of it is replaced from that, though the file on disk is broken by now.
+    let good = std::fs::read_to_string(&supervisor.config_path).unwrap();
+    std::fs::write(&supervisor.config_path, broken(&good)).unwrap();
+    let log_before = supervisor.log().len();
+    kill(Pid::from_raw(generation as i32), Signal::SIGKILL).unwrap();
+    assert!(
+        wait_until(WAIT, || supervisor
+            .active_pid()
+            .is_some_and(|pid| pid != generation)),
+        "{}",
+        supervisor.log()
+    );
+    until_served(listen).await;
+    let log = supervisor.log();
+    assert!(
+        log[log_before..].contains("from=\"last active config\""),
+        "replaced from the adopted generation's config:\n{log}"
+    );
+    // And reloads work as ever.
+    std::fs::write(&supervisor.config_path, &good).unwrap();
+    assert_eq!(supervisor.reload().code, Some(0), "{}", supervisor.log());
+    until_served(listen).await;
 }
 
 /// Item 5: the stats region's file cut short while baton runs: the supervisor and its
@@ -720,19 +739,30 @@ async fn kill_timing_fuzz_never_leaves_the_host_without_a_proxy() {
         let stop = stop.clone();
         async move {
             let (mut slowest, mut answered, mut failed) = (Duration::ZERO, 0u64, 0u64);
+            let mut refused = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let start = Instant::now();
-                match tokio::time::timeout(WAIT, client::try_get(listen, "/probe")).await {
-                    Ok(Ok(reply)) if reply.status == 200 => {
-                        answered += 1;
-                        slowest = slowest.max(start.elapsed());
+                let connected = tokio::time::timeout(WAIT, TcpStream::connect(listen)).await;
+                match connected {
+                    Ok(Ok(stream)) => {
+                        let mut h1 = baton_tests::client::H1::handshake(stream).await;
+                        match tokio::time::timeout(WAIT, h1.get("/probe")).await {
+                            Ok(Ok(reply)) if reply.status == 200 => {
+                                answered += 1;
+                                slowest = slowest.max(start.elapsed());
+                            }
+                            // A request on a killed generation is lost with it.
+                            Ok(_) => failed += 1,
+                            Err(_) => slowest = slowest.max(WAIT),
+                        }
                     }
-                    // A request on a killed generation is lost with it.
-                    _ => failed += 1,
+                    // The listen socket never closes: a refused connection is a failure.
+                    Ok(Err(e)) => refused.push(e.to_string()),
+                    Err(_) => slowest = slowest.max(WAIT),
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            (slowest, answered, failed)
+            (slowest, answered, failed, refused)
         }
     });
     for round in 0..rounds {
@@ -776,7 +806,8 @@ async fn kill_timing_fuzz_never_leaves_the_host_without_a_proxy() {
         tokio::time::sleep(Duration::from_millis(rng.u64(..1500))).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (slowest, answered, failed) = probe.await.unwrap();
+    let (slowest, answered, failed, refused) = probe.await.unwrap();
+    assert!(refused.is_empty(), "seed {seed}: refused: {refused:?}");
     let status = supervisor.status();
     println!(
         "kill-timing fuzz: {rounds} rounds, {} crashes, {answered} probe answers, {failed} lost on killed generations; longest time without an accepting generation: {} ms",
@@ -793,4 +824,93 @@ async fn kill_timing_fuzz_never_leaves_the_host_without_a_proxy() {
 
 fn broken_config(good: &str) -> String {
     broken(good)
+}
+
+/// Item 5 with item 3: neither the new binary nor the previous one can take over (a test build
+/// made to fail both): the supervisor exits instead of looping or hanging, its generation serves
+/// on, and the next `baton run` adopts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_no_binary_can_take_over_the_generation_serves_on_until_the_next_baton_run() {
+    use baton_tests::load::{Load, Mode};
+    let origin = Origin::start("origin").await;
+    let listen = free_addr();
+    let (mut supervisor, baton) = upgradable(
+        &config(listen, origin.addr, &built_proxy()),
+        vec![("BATON_TEST_TAKEOVER_FAILS".into(), "always".into())],
+    );
+    let generation = supervisor.active_pid().unwrap();
+    let _cleanup = KillOnDrop(generation);
+    let build = supervisor.status()["supervisor_build"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let load = Load::start(listen, "/x", Mode::PerRequest, 2, Duration::from_secs(120));
+    assert!(wait_until(WAIT, || load.snapshot().ok > 20));
+    install(&supervisor, &rebuilt(&baton, &build));
+    let out = supervisor.command("upgrade-supervisor", &[]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        supervisor.wait_exit(WAIT).is_some(),
+        "the supervisor exits:\n{}",
+        supervisor.log()
+    );
+    assert!(
+        supervisor
+            .log()
+            .contains("the previous binary cannot take over again either"),
+        "{}",
+        supervisor.log()
+    );
+    let start = load.snapshot().ok;
+    assert!(
+        wait_until(WAIT, || load.snapshot().ok > start + 50),
+        "served without a supervisor"
+    );
+    supervisor.respawn();
+    assert_eq!(supervisor.active_pid(), Some(generation), "adopted");
+    let report = load.stop().await;
+    assert_eq!(report.failures(), 0, "{report:?}");
+}
+
+/// A listener a reload removes stops listening at once, though the old generation (which held
+/// copies of its sockets, to be adopted) still drains a TCP session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_a_reload_removes_closes_while_the_old_generation_drains() {
+    let origin = Origin::start("origin").await;
+    let echo = TcpEcho::start().await;
+    let (listen, tcp, extra) = (free_addr(), free_addr(), free_addr());
+    let l4 = format!(
+        "[[listener]]\nname = \"l4\"\naddress = \"{tcp}\"\nprotocol = \"tcp\"\ncluster = \"echo\"\n\n[[cluster]]\nname = \"echo\"\nendpoints = [\"{}\"]\n",
+        echo.addr
+    );
+    let with_extra = format!(
+        "{l4}\n[[listener]]\nname = \"extra\"\naddress = \"{extra}\"\nprotocol = \"http\"\n[[listener.route]]\ndirect_response = {{ status = 200 }}\n"
+    );
+    let text = |more: &str| {
+        config(listen, origin.addr, "").replace("[supervisor]", &format!("{more}\n[supervisor]"))
+    };
+    let supervisor = Supervisor::start(&text(&with_extra));
+    assert_eq!(client::get(extra, "/").await.status, 200);
+    let mut session = TcpStream::connect(tcp).await.unwrap();
+    session.write_all(b"hold").await.unwrap();
+    let mut back = [0u8; 4];
+    session.read_exact(&mut back).await.unwrap();
+
+    supervisor.write_config(&text(&l4));
+    assert_eq!(supervisor.reload().code, Some(0));
+    assert!(
+        supervisor
+            .generations()
+            .iter()
+            .any(|(epoch, _, state)| *epoch == 0 && state == "draining"),
+        "generation 0 drains its session"
+    );
+    assert!(
+        baton_tests::wait_until_async(WAIT, || async { TcpStream::connect(extra).await.is_err() })
+            .await,
+        "the removed listener's port refuses connections"
+    );
+    session.write_all(b"more").await.unwrap();
+    session.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"more");
 }
