@@ -35,6 +35,9 @@ pub enum ReadError {
     /// The file does not start with baton's magic (or is a folder): it is something else.
     #[error("{}: not a baton stats region", path.display())]
     Foreign { path: PathBuf },
+    /// The path names a folder, a named pipe, a socket or a device: a region is a regular file.
+    #[error("{}: is a {kind}, not a stats region (a region is a regular file: the one `stats.path` names, or /dev/shm/baton.<instance>)", path.display())]
+    NotAFile { path: PathBuf, kind: &'static str },
     /// A layout this reader does not know: reader and writer come from different releases.
     #[error("{}: stats region layout version {found}, but this reader knows version {known}; use the baton-stats of the running baton", path.display())]
     UnknownVersion {
@@ -59,6 +62,26 @@ pub enum ReadError {
     /// Offsets or entries are inconsistent: the region is damaged.
     #[error("{}: stats region is corrupt: {what}", path.display())]
     Corrupt { path: PathBuf, what: String },
+}
+
+/// What a file that is not a regular file is, in words; `None` for a regular file.
+fn not_a_file(kind: std::fs::FileType) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_file() {
+        None
+    } else if kind.is_dir() {
+        Some("folder")
+    } else if kind.is_fifo() {
+        Some("named pipe (FIFO)")
+    } else if kind.is_socket() {
+        Some("socket")
+    } else if kind.is_char_device() {
+        Some("character device")
+    } else if kind.is_block_device() {
+        Some("block device")
+    } else {
+        Some("special file")
+    }
 }
 
 /// The fixed facts of a region, from its header.
@@ -165,22 +188,29 @@ pub struct Reader {
 impl Reader {
     /// Maps the region at `path` read-only and validates its header.
     pub fn open(path: &Path) -> Result<Reader, ReadError> {
-        if path.is_dir() {
-            return Err(ReadError::Foreign {
-                path: path.to_owned(),
-            });
-        }
-        let file = File::open(path).map_err(|source| ReadError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
-        let len = file
-            .metadata()
+        use std::os::unix::fs::OpenOptionsExt;
+        // Non-blocking, so that opening a named pipe returns at once (without it, the open
+        // waits for a writer forever); its type is refused just below. O_NONBLOCK changes
+        // nothing for a regular file.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
             .map_err(|source| ReadError::Open {
                 path: path.to_owned(),
                 source,
-            })?
-            .len();
+            })?;
+        let metadata = file.metadata().map_err(|source| ReadError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        if let Some(kind) = not_a_file(metadata.file_type()) {
+            return Err(ReadError::NotAFile {
+                path: path.to_owned(),
+                kind,
+            });
+        }
+        let len = metadata.len();
         if len < layout::HEADER_SIZE {
             // Too short to hold even a header: tell a foreign file from a cut-short region.
             let mut head = Vec::new();

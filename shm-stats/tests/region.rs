@@ -259,6 +259,26 @@ fn readers_refuse_bad_files_with_a_reason() {
         "{missing}"
     );
 
+    // Not a regular file: refused at once (a named pipe would block a plain open forever).
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let err = Reader::open(&fifo).err().unwrap();
+    assert!(
+        matches!(
+            err,
+            ReadError::NotAFile {
+                kind: "named pipe (FIFO)",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = Reader::open(dir.path()).err().unwrap();
+    assert!(
+        matches!(err, ReadError::NotAFile { kind: "folder", .. }),
+        "{err}"
+    );
+
     let write = |name: &str, bytes: &[u8]| {
         let p = dir.path().join(name);
         std::fs::write(&p, bytes).unwrap();
@@ -510,7 +530,7 @@ fn a_region_damaged_after_it_was_read_is_an_error_not_a_crash() {
     // A folder is not a region.
     let err = Reader::open(dir.path()).err().unwrap();
     assert!(
-        err.to_string().contains("not a baton stats region"),
+        err.to_string().contains("is a folder, not a stats region"),
         "{err}"
     );
 }

@@ -521,3 +521,43 @@ async fn a_python_reader_written_from_the_layout_document_agrees_with_baton_stat
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn baton_stats_refuses_what_is_not_a_file_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("stats.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    for (path, kind) in [
+        (fifo.as_path(), "is a named pipe (FIFO), not a stats region"),
+        (dir.path(), "is a folder, not a stats region"),
+        (
+            Path::new("/dev/null"),
+            "is a character device, not a stats region",
+        ),
+    ] {
+        // Not `baton_stats`: a reader that blocks must fail the test, not hang it.
+        let mut child = std::process::Command::new(baton_tests::binaries::stats())
+            .arg("--path")
+            .arg(path)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let exited = wait_until(WAIT, || matches!(child.try_wait(), Ok(Some(_))));
+        if !exited {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            exited,
+            "baton-stats --path {path:?} still runs after {WAIT:?}"
+        );
+        assert_eq!(out.status.code(), Some(1), "{path:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{}: {kind}", path.display())),
+            "{path:?}: {stderr}"
+        );
+    }
+}
