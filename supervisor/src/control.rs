@@ -116,18 +116,31 @@ fn call_once(socket: &Path, request: Request) -> Result<Response, (bool, String)
     .map_err(fail)?;
     let mut line = serde_json::to_string(&request).map_err(|e| fail(e.to_string()))?;
     line.push('\n');
-    (&stream)
-        .write_all(line.as_bytes())
-        .map_err(|e| fail(format!("cannot send to the supervisor: {e}")))?;
-    let mut answer = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut answer)
-        .map_err(|e| (true, format!("no answer from the supervisor: {e}")))?;
-    if answer.is_empty() {
-        return Err((true, NO_ANSWER.into()));
+    let sent = (&stream).write_all(line.as_bytes());
+    // A supervisor that refuses this peer writes its reason and closes without reading, so the
+    // request may meet a closed socket (EPIPE): the reason is still there to read, and it is
+    // what the operator needs, not the pipe's error.
+    if let Err(e) = &sent
+        && !matches!(
+            e.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        )
+    {
+        return Err(fail(format!("cannot send to the supervisor: {e}")));
     }
-    serde_json::from_str(&answer)
-        .map_err(|e| fail(format!("unreadable answer from the supervisor: {e}")))
+    let mut answer = String::new();
+    let read = BufReader::new(&stream).read_line(&mut answer);
+    if !answer.is_empty() {
+        return serde_json::from_str(&answer)
+            .map_err(|e| fail(format!("unreadable answer from the supervisor: {e}")));
+    }
+    // No answer: the supervisor went away without one (an upgrade's exec closes the
+    // connections it had not answered yet), which a status request may ask again.
+    match (sent, read) {
+        (Err(e), _) => Err((true, format!("cannot send to the supervisor: {e}"))),
+        (Ok(()), Err(e)) => Err((true, format!("no answer from the supervisor: {e}"))),
+        (Ok(()), Ok(_)) => Err((true, NO_ANSWER.into())),
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@ mod admin;
 mod clusters;
 /// Bad configurations and start-up errors: each with its message.
 mod config;
+/// The control socket and the `baton` commands: who may use it.
+mod control;
 /// SIGTERM drain, SIGINT.
 mod drain;
 /// gRPC and HTTP/1.1 clients through `protocol = "http2"` clusters: streams, statuses, trailers.

@@ -8,7 +8,7 @@ const USER: &str = "baton-test";
 
 /// The user's uid and gid, creating the user if it does not exist. `None` (with the reason
 /// printed) when the test cannot run here.
-fn test_user() -> Option<(u32, u32)> {
+pub fn test_user() -> Option<(u32, u32)> {
     if !nix::unistd::geteuid().is_root() {
         println!(
             "skipped: running generations as another user needs root, and this runs as a normal user"
