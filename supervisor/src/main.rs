@@ -22,13 +22,14 @@ mod config;
 mod control;
 mod launch;
 mod lifecycle;
+mod locate;
 mod notify;
 mod server;
 mod spawn;
 mod store;
 mod upgrade;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -139,24 +140,21 @@ fn main() -> ExitCode {
             }
             ExitCode::from(server::main(&config))
         }
-        Command::Reload(target) => {
-            if let Err(code) = same_config(&target) {
-                return code;
-            }
-            client(&target, Request::Reload, |r| {
-                println!("baton: reloaded: {}", r.message);
+        Command::Reload(target) => client(&target, Sure::Always, Request::Reload, |r| {
+            println!("baton: reloaded: {}", r.message);
+        }),
+        Command::Drain(target) => client(&target, Sure::WhenGuessed, Request::Drain, |r| {
+            println!("baton: {}", r.message)
+        }),
+        Command::Stop(target) => client(&target, Sure::WhenGuessed, Request::Stop, |r| {
+            println!("baton: {}", r.message)
+        }),
+        Command::ReopenLogs(target) => {
+            client(&target, Sure::WhenGuessed, Request::ReopenLogs, |r| {
+                println!("baton: {}", r.message)
             })
         }
-        Command::Drain(target) => client(&target, Request::Drain, |r| {
-            println!("baton: {}", r.message)
-        }),
-        Command::Stop(target) => {
-            client(&target, Request::Stop, |r| println!("baton: {}", r.message))
-        }
-        Command::ReopenLogs(target) => client(&target, Request::ReopenLogs, |r| {
-            println!("baton: {}", r.message)
-        }),
-        Command::Status { target, json } => client(&target, Request::Status, |r| {
+        Command::Status { target, json } => client(&target, Sure::Never, Request::Status, |r| {
             let Some(status) = &r.status else { return };
             if json {
                 println!(
@@ -194,8 +192,13 @@ fn init_logging(format: LogFormat) {
 }
 
 /// Runs one control request and prints its answer; exit 1 when it failed.
-fn client(target: &Target, request: Request, print: impl FnOnce(&Response)) -> ExitCode {
-    let socket = match socket_of(target) {
+fn client(
+    target: &Target,
+    sure: Sure,
+    request: Request,
+    print: impl FnOnce(&Response),
+) -> ExitCode {
+    let socket = match socket_of(target, sure) {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -219,7 +222,7 @@ fn client(target: &Target, request: Request, print: impl FnOnce(&Response)) -> E
 /// took over: exit 0 only when the new binary runs (the supervisor counts its upgrades), 1 with
 /// the reason when the upgrade was refused or failed (the supervisor serves on as it was).
 fn upgrade_supervisor(target: &Target) -> ExitCode {
-    let socket = match socket_of(target) {
+    let socket = match socket_of(target, Sure::WhenGuessed) {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -290,20 +293,58 @@ fn upgrade_supervisor(target: &Target) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The control socket a command talks to.
-/// A reload reads the file the supervisor was started with: refuses a `--config` naming
-/// another (which would otherwise be silently ignored).
-fn same_config(target: &Target) -> Result<(), ExitCode> {
-    let Some(given) = &target.config else {
+/// How sure a command must be, before it acts, that the supervisor it reaches runs the config
+/// file it was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sure {
+    /// A reload reads the file the supervisor was started with: a `--config` naming another
+    /// file (which would otherwise be silently ignored) is refused.
+    Always,
+    /// When the socket had to be guessed (the file did not load), a command that changes
+    /// something checks that it reaches the supervisor of that file, not another instance's.
+    WhenGuessed,
+    /// `baton status` only reads, and shows the config the supervisor runs.
+    Never,
+}
+
+/// The control socket a command talks to: `--socket`, or the one the `--config` file names. A
+/// file that does not load (a syntax error half-way through an edit) still leads to its
+/// supervisor: what can be read of it, else the default socket, with a note on stderr.
+fn socket_of(target: &Target, sure: Sure) -> Result<PathBuf, ExitCode> {
+    let config = match (&target.socket, &target.config) {
+        (Some(socket), _) => return Ok(socket.clone()),
+        (None, Some(config)) => config,
+        (None, None) => {
+            eprintln!("baton: give --config FILE or --socket PATH");
+            return Err(ExitCode::from(EXIT_USAGE));
+        }
+    };
+    let located = locate::control_socket(config);
+    if let Some(note) = &located.guessed {
+        eprintln!("baton: {note}");
+    }
+    let check = match sure {
+        Sure::Always => true,
+        Sure::WhenGuessed => located.guessed.is_some(),
+        Sure::Never => false,
+    };
+    if check {
+        same_config(config, &located.socket, sure)?;
+    }
+    Ok(located.socket)
+}
+
+/// Refuses (exit 64) when the supervisor on `socket` runs another config file than `given`.
+fn same_config(given: &Path, socket: &Path, sure: Sure) -> Result<(), ExitCode> {
+    let Ok(Some(status)) = control::call(socket, Request::Status).map(|r| r.status) else {
+        // Not answering: the command itself will say so.
         return Ok(());
     };
-    let socket = socket_of(target)?;
-    let Ok(Some(status)) = control::call(&socket, Request::Status).map(|r| r.status) else {
-        // Not answering: the reload itself will say so.
+    let given_abs = std::fs::canonicalize(given).unwrap_or_else(|_| given.to_owned());
+    if given_abs == Path::new(&status.config) {
         return Ok(());
-    };
-    let given_abs = std::fs::canonicalize(given).unwrap_or_else(|_| given.clone());
-    if given_abs != std::path::Path::new(&status.config) {
+    }
+    if sure == Sure::Always {
         eprintln!(
             "baton: the running supervisor (pid {}) reloads {}, the file it was started with, not {}; edit that file (or copy this one over it) and reload, or stop baton and start it with --config {}",
             status.supervisor_pid,
@@ -311,23 +352,17 @@ fn same_config(target: &Target) -> Result<(), ExitCode> {
             given.display(),
             given.display()
         );
-        return Err(ExitCode::from(EXIT_USAGE));
+    } else {
+        eprintln!(
+            "baton: the supervisor on {} (pid {}) runs {}, not {}; nothing was done (give --socket {} to control it)",
+            socket.display(),
+            status.supervisor_pid,
+            status.config,
+            given.display(),
+            socket.display()
+        );
     }
-    Ok(())
-}
-
-fn socket_of(target: &Target) -> Result<PathBuf, ExitCode> {
-    match (&target.socket, &target.config) {
-        (Some(socket), _) => Ok(socket.clone()),
-        (None, Some(config)) => config::load(config).map(|c| c.control_socket).map_err(|e| {
-            eprintln!("baton: {e}");
-            ExitCode::from(EXIT_USAGE)
-        }),
-        (None, None) => {
-            eprintln!("baton: give --config FILE or --socket PATH");
-            Err(ExitCode::from(EXIT_USAGE))
-        }
-    }
+    Err(ExitCode::from(EXIT_USAGE))
 }
 
 fn status_table(status: &control::Status) -> String {

@@ -100,3 +100,140 @@ async fn only_root_and_the_supervisors_user_may_use_the_control_socket() {
     assert_eq!(supervisor.generations(), generations);
     assert_eq!(client::get(listen, "/").await.text(), "up\n");
 }
+
+/// Writes `text` over the config file, keeping the line the harness added for the socket.
+fn break_config(supervisor: &Supervisor, text: &str) {
+    let good = std::fs::read_to_string(&supervisor.config_path).unwrap();
+    std::fs::write(&supervisor.config_path, format!("{good}\n{text}\n")).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_find_the_supervisor_while_its_config_does_not_parse() {
+    let listen = free_addr();
+    let supervisor = Supervisor::start(&config(listen));
+    let path = supervisor.config_path.to_str().unwrap().to_owned();
+    let socket = supervisor.socket.display().to_string();
+    // Half-way through an edit: a table header not closed.
+    break_config(&supervisor, "[[listener]\nname = \"next\"");
+
+    let out = baton(&["status", "--config", &path], &[], None);
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("instance control"), "{}", out.stdout);
+    assert!(
+        out.stderr.contains(&format!("{path}:"))
+            && out.stderr.contains(&format!(
+                "using the control socket the file names, {socket}"
+            )),
+        "says that it fell back and why: {}",
+        out.stderr
+    );
+
+    // A reload reads the same broken file: it fails with the line, and nothing changes.
+    let out = baton(&["reload", "--config", &path], &[], None);
+    assert_eq!(out.code, Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains(&format!("{path}:")),
+        "the reload's failure names the file: {}",
+        out.stderr
+    );
+    assert_eq!(client::get(listen, "/").await.text(), "up\n");
+    let generations = supervisor.generations();
+    assert_eq!(generations.len(), 1, "{generations:?}");
+    assert_eq!((generations[0].0, generations[0].2.as_str()), (0, "active"));
+
+    // A mistake TOML can read past (a field the supervisor does not know) falls back the same.
+    std::fs::write(
+        &supervisor.config_path,
+        std::fs::read_to_string(&supervisor.config_path)
+            .unwrap()
+            .replace("[[listener]\nname = \"next\"", "readyness_timeout = \"1s\""),
+    )
+    .unwrap();
+    let out = baton(&["stop", "--config", &path], &[], None);
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("unknown field `readyness_timeout`"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_readable_socket_path_commands_use_the_default_one_of_the_instance() {
+    let listen = free_addr();
+    // The socket where a supervisor under systemd puts it: $RUNTIME_DIRECTORY/<instance>.sock.
+    let runtime = tempfile::tempdir().unwrap();
+    let env = [("RUNTIME_DIRECTORY", runtime.path())];
+    let supervisor = Supervisor::start_with(
+        &format!("{}\n[supervisor]\nmax_draining = 2\n", config(listen)),
+        &[],
+        &Options {
+            env: vec![(
+                "RUNTIME_DIRECTORY".into(),
+                runtime.path().display().to_string(),
+            )],
+            ..Options::default()
+        },
+    );
+    let default = runtime.path().join("control.sock");
+    assert!(default.exists(), "the supervisor listens on {default:?}");
+    let path = supervisor.config_path.to_str().unwrap().to_owned();
+    // The instance line is still readable; what follows is not.
+    break_config(&supervisor, "concurrency = = 2");
+
+    let out = baton(&["status", "--config", &path], &env, None);
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("instance control"), "{}", out.stdout);
+    assert!(
+        out.stderr.contains(&format!(
+            "using the default control socket of instance `control`, {}",
+            default.display()
+        )),
+        "{}",
+        out.stderr
+    );
+
+    // Another broken file of the same instance leads to the same socket: a command that
+    // changes something sees that the supervisor there runs another file, and does nothing.
+    let other = supervisor.dir().join("other.toml");
+    std::fs::write(&other, "instance = \"control\"\nconcurrency = = 1\n").unwrap();
+    let out = baton(&["stop", "--config", other.to_str().unwrap()], &env, None);
+    assert_eq!(out.code, Some(64), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains(&format!(
+            "runs {path}, not {}; nothing was done",
+            other.display()
+        )),
+        "{}",
+        out.stderr
+    );
+    let out = baton(
+        &["status", "--socket", default.to_str().unwrap()],
+        &[],
+        None,
+    );
+    assert!(
+        out.stdout.contains("active"),
+        "still running: {}",
+        out.stdout
+    );
+
+    // Nothing readable at all (the file is gone): the default instance's socket, said so.
+    let gone = supervisor.dir().join("gone.toml");
+    let out = baton(&["status", "--config", gone.to_str().unwrap()], &env, None);
+    assert_eq!(out.code, Some(1), "{}{}", out.stdout, out.stderr);
+    let fallback = runtime.path().join("baton.sock");
+    assert!(
+        out.stderr.contains("cannot read the config file")
+            && out.stderr.contains(&format!(
+                "using the default control socket of instance `baton`, {}",
+                fallback.display()
+            ))
+            && out.stderr.contains(&format!(
+                "no supervisor is listening on {}",
+                fallback.display()
+            )),
+        "{}",
+        out.stderr
+    );
+}

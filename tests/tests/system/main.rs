@@ -8,7 +8,7 @@ mod admin;
 mod clusters;
 /// Bad configurations and start-up errors: each with its message.
 mod config;
-/// The control socket and the `baton` commands: who may use it.
+/// The control socket and the `baton` commands: who may use it, finding it from a broken config.
 mod control;
 /// SIGTERM drain, SIGINT.
 mod drain;
