@@ -1,0 +1,308 @@
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use baton_tests::client::{self, H1};
+use baton_tests::supervisor::Supervisor;
+use baton_tests::upstream::Origin;
+use baton_tests::{free_addr, wait_until};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::WAIT;
+
+/// A listener on `listen` proxying to `origin` (paths under a prefix to another origin, when
+/// given), the access log beside the config, and `extra` at the top level.
+fn config(
+    listen: SocketAddr,
+    origin: SocketAddr,
+    other: Option<(&str, SocketAddr)>,
+    extra: &str,
+) -> String {
+    let other = other.map_or(String::new(), |(prefix, addr)| {
+        format!(
+            "[[listener.route]]\npath_prefix = \"{prefix}\"\ncluster = \"other\"\n\n[[cluster]]\nname = \"other\"\nendpoints = [\"{addr}\"]\n\n"
+        )
+    });
+    format!(
+        r#"
+instance = "promises"
+concurrency = 2
+epoch_header = true
+drain_idle_grace = "500ms"
+{extra}
+
+[[listener]]
+name = "public"
+address = "{listen}"
+protocol = "http"
+access_log = "access.log"
+
+{other}[[listener.route]]
+cluster = "origin"
+
+[[cluster]]
+name = "origin"
+endpoints = ["{origin}"]
+"#
+    )
+}
+
+/// `downstream_rq_time{listener=public}` as `baton-stats --format json` reads it from the
+/// region: count, sum (µs) and the count in each bucket (by upper bound).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Histogram {
+    count: u64,
+    sum: u64,
+    buckets: BTreeMap<u64, u64>,
+}
+
+fn request_time(region: &Path) -> Histogram {
+    let (code, out, err) = baton_tests::baton_stats(&[
+        "--path",
+        region.to_str().unwrap(),
+        "--format",
+        "json",
+        "^downstream_rq_time",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let h = doc["stats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "downstream_rq_time" && s["tags"]["listener"] == "public")
+        .unwrap_or_else(|| panic!("no downstream_rq_time in {out}"));
+    Histogram {
+        count: h["count"].as_u64().unwrap(),
+        sum: h["sum"].as_u64().unwrap(),
+        buckets: h["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| (b[0].as_u64().unwrap(), b[1].as_u64().unwrap()))
+            .collect(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_time_histograms_never_go_back_across_reloads_and_a_killed_generation() {
+    let origin = Origin::start("origin").await;
+    let listen = free_addr();
+    let supervisor =
+        Supervisor::start(&config(listen, origin.addr, None, "drain_timeout = \"2s\""));
+    let region = supervisor.dir().join("stats.shm");
+    let mut sent = 0;
+    let mut before = request_time(&region);
+    assert_eq!(before.count, 0, "{before:?}");
+    // Reloads, a SIGKILL in the middle, reloads, and a SIGKILL of the last generation.
+    for round in 0..8 {
+        for i in 0..5 {
+            // Some answers take longer, so that several buckets fill.
+            let path = if i == 0 { "/slow/30" } else { "/x" };
+            assert_eq!(client::get(listen, path).await.status, 200);
+            sent += 1;
+        }
+        assert!(
+            wait_until(WAIT, || request_time(&region).count == sent),
+            "round {round}: {:?}, {sent} requests answered",
+            request_time(&region)
+        );
+        let now = request_time(&region);
+        assert!(now.sum > before.sum, "round {round}: {before:?} -> {now:?}");
+        before = now;
+        let victim = supervisor.active_pid().unwrap();
+        if round == 3 || round == 7 {
+            // Nothing is in flight: a crash now must lose no count, nor any time summed.
+            kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+            assert!(wait_until(WAIT, || supervisor
+                .active_pid()
+                .is_some_and(|pid| pid != victim)));
+        } else {
+            let out = supervisor.reload();
+            assert_eq!(out.code, Some(0), "{}", out.stderr);
+        }
+        assert_eq!(request_time(&region), before, "round {round}: at once");
+        // Once the old generation is gone, its counts are in the retired row: the same.
+        assert!(
+            wait_until(WAIT, || supervisor.generations().len() == 1),
+            "{:?}",
+            supervisor.generations()
+        );
+        assert_eq!(
+            request_time(&region),
+            before,
+            "round {round}: after generation {victim} left"
+        );
+    }
+    assert_eq!(supervisor.status()["crashes"], 2);
+    assert!(before.buckets.len() >= 2, "{before:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopen_logs_reaches_the_draining_generation_too() {
+    let origin = Origin::start("origin").await;
+    let listen = free_addr();
+    let supervisor = Supervisor::start(&config(
+        listen,
+        origin.addr,
+        None,
+        "drain_timeout = \"30s\"",
+    ));
+    let log = supervisor.dir().join("access.log");
+    let rotated = supervisor.dir().join("access.log.1");
+
+    // A request held at the origin's gate keeps generation 0 draining after the reload.
+    let mut held = H1::connect(listen).await.unwrap();
+    let first = tokio::spawn(async move { held.get("/gate/2?old").await });
+    assert!(wait_until(WAIT, || origin.requests() == 1));
+    let out = supervisor.reload();
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let states: Vec<(u64, String)> = supervisor
+        .generations()
+        .into_iter()
+        .map(|(epoch, _, state)| (epoch, state))
+        .collect();
+    assert_eq!(
+        states,
+        [(0, "draining".to_owned()), (1, "active".to_owned())]
+    );
+
+    // Rotation: the file is moved away, then the generations are asked to reopen it.
+    std::fs::rename(&log, &rotated).unwrap();
+    let out = supervisor.command("reopen-logs", &[]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("asked 2 generation(s)"),
+        "{}",
+        out.stdout
+    );
+    let reopened = || supervisor.log().matches("access logs reopened").count();
+    assert!(
+        wait_until(WAIT, || reopened() == 2),
+        "both generations reopened their log: {}",
+        supervisor.log()
+    );
+
+    // The second request at the gate (on generation 1) lets the first (on generation 0) go.
+    let second = client::get(listen, "/gate/2?new").await;
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(
+        (first.status.as_u16(), first.header("x-baton-epoch")),
+        (200, Some("0"))
+    );
+    assert_eq!(
+        (second.status.as_u16(), second.header("x-baton-epoch")),
+        (200, Some("1"))
+    );
+    let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        wait_until(WAIT, || read(&log).contains("/gate/2?old")
+            && read(&log).contains("/gate/2?new")),
+        "both answers are in the new file:\n{}\nrotated:\n{}",
+        read(&log),
+        read(&rotated)
+    );
+    assert!(!read(&rotated).contains("/gate/2"), "{}", read(&rotated));
+}
+
+/// The supervisor's open descriptors, each as what it points to (a Unix socket with its type
+/// and state from /proc/net/unix, so that a failure says which kind was left open).
+fn descriptors(pid: u32) -> Vec<String> {
+    let unix = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    let describe = |target: String| {
+        let Some(inode) = target
+            .strip_prefix("socket:[")
+            .and_then(|t| t.strip_suffix(']'))
+        else {
+            return target;
+        };
+        // Num RefCount Protocol Flags Type St Inode [Path]
+        let found = unix.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(6) == Some(&inode)).then(|| {
+                let kind = match fields[4] {
+                    "0001" => "stream",
+                    "0002" => "datagram",
+                    "0005" => "seqpacket",
+                    other => other,
+                };
+                format!(
+                    "unix {kind} state {} {}",
+                    fields[5],
+                    fields.get(7).unwrap_or(&"")
+                )
+            })
+        });
+        format!("{target} {}", found.unwrap_or_else(|| "(not unix)".into()))
+    };
+    let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let target = std::fs::read_link(e.path()).ok()?.display().to_string();
+            Some(format!(
+                "{} -> {}",
+                e.file_name().to_string_lossy(),
+                describe(target)
+            ))
+        })
+        .collect();
+    fds.sort();
+    fds
+}
+
+#[test]
+fn the_supervisor_holds_no_more_descriptors_after_200_reloads() {
+    let listen = free_addr();
+    let supervisor = Supervisor::start(&format!(
+        "instance = \"fds\"\nconcurrency = 1\ndrain_timeout = \"1s\"\n\n[[listener]]\nname = \"l\"\naddress = \"{listen}\"\nprotocol = \"http\"\n\n[[listener.route]]\ndirect_response = {{ status = 200 }}\n"
+    ));
+    let control = supervisor.socket.display().to_string();
+    // One generation, and no control connection open: the connection of the last `baton`
+    // command may close a moment after the command got its answer (on a busy machine the
+    // supervisor can be descheduled between its last write and the close). A leaked one never
+    // closes, and fails the wait.
+    let settled = |after: &str| {
+        assert!(
+            wait_until(WAIT, || supervisor.generations().len() == 1),
+            "{after}: old generations left: {:?}",
+            supervisor.generations()
+        );
+        let mut fds = Vec::new();
+        let quiet = wait_until(WAIT, || {
+            fds = descriptors(supervisor.pid());
+            !fds.iter()
+                .any(|fd| fd.ends_with(&control) && fd.contains(" state 03 "))
+        });
+        assert!(
+            quiet,
+            "{after}: a control connection stays open:\n{}",
+            fds.join("\n")
+        );
+        fds
+    };
+    for _ in 0..5 {
+        assert_eq!(supervisor.reload().code, Some(0));
+    }
+    let warm = settled("warm-up");
+    let started = Instant::now();
+    for i in 0..200 {
+        let out = supervisor.reload();
+        assert_eq!(out.code, Some(0), "reload {i}: {}", out.stderr);
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "200 reloads take over 5 minutes: {i} done"
+        );
+    }
+    let after = settled("200 reloads");
+    assert_eq!(
+        after.len(),
+        warm.len(),
+        "descriptors after the warm-up:\n{}\nafter 200 reloads:\n{}",
+        warm.join("\n"),
+        after.join("\n")
+    );
+    println!("200 reloads in {:?}", started.elapsed());
+}
