@@ -140,7 +140,6 @@ impl Generation {
         epoch: u64,
         region: Arc<shm_stats::Region>,
         sockets: Vec<TcpListener>,
-        supervised: bool,
         main: Rc<ThreadStats>,
         clusters: Vec<Arc<ClusterHandle>>,
     ) -> Result<Self, StartError> {
@@ -207,10 +206,6 @@ impl Generation {
                         epoch_header: config.epoch_header.then(|| http::HeaderValue::from(epoch)),
                         limits: limits.clone(),
                         heartbeat: Arc::new(AtomicU64::new(0)),
-                        // Alone, its sockets close when it drains: it takes the clients queued
-                        // in them. Supervised, the sockets stay open and the next generation
-                        // takes them.
-                        take_queue_on_drain: !supervised,
                         clusters: clusters.clone(),
                         clock,
                         beat_every,

@@ -159,7 +159,6 @@ pub async fn run(
         epoch,
         region.clone(),
         sockets,
-        supervised,
         main_stats,
         clusters.handles(),
     ) {

@@ -93,8 +93,6 @@ pub struct WorkerSetup {
     pub clock: Instant,
     /// How often the event loop beats.
     pub beat_every: Duration,
-    /// Whether a drain accepts what waits in the listen sockets' queues before it stops.
-    pub take_queue_on_drain: bool,
     /// One per cluster of the config, published by the main thread's cluster manager.
     pub clusters: Vec<Arc<ClusterHandle>>,
 }
@@ -241,7 +239,6 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
         refusing: Cell::new(0),
         stopping: Cell::new(false),
     });
-    let take_queue = setup.take_queue_on_drain;
     let mut accepting = Vec::new();
     for (index, listener) in setup.listeners.into_iter().enumerate() {
         match TcpListener::from_std(listener) {
@@ -250,7 +247,6 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
                     worker.clone(),
                     index,
                     listener,
-                    take_queue,
                 )));
             }
             Err(e) => {
@@ -299,22 +295,20 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
     worker.stopping.set(true);
 }
 
-async fn accept_loop(worker: Rc<Worker>, index: usize, listener: TcpListener, take_queue: bool) {
+async fn accept_loop(worker: Rc<Worker>, index: usize, listener: TcpListener) {
     let http = matches!(worker.config.listeners[index].kind, ListenerKind::Http(_));
     let wait_for_room =
         worker.limits.limited(index) && worker.config.listeners[index].overflow == Overflow::Wait;
     loop {
         if worker.drain.is_draining() {
-            // Run alone, the socket closes with this generation: clients already in the accept
-            // queue finished their handshake and may have sent a request, so take them (they
-            // are answered with `Connection: close`) rather than reset them. Under the
-            // supervisor the socket stays open and they are the next generation's.
-            if take_queue {
-                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-                while let std::task::Poll::Ready(Ok((stream, peer))) = listener.poll_accept(&mut cx)
-                {
-                    admit(&worker, index, http, stream, peer);
-                }
+            // The socket may close with this accept loop (run alone; or on a stop, when the
+            // supervisor has let its copy go): clients already in the accept queue finished
+            // their handshake and may have sent a request, so take them (they are answered
+            // with `Connection: close`) rather than let the close reset them. On a reload the
+            // few taken here would have been the next generation's; this one serves them.
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            while let std::task::Poll::Ready(Ok((stream, peer))) = listener.poll_accept(&mut cx) {
+                admit(&worker, index, http, stream, peer);
             }
             return;
         }

@@ -1090,6 +1090,9 @@ impl Supervisor {
     fn apply(&mut self, event: Event) {
         if matches!(event, Event::Stop { .. }) {
             self.notify.stopping();
+            // Before the generations are told to drain: then the last accept loop to end closes
+            // each socket. (Copies in systemd's fd store keep theirs open for a restart.)
+            self.store.close_all();
         }
         let actions = self.lifecycle.handle(event, Instant::now());
         for action in actions {

@@ -40,6 +40,13 @@ impl SocketStore {
         unused
     }
 
+    /// Closes every socket: on a stop, so that each socket closes with the last generation's
+    /// accept loops, and clients that come meanwhile are refused rather than queued for a
+    /// generation that will never come (and reset when the supervisor exits).
+    pub fn close_all(&mut self) {
+        self.sockets.clear();
+    }
+
     /// Every socket's key and fd number (for handing them over to a new supervisor).
     pub fn fds(&self) -> Vec<(SocketKey, std::os::fd::RawFd)> {
         use std::os::fd::AsRawFd;

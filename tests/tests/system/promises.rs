@@ -1,6 +1,8 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use baton_tests::client::{self, H1};
@@ -11,6 +13,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::WAIT;
+
+/// Longest any load in these tests may run; each stops earlier by itself when the test is done.
+const LOAD_LIMIT: Duration = Duration::from_secs(120);
 
 /// A listener on `listen` proxying to `origin` (paths under a prefix to another origin, when
 /// given), the access log beside the config, and `extra` at the top level.
@@ -205,6 +210,125 @@ async fn reopen_logs_reaches_the_draining_generation_too() {
         read(&rotated)
     );
     assert!(!read(&rotated).contains("/gate/2"), "{}", read(&rotated));
+}
+
+/// The length of the accept queue of the socket listening on `addr`, from /proc/net/tcp.
+fn accept_queue(addr: SocketAddr) -> Option<u64> {
+    let SocketAddr::V4(v4) = addr else {
+        return None;
+    };
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // local_address, rem_address, st (0A: LISTEN), tx_queue:rx_queue (for a listening
+        // socket, rx_queue is the accept queue).
+        (fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A"))
+            .then(|| u64::from_str_radix(fields.get(4)?.split(':').nth(1)?, 16).ok())
+            .flatten()
+    })
+}
+
+/// A keep-alive client sending requests back to back until an answer says
+/// `Connection: close`; every request must be answered 200. Counts its answers in `answers`.
+async fn until_closed(listen: SocketAddr, answers: Arc<AtomicU64>) -> Result<u64, String> {
+    let deadline = Instant::now() + LOAD_LIMIT;
+    let mut c = H1::connect(listen).await.map_err(|e| e.to_string())?;
+    let mut n = 0;
+    while Instant::now() < deadline {
+        let r = c
+            .get("/x")
+            .await
+            .map_err(|e| format!("request {} cut: {e}", n + 1))?;
+        if r.status != 200 {
+            return Err(format!("request {} answered {}", n + 1, r.status));
+        }
+        n += 1;
+        answers.fetch_add(1, Ordering::SeqCst);
+        if r.header("connection") == Some("close") {
+            return Ok(n);
+        }
+    }
+    Err(format!("still open after {LOAD_LIMIT:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baton_stop_under_load_cuts_no_request_and_refuses_new_clients_at_once() {
+    let origin = Origin::start("origin").await;
+    let gate = Origin::start("gate").await;
+    let listen = free_addr();
+    // Four connections at most, and past them clients wait in the accept queue: two busy
+    // keep-alive clients and two requests held at the gate fill the places.
+    let mut supervisor = Supervisor::start(
+        &config(
+            listen,
+            origin.addr,
+            Some(("/gate", gate.addr)),
+            "drain_timeout = \"20s\"",
+        )
+        .replace(
+            "access_log = \"access.log\"",
+            "access_log = \"access.log\"\nmax_connections = 4\nmax_connections_action = \"wait\"",
+        ),
+    );
+    let answers = Arc::new(AtomicU64::new(0));
+    let busy: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(until_closed(listen, answers.clone())))
+        .collect();
+    let held: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(async move { client::get(listen, "/gate/3").await }))
+        .collect();
+    assert!(wait_until(WAIT, || gate.requests() == 2
+        && answers.load(Ordering::SeqCst) >= 50));
+    // Two more clients: at least one waits in the accept queue (the other may have been taken
+    // by a worker that was already waiting in accept, and is held by the proxy).
+    let waiting: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(async move { client::get(listen, "/waited").await }))
+        .collect();
+    assert!(
+        wait_until(WAIT, || accept_queue(listen).is_some_and(|n| n >= 1)),
+        "{:?}",
+        accept_queue(listen)
+    );
+
+    let out = supervisor.command("stop", &[]);
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    // Nothing will accept again: a new client is refused at once, not queued until the
+    // supervisor exits (and then reset).
+    assert!(
+        wait_until(Duration::from_secs(5), || matches!(
+            std::net::TcpStream::connect(listen),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        )),
+        "new clients are still let into the accept queue while the generation drains"
+    );
+    // The busy clients are told to close, which lets the waiting ones in: all are answered.
+    for client in busy {
+        let answered = client.await.unwrap();
+        assert!(answered.is_ok(), "{answered:?}");
+    }
+    for client in waiting {
+        let r = client.await.unwrap();
+        assert_eq!(
+            (r.status.as_u16(), r.header("connection")),
+            (200, Some("close"))
+        );
+    }
+    // The held requests finish when the gate opens (the origin is asked directly).
+    assert_eq!(
+        client::get(gate.addr, "/gate/3").await.text(),
+        "gate open\n"
+    );
+    for r in held {
+        let r = r.await.unwrap();
+        assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "gate open\n"));
+    }
+    let exit = supervisor.wait_exit(WAIT).expect("the supervisor exits");
+    assert_eq!(exit.code(), Some(0), "{}", supervisor.log());
 }
 
 /// The supervisor's open descriptors, each as what it points to (a Unix socket with its type
