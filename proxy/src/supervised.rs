@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use restart_protocol::{
     CONFIG_FD_ENV, CONTROL_FD_ENV, Channel, ChannelError, FEATURE_BIND_SOCKET, FEATURES,
-    PROTOCOL_VERSIONS, Received, SocketKey, ToGeneration, ToSupervisor,
+    PROTOCOL_VERSIONS, Received, SocketKey, ToGeneration, ToSupervisor, VersionRange,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info};
@@ -47,9 +47,9 @@ pub fn channel_from_env() -> Result<Option<Channel>, String> {
 
 /// The config's bytes as the supervisor read them, from the memfd named by `BATON_CONFIG_FD`,
 /// if the proxy was started by a supervisor that sends them (see `restart_protocol::CONFIG_FD_ENV`).
-#[allow(unsafe_code)] // Taking ownership of an inherited fd is what the OS demands here.
 /// The memfd is kept (returned beside the text), to be handed to a supervisor that adopts this
 /// generation.
+#[allow(unsafe_code)] // Taking ownership of an inherited fd is what the OS demands here.
 pub fn config_from_env() -> Result<Option<(String, OwnedFd)>, String> {
     use std::os::unix::fs::FileExt;
     let Some(value) = std::env::var_os(CONFIG_FD_ENV) else {
@@ -95,6 +95,36 @@ pub fn config_from_env() -> Result<Option<(String, OwnedFd)>, String> {
         .map_err(|e| format!("{CONFIG_FD_ENV}: the config is not UTF-8: {e}"))
 }
 
+/// Debug builds only: the protocol versions a generation offers, as `MIN-MAX`, in place of its
+/// own, so that the system tests can run a proxy that speaks another release's protocol.
+#[cfg(debug_assertions)]
+const TEST_VERSIONS_ENV: &str = "BATON_TEST_PROTOCOL_VERSIONS";
+
+/// The protocol versions this generation offers in its hello.
+fn offered_versions() -> VersionRange {
+    #[cfg(debug_assertions)]
+    if let Some(value) = std::env::var_os(TEST_VERSIONS_ENV) {
+        let range = value.to_str().and_then(|v| {
+            let (min, max) = v.split_once('-')?;
+            Some(VersionRange {
+                min: min.parse().ok()?,
+                max: max.parse().ok()?,
+            })
+        });
+        match range {
+            Some(range) => {
+                tracing::warn!(
+                    ?range,
+                    "{TEST_VERSIONS_ENV}: offering other protocol versions"
+                );
+                return range;
+            }
+            None => tracing::warn!("{TEST_VERSIONS_ENV}={value:?} is not MIN-MAX; ignored"),
+        }
+    }
+    PROTOCOL_VERSIONS
+}
+
 /// A handshaken channel to the supervisor.
 pub struct Link {
     channel: AsyncFd<Channel>,
@@ -116,7 +146,7 @@ impl Link {
             features: 0,
         };
         link.send(&ToSupervisor::Hello {
-            versions: PROTOCOL_VERSIONS,
+            versions: offered_versions(),
             features: FEATURES,
             epoch,
             pid: std::process::id(),

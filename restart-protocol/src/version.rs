@@ -28,10 +28,22 @@ pub const FEATURE_ADOPT: u64 = 1 << 2;
 /// Feature flags this build offers; both sides use the intersection.
 pub const FEATURES: u64 = FEATURE_DRAIN_REQUEST | FEATURE_BIND_SOCKET | FEATURE_ADOPT;
 
-/// The two ranges share no version: the peers come from releases too far apart.
+impl std::fmt::Display for VersionRange {
+    /// `version 1`, `versions 1 to 3`: for the operator, who is told which side is older.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.min == self.max {
+            write!(f, "version {}", self.min)
+        } else {
+            write!(f, "versions {} to {}", self.min, self.max)
+        }
+    }
+}
+
+/// The two ranges share no version: the peers come from releases too far apart. The supervisor
+/// negotiates (it answers the generation's `Hello`), so `ours` is its range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "no common restart protocol version: this side speaks {ours:?}, the other {theirs:?}; upgrade the older of baton and baton-proxy"
+    "no common restart protocol version: the supervisor (baton) speaks {ours}, the generation (baton-proxy) {theirs}; upgrade the older of baton and baton-proxy"
 )]
 pub struct NoCommonVersion {
     pub ours: VersionRange,
@@ -68,9 +80,13 @@ mod tests {
     fn disjoint_or_empty_ranges_are_an_error_that_says_why() {
         let err = negotiate(r(1, 2), r(3, 4)).unwrap_err();
         assert_eq!(err.ours, r(1, 2));
-        assert!(
-            err.to_string()
-                .contains("no common restart protocol version")
+        assert_eq!(
+            err.to_string(),
+            "no common restart protocol version: the supervisor (baton) speaks versions 1 to 2, the generation (baton-proxy) versions 3 to 4; upgrade the older of baton and baton-proxy"
+        );
+        assert_eq!(
+            negotiate(r(2, 2), r(1, 1)).unwrap_err().to_string(),
+            "no common restart protocol version: the supervisor (baton) speaks version 2, the generation (baton-proxy) version 1; upgrade the older of baton and baton-proxy"
         );
         assert!(negotiate(r(3, 4), r(1, 2)).is_err());
         assert!(negotiate(r(2, 1), r(1, 2)).is_err(), "an empty range");

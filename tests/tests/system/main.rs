@@ -25,8 +25,8 @@ mod limits;
 /// Generations as an unprivileged user, on ports the supervisor binds.
 mod privileges;
 /// What the README promises of a supervised baton, each checked end to end: histograms never
-/// go back, reopen-logs reaches every generation, a stop cuts nothing, the supervisor holds no
-/// more descriptors after many reloads.
+/// go back, reopen-logs reaches every generation, a stop cuts nothing, a proxy speaking another
+/// protocol changes nothing, the supervisor holds no more descriptors after many reloads.
 mod promises;
 /// Never without a proxy: crashes around reloads, the last good config, hurried drains, what a
 /// reload checks.

@@ -6,9 +6,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use baton_tests::client::{self, H1};
+use baton_tests::load::{Load, Mode};
 use baton_tests::supervisor::Supervisor;
 use baton_tests::upstream::Origin;
-use baton_tests::{free_addr, wait_until};
+use baton_tests::{free_addr, wait_until, wait_until_async};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -52,6 +53,17 @@ name = "origin"
 endpoints = ["{origin}"]
 "#
     )
+}
+
+/// Waits until the load has had `more` more answers: the system is serving between steps.
+async fn answered(load: &Load, more: u64) {
+    let start = load.snapshot().ok;
+    let served = wait_until_async(WAIT, || {
+        let now = load.snapshot().ok;
+        async move { now >= start + more }
+    })
+    .await;
+    assert!(served, "the load stalled: {:?}", load.snapshot());
 }
 
 /// `downstream_rq_time{listener=public}` as `baton-stats --format json` reads it from the
@@ -329,6 +341,76 @@ async fn baton_stop_under_load_cuts_no_request_and_refuses_new_clients_at_once()
     }
     let exit = supervisor.wait_exit(WAIT).expect("the supervisor exits");
     assert_eq!(exit.code(), Some(0), "{}", supervisor.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_speaking_another_protocol_version_is_refused_and_the_old_one_serves_on() {
+    if !cfg!(debug_assertions) {
+        println!(
+            "skipped: a proxy offers other protocol versions (BATON_TEST_PROTOCOL_VERSIONS) in debug builds only"
+        );
+        return;
+    }
+    let origin = Origin::start("origin").await;
+    let listen = free_addr();
+    // The proxy binary is a script on disk, so that the test can install "another release".
+    let bin = tempfile::tempdir().unwrap();
+    let proxy = bin.path().join("baton-proxy");
+    let install = |env: &str| {
+        let script = format!(
+            "#!/bin/sh\n{env}exec {} \"$@\"\n",
+            baton_tests::binaries::proxy().display()
+        );
+        let staged = bin.path().join(".baton-proxy.new");
+        baton_tests::write_executable(&staged, script.as_bytes());
+        std::fs::rename(&staged, &proxy).unwrap();
+    };
+    install("");
+    let supervisor = Supervisor::start(&format!(
+        "{}\n[supervisor]\ncontrol_socket = \"baton.sock\"\nproxy_binary = \"{}\"\n",
+        config(listen, origin.addr, None, "drain_timeout = \"2s\""),
+        proxy.display()
+    ));
+    let load = Load::start(listen, "/x", Mode::KeepAlive, 2, LOAD_LIMIT);
+    let per_request = Load::start(listen, "/x", Mode::PerRequest, 2, LOAD_LIMIT);
+    answered(&load, 20).await;
+
+    install("BATON_TEST_PROTOCOL_VERSIONS=7-9 ");
+    let out = supervisor.reload();
+    assert_eq!(out.code, Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr
+            .contains("no common restart protocol version: the supervisor (baton) speaks version")
+            && out.stderr.contains(
+                "the generation (baton-proxy) versions 7 to 9; upgrade the older of baton and baton-proxy"
+            ),
+        "{}",
+        out.stderr
+    );
+    answered(&load, 20).await;
+    answered(&per_request, 20).await;
+    assert!(
+        wait_until(WAIT, || supervisor.generations().len() == 1),
+        "the refused generation is gone: {:?}",
+        supervisor.generations()
+    );
+    let (epoch, _, state) = supervisor.generations().remove(0);
+    assert_eq!((epoch, state.as_str()), (0, "active"));
+    let status = supervisor.status();
+    assert_eq!(status["reload_failures"], 1, "{status}");
+    assert_eq!(
+        client::get(listen, "/after").await.header("x-baton-epoch"),
+        Some("0")
+    );
+
+    install("");
+    let out = supervisor.reload();
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    answered(&load, 20).await;
+    for (name, load) in [("keep-alive", load), ("per-request", per_request)] {
+        let report = load.stop().await;
+        assert_eq!(report.failures(), 0, "{name}: {report:?}");
+    }
 }
 
 /// The supervisor's open descriptors, each as what it points to (a Unix socket with its type
