@@ -51,6 +51,28 @@ fn built() -> &'static Built {
             .parent()
             .expect("the tests package sits in the workspace root");
         let mut command = Command::new(cargo);
+        // `cargo test` runs this binary with the tests package's own variables (CARGO_PKG_NAME,
+        // CARGO_MANIFEST_DIR, OUT_DIR, ...); a build script that tracks them (ring's does) would see
+        // them change between this build and the developer's, and each would rebuild ring and
+        // all that depends on it. The developer's own settings (CARGO_HOME, ...) stay.
+        for (name, _) in std::env::vars_os() {
+            let set_by_cargo_test = name.to_str().is_some_and(|n| {
+                ["CARGO_PKG_", "CARGO_MANIFEST_"]
+                    .iter()
+                    .any(|p| n.starts_with(p))
+                    || [
+                        "CARGO_CRATE_NAME",
+                        "CARGO_PRIMARY_PACKAGE",
+                        "CARGO_TARGET_TMPDIR",
+                        "CARGO_BIN_NAME",
+                        "OUT_DIR",
+                    ]
+                    .contains(&n)
+            });
+            if set_by_cargo_test {
+                command.env_remove(name);
+            }
+        }
         command
             .current_dir(workspace)
             .args(["build", "--quiet", "--bins"])
