@@ -94,7 +94,11 @@ impl Notifier {
 
     pub fn ready(&self, status: &str) {
         self.send(
-            &format!("READY=1\nSTATUS={status}\nMAINPID={}", std::process::id()),
+            &format!(
+                "READY=1\nSTATUS={}\nMAINPID={}",
+                one_line(status),
+                std::process::id()
+            ),
             &[],
         );
     }
@@ -107,7 +111,7 @@ impl Notifier {
     }
 
     pub fn status(&self, status: &str) {
-        self.send(&format!("STATUS={status}"), &[]);
+        self.send(&format!("STATUS={}", one_line(status)), &[]);
     }
 
     pub fn stopping(&self) {
@@ -145,4 +149,15 @@ fn monotonic_usec() -> u64 {
 pub struct Watchdog {
     pub every: Duration,
     pub next: Instant,
+}
+
+/// A status for one `STATUS=` line: it quotes what generations and config files say (a
+/// generation may run unprivileged, a config value may hold any character), and a line break
+/// there would add fields of its own to the message (`MAINPID=`, `READY=1`...) on behalf of a
+/// supervisor that may be root.
+fn one_line(status: &str) -> String {
+    status
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }

@@ -140,7 +140,7 @@ async fn sd_notify_tells_systemd_about_start_reloads_stop_and_health() {
     supervisor.write_config(&good.replace("address = \"127", "adress = \"127"));
     assert_eq!(supervisor.reload().code, Some(1));
     assert!(
-        wait_until(WAIT, || notify.lifecycle().len() == 5),
+        wait_until(WAIT, || notify.lifecycle().len() >= 5),
         "{:?}",
         notify.all()
     );
@@ -156,6 +156,34 @@ async fn sd_notify_tells_systemd_about_start_reloads_stop_and_health() {
             .iter()
             .any(|m| m.contains("STATUS=generation 1 active") && m.contains("last reload: failed")),
         "the status line says the last reload failed: {:?}",
+        notify.all()
+    );
+
+    // A failure whose text holds line breaks (a config value quoted in the error) cannot add
+    // fields to the message: the supervisor may be root, the text comes from a config file and
+    // an unprivileged generation.
+    supervisor.write_config(&good.replace(
+        &format!("address = \"{listen}\""),
+        "address = \"x\\nMAINPID=1\\nSTOPPING=1\"",
+    ));
+    let out = supervisor.reload();
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("MAINPID=1"), "{}", out.stderr);
+    assert!(
+        wait_until(WAIT, || notify
+            .all()
+            .iter()
+            .any(|m| m.contains("STATUS=") && m.contains("MAINPID=1"))),
+        "{:?}",
+        notify.all()
+    );
+    assert!(
+        !notify
+            .all()
+            .iter()
+            .flat_map(|m| m.lines().map(str::to_owned).collect::<Vec<_>>())
+            .any(|l| l == "MAINPID=1" || l == "STOPPING=1"),
+        "no field injected: {:?}",
         notify.all()
     );
 
@@ -190,6 +218,8 @@ async fn sd_notify_tells_systemd_about_start_reloads_stop_and_health() {
     assert_eq!(
         notify.lifecycle(),
         [
+            "READY=1",
+            "RELOADING=1",
             "READY=1",
             "RELOADING=1",
             "READY=1",
