@@ -2136,15 +2136,21 @@ fn in_terminal() -> bool {
 /// Binds the control socket, mode 0600. A live supervisor already there is an error; a stale
 /// socket file from one that died is replaced.
 fn bind_control(path: &Path) -> Result<UnixListener, String> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.is_dir()
-    {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            format!(
-                "cannot create the folder of the control socket {}: {e}; set supervisor.control_socket to a writable place",
-                path.display()
-            )
-        })?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| {
+                    format!(
+                        "cannot create the folder of the control socket {}: {e}; set supervisor.control_socket to a writable place",
+                        path.display()
+                    )
+                })?;
+        }
+        safe_folder(dir)?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -2171,6 +2177,36 @@ fn bind_control(path: &Path) -> Result<UnixListener, String> {
             path.display()
         )
     })
+}
+
+/// The control socket's folder must be this user's (or root's), and writable by nobody else
+/// unless sticky (as `/tmp` is): another local user who made `/tmp/baton-<uid>` first, or who
+/// may write in the folder, could put their own socket (and the rendezvous) in its place.
+fn safe_folder(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = std::fs::metadata(dir).map_err(|e| {
+        format!(
+            "cannot look at the control socket's folder {}: {e}",
+            dir.display()
+        )
+    })?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(format!(
+            "the control socket's folder {} belongs to uid {}, not to this user (uid {me}): another user may have made it to take the control socket; remove it, or set supervisor.control_socket to a folder of yours",
+            dir.display(),
+            meta.uid()
+        ));
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(format!(
+            "the control socket's folder {} is writable by other users (mode {:o}): they could put their own socket in its place; chmod go-w it, or set supervisor.control_socket to a folder of yours",
+            dir.display(),
+            mode & 0o7777
+        ));
+    }
+    Ok(())
 }
 
 /// Only root and the supervisor's own user may control it.
