@@ -199,14 +199,20 @@ fn presize_descriptor_table(config: &config::Config) {
     }
 }
 
+/// Logs to stderr, as text, or as JSON objects when `BATON_LOG_FORMAT=json` (set by a supervisor
+/// run with `--log-format json`, so that every line of the service is JSON).
 fn init_logging() {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("BATON_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+        .with_target(false);
+    if std::env::var_os(restart_protocol::LOG_FORMAT_ENV).is_some_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }

@@ -38,3 +38,7 @@ pub const CONTROL_FD_ENV: &str = "BATON_CONTROL_FD";
 /// the supervisor read them (a sealed memfd): the generation parses those, not the file on disk,
 /// whose path it is still given for messages and relative paths.
 pub const CONFIG_FD_ENV: &str = "BATON_CONFIG_FD";
+
+/// The environment variable that tells a generation to log JSON objects (`json`) like its
+/// supervisor, rather than text.
+pub const LOG_FORMAT_ENV: &str = "BATON_LOG_FORMAT";

@@ -39,6 +39,9 @@ use crate::control::{Request, Response};
 /// The variable that hands a re-executed supervisor the state of the one it replaces.
 pub const UPGRADE_FD_ENV: &str = "BATON_UPGRADE_FD";
 
+/// Whether the supervisor logs JSON (`--log-format json`): its generations are told to as well.
+pub static LOG_JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Exit status for a configuration or usage the operator must fix (sysexits' EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
 
@@ -187,7 +190,10 @@ fn init_logging(format: LogFormat) {
         .with_target(false);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => {
+            LOG_JSON.store(true, std::sync::atomic::Ordering::Relaxed);
+            builder.json().init()
+        }
     }
 }
 

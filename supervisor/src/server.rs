@@ -17,8 +17,8 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use restart_protocol::{
-    Channel, ChannelError, FEATURE_ADOPT, FEATURE_BIND_SOCKET, FEATURES, Load, PROTOCOL_VERSIONS,
-    Received, SocketKey, ToGeneration, ToSupervisor, negotiate,
+    Channel, ChannelError, DrainStrategy, FEATURE_ADOPT, FEATURE_BIND_SOCKET, FEATURES, Load,
+    PROTOCOL_VERSIONS, Received, SocketKey, ToGeneration, ToSupervisor, negotiate,
 };
 use shm_stats::{Counter, Gauge, Region, Shard, Spec};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH};
@@ -1196,7 +1196,11 @@ impl Supervisor {
                 timeout,
                 strategy,
             } => {
-                info!(epoch, timeout = ?timeout, strategy = ?strategy, "draining");
+                let how = match strategy {
+                    DrainStrategy::Gradual => "gradual",
+                    DrainStrategy::Immediate => "immediate",
+                };
+                info!(epoch, timeout = %humantime::format_duration(timeout), strategy = how, "draining");
                 let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
                 if !self.send(
                     epoch,
@@ -1240,7 +1244,10 @@ impl Supervisor {
                 }
                 self.region.set_current_epoch(epoch);
                 let pid = self.generations.get(&epoch).map_or(0, |g| g.pid);
-                info!(epoch, pid, replaced = ?replaced, "active");
+                match replaced {
+                    Some(replaced) => info!(epoch, pid, replaced, "active"),
+                    None => info!(epoch, pid, "active"),
+                }
                 // Its config is the running one now: its settings apply, and a crash is
                 // replaced from its launch.
                 self.hand_rendezvous(epoch);

@@ -93,6 +93,9 @@ pub fn spawn(
         .env_remove(crate::upgrade::PREVIOUS_FD_ENV)
         .env_remove(crate::upgrade::FAILED_ENV)
         .stdin(Stdio::null());
+    if crate::LOG_JSON.load(std::sync::atomic::Ordering::Relaxed) {
+        command.env(restart_protocol::LOG_FORMAT_ENV, "json");
+    }
     // systemd's variables are for the supervisor (its main pid) alone.
     for var in crate::notify::SYSTEMD_ENV {
         command.env_remove(var);

@@ -302,3 +302,76 @@ fn a_control_socket_folder_others_could_take_over_is_refused() {
         "nothing was bound there"
     );
 }
+
+/// `--log-format json`: every line the service writes is a JSON object, the generations' as
+/// well as the supervisor's, through a reload and a stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_log_format_json_every_line_is_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_addr();
+    let path = dir.path().join("baton.toml");
+    let socket = dir.path().join("baton.sock");
+    std::fs::write(
+        &path,
+        format!(
+            "{}\n[stats]\npath = \"stats.shm\"\n[supervisor]\ncontrol_socket = \"{}\"\n",
+            config(listen),
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("baton.log");
+    let mut child = Command::new(baton_tests::binaries::supervisor())
+        .args(["run", "--log-format", "json", "--config"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::File::options()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .unwrap(),
+        )
+        .spawn()
+        .unwrap();
+    let served = baton_tests::wait_until_async(crate::WAIT, || async {
+        client::try_get(listen, "/").await.is_ok()
+    })
+    .await;
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(served, "{}", text());
+    let out = baton(&["reload", "--socket", socket.to_str().unwrap()], &[], None);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(baton_tests::wait_until(crate::WAIT, || matches!(
+        child.try_wait(),
+        Ok(Some(_))
+    )));
+    let text = text();
+    let mut messages = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}\n{text}"));
+        messages.push(
+            value["fields"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+    }
+    // The generations' own lines are among them (only a generation says "joined the supervisor").
+    assert!(
+        messages
+            .iter()
+            .filter(|m| *m == "joined the supervisor")
+            .count()
+            >= 2,
+        "{text}"
+    );
+    assert!(messages.iter().any(|m| m == "supervisor exited"), "{text}");
+}

@@ -219,7 +219,7 @@ async fn a_hurried_generation_finishes_its_answers_and_sessions() {
     assert!(
         wait_until(WAIT, || supervisor.log().lines().any(|l| l
             .contains("draining epoch=0")
-            && l.contains("strategy=Immediate"))),
+            && l.contains("strategy=\"immediate\""))),
         "{}",
         supervisor.log()
     );
