@@ -375,3 +375,42 @@ async fn with_log_format_json_every_line_is_json() {
     );
     assert!(messages.iter().any(|m| m == "supervisor exited"), "{text}");
 }
+
+/// A first generation that cannot start (its port is taken, or the proxy refuses its part of the
+/// config) makes `baton run` exit 1, as the README says, not 0 (runit's `finish` and systemd
+/// see a failure).
+#[test]
+fn baton_run_exits_1_when_its_first_generation_cannot_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baton.toml");
+    let cases = [
+        config(taken.local_addr().unwrap()),
+        config(free_addr()).replace("protocol = \"http\"", "protocol = \"http\"\nbogus = 1"),
+    ];
+    for text in cases {
+        std::fs::write(
+            &path,
+            format!(
+                "{text}\n[stats]\npath = \"stats.shm\"\n[supervisor]\ncontrol_socket = \"baton.sock\"\n"
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(baton_tests::binaries::supervisor())
+            .args(["run", "--config", path.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut status = None;
+        baton_tests::wait_until(crate::WAIT, || {
+            status = child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        if status.is_none() {
+            let _ = child.kill();
+        }
+        assert_eq!(status.and_then(|s| s.code()), Some(1), "{text}");
+    }
+}
