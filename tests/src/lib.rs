@@ -137,3 +137,22 @@ pub fn write_executable(path: &std::path::Path, content: &[u8]) {
     std::fs::remove_file(&staging).expect("the staging file can be removed");
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
 }
+
+/// A copy of `binary` whose build id reads differently: a new build, as far as anyone can tell
+/// (for the tests that install a "new" `baton` or `baton-proxy`).
+pub fn rebuilt(binary: &[u8], build_id: &str) -> Vec<u8> {
+    let mut other = build_id.to_owned();
+    let last = other.pop().expect("a build id");
+    other.push(if last == '0' { '1' } else { '0' });
+    let (from, to) = (build_id.as_bytes(), other.as_bytes());
+    let mut out = binary.to_vec();
+    let mut found = 0;
+    let mut i = 0;
+    while let Some(at) = out[i..].windows(from.len()).position(|w| w == from) {
+        out[i + at..i + at + to.len()].copy_from_slice(to);
+        i += at + to.len();
+        found += 1;
+    }
+    assert!(found > 0, "the build id is in the binary");
+    out
+}

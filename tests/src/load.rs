@@ -104,6 +104,16 @@ impl Load {
     }
 
     /// What was seen so far.
+    /// Waits until the load has had `more` more answers: the system is serving between steps.
+    pub async fn answered(&self, more: u64, within: Duration) -> bool {
+        let start = self.snapshot().ok;
+        crate::wait_until_async(within, || {
+            let now = self.snapshot().ok;
+            async move { now >= start + more }
+        })
+        .await
+    }
+
     pub fn snapshot(&self) -> Report {
         self.report.lock().unwrap().clone()
     }

@@ -9,7 +9,7 @@ use baton_tests::client::{self, H1};
 use baton_tests::load::{Load, Mode};
 use baton_tests::supervisor::Supervisor;
 use baton_tests::upstream::Origin;
-use baton_tests::{free_addr, wait_until, wait_until_async};
+use baton_tests::{free_addr, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -57,12 +57,7 @@ endpoints = ["{origin}"]
 
 /// Waits until the load has had `more` more answers: the system is serving between steps.
 async fn answered(load: &Load, more: u64) {
-    let start = load.snapshot().ok;
-    let served = wait_until_async(WAIT, || {
-        let now = load.snapshot().ok;
-        async move { now >= start + more }
-    })
-    .await;
+    let served = load.answered(more, WAIT).await;
     assert!(served, "the load stalled: {:?}", load.snapshot());
 }
 

@@ -376,22 +376,6 @@ fn a_zero_drain_timeout_and_port_zero_are_refused() {
     }
 }
 
-/// A copy of `binary` whose build id reads differently: a new build, as far as anyone can tell.
-fn rebuilt(binary: &[u8], build_id: &str) -> Vec<u8> {
-    let mut other = build_id.to_owned();
-    let last = other.pop().unwrap();
-    other.push(if last == '0' { '1' } else { '0' });
-    let (from, to) = (build_id.as_bytes(), other.as_bytes());
-    let mut out = binary.to_vec();
-    let mut i = 0;
-    while let Some(at) = out[i..].windows(from.len()).position(|w| w == from) {
-        out[i + at..i + at + to.len()].copy_from_slice(to);
-        i += at + to.len();
-    }
-    assert!(i > 0, "the build id is in the binary");
-    out
-}
-
 /// The `[supervisor]` line naming the built proxy (a supervisor run from a copy of `baton`
 /// does not find it beside itself).
 fn built_proxy() -> String {
@@ -443,7 +427,7 @@ async fn an_upgrade_takes_over_from_the_running_state_even_with_a_broken_config_
         "instance = \"recovery\"\n[[listener]\n",
     )
     .unwrap();
-    install(&supervisor, &rebuilt(&baton, &build));
+    install(&supervisor, &baton_tests::rebuilt(&baton, &build));
     let out = supervisor.command("upgrade-supervisor", &[]);
     assert_eq!(out.code, Some(0), "{out:?}\n{}", supervisor.log());
     assert!(out.stdout.contains("now runs build"), "{}", out.stdout);
@@ -548,7 +532,7 @@ async fn a_new_supervisor_that_fails_to_take_over_gives_the_old_one_back() {
     let before = supervisor.status();
     let generations = supervisor.generations();
     let build = before["supervisor_build"].as_str().unwrap().to_owned();
-    install(&supervisor, &rebuilt(&baton, &build));
+    install(&supervisor, &baton_tests::rebuilt(&baton, &build));
     let out = supervisor.command("upgrade-supervisor", &[]);
     assert_eq!(out.code, Some(1), "{out:?}\n{}", supervisor.log());
     assert!(
@@ -846,7 +830,7 @@ async fn when_no_binary_can_take_over_the_generation_serves_on_until_the_next_ba
         .to_owned();
     let load = Load::start(listen, "/x", Mode::PerRequest, 2, Duration::from_secs(120));
     assert!(wait_until(WAIT, || load.snapshot().ok > 20));
-    install(&supervisor, &rebuilt(&baton, &build));
+    install(&supervisor, &baton_tests::rebuilt(&baton, &build));
     let out = supervisor.command("upgrade-supervisor", &[]);
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(

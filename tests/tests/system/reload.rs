@@ -5,7 +5,7 @@ use baton_tests::client::{self, H1};
 use baton_tests::load::{Load, Mode};
 use baton_tests::supervisor::{Options, Supervisor};
 use baton_tests::upstream::{Origin, TcpEcho};
-use baton_tests::{free_addr, wait_until, wait_until_async};
+use baton_tests::{free_addr, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -46,12 +46,7 @@ endpoints = ["{origin}"]
 
 /// Waits until the load has had `more` more answers: the system is serving between steps.
 async fn answered(load: &Load, more: u64) {
-    let start = load.snapshot().ok;
-    let served = wait_until_async(WAIT, || {
-        let now = load.snapshot().ok;
-        async move { now >= start + more }
-    })
-    .await;
+    let served = load.answered(more, WAIT).await;
     assert!(served, "the load stalled: {:?}", load.snapshot());
 }
 
@@ -186,24 +181,6 @@ async fn a_reload_to_a_broken_config_fails_and_changes_nothing() {
     assert_eq!(report.failures(), 0, "{report:?}");
 }
 
-/// A copy of `binary` whose build id reads differently: a new build, as far as anyone can tell.
-fn rebuilt(binary: &[u8], build_id: &str) -> Vec<u8> {
-    let mut other = build_id.to_owned();
-    let last = other.pop().unwrap();
-    other.push(if last == '0' { '1' } else { '0' });
-    let (from, to) = (build_id.as_bytes(), other.as_bytes());
-    let mut out = binary.to_vec();
-    let mut found = 0;
-    let mut i = 0;
-    while let Some(at) = out[i..].windows(from.len()).position(|w| w == from) {
-        out[i + at..i + at + to.len()].copy_from_slice(to);
-        i += at + to.len();
-        found += 1;
-    }
-    assert!(found > 0, "the build id is in the binary");
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_binary_replaced_on_disk_is_picked_up_by_the_next_reload() {
     let origin = Origin::start("origin").await;
@@ -224,7 +201,7 @@ async fn a_binary_replaced_on_disk_is_picked_up_by_the_next_reload() {
         .to_owned();
     // Replace it the way a package manager does: write a new file, rename it over the old one.
     let staged = dir.path().join("bin/.baton-proxy.new");
-    baton_tests::write_executable(&staged, &rebuilt(&binary, &before));
+    baton_tests::write_executable(&staged, &baton_tests::rebuilt(&binary, &before));
     std::fs::rename(&staged, &installed).unwrap();
 
     assert_eq!(supervisor.reload().code, Some(0));

@@ -257,24 +257,6 @@ async fn sd_notify_reaches_an_abstract_socket() {
     );
 }
 
-/// A copy of `binary` whose build id reads differently (see the proxy's binary upgrade test).
-fn rebuilt(binary: &[u8], build_id: &str) -> Vec<u8> {
-    let mut other = build_id.to_owned();
-    let last = other.pop().unwrap();
-    other.push(if last == '0' { '1' } else { '0' });
-    let (from, to) = (build_id.as_bytes(), other.as_bytes());
-    let mut out = binary.to_vec();
-    let mut found = 0;
-    let mut i = 0;
-    while let Some(at) = out[i..].windows(from.len()).position(|w| w == from) {
-        out[i + at..i + at + to.len()].copy_from_slice(to);
-        i += at + to.len();
-        found += 1;
-    }
-    assert!(found > 0, "the build id is in the binary");
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_supervisor_upgrades_itself_under_load_without_losing_a_request() {
     let origin = Origin::start("origin").await;
@@ -318,7 +300,7 @@ async fn the_supervisor_upgrades_itself_under_load_without_losing_a_request() {
     // Install a new build the way a package manager does, then SIGUSR2.
     let installed = supervisor.dir().join("baton");
     let staged = supervisor.dir().join(".baton.new");
-    std::fs::write(&staged, rebuilt(&baton, &old_build)).unwrap();
+    std::fs::write(&staged, baton_tests::rebuilt(&baton, &old_build)).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::rename(&staged, &installed).unwrap();
