@@ -370,8 +370,8 @@ impl Generation {
         info!(
             epoch = self.info.epoch,
             connections = self.open_connections(),
-            timeout = ?timeout,
-            strategy = ?strategy,
+            timeout = %humantime::format_duration(timeout),
+            strategy = strategy.name(),
             "draining"
         );
         self.deadline

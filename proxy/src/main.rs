@@ -104,15 +104,20 @@ fn main() -> ExitCode {
     let config = match loaded {
         Ok(config) => Arc::new(config),
         Err(e) => {
-            eprintln!("baton-proxy: {e}");
-            if let Some(channel) = &channel {
-                // The supervisor shows this to whoever asked for the reload.
-                let _ = channel.send(
-                    &restart_protocol::ToSupervisor::Failed {
-                        reason: e.to_string(),
-                    },
-                    &[],
-                );
+            // Under a supervisor, it logs the reason once and shows it to whoever asked for the
+            // reload; the generation says it itself only when the supervisor cannot hear it.
+            let told = channel.as_ref().is_some_and(|channel| {
+                channel
+                    .send(
+                        &restart_protocol::ToSupervisor::Failed {
+                            reason: e.to_string(),
+                        },
+                        &[],
+                    )
+                    .is_ok()
+            });
+            if !told {
+                eprintln!("baton-proxy: {e}");
             }
             return ExitCode::from(if cli.check { 1 } else { EXIT_CONFIG });
         }

@@ -70,12 +70,17 @@ pub async fn run(
         },
         None => None,
     };
-    // Reports a start-up failure: in the log, and to the supervisor, whose `baton reload`
-    // prints it.
+    // Reports a start-up failure to the supervisor, which logs it once and whose `baton reload`
+    // prints it; the generation logs it itself only when the supervisor cannot hear it.
     let fail = |link: Option<&Link>, reason: String| {
-        error!("{reason}");
-        if let Some(link) = link {
-            let _ = link.send(&ToSupervisor::Failed { reason });
+        let told = link.is_some_and(|link| {
+            link.send(&ToSupervisor::Failed {
+                reason: reason.clone(),
+            })
+            .is_ok()
+        });
+        if !told {
+            error!("{reason}");
         }
         ExitCode::FAILURE
     };

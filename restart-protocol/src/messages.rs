@@ -55,6 +55,16 @@ pub enum DrainStrategy {
     Immediate,
 }
 
+impl DrainStrategy {
+    /// The name the config file uses, for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            DrainStrategy::Gradual => "gradual",
+            DrainStrategy::Immediate => "immediate",
+        }
+    }
+}
+
 /// What a generation holds, reported while it runs and while it drains.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Load {

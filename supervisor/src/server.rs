@@ -17,14 +17,15 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use restart_protocol::{
-    Channel, ChannelError, DrainStrategy, FEATURE_ADOPT, FEATURE_BIND_SOCKET, FEATURES, Load,
-    PROTOCOL_VERSIONS, Received, SocketKey, ToGeneration, ToSupervisor, negotiate,
+    Channel, ChannelError, FEATURE_ADOPT, FEATURE_BIND_SOCKET, FEATURES, Load, PROTOCOL_VERSIONS,
+    Received, SocketKey, ToGeneration, ToSupervisor, negotiate,
 };
 use shm_stats::{Counter, Gauge, Region, Shard, Spec};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH};
 use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, error, info, warn};
 
+use crate::EXIT_USAGE;
 use crate::activation;
 use crate::adopt;
 use crate::config::{self, SupervisorConfig};
@@ -55,6 +56,9 @@ struct GenIo {
     started: SystemTime,
     build: String,
     load: Load,
+    /// The connections it closed unfinished at the end of its drain, as it said in `Exiting`
+    /// (its last load report may be up to half a second old by then).
+    connections_left: Option<u64>,
     /// The sockets it said it uses, in its `Ready`.
     sockets: Vec<SocketKey>,
     /// When its last load report came: its sign of life for the watchdog.
@@ -107,6 +111,10 @@ pub struct Supervisor {
     lifecycle: Lifecycle,
     exit: Option<u8>,
     last_reload: Option<String>,
+    /// Until the first start's outcome is told: its reply is not a reload's.
+    first_start: bool,
+    /// The first generation exited for a bad config: `baton run` then exits 64, not 1.
+    config_refused: bool,
     notify: Notifier,
     watchdog: Option<Watchdog>,
     /// The last `STATUS=` sent, to send only changes.
@@ -519,6 +527,8 @@ impl Supervisor {
         }
         let notify = Notifier::from_env(config.fd_store);
         Ok(Supervisor {
+            first_start: !lifecycle.restored(),
+            config_refused: false,
             lifecycle,
             config,
             poll,
@@ -655,6 +665,7 @@ impl Supervisor {
                     started: SystemTime::now(),
                     build: orphan.build,
                     load: Load::default(),
+                    connections_left: None,
                     sockets: Vec::new(),
                     heard: now,
                     launch: last_good.clone().filter(|_| state == State::Active),
@@ -789,6 +800,7 @@ impl Supervisor {
                     started: UNIX_EPOCH + std::time::Duration::from_millis(g.started_unix_ms),
                     build: g.build.clone(),
                     load: g.load(),
+                    connections_left: None,
                     sockets: g.sockets.clone(),
                     heard: now,
                     launch: None,
@@ -1196,11 +1208,7 @@ impl Supervisor {
                 timeout,
                 strategy,
             } => {
-                let how = match strategy {
-                    DrainStrategy::Gradual => "gradual",
-                    DrainStrategy::Immediate => "immediate",
-                };
-                info!(epoch, timeout = %humantime::format_duration(timeout), strategy = how, "draining");
+                info!(epoch, timeout = %humantime::format_duration(timeout), strategy = strategy.name(), "draining");
                 let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
                 if !self.send(
                     epoch,
@@ -1262,14 +1270,19 @@ impl Supervisor {
                     Ok(epoch) => (true, format!("generation {epoch} is active")),
                     Err(reason) => (false, reason.clone()),
                 };
+                // The first reply tells the first start's outcome: not a reload's.
+                let first_start = std::mem::replace(&mut self.first_start, false);
                 if !ok {
-                    error!("reload failed: {message}");
+                    let what = if first_start { "first start" } else { "reload" };
+                    error!("{what} failed: {message}");
                 }
-                self.last_reload = Some(if ok {
-                    message.clone()
-                } else {
-                    format!("failed: {message}")
-                });
+                if !first_start {
+                    self.last_reload = Some(if ok {
+                        message.clone()
+                    } else {
+                        format!("failed: {message}")
+                    });
+                }
                 // A reload (or the first start) ended: systemd's reload job is done either way.
                 if self.lifecycle.active().is_some() {
                     let line = self.status_line();
@@ -1317,7 +1330,14 @@ impl Supervisor {
             }
             // The first reason to exit is the one to report (a failed first start's 1 is not
             // undone by the exit of its generation that follows).
-            Action::Exit { code } => self.exit = Some(self.exit.map_or(code, |c| c.max(code))),
+            Action::Exit { code } => {
+                let code = if code == 1 && self.config_refused {
+                    EXIT_USAGE
+                } else {
+                    code
+                };
+                self.exit = Some(self.exit.map_or(code, |c| c.max(code)));
+            }
         }
     }
 
@@ -1367,6 +1387,7 @@ impl Supervisor {
                         started: SystemTime::now(),
                         build: String::new(),
                         load: Load::default(),
+                        connections_left: None,
                         sockets: Vec::new(),
                         heard: Instant::now(),
                         launch: Some(launch),
@@ -1376,7 +1397,10 @@ impl Supervisor {
                 );
             }
             Err(error) => {
-                error!(epoch, "{error}");
+                // A reload's failure is logged with its reply; a replacement's only here.
+                if self.lifecycle.reload_epoch() != Some(epoch) {
+                    error!(epoch, "{error}");
+                }
                 self.apply(Event::SpawnFailed { epoch, error });
             }
         }
@@ -1550,21 +1574,48 @@ impl Supervisor {
                 Ok(WaitStatus::StillAlive) => {}
                 Ok(status) => {
                     if let Some(how) = describe(status) {
-                        exited.push((epoch, g.pid, how, g.load));
+                        exited.push((epoch, g.pid, how));
+                    }
+                    // The first generation refused the config (the proxy's part of it, which
+                    // `baton check` reads too): `baton run` exits as for a bad config.
+                    if matches!(status, WaitStatus::Exited(_, code) if code == i32::from(EXIT_USAGE))
+                        && self.first_start
+                        && self.lifecycle.reload_epoch() == Some(epoch)
+                    {
+                        self.config_refused = true;
                     }
                 }
                 // Not our child any more (already reaped): it is gone.
-                Err(nix::errno::Errno::ECHILD) => {
-                    exited.push((epoch, g.pid, "gone".to_owned(), g.load))
-                }
+                Err(nix::errno::Errno::ECHILD) => exited.push((epoch, g.pid, "gone".to_owned())),
                 Err(e) => warn!(epoch, "cannot check the generation's process: {e}"),
             }
         }
-        for (epoch, pid, status, load) in exited {
-            // What it said before it died (a `Failed` with the reason) may still wait unread.
+        for (epoch, pid, status) in exited {
+            // What it said before it died (a `Failed` with the reason, an `Exiting` with the
+            // connections left) may still wait unread.
             self.generation_readable(epoch);
-            info!(epoch, pid, status = %status, connections_left = load.connections, "exited");
+            self.log_exit(epoch, pid, &status);
             self.apply(Event::Exited { epoch, status });
+        }
+    }
+
+    /// One line for a generation's exit. The connections it closed unfinished are those it
+    /// counted at the end of its drain; one that exited without draining (a crash, a kill)
+    /// took with it those it held at its last load report.
+    fn log_exit(&self, epoch: u64, pid: u32, status: &str) {
+        match self.generations.get(&epoch) {
+            Some(GenIo {
+                connections_left: Some(left),
+                ..
+            }) => info!(epoch, pid, status, connections_left = left, "exited"),
+            Some(g) if g.load.connections > 0 => warn!(
+                epoch,
+                pid,
+                status,
+                connections_at_last_report = g.load.connections,
+                "exited without draining"
+            ),
+            _ => info!(epoch, pid, status, "exited"),
         }
     }
 
@@ -1590,14 +1641,14 @@ impl Supervisor {
                             .poll
                             .registry()
                             .deregister(&mut SourceFd(&channel.as_raw_fd()));
-                        adopted = g.adopted.then_some((g.pid, g.load));
+                        adopted = g.adopted.then_some(g.pid);
                     }
                     // A child's exit arrives with SIGCHLD (see `reap`); an adopted generation
                     // closes its channel only by exiting.
-                    if let Some((pid, load)) = adopted {
+                    if let Some(pid) = adopted {
                         let status =
                             "exited (adopted: its exit status went to its parent)".to_owned();
-                        info!(epoch, pid, status = %status, connections_left = load.connections, "exited");
+                        self.log_exit(epoch, pid, &status);
                         self.apply(Event::Exited { epoch, status });
                     }
                     return;
@@ -1738,7 +1789,12 @@ impl Supervisor {
                 self.apply(Event::Ready { epoch });
             }
             ToSupervisor::Failed { reason } => {
-                error!(epoch, "generation failed to start: {reason}");
+                // A reload's failure is logged once, with its reply; a replacement's only here.
+                if self.lifecycle.reload_epoch() == Some(epoch) {
+                    debug!(epoch, "generation failed to start: {reason}");
+                } else {
+                    error!(epoch, "generation failed to start: {reason}");
+                }
                 self.apply(Event::Failed { epoch, reason });
             }
             ToSupervisor::Load(load) => {
@@ -1753,7 +1809,12 @@ impl Supervisor {
                 self.apply(Event::StoppedAccepting { epoch });
             }
             ToSupervisor::Exiting { connections_left } => {
-                info!(epoch, connections_left, "generation is exiting");
+                debug!(epoch, connections_left, "generation is exiting");
+                if let Some(g) = self.generations.get_mut(&epoch) {
+                    g.connections_left = Some(connections_left);
+                    g.load = Load::default();
+                }
+                self.update_stats();
             }
             ToSupervisor::BindSocket { id, key, backlog } => {
                 // The addresses of the config this generation was started with.

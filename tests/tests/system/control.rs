@@ -376,19 +376,28 @@ async fn with_log_format_json_every_line_is_json() {
     assert!(messages.iter().any(|m| m == "supervisor exited"), "{text}");
 }
 
-/// A first generation that cannot start (its port is taken, or the proxy refuses its part of the
-/// config) makes `baton run` exit 1, as the README says, not 0 (runit's `finish` and systemd
-/// see a failure).
+/// A first generation that cannot start makes `baton run` exit as the README says, not 0
+/// (runit's `finish` and systemd see a failure): 1 when its port is taken, 64 when the proxy
+/// refuses its part of the config (a bad config, as for the supervisor's part), so that runit's
+/// `finish` hint for a bad config fires. The log says "first start failed", once.
 #[test]
-fn baton_run_exits_1_when_its_first_generation_cannot_start() {
+fn baton_run_exits_1_or_64_when_its_first_generation_cannot_start() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("baton.toml");
     let cases = [
-        config(taken.local_addr().unwrap()),
-        config(free_addr()).replace("protocol = \"http\"", "protocol = \"http\"\nbogus = 1"),
+        (
+            config(taken.local_addr().unwrap()),
+            1,
+            "Address already in use",
+        ),
+        (
+            config(free_addr()).replace("protocol = \"http\"", "protocol = \"http\"\nbogus = 1"),
+            64,
+            "unknown field `bogus`",
+        ),
     ];
-    for text in cases {
+    for (text, code, reason) in cases {
         std::fs::write(
             &path,
             format!(
@@ -400,7 +409,7 @@ fn baton_run_exits_1_when_its_first_generation_cannot_start() {
             .args(["run", "--config", path.to_str().unwrap()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let mut status = None;
@@ -411,6 +420,76 @@ fn baton_run_exits_1_when_its_first_generation_cannot_start() {
         if status.is_none() {
             let _ = child.kill();
         }
-        assert_eq!(status.and_then(|s| s.code()), Some(1), "{text}");
+        let mut log = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+        assert_eq!(status.and_then(|s| s.code()), Some(code), "{text}\n{log}");
+        assert!(log.contains("first start failed: "), "{log}");
+        assert!(!log.contains("reload failed"), "{log}");
+        assert_eq!(
+            log.matches(reason).count(),
+            1,
+            "the reason is logged once, by the supervisor:\n{log}"
+        );
     }
+}
+
+/// `baton status` counts reloads, not the first start, and the supervisor's line for a
+/// generation's exit gives the connections it closed unfinished as the generation counted them
+/// at the end of its drain (its last load report, up to half a second old, may still count a
+/// client that has left since). A reload's failure is logged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_exit_lines_count_what_clients_hold() {
+    let listen = free_addr();
+    let supervisor = Supervisor::start(&config(listen));
+    let status = supervisor.status();
+    assert_eq!(status["reloads"], 0, "no reload yet: {status}");
+    assert!(status["last_reload"].is_null(), "no reload yet: {status}");
+    let text = supervisor.command("status", &[]).stdout;
+    assert!(
+        text.contains("reloads 0,") && !text.contains("last reload"),
+        "{text}"
+    );
+
+    // A client with a kept-alive connection, seen by a load report.
+    let mut h1 = client::H1::connect(listen).await.unwrap();
+    assert_eq!(h1.get("/").await.unwrap().status, 200);
+    assert!(
+        baton_tests::wait_until(crate::WAIT, || {
+            supervisor.status()["generations"][0]["connections"] == 1
+        }),
+        "the connection is counted"
+    );
+    let out = supervisor.reload();
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    // The drain closes the idle connection and ends at once, well before the next load
+    // report: nothing was left behind.
+    drop(h1);
+    assert!(
+        supervisor.wait_for_log(" exited epoch=0 pid=", crate::WAIT),
+        "{}",
+        supervisor.log()
+    );
+    let log = supervisor.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains(" exited epoch=0 pid="))
+        .unwrap();
+    assert!(line.contains("connections_left=0"), "{line}");
+    let status = supervisor.status();
+    assert_eq!(status["reloads"], 1, "{status}");
+    assert_eq!(status["last_reload"], "generation 1 is active", "{status}");
+
+    // A config the proxy refuses: the reason in the log once, as "reload failed".
+    supervisor.write_config(
+        &config(listen).replace("protocol = \"http\"", "protocol = \"http\"\nbogus = 1"),
+    );
+    let out = supervisor.reload();
+    assert_eq!(out.code, Some(1), "{}{}", out.stdout, out.stderr);
+    let log = supervisor.log();
+    let told = log
+        .lines()
+        .filter(|l| !l.contains(" DEBUG ") && l.contains("unknown field `bogus`"))
+        .count();
+    assert_eq!(told, 1, "{log}");
+    assert!(log.contains("ERROR reload failed: "), "{log}");
 }
