@@ -1,5 +1,7 @@
 //! The control socket's protocol: one JSON request per line, one JSON response per line, then
-//! the supervisor closes the connection. Shared by the supervisor and the `baton` subcommands.
+//! the supervisor closes the connection. A stop is the exception: the supervisor answers at
+//! once, keeps the connection open while its generations drain, and writes a second line as it
+//! exits. Shared by the supervisor and the `baton` subcommands.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -99,8 +101,35 @@ pub fn call(socket: &Path, request: Request) -> Result<Response, String> {
     }
 }
 
+/// Asks for a stop; `started` is told of the first answer. Then waits for the supervisor's
+/// last line, written as it exits once every generation has gone, and returns it.
+pub fn stop_and_wait(socket: &Path, started: impl FnOnce(&Response)) -> Result<Response, String> {
+    let (first, mut reader) = exchange(socket, Request::Stop).map_err(|(_, e)| e)?;
+    if !first.ok {
+        return Ok(first);
+    }
+    started(&first);
+    let mut last = String::new();
+    match reader.read_line(&mut last) {
+        Ok(n) if n > 0 => serde_json::from_str(&last)
+            .map_err(|e| format!("unreadable answer from the supervisor: {e}")),
+        _ => Err(format!(
+            "the supervisor closed the connection before it said it had stopped (killed, or a supervisor that does not wait); `baton status --socket {}` tells whether it still runs",
+            socket.display()
+        )),
+    }
+}
+
 /// One request; an error says whether the supervisor went away without answering.
 fn call_once(socket: &Path, request: Request) -> Result<Response, (bool, String)> {
+    exchange(socket, request).map(|(response, _)| response)
+}
+
+/// Sends one request and reads the first answer; the connection is left to read more from.
+fn exchange(
+    socket: &Path,
+    request: Request,
+) -> Result<(Response, BufReader<UnixStream>), (bool, String)> {
     let fail = |e: String| (false, e);
     let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => format!(
@@ -129,9 +158,11 @@ fn call_once(socket: &Path, request: Request) -> Result<Response, (bool, String)
         return Err(fail(format!("cannot send to the supervisor: {e}")));
     }
     let mut answer = String::new();
-    let read = BufReader::new(&stream).read_line(&mut answer);
+    let mut reader = BufReader::new(stream);
+    let read = reader.read_line(&mut answer);
     if !answer.is_empty() {
         return serde_json::from_str(&answer)
+            .map(|response| (response, reader))
             .map_err(|e| fail(format!("unreadable answer from the supervisor: {e}")));
     }
     // No answer: the supervisor went away without one (an upgrade's exec closes the

@@ -71,8 +71,14 @@ enum Command {
     /// and finishes its connections, and none replaces it until `baton reload` (like SIGWINCH).
     /// New connections wait in the accept queue meanwhile; none is refused.
     Drain(Target),
-    /// Drain every generation, then stop the supervisor.
-    Stop(Target),
+    /// Drain every generation, then stop the supervisor; waits until it has exited.
+    Stop {
+        #[command(flatten)]
+        target: Target,
+        /// Return once the stop has begun, without waiting for the drain and the exit.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Make every generation reopen its access logs (after log rotation).
     ReopenLogs(Target),
     /// Show the generations: epoch, pid, state, uptime, connections.
@@ -149,9 +155,16 @@ fn main() -> ExitCode {
         Command::Drain(target) => client(&target, Sure::WhenGuessed, Request::Drain, |r| {
             println!("baton: {}", r.message)
         }),
-        Command::Stop(target) => client(&target, Sure::WhenGuessed, Request::Stop, |r| {
+        Command::Stop {
+            target,
+            no_wait: true,
+        } => client(&target, Sure::WhenGuessed, Request::Stop, |r| {
             println!("baton: {}", r.message)
         }),
+        Command::Stop {
+            target,
+            no_wait: false,
+        } => stop(&target),
         Command::ReopenLogs(target) => {
             client(&target, Sure::WhenGuessed, Request::ReopenLogs, |r| {
                 println!("baton: {}", r.message)
@@ -215,6 +228,29 @@ fn client(
         }
         Ok(response) => {
             eprintln!("baton: {}", response.message);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("baton: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Asks for a stop and waits until the supervisor has exited: exit 0 once it did, 1 if it
+/// refused or went away before saying so.
+fn stop(target: &Target) -> ExitCode {
+    let socket = match socket_of(target, Sure::WhenGuessed) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match control::stop_and_wait(&socket, |r| println!("baton: {}", r.message)) {
+        Ok(r) if r.ok => {
+            println!("baton: {}", r.message);
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            eprintln!("baton: {}", r.message);
             ExitCode::FAILURE
         }
         Err(e) => {

@@ -78,6 +78,9 @@ struct Client {
     stream: UnixStream,
     input: Vec<u8>,
     output: Vec<u8>,
+    /// A `baton stop` waiting for the supervisor's exit: the connection stays open after the
+    /// first answer, and gets a last line as the supervisor exits.
+    waits_for_exit: bool,
 }
 
 /// The supervisor's own stats.
@@ -1921,6 +1924,7 @@ impl Supervisor {
                             stream,
                             input: Vec::new(),
                             output: Vec::new(),
+                            waits_for_exit: false,
                         },
                     );
                 }
@@ -1960,6 +1964,14 @@ impl Supervisor {
                 closed = true;
                 break;
             }
+        }
+        if client.waits_for_exit {
+            // Answered already: nothing more is read from a `baton stop` that waits.
+            client.input.clear();
+            if closed {
+                self.drop_client(id);
+            }
+            return;
         }
         let Some(end) = client.input.iter().position(|b| *b == b'\n') else {
             if closed {
@@ -2009,6 +2021,9 @@ impl Supervisor {
             }
             Request::Stop => {
                 info!("stop requested over the control socket: drain every generation, then exit");
+                if let Some(c) = self.clients.get_mut(&client) {
+                    c.waits_for_exit = true;
+                }
                 self.respond(
                     client,
                     Response {
@@ -2124,8 +2139,20 @@ impl Supervisor {
                     );
                     return;
                 }
-                Err(_) => break,
+                Err(_) => {
+                    self.drop_client(id);
+                    return;
+                }
             }
+        }
+        if client.waits_for_exit {
+            // Kept open until the exit; its closing is noticed by reading.
+            let _ = self.poll.registry().reregister(
+                &mut client.stream,
+                Token(CLIENTS + id as usize),
+                Interest::READABLE,
+            );
+            return;
         }
         self.drop_client(id);
     }
@@ -2137,11 +2164,30 @@ impl Supervisor {
     }
 
     /// Leaves nothing behind: the control socket file goes, the supervisor's stats fold into
-    /// the retired row.
+    /// the retired row. The `baton stop`s waiting are told.
     fn finish(mut self) -> u8 {
         let code = self.exit.unwrap_or(0);
         for epoch in self.generations.keys().copied().collect::<Vec<_>>() {
             self.kill(epoch);
+        }
+        let last = Response {
+            ok: code == 0,
+            message: if code == 0 {
+                format!(
+                    "stopped: every generation has exited, and so has the supervisor (pid {})",
+                    std::process::id()
+                )
+            } else {
+                format!("the supervisor exits with status {code}; its log says why")
+            },
+            status: None,
+        };
+        let mut line = serde_json::to_vec(&last).unwrap_or_default();
+        line.push(b'\n');
+        for client in self.clients.values_mut().filter(|c| c.waits_for_exit) {
+            // A line of a hundred bytes into a socket whose buffer the first answer left empty:
+            // one write takes it; a client too slow to read it is not waited for.
+            let _ = client.stream.write(&line);
         }
         let _ = std::fs::remove_file(&self.config.control_socket);
         if let Err(e) = self.region.retire_pid(std::process::id()) {

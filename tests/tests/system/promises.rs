@@ -263,6 +263,69 @@ async fn until_closed(listen: SocketAddr, answers: Arc<AtomicU64>) -> Result<u64
     Err(format!("still open after {LOAD_LIMIT:?}"))
 }
 
+/// `baton stop` returns once the supervisor has exited, after its generations drained: a
+/// script (or an operator) that stops baton and then starts something on its port finds the
+/// port free and no request cut. `--no-wait` (above) returns at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baton_stop_waits_for_the_drain_and_the_exit() {
+    let origin = Origin::start("origin").await;
+    let gate = Origin::start("gate").await;
+    let listen = free_addr();
+    let mut supervisor = Supervisor::start(&config(
+        listen,
+        origin.addr,
+        Some(("/gate", gate.addr)),
+        "drain_timeout = \"20s\"",
+    ));
+    let held = tokio::spawn(async move { client::get(listen, "/gate/2").await });
+    assert!(wait_until(WAIT, || gate.requests() == 1));
+
+    let socket = supervisor.socket.clone();
+    let stop = std::thread::spawn(move || {
+        std::process::Command::new(baton_tests::binaries::supervisor())
+            .args(["stop", "--socket"])
+            .arg(&socket)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("baton can be run")
+    });
+    assert!(supervisor.wait_for_log("draining epoch=0", WAIT));
+    let status = supervisor.status();
+    assert_eq!(status["generations"][0]["state"], "draining", "{status}");
+    assert!(
+        !stop.is_finished(),
+        "baton stop returned while a request was still in flight"
+    );
+
+    // The second request at the gate opens it (the origin is asked directly).
+    assert_eq!(
+        client::get(gate.addr, "/gate/2").await.text(),
+        "gate open\n"
+    );
+    let r = held.await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "gate open\n"));
+    let out = baton_tests::blocking(|| stop.join().unwrap());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("baton: stopping") && stdout.contains("baton: stopped: "),
+        "{stdout}"
+    );
+    let exit = supervisor
+        .wait_exit(Duration::from_secs(5))
+        .expect("the supervisor has exited when baton stop returns");
+    assert_eq!(exit.code(), Some(0), "{}", supervisor.log());
+    assert!(
+        std::net::TcpListener::bind(listen).is_ok(),
+        "the port is free"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn baton_stop_under_load_cuts_no_request_and_refuses_new_clients_at_once() {
     let origin = Origin::start("origin").await;
@@ -302,7 +365,8 @@ async fn baton_stop_under_load_cuts_no_request_and_refuses_new_clients_at_once()
         accept_queue(listen)
     );
 
-    let out = supervisor.command("stop", &[]);
+    // `--no-wait`: the requests held at the gate are let through below, while it drains.
+    let out = supervisor.command("stop", &["--no-wait"]);
     assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
     // Nothing will accept again: a new client is refused at once, not queued until the
     // supervisor exits (and then reset).
