@@ -1362,7 +1362,16 @@ impl Supervisor {
         let spawned = self.launch(from).and_then(|launch| {
             spawn::spawn(&launch, epoch, self.config.run_as.as_ref())
                 .map(|(child, channel)| (child, channel, launch.clone()))
-                .map_err(|e| format!("cannot run {}: {e}", launch.binary_path.display()))
+                .map_err(|e| {
+                    let hint = match (&self.config.run_as, e.raw_os_error()) {
+                        (Some(run_as), Some(libc::EPERM)) => format!(
+                            "; running it as supervisor.user {} needs CAP_SETUID and CAP_SETGID (under systemd: in the unit's CapabilityBoundingSet, as the shipped unit has them)",
+                            run_as.user
+                        ),
+                        _ => String::new(),
+                    };
+                    format!("cannot run {}: {e}{hint}", launch.binary_path.display())
+                })
         });
         match spawned {
             Ok((child, channel, launch)) => {
@@ -1476,10 +1485,17 @@ impl Supervisor {
     }
 
     fn kill(&mut self, epoch: u64) {
-        if let Some(g) = self.generations.get(&epoch)
-            && let Err(e) = nix::sys::signal::kill(Pid::from_raw(g.pid as i32), Signal::SIGKILL)
-        {
-            debug!(epoch, "kill: {e}");
+        if let Some(g) = self.generations.get(&epoch) {
+            match nix::sys::signal::kill(Pid::from_raw(g.pid as i32), Signal::SIGKILL) {
+                // Gone already.
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(nix::errno::Errno::EPERM) => error!(
+                    epoch,
+                    pid = g.pid,
+                    "cannot kill the generation, which runs as another user: the supervisor lacks CAP_KILL (under systemd, add it to the unit's CapabilityBoundingSet); it goes on waiting for the generation to exit"
+                ),
+                Err(e) => warn!(epoch, pid = g.pid, "cannot kill the generation: {e}"),
+            }
         }
     }
 
@@ -2233,7 +2249,7 @@ fn share_region(config: &SupervisorConfig, region: &Region) -> Result<(), String
     )
     .map_err(|e| {
         format!(
-            "cannot give the stats region {} to group {} of supervisor.user {}: {e}; start `baton run` as root",
+            "cannot give the stats region {} to group {} of supervisor.user {}: {e}; start `baton run` as root, with CAP_CHOWN, CAP_SETUID, CAP_SETGID and CAP_KILL (under systemd: in the unit's CapabilityBoundingSet, as the shipped unit has them)",
             config.stats_path.display(),
             run_as.gid,
             run_as.user

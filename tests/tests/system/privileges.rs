@@ -155,3 +155,119 @@ fn an_unknown_user_is_a_config_error_that_names_it() {
         "{stderr}"
     );
 }
+
+/// The capabilities the shipped systemd unit leaves the supervisor (`CapabilityBoundingSet=`,
+/// with `NoNewPrivileges=`), read from `systemd/baton.service`, as `setpriv` arguments.
+fn unit_capabilities() -> Vec<String> {
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/baton.service"),
+    )
+    .unwrap();
+    let setting = |name: &str| {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+            .map(str::to_owned)
+    };
+    let caps = setting("CapabilityBoundingSet").expect("the unit bounds the capabilities");
+    let mut args = vec![format!(
+        "--bounding-set=-all{}",
+        caps.split_whitespace()
+            .map(|c| format!(",+{}", c.trim_start_matches("CAP_").to_lowercase()))
+            .collect::<String>()
+    )];
+    if setting("NoNewPrivileges").as_deref() == Some("yes") {
+        args.push("--no-new-privs".into());
+    }
+    args
+}
+
+/// Under the shipped unit's capability bounding set, a supervisor started as root (as systemd
+/// starts it) with `supervisor.user` works: its generations run as the user on a port only
+/// root may bind, a reload binds another such port, a stopped-up generation is killed at the
+/// end of its drain, and the stop completes. The bounding set is applied with `setpriv`, as
+/// systemd would, without systemd as PID 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_units_capabilities_let_the_supervisor_drop_privileges() {
+    let Some(_) = test_user() else {
+        return;
+    };
+    let Ok(setpriv) = which("setpriv") else {
+        panic!("setpriv is missing: apt-get install -y util-linux");
+    };
+    let wrapper = format!(
+        "#!/bin/sh\nexec {} {} -- {} \"$@\"\n",
+        setpriv.display(),
+        unit_capabilities().join(" "),
+        baton_tests::binaries::supervisor().display()
+    );
+    let first = privileged_addr(720);
+    let mut supervisor = Supervisor::start_with(
+        &config(&[first]).replace("[supervisor]\n", "drain_timeout = \"1s\"\n[supervisor]\n"),
+        &[("baton-in-unit", wrapper.as_bytes())],
+        &Options {
+            shared_dir: true,
+            binary: Some("baton-in-unit".into()),
+            ..Options::default()
+        },
+    );
+    let effective = std::fs::read_to_string(format!("/proc/{}/status", supervisor.pid()))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("CapBnd:"))
+        .map(str::to_owned)
+        .unwrap();
+    assert_ne!(
+        effective, "CapBnd:\t000001ffffffffff",
+        "the bounding set applies"
+    );
+    assert_eq!(client::get(first, "/").await.text(), "listener 0\n");
+
+    let second = privileged_addr(first.port() + 1);
+    supervisor.write_config(
+        &config(&[first, second])
+            .replace("[supervisor]\n", "drain_timeout = \"1s\"\n[supervisor]\n"),
+    );
+    let out = supervisor.reload();
+    assert_eq!(
+        out.code,
+        Some(0),
+        "{}{}\n{}",
+        out.stdout,
+        out.stderr,
+        supervisor.log()
+    );
+    assert_eq!(client::get(second, "/").await.text(), "listener 1\n");
+
+    // A generation that cannot drain (stopped) is killed when its drain time is up: the
+    // supervisor may signal a process of another user.
+    let pid = supervisor.active_pid().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let out = supervisor.command("stop", &[]);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "{}{}\n{}",
+        out.stdout,
+        out.stderr,
+        supervisor.log()
+    );
+    let exit = supervisor
+        .wait_exit(crate::WAIT)
+        .expect("the supervisor exits");
+    assert_eq!(exit.code(), Some(0), "{}", supervisor.log());
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the stopped generation was killed"
+    );
+}
+
+fn which(name: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .ok_or(())
+}
