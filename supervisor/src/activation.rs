@@ -74,7 +74,11 @@ pub fn passed() -> Vec<Passed> {
                 passed.push(Passed { fd, key, name });
             }
             Err(reason) => {
-                warn!(fd = raw, name = ?name, "ignored a socket systemd passed: {reason}")
+                warn!(
+                    fd = raw,
+                    name = name.as_deref(),
+                    "ignored a socket systemd passed: {reason}"
+                )
             }
         }
     }

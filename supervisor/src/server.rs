@@ -699,7 +699,7 @@ impl Supervisor {
         let mut names = HashMap::new();
         let mut activated = std::collections::HashSet::new();
         for passed in activation::passed() {
-            info!(key = %passed.key, name = ?passed.name, "listen socket from systemd");
+            info!(key = %passed.key, name = passed.name.as_deref(), "listen socket from systemd");
             if let Some(name) = passed.name {
                 names.insert(name, passed.key);
                 activated.insert(passed.key);
@@ -1247,7 +1247,7 @@ impl Supervisor {
                             .iter()
                             .find(|(_, k)| **k == key)
                             .map(|(n, _)| n.clone());
-                        warn!(%key, name = ?name, "systemd passed a socket that no listener uses; closing it");
+                        warn!(%key, name = name.as_deref(), "systemd passed a socket that no listener uses; closing it");
                     } else {
                         info!(%key, "closed a listen socket the active generation no longer uses");
                         self.notify.remove_fd(&activation::store_name(&key));

@@ -86,7 +86,7 @@ control_socket = "baton.sock"
     );
     let logged = read_log();
     assert!(
-        logged.contains("listen socket from systemd") && logged.contains("name=Some(\"public\")"),
+        logged.contains("listen socket from systemd") && logged.contains("name=\"public\""),
         "{logged}"
     );
 
@@ -156,9 +156,9 @@ async fn sockets_come_back_from_the_fd_store() {
     assert_eq!(r.text(), "from the stored socket\n");
     let logged = read_log();
     assert!(
-        logged.contains(&format!(
-            "listen socket from systemd key=tcp:{listen} name=None"
-        )),
+        logged
+            .lines()
+            .any(|l| l.ends_with(&format!("listen socket from systemd key=tcp:{listen}"))),
         "{logged}"
     );
     assert!(
