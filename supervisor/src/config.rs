@@ -88,21 +88,14 @@ pub fn load(path: &Path) -> Result<SupervisorConfig, String> {
     parse(path, &source)
 }
 
-fn at(path: &Path, source: &str, offset: usize, message: impl std::fmt::Display) -> String {
-    let before = source.get(..offset.min(source.len())).unwrap_or(source);
-    let line = before.matches('\n').count() + 1;
-    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-    format!("{}:{line}:{column}: {message}", path.display())
-}
+use config_errors::at;
 
 pub fn parse(path: &Path, source: &str) -> Result<SupervisorConfig, String> {
+    // The proxy words its parse errors the same way, so that a misspelt field reads alike
+    // whichever checker finds it.
     let raw: Raw = toml::from_str(source).map_err(|e| {
-        at(
-            path,
-            source,
-            e.span().map_or(0, |s| s.start),
-            e.message().trim_end(),
-        )
+        let (offset, message) = config_errors::parse_error(source, &e);
+        at(path, source, offset, message)
     })?;
     // A timeout of zero would mean "give up at once": a drain that cuts every connection, a
     // generation that can never become ready.

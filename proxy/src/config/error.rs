@@ -37,11 +37,7 @@ impl fmt::Display for Location {
 impl Location {
     /// The location of byte `offset` of `source`, read from `path`.
     pub fn of(path: &Path, source: &str, offset: usize) -> Location {
-        let offset = offset.min(source.len());
-        let before = source.get(..offset).unwrap_or(source);
-        let line = before.matches('\n').count() + 1;
-        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-        let column = before[line_start..].chars().count() + 1;
+        let (line, column) = config_errors::line_column(source, offset);
         Location {
             path: path.to_owned(),
             line,

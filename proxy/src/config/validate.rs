@@ -22,6 +22,9 @@ use super::*;
 
 mod cluster;
 mod route;
+mod url;
+
+use url::Url;
 
 /// The longest duration a config may give: times are added to instants, and a year is more
 /// than any timeout or interval needs.
@@ -29,20 +32,11 @@ const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 pub fn validate(path: &Path, source: &str) -> Result<Config, ConfigError> {
     let v = Validator { path, source };
+    // The supervisor words its parse errors the same way (a misspelt field reads alike whichever
+    // checker finds it): the line quoted, and the nearest expected name.
     let raw: RawConfig = toml::from_str(source).map_err(|e| {
-        let span = e.span().unwrap_or(0..0);
-        // The parser's words name the type, not always the field: show the line too.
-        let line = source[..span.start.min(source.len())]
-            .rfind('\n')
-            .map_or(0, |i| i + 1);
-        let text = source[line..].lines().next().unwrap_or("").trim();
-        let message = e.message().trim_end();
-        let message = if text.is_empty() {
-            message.to_owned()
-        } else {
-            format!("{message} (in `{text}`)")
-        };
-        v.error(span, message)
+        let (offset, message) = config_errors::parse_error(source, &e);
+        v.error(offset..offset, message)
     })?;
     v.config(raw)
 }
@@ -416,6 +410,17 @@ impl Validator<'_> {
 
     /// A listen address (a listener's or the admin's): an IP address and a port other than 0.
     fn address(&self, field: &str, value: &Spanned<String>) -> Result<SocketAddr> {
+        if let Some(url) = Url::of(value.get_ref(), field == "listener.address") {
+            let tls = if field == "listener.address" {
+                "for TLS, add [[listener.tls.certificate]] to the listener"
+            } else {
+                "the admin listener speaks cleartext HTTP only"
+            };
+            return Err(self.error(
+                value.span(),
+                format!("{field}: {}", url.message("an address is `IP:PORT`", tls)),
+            ));
+        }
         let address: SocketAddr = value.get_ref().parse().map_err(|_| {
             self.error(
                 value.span(),

@@ -32,7 +32,7 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
             "a misspelled field",
             BASE.replace("address =", "adress ="),
             5,
-            "unknown field `adress`, expected one of",
+            "unknown field `adress` (did you mean `address`?), expected one of",
         ),
         (
             "a value of the wrong type",
@@ -44,7 +44,7 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
             "an unknown protocol",
             BASE.replace("protocol = \"http\"", "protocol = \"htp\""),
             6,
-            "unknown variant `htp`, expected `http` or `tcp`",
+            "unknown variant `htp` (did you mean `http`?), expected `http` or `tcp`",
         ),
         (
             "an address without a valid port",

@@ -3,6 +3,9 @@
 
 /// The admin listener.
 mod admin;
+/// What `baton check` and `baton reload` say of common mistakes: misspelt fields, URLs as
+/// endpoints.
+mod check;
 /// The cluster manager: balancers, health checks, outlier detection, circuit breakers,
 /// retries, rate limits, route matching, weighted clusters, mirroring, snapshots under load.
 mod clusters;

@@ -58,6 +58,20 @@ impl Validator<'_> {
         let mut names = Vec::new();
         for endpoint in raw.endpoints.get_ref() {
             let (target, weight) = self.weighted_endpoint(&name, endpoint)?;
+            // Else a URL would be taken for a host name and fail to resolve, a DNS error that
+            // does not say what is wrong.
+            if let Some(url) = Url::of(target, false) {
+                return Err(self.error(
+                    endpoint.span(),
+                    format!(
+                        "cluster `{name}`: endpoint {}",
+                        url.message(
+                            "endpoints are `host:port`",
+                            "baton has no TLS to upstreams: name a port where the upstream takes cleartext HTTP"
+                        )
+                    ),
+                ));
+            }
             if dns {
                 let (host, port) = self.dns_name(&name, endpoint, target)?;
                 if names
