@@ -45,7 +45,8 @@ impl Supervisor {
         Self::start_with_files(config, &[])
     }
 
-    /// Like [`Supervisor::start`], with `files` (name, bytes) written beside the config first.
+    /// Like [`Supervisor::start`], with `files` (name, bytes) written beside the config first
+    /// (a name may hold folders: `tls/cert.pem`).
     pub fn start_with_files(config: &str, files: &[(&str, &[u8])]) -> Supervisor {
         Self::start_with(config, files, &Options::default())
     }
@@ -61,6 +62,9 @@ impl Supervisor {
         }
         for (name, content) in files {
             let path = dir.path().join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).expect("a folder beside the config");
+            }
             if content.starts_with(b"\x7fELF") {
                 crate::write_executable(&path, content);
                 continue;

@@ -1,9 +1,12 @@
 //! Tests that run baton under the real tools operators use: `systemd-analyze`,
-//! `systemd-socket-activate` (Debian's `systemd` package) and runit's `runsv` and `sv`.
+//! `systemd-socket-activate` (Debian's `systemd` package), runit's `runsv` and `sv`, `openssl`
+//! and `logrotate`.
 //! `.ci/system-tests` installs them and runs `cargo test -p baton-tests --test tools`.
 
 /// Socket activation: systemd binds, baton serves.
 mod activation;
+/// The examples' helpers: the certificate script (openssl), the logrotate snippet.
+mod examples;
 /// runit: run, `sv hup`, `sv down`, `sv up`.
 mod runit;
 /// The unit files, as systemd reads them.
