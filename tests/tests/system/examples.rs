@@ -1,5 +1,6 @@
 //! The example configs in `examples/`: each passes `baton check` (the real binary), and those
 //! that need nothing else run and answer as their comments say, so that the examples cannot rot.
+//! And the README's contents and the guides' links lead to headings that are there.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -202,5 +203,90 @@ async fn the_tls_example_serves_https_with_the_certificate_beside_it() {
         };
         assert_eq!(reply.status, 200, "{reply:?}\n{}", supervisor.log());
         assert_eq!(reply.text(), body);
+    }
+}
+
+/// The headings of a Markdown text and the anchors GitHub gives them: lower case, punctuation
+/// but `-` and `_` dropped, spaces as `-`, and `-1`, `-2` after a repeated one.
+fn headings(markdown: &str) -> Vec<(&str, String)> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut out = Vec::new();
+    let mut fenced = false;
+    for line in markdown.lines() {
+        if line.starts_with("```") {
+            fenced = !fenced;
+        }
+        let Some(title) = line.strip_prefix('#').filter(|_| !fenced) else {
+            continue;
+        };
+        let title = title.trim_start_matches('#').trim().to_lowercase();
+        let anchor: String = title
+            .chars()
+            .filter(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | ' '))
+            .map(|c| if c == ' ' { '-' } else { c })
+            .collect();
+        let n = seen.entry(anchor.clone()).or_insert(0);
+        out.push((
+            line,
+            if *n == 0 {
+                anchor.clone()
+            } else {
+                format!("{anchor}-{n}")
+            },
+        ));
+        *n += 1;
+    }
+    out
+}
+
+/// Every `(#anchor)` and `(file#anchor)` link of `markdown` that does not lead anywhere.
+fn broken_links(markdown: &str, here: &Path) -> Vec<String> {
+    let mut broken = Vec::new();
+    for (i, _) in markdown.match_indices("](") {
+        let target = &markdown[i + 2..];
+        let Some(end) = target.find(')') else {
+            continue;
+        };
+        let target = &target[..end];
+        if target.contains("://") {
+            continue;
+        }
+        let (file, anchor) = target.split_once('#').unwrap_or((target, ""));
+        let file = if file.is_empty() {
+            here.to_owned()
+        } else {
+            here.parent().unwrap().join(file)
+        };
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            broken.push(format!("{target}: no file {}", file.display()));
+            continue;
+        };
+        if !anchor.is_empty() && !headings(&text).iter().any(|(_, a)| a == anchor) {
+            broken.push(format!("{target}: no heading"));
+        }
+    }
+    broken
+}
+
+#[test]
+fn the_readme_contents_and_the_guide_link_to_what_is_there() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for doc in ["README.md", "docs/coming-from.md"] {
+        let path = repo.join(doc);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let broken = broken_links(&text, &path);
+        assert!(broken.is_empty(), "{doc}: {broken:?}");
+    }
+    // Every section of the README is in its contents.
+    let readme = std::fs::read_to_string(repo.join("README.md")).unwrap();
+    let contents = &readme[readme.find("## Contents").unwrap()..];
+    let contents = &contents[..contents[3..].find("\n## ").unwrap()];
+    for (line, anchor) in headings(&readme) {
+        if line.starts_with("## ") && anchor != "contents" {
+            assert!(
+                contents.contains(&format!("(#{anchor})")),
+                "`{line}` is not in the contents"
+            );
+        }
     }
 }

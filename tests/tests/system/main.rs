@@ -15,7 +15,8 @@ mod config;
 mod control;
 /// SIGTERM drain, SIGINT.
 mod drain;
-/// The example configs: each passes `baton check`, and those that need nothing else serve.
+/// The example configs: each passes `baton check`, and those that need nothing else serve;
+/// the README's contents and the guides' links lead to headings that are there.
 mod examples;
 /// gRPC and HTTP/1.1 clients through `protocol = "http2"` clusters: streams, statuses, trailers.
 mod grpc;
