@@ -1,6 +1,7 @@
 //! The examples' helpers under the real tools: `examples/make-cert.sh` (openssl) makes a pair
 //! the TLS example accepts, and `examples/logrotate.d/baton` (logrotate) rotates a running
-//! baton's access log, which then writes on into a new file.
+//! baton's access log, which then writes on into a new file; the socket activation example
+//! serves on the socket `systemd-socket-activate` passes.
 
 use std::process::Command;
 
@@ -94,4 +95,75 @@ direct_response = {{ status = 200, body = "ok\n" }}
     );
     assert!(!lines("access.log").contains("GET /before"));
     assert!(!lines("access.log.1").contains("GET /after"));
+}
+
+/// `examples/socket-activation.toml` as systemd runs it: the port bound by
+/// `systemd-socket-activate` (as `systemd/baton.socket` would), passed as `public`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_activation_example_serves_on_the_socket_systemd_passes() {
+    let activate = tool("systemd-socket-activate", "systemd");
+    let origin = baton_tests::upstream::Origin::start("app").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("log")).unwrap();
+    let config = dir.path().join("baton.toml");
+    let example = std::fs::read_to_string(repo("examples/socket-activation.toml")).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[stats]\npath = \"stats.shm\"\n\n[supervisor]\ncontrol_socket = \"baton.sock\"\n",
+            example
+                .replace("127.0.0.1:3000", &origin.addr.to_string())
+                .replace("127.0.0.1:9901", &admin.to_string())
+                .replace(
+                    "/var/log/baton",
+                    &dir.path().join("log").display().to_string()
+                )
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("baton.log");
+    let mut child = Command::new(activate)
+        .args(["-l", &listen.to_string(), "--fdname=public"])
+        .args(["-E", "BATON_LOG=info"])
+        .arg(baton_tests::binaries::supervisor())
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        wait_until(WAIT, || read_log().contains("Listening on")),
+        "{}",
+        read_log()
+    );
+
+    let reply = client::get(listen, "/from-systemd").await;
+    assert_eq!(reply.status, 200, "{reply:?}\n{}", read_log());
+    let access = dir.path().join("log/access.log");
+    assert!(
+        wait_until(WAIT, || std::fs::read_to_string(&access)
+            .is_ok_and(|l| l.contains("\"GET /from-systemd HTTP/1.1\" 200 ")
+                && l.contains(&format!(" {} - ", origin.addr)))),
+        "{}",
+        read_log()
+    );
+
+    let stop = Command::new(baton_tests::binaries::supervisor())
+        .args(["stop", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    assert!(
+        wait_until(WAIT, || matches!(child.try_wait(), Ok(Some(_)))),
+        "baton stops"
+    );
 }

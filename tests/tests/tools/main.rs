@@ -5,7 +5,8 @@
 
 /// Socket activation: systemd binds, baton serves.
 mod activation;
-/// The examples' helpers: the certificate script (openssl), the logrotate snippet.
+/// The examples' helpers: the certificate script (openssl), the logrotate snippet, socket
+/// activation.
 mod examples;
 /// runit: run, `sv hup`, `sv down`, `sv up`.
 mod runit;
