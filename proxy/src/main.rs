@@ -8,6 +8,7 @@
 
 mod access_log;
 mod admin;
+mod cli;
 mod cluster;
 mod generation;
 mod http;
@@ -24,14 +25,14 @@ mod upstream_h2;
 mod worker;
 
 use std::num::NonZeroUsize;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 // In the library, so that the fuzz targets can parse configs too.
 use baton_proxy::config;
 use baton_proxy::{dns, lb};
-use clap::Parser;
+use clap::FromArgMatches;
+use cli::Cli;
 use tracing::error;
 
 /// mimalloc instead of the system allocator: hyper allocates small buffers per request, and
@@ -42,24 +43,6 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Exit status for a configuration the operator must fix (sysexits' EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
-/// A baton proxy generation: HTTP/1.1, HTTP/2 and TCP proxying with graceful drain.
-#[derive(Debug, Parser)]
-#[command(name = "baton-proxy", version)]
-struct Cli {
-    /// The configuration file (TOML).
-    #[arg(long, short = 'c', value_name = "FILE")]
-    config: PathBuf,
-    /// Worker threads, 1 to 1024 [default: `concurrency` from the config, else one per CPU core].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
-    concurrency: Option<u16>,
-    /// Check the configuration and exit: 0 when it is valid, 1 when it is not (like `nginx -t`).
-    #[arg(long)]
-    check: bool,
-    /// The restart epoch of this generation, shown by `/server_info` (the supervisor sets it).
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    epoch: u64,
-}
-
 fn main() -> ExitCode {
     // No transparent huge pages: mimalloc asks for them on its arenas, and a generation then
     // zeroes a whole 2 MiB page at each first touch. Measured on a reload: startup 4 ms of CPU
@@ -67,7 +50,7 @@ fn main() -> ExitCode {
     // Before anything else, so that little is touched before. Not fatal where the kernel has no
     // THP to disable.
     let _ = nix::sys::prctl::set_thp_disable(true);
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&cli::command().get_matches()).unwrap_or_else(|e| e.exit());
     init_logging();
 
     // Started by `baton run`: the control channel is inherited.

@@ -18,6 +18,7 @@
 
 mod activation;
 mod adopt;
+mod cli;
 mod config;
 mod control;
 mod launch;
@@ -32,8 +33,9 @@ mod upgrade;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::FromArgMatches;
 
+use crate::cli::{Cli, Command, Internal, LogFormat, Target};
 use crate::control::{Request, Response};
 
 /// The variable that hands a re-executed supervisor the state of the one it replaces.
@@ -45,92 +47,9 @@ pub static LOG_JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBo
 /// Exit status for a configuration or usage the operator must fix (sysexits' EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
 
-/// baton: a hot-restartable proxy. `baton run` supervises `baton-proxy` generations; the other
-/// commands control a running supervisor.
-#[derive(Debug, Parser)]
-#[command(name = "baton", version)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Run the supervisor in the foreground (under systemd, runit, or a terminal).
-    Run {
-        /// The configuration file (TOML), the same one every generation reads.
-        #[arg(long, short = 'c', value_name = "FILE")]
-        config: PathBuf,
-        /// Log lines as text or as JSON objects.
-        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-        log_format: LogFormat,
-    },
-    /// Start a new generation and drain the old one; waits for the outcome (exit 1 if it failed).
-    Reload(Target),
-    /// Take this host out of rotation without stopping: the active generation stops accepting
-    /// and finishes its connections, and none replaces it until `baton reload` (like SIGWINCH).
-    /// New connections wait in the accept queue meanwhile; none is refused.
-    Drain(Target),
-    /// Drain every generation, then stop the supervisor; waits until it has exited.
-    Stop {
-        #[command(flatten)]
-        target: Target,
-        /// Return once the stop has begun, without waiting for the drain and the exit.
-        #[arg(long)]
-        no_wait: bool,
-    },
-    /// Make every generation reopen its access logs (after log rotation).
-    ReopenLogs(Target),
-    /// Show the generations: epoch, pid, state, uptime, connections.
-    Status {
-        #[command(flatten)]
-        target: Target,
-        /// Print the status as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Check a configuration without running it (like `nginx -t`): exit 0 if valid, 1 if not.
-    Check {
-        #[arg(long, short = 'c', value_name = "FILE")]
-        config: PathBuf,
-    },
-    /// Execute the `baton` binary on disk in the running supervisor's place (same pid, same
-    /// generations and sockets), like SIGUSR2.
-    UpgradeSupervisor(Target),
-    /// Between `baton` binaries, not for people.
-    #[command(hide = true)]
-    Internal {
-        #[command(subcommand)]
-        command: Internal,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum Internal {
-    /// Prints the versions of handed-over state this binary reads.
-    UpgradeCheck,
-}
-
-/// Which supervisor to talk to.
-#[derive(Debug, Args)]
-#[group(required = true, multiple = false)]
-struct Target {
-    /// The config file the supervisor runs with (its control socket is found from it).
-    #[arg(long, short = 'c', value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// The supervisor's control socket.
-    #[arg(long, value_name = "PATH")]
-    socket: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Run { config, log_format } => {
             init_logging(log_format);

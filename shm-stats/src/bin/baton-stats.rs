@@ -4,51 +4,21 @@
 #![forbid(unsafe_code)]
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::FromArgMatches;
 use regex::Regex;
 use shm_stats::{Reader, format};
 
-/// Print the stats of a running baton, read from its shared-memory region.
-#[derive(Debug, Parser)]
-#[command(name = "baton-stats", version)]
-struct Cli {
-    /// The instance whose region to read (/dev/shm/baton.<NAME>).
-    #[arg(
-        long,
-        value_name = "NAME",
-        conflicts_with = "path",
-        default_value = "baton"
-    )]
-    instance: String,
-    /// Read the region at FILE instead (a region placed with `stats.path`).
-    #[arg(long, value_name = "FILE")]
-    path: Option<PathBuf>,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    format: Format,
-    /// Print again every SECS seconds, until interrupted (or --count times).
-    #[arg(long, value_name = "SECS")]
-    watch: Option<f64>,
-    /// With --watch, stop after printing N times.
-    #[arg(long, value_name = "N", requires = "watch")]
-    count: Option<u64>,
-    /// Only stats whose `name{tags}` matches this regular expression.
-    pattern: Option<String>,
-}
+use cli::{Cli, Format};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Format {
-    Text,
-    Json,
-    Prometheus,
-}
+// Beside this file, not in `src/bin/` (where cargo would take it for a binary of its own).
+#[path = "baton-stats/cli.rs"]
+mod cli;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&cli::command().get_matches()).unwrap_or_else(|e| e.exit());
     let pattern = match cli.pattern.as_deref().map(Regex::new).transpose() {
         Ok(p) => p,
         Err(e) => {
