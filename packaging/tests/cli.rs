@@ -56,11 +56,13 @@ fn every_command_flag_argument_and_value_has_a_description() {
             if help.trim().is_empty() {
                 missing.push(format!("`{path} {name}` has no description"));
             }
-            for value in arg
-                .get_possible_values()
-                .iter()
-                .filter(|v| !v.is_hide_set())
-            {
+            // The values of an option that takes one (a flag's true and false are clap's own).
+            let values = if arg.get_action().takes_values() {
+                arg.get_possible_values()
+            } else {
+                Vec::new()
+            };
+            for value in values.iter().filter(|v| !v.is_hide_set()) {
                 if value
                     .get_help()
                     .is_none_or(|h| h.to_string().trim().is_empty())
