@@ -47,8 +47,17 @@ pub static LOG_JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBo
 /// Exit status for a configuration or usage the operator must fix (sysexits' EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
 
+/// What `--version` prints after the name: the version and the build id, the same id that
+/// `baton status` shows for the supervisor.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (build ",
+    env!("BATON_BUILD_ID"),
+    ")"
+);
+
 fn main() -> ExitCode {
-    let matches = cli::command().get_matches();
+    let matches = cli::command().version(VERSION).get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Run { config, log_format } => {

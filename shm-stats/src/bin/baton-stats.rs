@@ -17,8 +17,17 @@ use cli::{Cli, Format};
 #[path = "baton-stats/cli.rs"]
 mod cli;
 
+/// What `--version` prints after the name: the version and the build id.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (build ",
+    env!("BATON_BUILD_ID"),
+    ")"
+);
+
 fn main() -> ExitCode {
-    let cli = Cli::from_arg_matches(&cli::command().get_matches()).unwrap_or_else(|e| e.exit());
+    let cli = Cli::from_arg_matches(&cli::command().version(VERSION).get_matches())
+        .unwrap_or_else(|e| e.exit());
     let pattern = match cli.pattern.as_deref().map(Regex::new).transpose() {
         Ok(p) => p,
         Err(e) => {

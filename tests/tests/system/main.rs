@@ -50,6 +50,8 @@ mod systemd;
 mod tcp;
 /// HTTP/1.1 as upstreams send it, byte for byte: framings, interim answers, closes, bad answers.
 mod upstream_http1;
+/// `--version` of each binary: its build, as the running service reports it.
+mod version;
 /// HTTP/1.1 upgrades: WebSocket through baton (cleartext and TLS), refusals, `h2c`, idle
 /// tunnels, reloads.
 mod websocket;
