@@ -52,7 +52,7 @@ assets:
 # and SYSCONFDIR.
 SUBST = sed 's|/usr/local/bin|$(BINDIR)|g; s|/etc/baton/|$(SYSCONFDIR)/baton/|g'
 
-# The same, under target/ for the Debian package's assets.
+# The same, under packaging/out/ for the Debian package's assets.
 staged:
 	mkdir -p $(STAGED)/runit
 	for f in baton.service baton-notify-reload.service baton.socket; do $(SUBST) systemd/$$f > $(STAGED)/$$f; done
