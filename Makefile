@@ -49,7 +49,8 @@ assets:
 	$(CARGO) run --locked -q -p baton-packaging -- $(ASSETS)
 
 # The units and runit scripts name /usr/local/bin and /etc/baton: installed, they name BINDIR
-# and SYSCONFDIR.
+# and SYSCONFDIR. The package's sample config runs the generations as the user `baton`, which
+# its postinst creates.
 SUBST = sed 's|/usr/local/bin|$(BINDIR)|g; s|/etc/baton/|$(SYSCONFDIR)/baton/|g'
 
 # The same, under packaging/out/ for the Debian package's assets.
@@ -57,6 +58,7 @@ staged:
 	mkdir -p $(STAGED)/runit
 	for f in baton.service baton-notify-reload.service baton.socket; do $(SUBST) systemd/$$f > $(STAGED)/$$f; done
 	for f in run finish; do $(SUBST) systemd/runit/$$f > $(STAGED)/runit/$$f; done
+	sed 's|^# \[supervisor\]$$|[supervisor]|; s|^# user = "baton"$$|user = "baton"|' packaging/baton.toml > $(STAGED)/baton.toml
 
 install:
 	@for b in $(BINS); do \
