@@ -38,7 +38,7 @@ pub async fn serve(guard: ConnectionGuard, downstream: TcpStream, peer: SocketAd
         &http::HeaderMap::new(),
         peer.ip(),
     );
-    let Some(pick) = wc.handle.pick(cluster.lb_policy, &wc.cursor, hash, &[]) else {
+    let Some(pick) = wc.handle.pick(cluster.lb_policy, &wc.lb, hash, &[]) else {
         stats.shard.inc(cluster_stats.upstream_cx_none_healthy);
         debug!(worker = worker.id, %peer, cluster = %cluster.name, "no healthy upstream; closing");
         return;

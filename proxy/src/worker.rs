@@ -22,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, warn};
 
 use crate::access_log::LogSender;
-use crate::cluster::ClusterHandle;
+use crate::cluster::{ClusterHandle, WorkerLb};
 use crate::config::{Config, ListenerKind, Overflow};
 use crate::limits::{ConnectionLimits, Full};
 use crate::stats::ThreadStats;
@@ -165,11 +165,11 @@ impl WorkerHandle {
 }
 
 /// A cluster as one worker uses it: the shared snapshot, and this worker's own pool and
-/// round-robin position.
+/// balancer state (round-robin position, least-request credits).
 pub struct WorkerCluster {
     pub handle: Arc<ClusterHandle>,
     pub pool: Rc<ClusterPool>,
-    pub cursor: Cell<usize>,
+    pub lb: WorkerLb,
 }
 
 /// A worker's state, shared by the tasks on its thread.
@@ -213,7 +213,7 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
                 pool: Rc::new(ClusterPool::new(c, handle.clone())),
                 handle,
                 // Spread the workers' round-robin positions.
-                cursor: Cell::new(setup.id.wrapping_mul(7919)),
+                lb: WorkerLb::starting_at(setup.id.wrapping_mul(7919)),
             })
             .collect(),
         h2: crate::upstream_h2::Pool::default(),

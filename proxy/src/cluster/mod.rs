@@ -6,15 +6,15 @@
 //! immutable [`Snapshot`] and publishes it in the cluster's [`ClusterHandle`] (an `ArcSwap`).
 //! Workers read the current snapshot with no lock (read-copy-update: a request holds the
 //! snapshot it started with, and a newer one replaces it for the next request, never half-way).
-//! What is per worker stays in the worker: connection pools, round-robin cursors. What must be
-//! counted over all workers is in atomics: a host's active requests (least request, `/clusters`),
-//! a cluster's circuit-breaker counts, a host's consecutive failures (outlier detection, which
-//! tells the manager through a channel when a threshold is crossed).
+//! What is per worker stays in the worker: connection pools, round-robin cursors, least-request
+//! credits. What must be counted over all workers is in atomics: a host's active requests (least
+//! request, `/clusters`), a cluster's circuit-breaker counts, a host's consecutive failures
+//! (outlier detection, which tells the manager through a channel when a threshold is crossed).
 
 pub mod health;
 pub mod manager;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -23,7 +23,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
 use crate::config::{Cluster, HashKey, OutlierDetection};
-use crate::lb::{self, Policy, Table};
+use crate::lb::{self, Policy, Table, least_request};
 
 /// An endpoint of a cluster. The same `Host` stays in every snapshot for as long as the
 /// endpoint is a member, so its counters carry over.
@@ -114,6 +114,8 @@ pub struct Snapshot {
     pub panic: bool,
     /// The balancer's table over `targets`.
     pub table: Table,
+    /// Every target has the same weight (least request then draws two and takes the less busy).
+    pub equal_weights: bool,
 }
 
 impl Snapshot {
@@ -145,6 +147,9 @@ impl Snapshot {
         Snapshot {
             version,
             table: Table::build(cluster.lb_policy, &members),
+            equal_weights: members
+                .windows(2)
+                .all(|m| m[0].weight.max(1) == m[1].weight.max(1)),
             hosts,
             targets,
             panic,
@@ -195,6 +200,25 @@ pub struct ClusterHandle {
     pub cx_freed: tokio::sync::Notify,
 }
 
+/// What one worker keeps between its picks in one cluster.
+#[derive(Debug, Default)]
+pub struct WorkerLb {
+    /// The round-robin position.
+    pub cursor: Cell<usize>,
+    /// Least request's credits, when the weights are unequal.
+    credits: RefCell<least_request::Credits>,
+}
+
+impl WorkerLb {
+    /// Starts the round robin at `cursor` (spreading the workers' positions).
+    pub fn starting_at(cursor: usize) -> WorkerLb {
+        WorkerLb {
+            cursor: Cell::new(cursor),
+            credits: RefCell::default(),
+        }
+    }
+}
+
 /// A host chosen for a request.
 pub struct Pick {
     pub host: Arc<Host>,
@@ -225,13 +249,13 @@ impl ClusterHandle {
         }
     }
 
-    /// Chooses a host for a request, from the current snapshot. `cursor` is the worker's
-    /// round-robin position; `hash` the request's hash key (ring hash, Maglev); `avoid` hosts
-    /// already tried (a retry goes elsewhere when it can).
+    /// Chooses a host for a request, from the current snapshot. `state` is the worker's own
+    /// (round-robin position, least-request credits); `hash` the request's hash key (ring hash,
+    /// Maglev); `avoid` hosts already tried (a retry goes elsewhere when it can).
     pub fn pick(
         &self,
         policy: Policy,
-        cursor: &Cell<usize>,
+        state: &WorkerLb,
         hash: Option<u64>,
         avoid: &[SocketAddr],
     ) -> Option<Pick> {
@@ -246,33 +270,29 @@ impl ClusterHandle {
                 // A retry does not move the round-robin cursor (else, with two hosts, every
                 // first try would land on the same one): it draws by weight instead.
                 Policy::RoundRobin if avoid.is_empty() => {
-                    let n = cursor.get();
-                    cursor.set(n.wrapping_add(1));
+                    let n = state.cursor.get();
+                    state.cursor.set(n.wrapping_add(1));
                     snapshot.table.scheduled(n)
                 }
                 Policy::RoundRobin => snapshot.table.drawn(fastrand::u64(..)),
                 Policy::Random => snapshot.table.drawn(fastrand::u64(..)),
+                Policy::LeastRequest if snapshot.equal_weights => {
+                    least_request::two_choices(snapshot.targets.len(), |i| {
+                        snapshot.targets[i].rq_active.load(Ordering::Relaxed)
+                    })
+                }
                 Policy::LeastRequest => {
-                    let a = snapshot.table.drawn(fastrand::u64(..));
-                    // Two different hosts when there are two (a few draws: weights may favour one).
-                    let mut b = snapshot.table.drawn(fastrand::u64(..));
-                    for _ in 0..4 {
-                        if b != a || snapshot.targets.len() < 2 {
-                            break;
-                        }
-                        b = snapshot.table.drawn(fastrand::u64(..));
-                    }
-                    match (a, b) {
-                        (Some(a), Some(b)) => {
-                            let load = |i: usize| {
-                                let h = &snapshot.targets[i];
-                                (u64::from(h.rq_active.load(Ordering::Relaxed)) + 1) * 1000
-                                    / u64::from(h.weight.max(1))
-                            };
-                            Some(if load(b) < load(a) { b } else { a })
-                        }
-                        (a, b) => a.or(b),
-                    }
+                    let mut credits = state.credits.borrow_mut();
+                    let load = |i: usize, skip: bool| {
+                        let h = &snapshot.targets[i];
+                        (!(skip && avoid.contains(&h.address)))
+                            .then(|| (h.weight, h.rq_active.load(Ordering::Relaxed)))
+                    };
+                    let n = snapshot.targets.len();
+                    // A retry passes over the hosts it tried, unless it tried them all.
+                    credits
+                        .pick(snapshot.version, n, |i| load(i, true))
+                        .or_else(|| credits.pick(snapshot.version, n, |i| load(i, false)))
                 }
                 Policy::RingHash | Policy::Maglev => match hash {
                     // A retry of a hashed request goes to the next host on the ring.
@@ -527,12 +547,88 @@ mod tests {
             let s = Snapshot::build(&c, 1, hosts(&[true, true]));
             let first = s.targets[0].address;
             let handle = ClusterHandle::new(0, s, tx.clone());
-            let cursor = Cell::new(0);
+            let state = WorkerLb::default();
             for _ in 0..500 {
-                let pick = handle.pick(policy, &cursor, None, &[first]).unwrap();
+                let pick = handle.pick(policy, &state, None, &[first]).unwrap();
                 assert_ne!(pick.host.address, first, "{policy:?}");
             }
         }
+    }
+
+    /// A least-request cluster over hosts of `weights`, all healthy.
+    fn least_request(weights: &[u32]) -> (ClusterHandle, Vec<Arc<Host>>) {
+        let mut c = cluster(50.0);
+        c.lb_policy = Policy::LeastRequest;
+        let hosts: Vec<(Arc<Host>, HealthFlags)> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                let address = SocketAddr::from(([10, 0, 0, i as u8], 80));
+                (Arc::new(Host::new(address, w)), HealthFlags::default())
+            })
+            .collect();
+        let s = Snapshot::build(&c, 1, hosts);
+        let targets = s.targets.clone();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        (ClusterHandle::new(0, s, tx), targets)
+    }
+
+    /// How many of `n` picks went to each of `hosts`.
+    fn spread(handle: &ClusterHandle, hosts: &[Arc<Host>], n: usize) -> Vec<usize> {
+        let state = WorkerLb::default();
+        let mut counts = vec![0; hosts.len()];
+        for _ in 0..n {
+            let pick = handle
+                .pick(Policy::LeastRequest, &state, None, &[])
+                .unwrap();
+            counts[hosts
+                .iter()
+                .position(|h| h.address == pick.host.address)
+                .unwrap()] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn least_request_with_unequal_weights_follows_them_and_moves_off_a_loaded_host() {
+        // Nothing in flight: the weights' shares, exactly (the heavier used to take them all).
+        let (handle, hosts) = least_request(&[2, 1]);
+        assert_eq!(spread(&handle, &hosts, 600), [400, 200]);
+        let (handle, hosts) = least_request(&[1, 3, 1]);
+        assert_eq!(spread(&handle, &hosts, 500), [100, 300, 100]);
+        // The heavier with 3 in flight weighs 2/4 against 1: a third of the picks, not two.
+        let (handle, hosts) = least_request(&[2, 1]);
+        hosts[0].rq_active.store(3, Ordering::Relaxed);
+        assert_eq!(spread(&handle, &hosts, 600), [200, 400]);
+    }
+
+    #[test]
+    fn least_request_with_equal_weights_takes_the_less_busy_of_two() {
+        let (handle, hosts) = least_request(&[3, 3]);
+        let got = spread(&handle, &hosts, 3000);
+        // Binomial(3000, 1/2): a standard deviation of 27; 300 is eleven of them.
+        assert!(got.iter().all(|&c| (1200..1800).contains(&c)), "{got:?}");
+        hosts[1].rq_active.store(1, Ordering::Relaxed);
+        assert_eq!(spread(&handle, &hosts, 100), [100, 0]);
+    }
+
+    #[test]
+    fn a_least_request_retry_with_unequal_weights_goes_elsewhere() {
+        let (handle, hosts) = least_request(&[5, 1]);
+        let state = WorkerLb::default();
+        for _ in 0..100 {
+            let pick = handle
+                .pick(Policy::LeastRequest, &state, None, &[hosts[0].address])
+                .unwrap();
+            assert_eq!(pick.host.address, hosts[1].address);
+        }
+        // Every host tried: one is still chosen.
+        let all = [hosts[0].address, hosts[1].address];
+        assert!(
+            handle
+                .pick(Policy::LeastRequest, &state, None, &all)
+                .is_some()
+        );
     }
 
     #[test]

@@ -770,10 +770,7 @@ impl Tries<'_> {
         let mut retries = 0;
         let mut _retrying: Option<ActiveRetry> = None;
         loop {
-            let Some(pick) = wc
-                .handle
-                .pick(cluster.lb_policy, &wc.cursor, self.hash, &tried)
-            else {
+            let Some(pick) = wc.handle.pick(cluster.lb_policy, &wc.lb, self.hash, &tried) else {
                 return (Err(SendError::NoHost), last);
             };
             if pick.panic {
@@ -918,7 +915,7 @@ async fn shadow(worker: Rc<Worker>, cluster_id: ClusterId, template: Template) {
         stats.shard.inc(cluster_stats.upstream_rq_overflow);
         return;
     };
-    let Some(pick) = wc.handle.pick(cluster.lb_policy, &wc.cursor, None, &[]) else {
+    let Some(pick) = wc.handle.pick(cluster.lb_policy, &wc.lb, None, &[]) else {
         stats.shard.inc(cluster_stats.upstream_cx_none_healthy);
         return;
     };

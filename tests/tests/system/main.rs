@@ -26,6 +26,8 @@ mod guard_dog;
 mod http1;
 /// HTTP/2 cleartext (prior knowledge) and TLS with ALPN and SNI.
 mod http2_tls;
+/// Weighted least request with real origins: shares by weight, a loaded endpoint gets fewer.
+mod least_request;
 /// Limits: slow request headers (408), large headers (431), large bodies (413), connections.
 mod limits;
 /// Generations as an unprivileged user, on ports the supervisor binds.

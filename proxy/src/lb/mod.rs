@@ -3,8 +3,11 @@
 //!
 //! A table is built over the hosts a snapshot lets requests go to (the healthy ones, or all of
 //! them in panic mode), so a host that leaves is simply not in the next table. Each balancer
-//! answers with an index into that list. What changes per request (a round-robin cursor, random
-//! draws, active request counts) lives outside the table: in the worker or in the host.
+//! answers with an index into that list. What changes per request (a round-robin cursor,
+//! least-request credits, random draws, active request counts) lives outside the table: in the
+//! worker or in the host.
+
+pub mod least_request;
 
 use std::net::SocketAddr;
 
@@ -15,7 +18,9 @@ use xxhash_rust::xxh64::xxh64;
 pub enum Policy {
     /// Weighted round robin, interleaved (a host of weight 3 does not take three in a row).
     RoundRobin,
-    /// Of two hosts drawn at random (by weight), the one with fewer active requests per weight.
+    /// The host with the fewest active requests for its weight: of two hosts drawn at random,
+    /// the one with fewer (equal weights); a smooth weighted round robin over
+    /// `weight / (active + 1)` (unequal weights). See [`least_request`].
     LeastRequest,
     /// A host drawn at random, by weight.
     Random,
@@ -63,7 +68,8 @@ pub struct Member {
 pub enum Table {
     /// Hosts in the order a weighted round robin visits them.
     Schedule(Vec<u32>),
-    /// Running sums of weights, for draws by weight (random, least request).
+    /// Running sums of weights, for draws by weight (random; least request builds it too, but
+    /// picks by its hosts' loads: see [`least_request`]).
     Weights(Vec<u64>),
     /// Sorted `(hash, host)` points.
     Ring(Vec<(u64, u32)>),
