@@ -115,6 +115,7 @@ impl Channel {
     }
 
     /// Receives one message if one is waiting; `Ok(None)` if none is.
+    #[allow(unsafe_code)] // Owning the descriptors the kernel installed (SCM_RIGHTS).
     pub fn recv<M: DeserializeOwned>(&self) -> Result<Option<Received<M>>, ChannelError> {
         let mut buf = vec![0u8; MAX_MESSAGE + 1];
         // Room for the most fds the kernel passes in one message (SCM_MAX_FD), so that an

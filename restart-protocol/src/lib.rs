@@ -18,6 +18,9 @@
 //!   highest version both speak wins ([`negotiate`]).
 //! - A peer that closes its end is reported as [`ChannelError::Closed`], an event like any other.
 
+// Unsafe only where descriptors pass between processes, each place allowed by name.
+#![deny(unsafe_code)]
+
 mod channel;
 pub mod listen;
 mod messages;

@@ -5,6 +5,8 @@
 //! Nothing here sleeps to synchronise: waits are on a readiness line, a socket, or a condition,
 //! each with a timeout.
 
+#![forbid(unsafe_code)]
+
 pub mod binaries;
 pub mod client;
 pub mod dns;
