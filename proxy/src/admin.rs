@@ -75,7 +75,9 @@ fn route(admin: &Admin, request: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/ready" => only_get(method).unwrap_or_else(|| ready(admin)),
         "/server_info" => only_get(method).unwrap_or_else(|| server_info(admin)),
         "/stats" => only_get(method).unwrap_or_else(|| stats(admin, request.uri().query(), None)),
-        "/stats/prometheus" => only_get(method)
+        // `/metrics` is where Prometheus looks unless told otherwise; `/stats/prometheus` is
+        // where Envoy users look.
+        "/metrics" | "/stats/prometheus" => only_get(method)
             .unwrap_or_else(|| stats(admin, request.uri().query(), Some(StatsFormat::Prometheus))),
         "/healthcheck/fail" => only_post(method).unwrap_or_else(|| {
             admin.info.set_healthcheck_failed(true);
@@ -102,7 +104,7 @@ baton-proxy admin
   GET  /server_info       version, build id, epoch, pid, state, uptime (JSON)
   GET  /stats             every stat, one `name{tags}: value` per line;
                           ?format=json for JSON, ?filter=REGEX to select by `name{tags}`
-  GET  /stats/prometheus  every stat in the Prometheus text format
+  GET  /metrics           every stat in the Prometheus text format (also at /stats/prometheus)
   GET  /clusters          every cluster's endpoints: health, weight, requests, ejection;
                           ?format=json for JSON
   POST /healthcheck/fail  make /ready answer 503 (take this proxy out of rotation)

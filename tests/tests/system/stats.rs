@@ -561,3 +561,53 @@ fn baton_stats_refuses_what_is_not_a_file_at_once() {
         );
     }
 }
+
+/// Prometheus scrapes `/metrics` unless told otherwise: the admin listener serves the same
+/// exposition there as at `/stats/prometheus`, with the same content type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_is_the_prometheus_exposition_where_prometheus_looks_by_default() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _proxy = Proxy::start(&http_config(listen, admin, origin.addr));
+    let mut c = H1::connect(listen).await.unwrap();
+    for i in 0..3 {
+        assert_eq!(c.get(&format!("/m{i}")).await.unwrap().status, 200);
+    }
+    drop(c);
+    // Counted once each answer is complete: wait for the third.
+    let counted = baton_tests::wait_until_async(WAIT, || async {
+        let text = baton_tests::client::get(admin, "/metrics").await.text();
+        text.contains("baton_downstream_rq_time_seconds_count{listener=\"public\"} 3\n")
+    })
+    .await;
+    assert!(
+        counted,
+        "{}",
+        baton_tests::client::get(admin, "/metrics").await.text()
+    );
+
+    let metrics = baton_tests::client::get(admin, "/metrics").await;
+    assert_eq!(metrics.status, 200, "{}", metrics.text());
+    assert_eq!(
+        metrics.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let scraped = check_exposition(&metrics.text());
+    assert_eq!(scraped[r#"baton_upstream_rq_total{cluster="origin"}"#], 3.0);
+    assert_eq!(
+        scraped[r#"baton_downstream_rq_time_seconds_count{listener="public"}"#],
+        3.0
+    );
+    // The same series as `/stats/prometheus` (values such as the uptime may move in between).
+    let legacy = baton_tests::client::get(admin, "/stats/prometheus").await;
+    assert_eq!(
+        legacy.header("content-type"),
+        metrics.header("content-type")
+    );
+    let mut a: Vec<_> = scraped.keys().collect();
+    let legacy = check_exposition(&legacy.text());
+    let mut b: Vec<_> = legacy.keys().collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+}
