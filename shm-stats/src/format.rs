@@ -38,30 +38,15 @@ fn histogram_text(h: &Summary, unit: Unit) -> String {
     )
 }
 
-/// One line per stat, sorted by name: `name{tags}  value`.
-pub fn text(stats: &[&Stat]) -> String {
-    let mut rows: Vec<(String, String)> = stats
-        .iter()
-        .map(|s| {
-            let value = match &s.value {
-                Value::Counter(v) => v.to_string(),
-                Value::Gauge(v) => v.to_string(),
-                Value::Histogram(h) => histogram_text(h, s.unit),
-            };
-            (display_name(s), value)
-        })
-        .collect();
-    rows.sort();
-    let width = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
-    let mut out = String::new();
-    for (name, value) in rows {
-        let _ = writeln!(out, "{name:<width$}  {value}");
-    }
-    out
+/// `name{tags}: value` lines, sorted, as Envoy's plain `/stats`; histograms as
+/// `count= p50= p90= p99= max=`. The admin's `/stats` and `baton-stats` both print this.
+pub fn plain(stats: &[&Stat]) -> String {
+    plain_with_rates(stats, |_| None)
 }
 
-/// `name: value` lines, as Envoy's plain `/stats`; histograms as in [`text`].
-pub fn plain(stats: &[&Stat]) -> String {
+/// [`plain`], with a per-second rate after the values `rate` gives one for (`baton-stats
+/// --watch` gives counters and histogram counts theirs): `name{tags}: value (2.5/s)`.
+pub fn plain_with_rates(stats: &[&Stat], rate: impl Fn(&Stat) -> Option<f64>) -> String {
     let mut rows: Vec<String> = stats
         .iter()
         .map(|s| {
@@ -70,11 +55,29 @@ pub fn plain(stats: &[&Stat]) -> String {
                 Value::Gauge(v) => v.to_string(),
                 Value::Histogram(h) => histogram_text(h, s.unit),
             };
-            format!("{}: {value}", display_name(s))
+            match rate(s) {
+                Some(r) => format!("{}: {value} ({r:.1}/s)", display_name(s)),
+                None => format!("{}: {value}", display_name(s)),
+            }
         })
         .collect();
     rows.sort();
-    rows.join("\n") + "\n"
+    let mut out = String::new();
+    for row in rows {
+        out.push_str(&row);
+        out.push('\n');
+    }
+    out
+}
+
+/// What a counter or a histogram has counted so far (the values a rate is taken of); `None` for
+/// gauges, which go up and down.
+pub fn total(stat: &Stat) -> Option<u64> {
+    match &stat.value {
+        Value::Counter(v) => Some(*v),
+        Value::Histogram(h) => Some(h.count()),
+        Value::Gauge(_) => None,
+    }
 }
 
 /// Which thread writes a shard: `worker-N`, a generation's `main` thread, or the `supervisor`.

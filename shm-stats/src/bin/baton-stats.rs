@@ -3,9 +3,10 @@
 
 #![forbid(unsafe_code)]
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::FromArgMatches;
 use regex::Regex;
@@ -62,6 +63,9 @@ fn main() -> ExitCode {
     };
 
     let mut printed = 0u64;
+    // With --watch: what each counter and histogram had counted at the last print, and when,
+    // so that the next print shows a rate per second beside each total.
+    let mut last: Option<(Instant, HashMap<String, u64>)> = None;
     loop {
         let snapshot = match reader.snapshot() {
             Ok(s) => s,
@@ -82,8 +86,26 @@ fn main() -> ExitCode {
                     .is_none_or(|p| p.is_match(&format::display_name(s)))
             })
             .collect();
+        let now = Instant::now();
         let out = match cli.format {
-            Format::Text => format::text(&stats),
+            Format::Text if interval.is_some() => {
+                let rate = |s: &shm_stats::Stat| {
+                    let (at, totals) = last.as_ref()?;
+                    let before = *totals.get(&format::display_name(s))?;
+                    let secs = now.duration_since(*at).as_secs_f64();
+                    // A total below the last one belongs to a region made anew: no rate.
+                    let delta = format::total(s)?.checked_sub(before)?;
+                    (secs > 0.0).then(|| delta as f64 / secs)
+                };
+                let out = format::plain_with_rates(&stats, rate);
+                let totals = stats
+                    .iter()
+                    .filter_map(|s| Some((format::display_name(s), format::total(s)?)))
+                    .collect();
+                last = Some((now, totals));
+                out
+            }
+            Format::Text => format::plain(&stats),
             Format::Json => format::json(&snapshot, &path.display().to_string(), &stats),
             Format::Prometheus => format::prometheus(&stats),
         };

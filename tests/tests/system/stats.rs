@@ -9,13 +9,13 @@ use nix::sys::signal::Signal;
 
 use crate::{WAIT, http_config};
 
-/// The text output of `baton-stats` as `name{tags}` → value.
+/// The text output of `baton-stats` (`name{tags}: value` lines) as `name{tags}` → value.
 fn text_stats(region: &Path) -> HashMap<String, String> {
     let (code, out, err) = baton_stats(&["--path", region.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{err}");
     out.lines()
         .filter_map(|l| {
-            let (name, value) = l.split_once("  ")?;
+            let (name, value) = l.split_once(": ")?;
             Some((name.trim().to_owned(), value.trim().to_owned()))
         })
         .collect()
@@ -610,4 +610,88 @@ async fn metrics_is_the_prometheus_exposition_where_prometheus_looks_by_default(
     a.sort();
     b.sort();
     assert_eq!(a, b);
+}
+
+/// `baton-stats` prints what the admin's `/stats` prints, in the same `name{tags}: value` form;
+/// `--watch` adds each counter's rate per second since the print before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baton_stats_prints_as_the_admin_does_and_watch_shows_rates() {
+    use std::io::BufRead;
+
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let proxy = Proxy::start(&http_config(listen, admin, origin.addr));
+    let region = proxy.dir().join("stats.shm");
+    for i in 0..4 {
+        assert_eq!(
+            baton_tests::client::get(listen, &format!("/w{i}"))
+                .await
+                .status,
+            200
+        );
+    }
+    let total = "downstream_rq_total{listener=public}";
+    assert!(wait_until(WAIT, || counter(&region, total) == Some(4)));
+
+    // The same lines, name for name, as the admin's `/stats` (values such as the uptime move).
+    let (code, out, err) = baton_stats(&["--path", region.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    let admin_text = baton_tests::client::get(admin, "/stats").await.text();
+    let names = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(|l| {
+                let (name, value) = l
+                    .split_once(": ")
+                    .unwrap_or_else(|| panic!("`{l}` is not `name{{tags}}: value`"));
+                assert!(!name.contains(' ') && !value.is_empty(), "{l}");
+                name.to_owned()
+            })
+            .collect()
+    };
+    assert_eq!(names(&out), names(&admin_text));
+    assert!(out.contains(&format!("\n{total}: 4\n")), "{out}");
+
+    // --watch: the first print has no rate (nothing to compare with), the second has one,
+    // taken over the requests sent in between.
+    let mut watch = std::process::Command::new(baton_tests::binaries::stats())
+        .args([
+            "--path",
+            region.to_str().unwrap(),
+            "--watch",
+            "3",
+            "--count",
+            "2",
+        ])
+        .arg("^downstream_rq_total")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(watch.stdout.take().unwrap()).lines();
+    let mut next = move || baton_tests::blocking(|| lines.next().unwrap().unwrap());
+    assert!(next().starts_with("--- "));
+    assert_eq!(next(), format!("{total}: 4"));
+    for i in 0..6 {
+        assert_eq!(
+            baton_tests::client::get(listen, &format!("/w{i}"))
+                .await
+                .status,
+            200
+        );
+    }
+    assert!(next().starts_with("--- "));
+    let second = next();
+    let (value, rate) = second
+        .strip_prefix(&format!("{total}: "))
+        .and_then(|rest| rest.strip_suffix("/s)"))
+        .and_then(|rest| rest.split_once(" ("))
+        .unwrap_or_else(|| panic!("`{second}` is not `{total}: N (R/s)`"));
+    assert_eq!(value, "10", "{second}");
+    let rate: f64 = rate.parse().unwrap();
+    // Six requests over about three seconds (the watch interval, plus its own work).
+    assert!(rate > 0.5 && rate <= 2.0, "{second}");
+    assert!(
+        baton_tests::blocking(move || watch.wait())
+            .unwrap()
+            .success()
+    );
 }

@@ -86,8 +86,12 @@ async fn counts_a_sessions_bytes_while_it_runs() {
     let counted = |name: &str| {
         let (code, out, err) = baton_stats(&["--path", region.to_str().unwrap()]);
         assert_eq!(code, Some(0), "{err}");
-        out.lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+        out.lines().find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(": ")?
+                .parse::<u64>()
+                .ok()
+        })
     };
     let rx = "downstream_cx_rx_bytes_total{listener=l4}";
     let tx = "downstream_cx_tx_bytes_total{listener=l4}";

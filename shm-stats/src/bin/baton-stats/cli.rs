@@ -25,7 +25,8 @@ pub struct Cli {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
-    /// Print again every SECS seconds, until interrupted (or --count times).
+    /// Print again every SECS seconds, until interrupted (or --count times); text output then
+    /// shows each counter's rate per second since the print before, as `value (R/s)`.
     #[arg(long, value_name = "SECS")]
     pub watch: Option<f64>,
     /// With --watch, stop after printing N times.
