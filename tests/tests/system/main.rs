@@ -13,6 +13,8 @@ mod clusters;
 mod config;
 /// The control socket and the `baton` commands: who may use it, finding it from a broken config.
 mod control;
+/// The Grafana dashboard in `contrib/` queries only metrics baton exposes.
+mod dashboard;
 /// SIGTERM drain, SIGINT.
 mod drain;
 /// The example configs: each passes `baton check`, and those that need nothing else serve;

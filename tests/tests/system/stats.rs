@@ -168,7 +168,7 @@ async fn baton_stats_reads_what_the_proxy_counted_in_every_format() {
 
 /// Checks Prometheus text exposition (0.0.4) the way a scraper reads it, and returns every
 /// sample by `name{labels}`.
-fn check_exposition(text: &str) -> HashMap<String, f64> {
+pub fn check_exposition(text: &str) -> HashMap<String, f64> {
     let mut samples = HashMap::new();
     let mut typed: HashMap<String, String> = HashMap::new();
     let mut finished: Vec<String> = Vec::new();
