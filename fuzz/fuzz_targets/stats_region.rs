@@ -20,6 +20,7 @@ fn region_bytes(data: &[u8]) -> Vec<u8> {
         max_stats: 1 + u32::from(data[0] % 16),
         max_shards: 1 + u32::from(data[1] % 4),
         cells_per_shard: 8 * (1 + u32::from(data[2] % 32)),
+        ..Default::default()
     };
     let offsets = layout::offsets(caps).expect("small capacities fit");
     let mut bytes = vec![0u8; offsets.size as usize];
@@ -43,6 +44,13 @@ fn region_bytes(data: &[u8]) -> Vec<u8> {
     put(h::CELLS_PER_SHARD, &caps.cells_per_shard.to_ne_bytes());
     put(h::LOCK_COUNT, &4u32.to_ne_bytes());
     put(h::LOCKS_OFFSET, &offsets.locks.to_ne_bytes());
+    // Valid bucket bounds (1 to 4 of them: 1, 10, 100, 1000), so that histograms are read.
+    let bounds = 1 + u32::from(data[6] % 4);
+    put(h::BOUND_COUNT, &bounds.to_ne_bytes());
+    put(h::BOUNDS_OFFSET, &offsets.bounds.to_ne_bytes());
+    for i in 0..u64::from(bounds) {
+        put(offsets.bounds + i * 8, &10u64.pow(i as u32).to_ne_bytes());
+    }
     put(h::NAMES_OFFSET, &offsets.names.to_ne_bytes());
     put(h::SLOTS_OFFSET, &offsets.slots.to_ne_bytes());
     put(h::CELLS_OFFSET, &offsets.cells.to_ne_bytes());

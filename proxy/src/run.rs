@@ -14,7 +14,7 @@ use restart_protocol::{
     Channel, ChannelError, DrainStrategy, FEATURE_ADOPT, FEATURE_DRAIN_REQUEST, SocketKey,
     ToGeneration, ToSupervisor,
 };
-use shm_stats::Region;
+use shm_stats::{ReadError, Region, StatsError};
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
@@ -88,7 +88,17 @@ pub async fn run(
     let (region, sockets, admin_socket, keys) = match &mut link {
         Some(link) => {
             let region = match link.stats_region().await {
-                Ok((file, path)) => Region::from_file(&path, file).map_err(|e| e.to_string()),
+                Ok((file, path)) => Region::from_file(&path, file).map_err(|e| match e {
+                    StatsError::Unusable(ReadError::UnknownVersion { found, known, .. })
+                        if found < known =>
+                    {
+                        format!(
+                            "the supervisor's stats region {} has layout version {found}, of an earlier baton; this baton-proxy writes version {known}: upgrade the supervisor first (`baton upgrade-supervisor`, which makes a new region), then reload",
+                            path.display()
+                        )
+                    }
+                    e => e.to_string(),
+                }),
                 Err(e) => Err(e),
             };
             let region = match region {
@@ -495,8 +505,16 @@ fn standalone_setup(
         })?),
         None => None,
     };
-    let region = Region::create_or_open(&config.stats.path, config.stats.capacities)
-        .map_err(|e| e.to_string())?;
+    let (region, replaced) =
+        Region::create_or_replace_older(&config.stats.path, config.stats.capacities)
+            .map_err(|e| e.to_string())?;
+    if let Some(version) = replaced {
+        warn!(
+            path = %region.path().display(),
+            "the stats region had layout version {version}, made by an earlier baton, which this one cannot write: replaced by a new region (layout version {}), whose counters start from zero",
+            shm_stats::LAYOUT_VERSION
+        );
+    }
     // Rows of a proxy that died without retiring them: fold their counts in, so that counters
     // carry on from where it stopped.
     match region.reclaim_dead() {

@@ -77,6 +77,7 @@ fn snapshot(c: &mut Criterion) {
             max_stats: 10_240,
             max_shards: 64,
             cells_per_shard: 10_240,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -119,6 +120,7 @@ fn registration(c: &mut Criterion) {
         max_stats: 10_240,
         max_shards: 4,
         cells_per_shard: 10_240,
+        ..Default::default()
     };
     let mut group = c.benchmark_group("registration");
     group.sample_size(10);

@@ -120,7 +120,7 @@ pub fn json(snapshot: &Snapshot, path: &str, stats: &[&Stat]) -> String {
                         .iter()
                         .enumerate()
                         .filter(|(_, n)| **n > 0)
-                        .map(|(i, n)| json!([crate::histogram::upper(i), n]))
+                        .map(|(i, n)| json!([h.bounds.upper(i), n]))
                         .collect();
                     o["buckets"] = Json::from(buckets);
                 }
@@ -140,6 +140,7 @@ pub fn json(snapshot: &Snapshot, path: &str, stats: &[&Stat]) -> String {
             "created_unix_ms": snapshot.header.created_unix_ms,
             "supervisor_pid": snapshot.supervisor_pid,
             "current_epoch": snapshot.current_epoch,
+            "histogram_bounds": snapshot.header.capacities.bounds.as_slice(),
             "shards": shards,
         },
         "stats": stats,
@@ -200,7 +201,7 @@ pub fn prometheus(stats: &[&Stat]) -> String {
                             v.to_string()
                         }
                     };
-                    for (le, count) in h.cumulative_at_powers() {
+                    for (le, count) in h.cumulative() {
                         let le = if le == u64::MAX {
                             "+Inf".to_owned()
                         } else {

@@ -2,10 +2,12 @@
 //! `LAYOUT.md` documents the same layout for readers in other languages; the two must agree, and
 //! [`LAYOUT_VERSION`] changes with any change here.
 
+use crate::histogram::Bounds;
+
 /// The first 8 bytes of every region.
 pub const MAGIC: [u8; 8] = *b"BATONSHM";
-/// Bumped on any change to the layout.
-pub const LAYOUT_VERSION: u32 = 1;
+/// Bumped on any change to the layout (2: bucket bounds chosen per region and stored in it).
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Size of the header at offset 0.
 pub const HEADER_SIZE: u64 = 128;
@@ -15,6 +17,8 @@ pub const LOCK_SLOT_SIZE: u64 = 64;
 pub const ENTRY_SIZE: u64 = 256;
 /// Size of one shard slot descriptor.
 pub const SLOT_SIZE: u64 = 64;
+/// Size of the bucket-bounds area: room for the most bounds a region may have.
+pub const BOUNDS_SIZE: u64 = crate::histogram::MAX_BOUNDS as u64 * 8;
 /// Size of one cell.
 pub const CELL_SIZE: u64 = 8;
 /// Cells of a row come in multiples of this, so every row starts on its own cache line.
@@ -40,12 +44,16 @@ pub mod header {
     pub const CELLS_USED: u64 = 76;
     /// u32, atomic: pid of the supervisor, 0 when a proxy runs alone.
     pub const SUPERVISOR_PID: u64 = 80;
+    /// u32: the histograms' finite bucket bounds, 1 to [`crate::histogram::MAX_BOUNDS`].
+    pub const BOUND_COUNT: u64 = 84;
     /// u64, atomic: odd while a retirement moves counts between rows (readers retry).
     pub const RETIRE_SEQ: u64 = 88;
     /// u64, atomic: the epoch of the active generation.
     pub const CURRENT_EPOCH: u64 = 96;
     /// u64: when the region was created, in milliseconds since the Unix epoch.
     pub const CREATED_UNIX_MS: u64 = 104;
+    /// u64: where the bucket bounds are (`BOUND_COUNT` u64s, in the histograms' unit).
+    pub const BOUNDS_OFFSET: u64 = 112;
 }
 
 /// Name-table entry fields: offsets from the start of an entry.
@@ -109,7 +117,7 @@ pub enum Kind {
     Counter = 1,
     /// Goes up and down; its value is taken over the live rows only.
     Gauge = 2,
-    /// Counts of values in fixed log-linear buckets, then their sum and their maximum.
+    /// Counts of values in the region's buckets, then their sum and their maximum.
     Histogram = 3,
 }
 
@@ -183,15 +191,18 @@ impl Merge {
     }
 }
 
-/// The sizes a region is created with.
+/// What a region is created with, and keeps: its sizes and its histograms' bucket bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capacities {
     /// Entries of the name table.
     pub max_stats: u32,
     /// Shard rows besides the retired one: at least (workers + 1) per overlapping generation.
     pub max_shards: u32,
-    /// Cells of each row; a counter or gauge takes 1, a histogram [`HISTOGRAM_CELLS`].
+    /// Cells of each row; a counter or gauge takes 1, a histogram one per bucket and 2 more
+    /// (see [`cells_of`]).
     pub cells_per_shard: u32,
+    /// The bucket bounds of every histogram of the region.
+    pub bounds: Bounds,
 }
 
 impl Default for Capacities {
@@ -200,6 +211,7 @@ impl Default for Capacities {
             max_stats: 4096,
             max_shards: 256,
             cells_per_shard: 16384,
+            bounds: Bounds::default(),
         }
     }
 }
@@ -220,6 +232,7 @@ pub mod locks {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Offsets {
     pub locks: u64,
+    pub bounds: u64,
     pub names: u64,
     pub slots: u64,
     pub cells: u64,
@@ -229,7 +242,8 @@ pub struct Offsets {
 /// Where every part of a region with `caps` goes, or `None` if it would not fit in memory.
 pub fn offsets(caps: Capacities) -> Option<Offsets> {
     let locks = HEADER_SIZE;
-    let names = locks.checked_add(u64::from(locks::COUNT) * LOCK_SLOT_SIZE)?;
+    let bounds = locks.checked_add(u64::from(locks::COUNT) * LOCK_SLOT_SIZE)?;
+    let names = bounds.checked_add(BOUNDS_SIZE)?;
     let slots = names.checked_add(u64::from(caps.max_stats).checked_mul(ENTRY_SIZE)?)?;
     let rows = u64::from(caps.max_shards).checked_add(1)?;
     let cells = align_up(slots.checked_add(rows.checked_mul(SLOT_SIZE)?)?, 64)?;
@@ -237,6 +251,7 @@ pub fn offsets(caps: Capacities) -> Option<Offsets> {
     let size = align_up(cells.checked_add(rows.checked_mul(row_bytes)?)?, 4096)?;
     Some(Offsets {
         locks,
+        bounds,
         names,
         slots,
         cells,
@@ -265,20 +280,18 @@ pub fn cell_offset(cells: u64, cells_per_shard: u32, row: u32, cell: u32) -> u64
 
 // Every field fits its structure; checked when compiling.
 const _: () = {
-    assert!(header::CREATED_UNIX_MS + 8 <= HEADER_SIZE);
+    assert!(header::BOUNDS_OFFSET + 8 <= HEADER_SIZE);
     assert!(entry::HELP + entry::HELP_MAX as u64 <= ENTRY_SIZE);
     assert!(slot::START_TIME + 8 <= SLOT_SIZE);
     assert!(std::mem::size_of::<libc::pthread_mutex_t>() as u64 <= LOCK_SLOT_SIZE);
 };
 
-/// Cells a histogram takes: its buckets, then its sum and its maximum.
-pub const HISTOGRAM_CELLS: u32 = crate::histogram::BUCKETS as u32 + 2;
-
-/// Cells a stat of `kind` takes.
-pub fn cells_of(kind: Kind) -> u32 {
+/// Cells a stat of `kind` takes in a region whose histograms have `bounds`: a histogram takes
+/// one per bucket (`+Inf` included), then its sum and its maximum.
+pub fn cells_of(kind: Kind, bounds: &Bounds) -> u32 {
     match kind {
         Kind::Counter | Kind::Gauge => 1,
-        Kind::Histogram => HISTOGRAM_CELLS,
+        Kind::Histogram => bounds.buckets() as u32 + 2,
     }
 }
 
@@ -292,10 +305,12 @@ mod tests {
             max_stats: 10,
             max_shards: 3,
             cells_per_shard: 16,
+            bounds: Bounds::default(),
         };
         let o = offsets(caps).unwrap();
         assert_eq!(o.locks, HEADER_SIZE);
-        assert_eq!(o.names, o.locks + 4 * LOCK_SLOT_SIZE);
+        assert_eq!(o.bounds, o.locks + 4 * LOCK_SLOT_SIZE);
+        assert_eq!(o.names, o.bounds + 32 * 8);
         assert_eq!(o.slots, o.names + 10 * ENTRY_SIZE);
         assert!(o.cells >= o.slots + 4 * SLOT_SIZE);
         assert_eq!(o.cells % 64, 0);
@@ -313,6 +328,7 @@ mod tests {
             max_stats: u32::MAX,
             max_shards: u32::MAX,
             cells_per_shard: u32::MAX,
+            bounds: Bounds::default(),
         };
         // 2^32 rows of 2^35 bytes do not fit in u64.
         assert_eq!(offsets(caps), None);

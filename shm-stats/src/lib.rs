@@ -15,6 +15,8 @@
 //!   sequence number makes snapshots consistent across retirements.
 //! - A reader never trusts the file: foreign, truncated, damaged or newer regions give a
 //!   [`ReadError`] that says so, never a crash.
+//! - Every histogram of a region counts into the bucket bounds the region was created with, which
+//!   it stores: writers of other configs or releases that share it, and its readers, all agree.
 //! - The byte layout is the contract with external tools: it is documented in `LAYOUT.md`, and
 //!   [`LAYOUT_VERSION`] changes with any change to it.
 //!
@@ -29,6 +31,7 @@ mod reader;
 mod region;
 mod view;
 
+pub use histogram::Bounds;
 pub use layout::{Capacities, Kind, LAYOUT_VERSION, Merge, Unit};
 pub use lock::{Acquired, LockGuard};
 pub use reader::{HeaderInfo, ReadError, Reader, ShardInfo, Snapshot, Stat, StatMeta, Value};

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use memmap2::{MmapOptions, MmapRaw};
 
-use crate::histogram::{BUCKETS, Summary};
+use crate::histogram::{Bounds, MAX_BOUNDS, Summary};
 use crate::layout::{self, Capacities, Kind, Merge, Offsets, SlotState, Unit, entry, header, slot};
 use crate::view::View;
 
@@ -329,15 +329,20 @@ pub(crate) fn read_header(path: &Path, view: View) -> Result<HeaderInfo, ReadErr
             actual: view.len(),
         });
     }
+    let bounds = read_bounds(path, view)?;
     let capacities = Capacities {
         max_stats: u32_at(header::MAX_STATS),
         max_shards: u32_at(header::MAX_SHARDS),
         cells_per_shard: u32_at(header::CELLS_PER_SHARD),
+        bounds,
     };
     let offsets =
         layout::offsets(capacities).ok_or_else(|| corrupt(path, "capacities overflow"))?;
     let stored = Offsets {
         locks: u64_at(header::LOCKS_OFFSET),
+        bounds: view
+            .load_u64(header::BOUNDS_OFFSET, Ordering::Relaxed)
+            .unwrap_or(0),
         names: u64_at(header::NAMES_OFFSET),
         slots: u64_at(header::SLOTS_OFFSET),
         cells: u64_at(header::CELLS_OFFSET),
@@ -367,6 +372,29 @@ pub(crate) fn read_header(path: &Path, view: View) -> Result<HeaderInfo, ReadErr
             .load_u64(header::CREATED_UNIX_MS, Ordering::Relaxed)
             .unwrap_or(0),
     })
+}
+
+/// The histograms' bucket bounds, checked: 1 to `MAX_BOUNDS` of them, above zero, increasing.
+/// Written once when the region is made, before any process can see it.
+fn read_bounds(path: &Path, view: View) -> Result<Bounds, ReadError> {
+    let count = view
+        .load_u32(header::BOUND_COUNT, Ordering::Relaxed)
+        .unwrap_or(0) as usize;
+    let at = view
+        .load_u64(header::BOUNDS_OFFSET, Ordering::Relaxed)
+        .unwrap_or(0);
+    if !(1..=MAX_BOUNDS).contains(&count) {
+        return Err(corrupt(
+            path,
+            format!("{count} histogram bucket bounds (1 to {MAX_BOUNDS})"),
+        ));
+    }
+    // The offset is checked against the capacities by the caller; here only that it can be read.
+    let values = (0..count as u64)
+        .map(|i| view.load_u64(at.checked_add(i * 8)?, Ordering::Relaxed))
+        .collect::<Option<Vec<u64>>>()
+        .ok_or_else(|| corrupt(path, "histogram bucket bounds out of bounds"))?;
+    Bounds::new(&values).map_err(|e| corrupt(path, format!("histogram bucket bounds: {e}")))
 }
 
 /// One validated name-table entry.
@@ -419,7 +447,7 @@ pub(crate) fn read_entry(
         .ok_or_else(|| format!("entry {i} has an unknown merge"))?;
     let first_cell = u32::from_ne_bytes(raw[8..12].try_into().unwrap_or_default());
     let cell_count = u32::from_ne_bytes(raw[12..16].try_into().unwrap_or_default());
-    if cell_count != layout::cells_of(kind)
+    if cell_count != layout::cells_of(kind, &header.capacities.bounds)
         || first_cell
             .checked_add(cell_count)
             .is_none_or(|end| end > cells_used)
@@ -500,7 +528,8 @@ pub(crate) fn snapshot(
         // Cached entries were checked against the cells handed out when they were read; the
         // region can only have lost cells since if it was damaged.
         if let Some(bad) = metas.iter().position(|m| {
-            u64::from(m.first_cell) + u64::from(layout::cells_of(m.kind)) > u64::from(cells_used)
+            u64::from(m.first_cell) + u64::from(layout::cells_of(m.kind, &caps.bounds))
+                > u64::from(cells_used)
         }) {
             return Err(corrupt(
                 path,
@@ -558,6 +587,7 @@ pub(crate) fn snapshot(
             continue;
         }
 
+        let bounds = Arc::new(caps.bounds);
         let stats = metas
             .into_iter()
             .map(|meta| {
@@ -569,11 +599,15 @@ pub(crate) fn snapshot(
                         // Max-merged gauges hold non-negative values (epochs, uptimes).
                         Merge::Max => max[first] as i64,
                     }),
-                    Kind::Histogram => Value::Histogram(Summary {
-                        buckets: sum[first..first + BUCKETS].to_vec(),
-                        sum: sum[first + BUCKETS],
-                        max: max[first + BUCKETS + 1],
-                    }),
+                    Kind::Histogram => {
+                        let buckets = caps.bounds.buckets();
+                        Value::Histogram(Summary {
+                            bounds: bounds.clone(),
+                            buckets: sum[first..first + buckets].to_vec(),
+                            sum: sum[first + buckets],
+                            max: max[first + buckets + 1],
+                        })
+                    }
                 };
                 Stat { meta, value }
             })

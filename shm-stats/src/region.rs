@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use memmap2::{MmapOptions, MmapRaw};
 
 use crate::guard::Guard;
-use crate::histogram::{self, BUCKETS};
+use crate::histogram::Bounds;
 use crate::layout::{self, Capacities, Kind, Merge, SlotState, Unit, entry, header, locks, slot};
 use crate::lock::{Acquired, LockGuard, RawLock};
 use crate::reader::{self, HeaderInfo, ReadError};
@@ -202,6 +202,30 @@ impl Region {
         )))
     }
 
+    /// [`Region::create_or_open`], except that a region an earlier release made (an older
+    /// layout version, which this release cannot write) is replaced by a new one at the same
+    /// path; then the older version is returned too. Its counts are gone for readers, and a
+    /// process still writing it (an older generation) writes into the unlinked file until it
+    /// ends. A region of a newer layout is refused and left alone, as any unusable one.
+    pub fn create_or_replace_older(
+        path: &Path,
+        capacities: Capacities,
+    ) -> Result<(Arc<Region>, Option<u32>), StatsError> {
+        match Self::create_or_open(path, capacities) {
+            Err(StatsError::Unusable(ReadError::UnknownVersion { found, known, .. }))
+                if found < known =>
+            {
+                std::fs::remove_file(path).map_err(|source| StatsError::Io {
+                    path: path.to_owned(),
+                    action: "cannot remove the stats region an earlier release made",
+                    source,
+                })?;
+                Ok((Self::create_or_open(path, capacities)?, Some(found)))
+            }
+            other => other.map(|region| (region, None)),
+        }
+    }
+
     /// Writes a fresh region into `file`.
     fn initialise(path: &Path, file: &File, caps: Capacities) -> Result<(), StatsError> {
         let bad = |problem: &str| StatsError::InvalidStat {
@@ -246,6 +270,11 @@ impl Region {
         put32(header::CELLS_PER_SHARD, caps.cells_per_shard);
         put32(header::LOCK_COUNT, locks::COUNT);
         put64(header::LOCKS_OFFSET, o.locks);
+        put64(header::BOUNDS_OFFSET, o.bounds);
+        put32(header::BOUND_COUNT, caps.bounds.as_slice().len() as u32);
+        for (i, &bound) in caps.bounds.as_slice().iter().enumerate() {
+            put64(o.bounds + i as u64 * 8, bound);
+        }
         put64(header::NAMES_OFFSET, o.names);
         put64(header::SLOTS_OFFSET, o.slots);
         put64(header::CELLS_OFFSET, o.cells);
@@ -327,14 +356,16 @@ impl Region {
         };
         (have != want).then(|| {
             format!(
-                "stats region {} was created with max_stats={}, max_shards={}, cells_per_shard={}, not the configured {}, {}, {}; remove it while no baton runs (its counters start over) to apply the new sizes",
+                "stats region {} was created with max_stats={}, max_shards={}, cells_per_shard={}, histogram_buckets={}, not the configured {}, {}, {}, {}; it keeps its own: remove it while no baton runs (its counters start over) to apply the configured ones",
                 self.path.display(),
                 have.max_stats,
                 have.max_shards,
                 have.cells_per_shard,
+                have.bounds,
                 want.max_stats,
                 want.max_shards,
-                want.cells_per_shard
+                want.cells_per_shard,
+                want.bounds,
             )
         })
     }
@@ -481,7 +512,7 @@ impl Region {
         if count >= caps.max_stats {
             return Err(full("the name table", caps.max_stats, "max_stats"));
         }
-        let cells = layout::cells_of(kind);
+        let cells = layout::cells_of(kind, &caps.bounds);
         if used
             .checked_add(cells)
             .is_none_or(|end| end > caps.cells_per_shard)
@@ -569,6 +600,7 @@ impl Region {
             return Ok(Shard {
                 region: self.clone(),
                 base,
+                bounds: caps.bounds,
                 cells: caps.cells_per_shard,
                 row,
                 _single_thread: PhantomData,
@@ -668,13 +700,11 @@ impl Region {
                         cell(row, e.first_cell).load(Ordering::Relaxed),
                     ),
                     Kind::Histogram => {
-                        for b in 0..=BUCKETS as u32 {
-                            add(
-                                cell(0, e.first_cell + b),
-                                cell(row, e.first_cell + b).load(Ordering::Relaxed),
-                            );
+                        // Buckets and the sum add up; the maximum, in the last cell, does not.
+                        let max = e.first_cell + layout::cells_of(e.kind, &caps.bounds) - 1;
+                        for c in e.first_cell..max {
+                            add(cell(0, c), cell(row, c).load(Ordering::Relaxed));
                         }
-                        let max = e.first_cell + BUCKETS as u32 + 1;
                         cell(0, max)
                             .fetch_max(cell(row, max).load(Ordering::Relaxed), Ordering::Relaxed);
                     }
@@ -788,6 +818,8 @@ fn truncate(s: &str, max: usize) -> &str {
 pub struct Shard {
     region: Arc<Region>,
     base: *const AtomicU64,
+    /// The region's bucket bounds, copied here so that a record reads no other memory.
+    bounds: Bounds,
     cells: u32,
     row: u32,
     _single_thread: PhantomData<std::cell::Cell<()>>,
@@ -855,10 +887,11 @@ impl Shard {
     #[inline]
     pub fn record(&self, h: Histogram, value: u64) {
         let first = h.0;
+        let buckets = self.bounds.buckets() as u32;
         if let (Some(bucket), Some(sum), Some(max)) = (
-            self.cell(first + histogram::bucket(value) as u32),
-            self.cell(first + BUCKETS as u32),
-            self.cell(first + BUCKETS as u32 + 1),
+            self.cell(first + self.bounds.bucket(value) as u32),
+            self.cell(first + buckets),
+            self.cell(first + buckets + 1),
         ) {
             add(bucket, 1);
             add(sum, value);

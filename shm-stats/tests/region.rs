@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use shm_stats::histogram::Summary;
+use shm_stats::histogram::{Bounds, Summary};
 use shm_stats::{
     Acquired, Capacities, Merge, ReadError, Reader, Region, Spec, StatsError, Unit, Value, layout,
 };
@@ -22,6 +22,7 @@ fn small() -> Capacities {
         max_stats: 64,
         max_shards: 16,
         cells_per_shard: 2048,
+        ..Default::default()
     }
 }
 
@@ -219,6 +220,7 @@ fn full_tables_are_clear_errors() {
             max_stats: 2,
             max_shards: 1,
             cells_per_shard: 8,
+            ..Default::default()
         },
     );
     region.counter(Spec::new("a", &[], "")).unwrap();
@@ -313,9 +315,30 @@ fn readers_refuse_bad_files_with_a_reason() {
     let err = Reader::open(&write("bent", &bent)).err().unwrap();
     assert!(matches!(err, ReadError::Corrupt { .. }), "{err}");
 
+    // Histogram bucket bounds: none, more than the area holds, or not increasing.
+    let bounds_at = layout::HEADER_SIZE as usize + 4 * 64;
+    for (name, count, second) in [
+        ("no-bounds", 0u32, None),
+        ("many-bounds", 33, None),
+        ("bounds-down", 2, Some(1u64)),
+    ] {
+        let mut bad = good.clone();
+        bad[layout::header::BOUND_COUNT as usize..][..4].copy_from_slice(&count.to_ne_bytes());
+        if let Some(v) = second {
+            bad[bounds_at + 8..][..8].copy_from_slice(&v.to_ne_bytes());
+        }
+        let err = Reader::open(&write(name, &bad)).err().unwrap();
+        assert!(matches!(err, ReadError::Corrupt { .. }), "{name}: {err}");
+        assert!(
+            err.to_string().contains("histogram bucket bounds"),
+            "{name}: {err}"
+        );
+    }
+
     // An entry whose cells point past what was handed out.
     let mut lying = good.clone();
-    let first_cell = layout::HEADER_SIZE as usize + 4 * 64 + layout::entry::FIRST_CELL as usize;
+    let first_cell =
+        layout::HEADER_SIZE as usize + 4 * 64 + 32 * 8 + layout::entry::FIRST_CELL as usize;
     lying[first_cell..first_cell + 4].copy_from_slice(&4000u32.to_ne_bytes());
     let reader = Reader::open(&write("lying", &lying)).unwrap();
     let err = reader.snapshot().unwrap_err();
@@ -397,7 +420,7 @@ proptest! {
 
         let mut counts = [0u64; 3];
         let mut hist: Vec<Summary> = (0..3)
-            .map(|_| Summary { buckets: vec![0; shm_stats::histogram::BUCKETS], sum: 0, max: 0 })
+            .map(|_| Summary { buckets: vec![0; Bounds::default().buckets()], ..Default::default() })
             .collect();
         for plan in &plans {
             for &(stat, amount) in plan {
@@ -405,7 +428,7 @@ proptest! {
                     counts[stat] += amount;
                 } else {
                     let h = &mut hist[stat - 3];
-                    h.buckets[shm_stats::histogram::bucket(amount)] += 1;
+                    h.buckets[Bounds::default().bucket(amount)] += 1;
                     h.sum += amount;
                     h.max = h.max.max(amount);
                 }
@@ -544,8 +567,12 @@ fn a_reused_pid_does_not_keep_a_dead_writers_row_alive() {
     shard.add(c, 5);
     assert_eq!(region.reclaim_dead().unwrap(), 0, "this process is alive");
     // Make the row look written by an earlier process that had our pid: another start time.
-    let slot =
-        layout::HEADER_SIZE as usize + 4 * 64 + 64 * 256 + 64 + layout::slot::START_TIME as usize;
+    let slot = layout::HEADER_SIZE as usize
+        + 4 * 64
+        + 32 * 8
+        + 64 * 256
+        + 64
+        + layout::slot::START_TIME as usize;
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[slot..slot + 8].copy_from_slice(&1u64.to_ne_bytes());
     std::fs::write(&path, &bytes).unwrap();
@@ -554,4 +581,45 @@ fn a_reused_pid_does_not_keep_a_dead_writers_row_alive() {
         value(&Reader::open(&path).unwrap(), "c", &[]),
         Value::Counter(5)
     );
+}
+
+/// A region keeps the bucket bounds it was made with: a writer that asks for others (another
+/// config) counts into the region's, says so, and readers and retirement agree.
+#[test]
+fn a_region_keeps_the_bucket_bounds_it_was_made_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = Capacities {
+        bounds: Bounds::new(&[10, 100]).unwrap(),
+        ..small()
+    };
+    let (path, region) = region_in(dir.path(), made);
+    let h = region.histogram(Spec::new("h", &[], "")).unwrap();
+    let shard = region.attach_shard(1, 0).unwrap();
+    for v in [5, 10, 11, 1000] {
+        shard.record(h, v);
+    }
+    let other = Capacities {
+        bounds: Bounds::new(&[1, 2, 3]).unwrap(),
+        ..small()
+    };
+    let again = Region::create_or_open(&path, other).unwrap();
+    let said = again.capacity_mismatch(other).expect("a mismatch");
+    assert!(
+        said.contains(
+            "histogram_buckets=[0.01, 0.1], not the configured 64, 16, 2048, [0.001, 0.002, 0.003]"
+        ),
+        "{said}"
+    );
+    let h2 = again.histogram(Spec::new("h", &[], "")).unwrap();
+    let shard2 = again.attach_shard(2, 0).unwrap();
+    shard2.record(h2, 50);
+    region.retire_epoch(1).unwrap();
+
+    let Value::Histogram(got) = value(&Reader::open(&path).unwrap(), "h", &[]) else {
+        panic!("a histogram");
+    };
+    assert_eq!(got.bounds.as_slice(), [10, 100]);
+    assert_eq!(got.buckets, [2, 2, 1]);
+    assert_eq!((got.sum, got.max), (5 + 10 + 11 + 1000 + 50, 1000));
+    assert_eq!(got.cumulative(), [(10, 2), (100, 4), (u64::MAX, 5)]);
 }

@@ -10,6 +10,7 @@ fn small() -> Capacities {
         max_stats: 64,
         max_shards: 16,
         cells_per_shard: 2048,
+        ..Default::default()
     }
 }
 

@@ -19,15 +19,14 @@ import sys
 import time
 
 MAGIC = b"BATONSHM"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 HEADER_SIZE = 128
 LOCK_COUNT = 4
 LOCK_SIZE = 64
 ENTRY_SIZE = 256
 SLOT_SIZE = 64
 CELL_SIZE = 8
-HISTOGRAM_CELLS = 160
-HISTOGRAM_BUCKETS = 158
+MAX_BOUNDS = 32
 KINDS = {1: "counter", 2: "gauge", 3: "histogram"}
 SLOT_LIVE, SLOT_RETIRED = 1, 2
 MERGE_MAX = 1
@@ -52,18 +51,33 @@ def check_header(buf, size):
     if version != LAYOUT_VERSION:
         raise RegionError(f"layout version {version}; this reader knows {LAYOUT_VERSION}")
     if header_size != HEADER_SIZE or lock_count != LOCK_COUNT or cells_per_shard % 8:
-        raise RegionError("header sizes do not match layout version 1")
+        raise RegionError("header sizes do not match layout version 2")
     locks, names, slots, cells = struct.unpack_from("=QQQQ", buf, 40)
+    (bound_count,) = struct.unpack_from("=I", buf, 84)
+    (bounds,) = struct.unpack_from("=Q", buf, 112)
     want_locks = HEADER_SIZE
-    want_names = want_locks + LOCK_COUNT * LOCK_SIZE
+    want_bounds = want_locks + LOCK_COUNT * LOCK_SIZE
+    want_names = want_bounds + MAX_BOUNDS * 8
     want_slots = want_names + max_stats * ENTRY_SIZE
     want_cells = round_up(want_slots + (max_shards + 1) * SLOT_SIZE, 64)
     want_size = round_up(want_cells + (max_shards + 1) * cells_per_shard * CELL_SIZE, 4096)
-    if (locks, names, slots, cells) != (want_locks, want_names, want_slots, want_cells):
+    if (locks, bounds, names, slots, cells) != (
+        want_locks,
+        want_bounds,
+        want_names,
+        want_slots,
+        want_cells,
+    ):
         raise RegionError("the offsets in the header are not the ones the capacities give")
     if region_size != size or want_size != size:
         raise RegionError(f"region_size {region_size} is not the file's size {size}")
+    if not 1 <= bound_count <= MAX_BOUNDS:
+        raise RegionError(f"{bound_count} histogram bucket bounds (1 to {MAX_BOUNDS})")
+    bucket_bounds = struct.unpack_from(f"={bound_count}Q", buf, bounds)
+    if bucket_bounds[0] == 0 or any(a >= b for a, b in zip(bucket_bounds, bucket_bounds[1:])):
+        raise RegionError("histogram bucket bounds are not above zero and increasing")
     return {
+        "buckets": bound_count + 1,
         "max_stats": max_stats,
         "max_shards": max_shards,
         "cells_per_shard": cells_per_shard,
@@ -84,7 +98,7 @@ def read_once(buf, layout):
         first_cell, cell_count = struct.unpack_from("=II", buf, at + 8)
         if kind not in KINDS:
             raise RegionError(f"entry {i} has an unknown kind {kind}")
-        if cell_count != (HISTOGRAM_CELLS if KINDS[kind] == "histogram" else 1):
+        if cell_count != (layout["buckets"] + 2 if KINDS[kind] == "histogram" else 1):
             raise RegionError(f"entry {i} has {cell_count} cells, which its kind does not")
         if name_len > 64 or tags_len > 80 or help_len > 96:
             raise RegionError(f"entry {i} has a name, tags or help longer than they may be")
@@ -115,9 +129,10 @@ def read_once(buf, layout):
             total = sum(row[first] for row in rows) % U64
             values[key] = total - U64 if total >= 1 << 63 else total
         else:
-            count = sum(sum(row[first : first + HISTOGRAM_BUCKETS]) for row in rows)
-            total = sum(row[first + HISTOGRAM_BUCKETS] for row in rows) % U64
-            largest = max((row[first + HISTOGRAM_BUCKETS + 1] for row in rows), default=0)
+            buckets = layout["buckets"]
+            count = sum(sum(row[first : first + buckets]) for row in rows)
+            total = sum(row[first + buckets] for row in rows) % U64
+            largest = max((row[first + buckets + 1] for row in rows), default=0)
             values[key] = {"count": count, "sum": total, "max": largest}
     for row in rows:
         row.release()

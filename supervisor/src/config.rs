@@ -66,6 +66,7 @@ struct RawStats {
     max_stats: Option<u32>,
     max_shards: Option<u32>,
     cells_per_shard: Option<u32>,
+    histogram_buckets: Option<Spanned<Vec<Spanned<f64>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,6 +157,7 @@ pub fn parse(path: &Path, source: &str) -> Result<SupervisorConfig, String> {
         max_stats: None,
         max_shards: None,
         cells_per_shard: None,
+        histogram_buckets: None,
     });
     let supervisor = raw.supervisor.unwrap_or(RawSupervisor {
         proxy_binary: None,
@@ -206,6 +208,17 @@ pub fn parse(path: &Path, source: &str) -> Result<SupervisorConfig, String> {
             max_stats: stats.max_stats.unwrap_or(defaults.max_stats),
             max_shards: stats.max_shards.unwrap_or(defaults.max_shards),
             cells_per_shard: stats.cells_per_shard.unwrap_or(defaults.cells_per_shard),
+            bounds: match stats.histogram_buckets {
+                None => defaults.bounds,
+                Some(list) => histogram_buckets(list).map_err(|(offset, e)| {
+                    at(
+                        path,
+                        source,
+                        offset,
+                        format!("stats.histogram_buckets: {e}"),
+                    )
+                })?,
+            },
         },
         proxy_binary: supervisor.proxy_binary.map(|p| relative(&p)),
         control_socket: supervisor
@@ -222,9 +235,32 @@ pub fn parse(path: &Path, source: &str) -> Result<SupervisorConfig, String> {
     })
 }
 
+/// `stats.histogram_buckets` (milliseconds) as the region's bounds, or where and why not: the
+/// checks of the proxy's config, from `shm_stats`.
+fn histogram_buckets(
+    list: Spanned<Vec<Spanned<f64>>>,
+) -> Result<shm_stats::Bounds, (usize, String)> {
+    let start = list.span().start;
+    let list = list.into_inner();
+    let us = list
+        .iter()
+        .map(|ms| {
+            shm_stats::histogram::bound_from_millis(*ms.get_ref()).map_err(|e| (ms.span().start, e))
+        })
+        .collect::<Result<Vec<u64>, _>>()?;
+    shm_stats::Bounds::new(&us).map_err(|e| {
+        let at = e
+            .index()
+            .and_then(|i| list.get(i))
+            .map_or(start, |ms| ms.span().start);
+        (at, e.to_string())
+    })
+}
+
 /// Whether a reload can apply `new` to a supervisor running with `running`: the instance, the
-/// stats region, the control socket and the generations' user are fixed when the supervisor
-/// starts (a reload that changed them would be ignored, and the next start would differ).
+/// stats region (its path and its histograms' buckets), the control socket and the generations'
+/// user are fixed when the supervisor starts (a reload that changed them would be ignored, and
+/// the next start would differ).
 pub fn reloadable(running: &SupervisorConfig, new: &SupervisorConfig) -> Result<(), String> {
     let file = new.path.display();
     let refuse = |what: &str, old: &dyn std::fmt::Display, now: &dyn std::fmt::Display| {
@@ -240,6 +276,14 @@ pub fn reloadable(running: &SupervisorConfig, new: &SupervisorConfig) -> Result<
             "stats.path",
             &running.stats_path.display(),
             &new.stats_path.display(),
+        );
+    }
+    if new.capacities.bounds != running.capacities.bounds {
+        // Every generation writing the region counts into the buckets it was made with.
+        return refuse(
+            "stats.histogram_buckets",
+            &running.capacities.bounds,
+            &new.capacities.bounds,
         );
     }
     if new.control_socket != running.control_socket {

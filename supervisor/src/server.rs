@@ -20,7 +20,7 @@ use restart_protocol::{
     Channel, ChannelError, FEATURE_ADOPT, FEATURE_BIND_SOCKET, FEATURES, Load, PROTOCOL_VERSIONS,
     Received, SocketKey, ToGeneration, ToSupervisor, negotiate,
 };
-use shm_stats::{Counter, Gauge, Region, Shard, Spec};
+use shm_stats::{Counter, Gauge, ReadError, Region, Shard, Spec, StatsError};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH};
 use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, error, info, warn};
@@ -417,6 +417,15 @@ fn settings(config: &SupervisorConfig) -> Settings {
     }
 }
 
+/// Says that the region at the stats path, made by an earlier release, was replaced.
+fn replaced_older_region(region: &Region, version: u32) {
+    warn!(
+        path = %region.path().display(),
+        "the stats region had layout version {version}, made by an earlier baton, which this one cannot write: replaced by a new region (layout version {}), whose counters start from zero; generations started before keep writing the old one until they end",
+        shm_stats::LAYOUT_VERSION
+    );
+}
+
 fn register_stats(region: &Arc<Region>) -> Result<SupervisorStats, String> {
     let err = |e: shm_stats::StatsError| e.to_string();
     Ok(SupervisorStats {
@@ -587,8 +596,12 @@ impl Supervisor {
                 ));
             }
         }
-        let region = Region::create_or_open(&config.stats_path, config.capacities)
-            .map_err(|e| e.to_string())?;
+        let (region, replaced) =
+            Region::create_or_replace_older(&config.stats_path, config.capacities)
+                .map_err(|e| e.to_string())?;
+        if let Some(version) = replaced {
+            replaced_older_region(&region, version);
+        }
         share_region(config, &region)?;
         match region.reclaim_dead() {
             Ok(0) => {}
@@ -767,8 +780,21 @@ impl Supervisor {
         let region_file = upgrade::adopt(state.region_fd)
             .map(std::fs::File::from)
             .ok_or("the stats region was not handed over")?;
-        let region =
-            Region::from_file(&config.stats_path, region_file).map_err(|e| e.to_string())?;
+        let region = match Region::from_file(&config.stats_path, region_file) {
+            Ok(region) => region,
+            // The supervisor this one replaced is of an earlier release, whose region this
+            // release cannot write: the generations started from now on get a new one.
+            Err(StatsError::Unusable(ReadError::UnknownVersion { found, known, .. }))
+                if found < known =>
+            {
+                let (region, _) =
+                    Region::create_or_replace_older(&config.stats_path, config.capacities)
+                        .map_err(|e| e.to_string())?;
+                replaced_older_region(&region, found);
+                region
+            }
+            Err(e) => return Err(e.to_string()),
+        };
         // The new binary's config may have gained `supervisor.user`.
         share_region(config, &region)?;
         let mut store = SocketStore::default();

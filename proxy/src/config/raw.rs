@@ -95,6 +95,8 @@ pub struct RawStats {
     pub max_stats: Option<Spanned<i64>>,
     pub max_shards: Option<Spanned<i64>>,
     pub cells_per_shard: Option<Spanned<i64>>,
+    /// Histogram bucket bounds in milliseconds.
+    pub histogram_buckets: Option<Spanned<Vec<Spanned<f64>>>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

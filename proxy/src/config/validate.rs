@@ -251,7 +251,32 @@ impl Validator<'_> {
                     defaults.cells_per_shard,
                     1 << 24,
                 )?,
+                bounds: match raw.histogram_buckets {
+                    None => defaults.bounds,
+                    Some(list) => self.histogram_buckets(list)?,
+                },
             },
+        })
+    }
+
+    /// `stats.histogram_buckets`: bounds in milliseconds, each a whole number of microseconds,
+    /// increasing. The supervisor reads the same list (with the same checks, in `shm_stats`).
+    fn histogram_buckets(&self, list: Spanned<Vec<Spanned<f64>>>) -> Result<shm_stats::Bounds> {
+        let span = list.span();
+        let list = list.into_inner();
+        let us = list
+            .iter()
+            .map(|ms| {
+                shm_stats::histogram::bound_from_millis(*ms.get_ref())
+                    .map_err(|e| self.error(ms.span(), format!("stats.histogram_buckets: {e}")))
+            })
+            .collect::<Result<Vec<u64>>>()?;
+        shm_stats::Bounds::new(&us).map_err(|e| {
+            let at = e
+                .index()
+                .and_then(|i| list.get(i))
+                .map_or(span, |ms| ms.span());
+            self.error(at, format!("stats.histogram_buckets: {e}"))
         })
     }
 

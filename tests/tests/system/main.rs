@@ -24,6 +24,8 @@ mod examples;
 mod grpc;
 /// The guard dog: stalled workers counted, wedged generations replaced.
 mod guard_dog;
+/// Histogram buckets: defaults, a configured set, bad sets, reloads, older regions.
+mod histograms;
 /// Routing, proxying, bodies, keep-alive, pipelining, proxy headers, upstream failures, access log.
 mod http1;
 /// HTTP/2 cleartext (prior knowledge) and TLS with ALPN and SNI.

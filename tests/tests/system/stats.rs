@@ -389,7 +389,8 @@ fn a_region_of_another_layout_stops_the_proxy_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
     let region = shm_stats_region(dir.path());
     let mut bytes = std::fs::read(&region).unwrap();
-    bytes[8..12].copy_from_slice(&2u32.to_ne_bytes());
+    let newer = shm_stats::LAYOUT_VERSION + 1;
+    bytes[8..12].copy_from_slice(&newer.to_ne_bytes());
     std::fs::write(&region, &bytes).unwrap();
     let listen = free_addr();
     let log = Proxy::start_with(
@@ -401,7 +402,7 @@ fn a_region_of_another_layout_stops_the_proxy_with_a_reason() {
     )
     .err()
     .expect("the proxy refuses the region");
-    assert!(log.contains("layout version 2"), "{log}");
+    assert!(log.contains(&format!("layout version {newer}")), "{log}");
     assert!(log.contains("stop the processes that use it"), "{log}");
     assert_eq!(
         std::fs::read(&region).unwrap(),
