@@ -433,7 +433,7 @@ fn register_stats(region: &Arc<Region>) -> Result<SupervisorStats, String> {
             .counter(Spec::new(
                 "supervisor.reloads_total",
                 &[],
-                "Reloads started (the first start included).",
+                "Reloads started (the first start is not one).",
             ))
             .map_err(err)?,
         failures: region

@@ -148,7 +148,7 @@ async fn every_metric_the_grafana_dashboard_queries_is_in_the_exposition() {
         client::get(admin, "/metrics")
             .await
             .text()
-            .contains("baton_supervisor_reloads_total 2\n")
+            .contains("baton_supervisor_reloads_total 1\n")
     })
     .await;
     assert!(served, "{}", client::get(admin, "/metrics").await.text());
