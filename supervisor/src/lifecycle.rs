@@ -9,7 +9,7 @@
 //! replaces it until the next reload; the listen sockets stay in the store, so clients wait in
 //! the accept queue.
 //!
-//! The event loop (`server.rs`) turns signals, control requests, channel messages and child
+//! The event loop (`server/`) turns signals, control requests, channel messages and child
 //! exits into [`Event`]s, and carries out the [`Action`]s; everything that decides is here and
 //! is tested without processes.
 

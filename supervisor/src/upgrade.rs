@@ -7,11 +7,12 @@
 //! (which may have changed, or be broken): the state holds the running config's text.
 //!
 //! Nothing is executed before the new binary has shown it can take over, without blocking the
-//! supervisor's loop (`server.rs` runs these as children and waits for them by SIGCHLD, with a
-//! deadline): `baton internal upgrade-check` prints the state versions it reads (a binary that
-//! does not read this one's is never executed), and one that says it can (`trial`) is then run
-//! as the supervisor would be, `baton run ...` with `BATON_UPGRADE_TRIAL=1` and the state on its
-//! standard input, and must parse it and the config and answer with the state's nonce.
+//! supervisor's loop (`server/upgrading.rs` runs these as children, an [`Upgrading`], and waits
+//! for them by SIGCHLD, with a deadline): `baton internal upgrade-check` prints the state
+//! versions it reads (a binary that does not read this one's is never executed), and one that
+//! says it can (`trial`) is then run as the supervisor would be, `baton run ...` with
+//! `BATON_UPGRADE_TRIAL=1` and the state on its standard input, and must parse it and the config
+//! and answer with the state's nonce.
 //!
 //! Should the new program still fail to take over, it executes the previous binary again (kept
 //! open across the exec, `BATON_UPGRADE_PREVIOUS_FD`) with the same state, untouched: the new
@@ -22,13 +23,15 @@ use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use restart_protocol::{Load, SocketKey};
 use serde::{Deserialize, Serialize};
+use tracing::debug;
 
 use crate::UPGRADE_FD_ENV;
-use crate::lifecycle::{Counts, State};
+use crate::lifecycle::{Counts, State, Waiter};
 
 /// The version of [`Inherited`]; a new binary that does not read it is not executed.
 pub const STATE_VERSION: u32 = 1;
@@ -166,6 +169,124 @@ pub fn read_check_answer(binary: &Path, answer: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// How long the new binary has for each of its checks before an upgrade.
+pub const UPGRADE_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Where an upgrade is: the new binary answers `internal upgrade-check`, then takes over on
+/// trial.
+#[derive(Debug, Clone, Copy)]
+pub enum Step {
+    Check,
+    Trial,
+}
+
+impl Step {
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Check => "self-check",
+            Step::Trial => "trial take-over",
+        }
+    }
+}
+
+/// An upgrade under way: the child checking the new binary, and who waits for the outcome.
+pub struct Upgrading {
+    pub step: Step,
+    pub child: std::process::Child,
+    pub deadline: Instant,
+    pub waiters: Vec<Waiter>,
+    pub nonce: u64,
+}
+
+impl Upgrading {
+    /// Starts a check of the new binary, its output read once it has exited (without
+    /// blocking: a child it left behind may hold the pipes), `input` on its standard input.
+    pub fn start(
+        step: Step,
+        mut command: std::process::Command,
+        input: Option<&[u8]>,
+    ) -> std::io::Result<std::process::Child> {
+        use std::process::Stdio;
+        // The state on standard input from a memfd, whatever its size (a pipe holds 64 KiB,
+        // and a config can be larger).
+        let stdin = match input {
+            Some(input) => {
+                let memfd = nix::sys::memfd::memfd_create(
+                    c"baton-upgrade-trial",
+                    nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+                )?;
+                let mut file = std::fs::File::from(memfd);
+                file.write_all(input)?;
+                std::io::Seek::rewind(&mut file)?;
+                Stdio::from(file)
+            }
+            None => Stdio::null(),
+        };
+        command
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // The checks are not the supervisor: systemd's variables and the upgrade's are not
+        // theirs.
+        for var in crate::notify::SYSTEMD_ENV {
+            command.env_remove(var);
+        }
+        command.env_remove(crate::UPGRADE_FD_ENV);
+        let child = command.spawn()?;
+        if let Some(stdout) = &child.stdout {
+            set_nonblocking(stdout)?;
+        }
+        if let Some(stderr) = &child.stderr {
+            set_nonblocking(stderr)?;
+        }
+        debug!("{} started", step.name());
+        Ok(child)
+    }
+
+    /// What the child wrote (at most 64 KiB of each).
+    pub fn output(&mut self) -> (String, String) {
+        let read = |pipe: Option<&mut dyn Read>| {
+            let mut out = Vec::new();
+            if let Some(pipe) = pipe {
+                let mut buf = [0u8; 4096];
+                while out.len() < 64 * 1024 {
+                    match pipe.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => out.extend_from_slice(&buf[..n]),
+                    }
+                }
+            }
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        let stdout = read(self.child.stdout.as_mut().map(|p| p as &mut dyn Read));
+        let stderr = read(self.child.stderr.as_mut().map(|p| p as &mut dyn Read));
+        (stdout, stderr)
+    }
+}
+
+fn set_nonblocking(fd: &impl AsFd) -> std::io::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = fcntl(fd.as_fd(), FcntlArg::F_GETFL).map_err(std::io::Error::from)?;
+    fcntl(
+        fd.as_fd(),
+        FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+    )
+    .map(|_| ())
+    .map_err(std::io::Error::from)
+}
+
+/// A number nobody can guess ahead, for an upgrade's trial to answer with.
+pub fn nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish()
 }
 
 /// Makes `fd` survive (or not survive) `execve`.
