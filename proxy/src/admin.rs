@@ -2,10 +2,12 @@
 //! health-check switch. It keeps answering while the generation drains, so that a load balancer
 //! sees `/ready` turn to 503.
 
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{ALLOW, CONTENT_TYPE, HeaderValue};
@@ -14,7 +16,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::debug;
 
@@ -41,29 +43,51 @@ pub struct Admin {
     pub wedgers: Vec<tokio::sync::mpsc::UnboundedSender<crate::worker::Command>>,
 }
 
+/// Admin connections open at once; one past it is closed as soon as it is accepted. Operators,
+/// scrapers and health checkers need a handful; the cap keeps a flood of connections to the
+/// admin address from taking the descriptors the listeners need.
+const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send a request's head (slow clients hold a connection).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest an admin connection lives, kept alive or not: every answer is small and made at
+/// once, so only an idle or stalled client reaches it.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
 /// Serves admin requests until the task is dropped.
 pub async fn serve(admin: Rc<Admin>, listener: TcpListener) {
+    let open = Rc::new(Cell::new(0usize));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
                 debug!("admin accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        if open.get() >= MAX_CONNECTIONS {
+            debug!(%peer, "admin connection refused: {MAX_CONNECTIONS} are open");
+            drop(stream);
+            continue;
+        }
+        open.set(open.get() + 1);
+        let open = open.clone();
         let admin = admin.clone();
         tokio::task::spawn_local(async move {
             let service = service_fn(move |request| {
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(route(&admin, &request)) }
             });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(%peer, "admin connection ended: {e}");
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+                Ok(Err(e)) => debug!(%peer, "admin connection ended: {e}"),
+                Ok(Ok(())) => {}
+                Err(_) => debug!(%peer, "admin connection closed after {CONNECTION_LIFETIME:?}"),
             }
+            open.set(open.get() - 1);
         });
     }
 }

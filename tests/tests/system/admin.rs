@@ -90,3 +90,59 @@ async fn admin_endpoints_report_and_control_the_proxy() {
     assert_eq!(r.status, 404);
     assert!(c.get("/").await.unwrap().text().contains("/server_info"));
 }
+
+/// Connections to the admin address cannot take the descriptors the listeners need: past 64
+/// open ones a new one is closed at once, and one that never finishes its request's head is
+/// closed after 10 s, while the public listener answers throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_slow_admin_connections_is_capped_and_timed_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _proxy = Proxy::start(&http_config(listen, admin, origin.addr));
+
+    let mut slow = Vec::new();
+    for _ in 0..100 {
+        let mut c = tokio::net::TcpStream::connect(admin).await.unwrap();
+        c.write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        slow.push(c);
+    }
+    // Those past the cap are closed as soon as the admin accepts them: reading gives the end of
+    // the stream (well before the 10 s header timeout could close any).
+    let started = std::time::Instant::now();
+    let mut ended = vec![false; slow.len()];
+    while ended.iter().filter(|e| **e).count() < 100 - 64
+        && started.elapsed() < std::time::Duration::from_secs(5)
+    {
+        for (c, ended) in slow.iter_mut().zip(ended.iter_mut()).filter(|(_, e)| !**e) {
+            let mut byte = [0u8; 1];
+            if let Ok(Ok(0)) =
+                tokio::time::timeout(std::time::Duration::from_millis(5), c.read(&mut byte)).await
+            {
+                *ended = true;
+            }
+        }
+    }
+    assert_eq!(
+        ended.iter().filter(|e| **e).count(),
+        100 - 64,
+        "all but 64 closed at once"
+    );
+    assert_eq!(client::get(listen, "/x").await.status, 200);
+
+    // The 64 left never finish their heads: each is closed by the header timeout.
+    let started = std::time::Instant::now();
+    for c in &mut slow {
+        let mut byte = [0u8; 1];
+        let end = tokio::time::timeout(crate::WAIT, c.read(&mut byte)).await;
+        assert!(
+            matches!(end, Ok(Ok(0)) | Ok(Err(_))),
+            "a slow admin connection still open after {:?}",
+            started.elapsed()
+        );
+    }
+    let r = client::get(admin, "/ready").await;
+    assert_eq!(r.status, 200, "the admin answers again");
+}
