@@ -83,8 +83,11 @@ install:
 	for f in run finish; do \
 		$(SUBST) systemd/runit/$$f > $(DESTDIR)$(DOCDIR)/examples/runit/$$f && chmod 0755 $(DESTDIR)$(DOCDIR)/examples/runit/$$f; \
 	done
-	install -m 0644 packaging/baton.toml examples/quickstart.toml $(DESTDIR)$(DOCDIR)/examples/
-	install -m 0644 README.md CHANGELOG.md LICENSE $(DESTDIR)$(DOCDIR)/
+	install -m 0644 packaging/baton.toml examples/*.toml $(DESTDIR)$(DOCDIR)/examples/
+	install -m 0755 examples/make-cert.sh $(DESTDIR)$(DOCDIR)/examples/
+	install -d $(DESTDIR)$(DOCDIR)/examples/logrotate.d
+	install -m 0644 examples/logrotate.d/baton $(DESTDIR)$(DOCDIR)/examples/logrotate.d/
+	install -m 0644 README.md CHANGELOG.md LICENSE docs/coming-from.md $(DESTDIR)$(DOCDIR)/
 	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/baton
 	@if [ -e $(DESTDIR)$(SYSCONFDIR)/baton/baton.toml ]; then \
 		echo "make install: $(DESTDIR)$(SYSCONFDIR)/baton/baton.toml exists: kept (the sample is $(DOCDIR)/examples/baton.toml)"; \

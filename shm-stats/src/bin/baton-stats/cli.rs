@@ -38,7 +38,7 @@ pub struct Cli {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
-    /// One line per stat, sorted by name: `name{tags}  value`.
+    /// One line per stat, sorted by name: `name{tags}: value`, as the admin's `/stats`.
     Text,
     /// The region's facts and every stat, as one JSON document.
     Json,
