@@ -87,6 +87,18 @@ fn a_man_page_per_binary_and_per_baton_subcommand_naming_their_flags() {
     }
     let run = read(&man.join("baton-run.1"));
     assert!(run.contains("\\-\\-log\\-format") && run.contains("The configuration file"));
+    // What an operator looks a daemon's man page up for: its signals and exit statuses.
+    for needed in [
+        "SIGHUP",
+        "SIGTERM",
+        "Exit status:",
+        "64  the configuration is invalid",
+    ] {
+        assert!(
+            run.contains(needed),
+            "baton-run(1) lacks {needed:?}:\n{run}"
+        );
+    }
 }
 
 #[test]

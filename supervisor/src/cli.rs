@@ -16,9 +16,29 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// What `baton run --help` (and its man page) adds after the flags.
+const RUN_DETAILS: &str = "\
+Signals:
+  SIGHUP    reload (as `baton reload`)
+  SIGTERM   drain every generation, then exit 0 (as `baton stop`)
+  SIGINT    stop every generation now
+  SIGUSR1   every generation reopens its access logs (as `baton reopen-logs`)
+  SIGUSR2   execute the `baton` binary on disk in place (as `baton upgrade-supervisor`)
+  SIGWINCH  drain without a successor until the next reload (as `baton drain`)
+
+Exit status:
+  0   stopped
+  64  the configuration is invalid (`baton check --config FILE` says why)
+  1   the first generation could not start otherwise (a port in use, say), or the control
+      socket or the stats region could not be made
+
+Environment:
+  BATON_LOG  the log filter (default `info`), e.g. `debug` or `info,baton=debug`";
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the supervisor in the foreground (under systemd, runit, or a terminal).
+    #[command(after_long_help = RUN_DETAILS)]
     Run {
         /// The configuration file (TOML), the same one every generation reads.
         #[arg(long, short = 'c', value_name = "FILE")]
