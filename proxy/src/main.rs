@@ -209,7 +209,8 @@ fn init_logging() {
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     if std::env::var_os(restart_protocol::LOG_FORMAT_ENV).is_some_and(|f| f == "json") {
-        builder.json().init();
+        // `target` (`baton_proxy::…`) tells a generation's lines from the supervisor's.
+        builder.with_target(true).json().init();
     } else {
         builder.init();
     }

@@ -133,7 +133,8 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => {
             LOG_JSON.store(true, std::sync::atomic::Ordering::Relaxed);
-            builder.json().init()
+            // `target` (`baton::…`) tells the supervisor's lines from a generation's.
+            builder.with_target(true).json().init()
         }
     }
 }

@@ -357,12 +357,23 @@ async fn with_log_format_json_every_line_is_json() {
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let value: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}\n{text}"));
-        messages.push(
-            value["fields"]["message"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
+        let message = value["fields"]["message"].as_str().unwrap_or_default();
+        // Each line says which process wrote it: the supervisor (`baton::…`) or a generation
+        // (`baton_proxy::…`), so that their `ready` and `exited` lines are told apart.
+        let target = value["target"].as_str().unwrap_or_default();
+        let from_generation = matches!(message, "joined the supervisor" | "drained");
+        assert!(
+            target.starts_with(if from_generation {
+                "baton_proxy::"
+            } else {
+                "baton"
+            }),
+            "{line}"
         );
+        if message == "supervisor exited" {
+            assert!(target.starts_with("baton::"), "{line}");
+        }
+        messages.push(message.to_owned());
     }
     // The generations' own lines are among them (only a generation says "joined the supervisor").
     assert!(
