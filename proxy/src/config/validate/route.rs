@@ -1,6 +1,12 @@
 //! Routes of HTTP listeners: what they match, where they send, and what protects the request.
 
-use super::super::raw::{RawHeaderMatch, RawMirror, RawRateLimit, RawRetry};
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+use http::{HeaderMap, StatusCode};
+
+use super::super::raw::{
+    RawDirectResponse, RawHeaderMatch, RawMirror, RawRateLimit, RawRetry, RawRoute,
+};
 use super::*;
 
 /// Default first retry backoff (Envoy's).
@@ -424,6 +430,95 @@ impl Validator<'_> {
                 .map(|p| self.percent(&format!("{what}: mirror.percent"), &p))
                 .transpose()?
                 .unwrap_or(100.0),
+        })
+    }
+
+    fn host_pattern(
+        &self,
+        listener: &str,
+        number: usize,
+        host: &Spanned<String>,
+    ) -> Result<HostPattern> {
+        let h = host.get_ref().to_ascii_lowercase();
+        let valid_label = |s: &str| {
+            !s.is_empty()
+                && s.split('.').all(|label| {
+                    !label.is_empty()
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                })
+        };
+        if h == "*" {
+            Ok(HostPattern::Any)
+        } else if let Some(rest) = h.strip_prefix("*.")
+            && valid_label(rest)
+        {
+            Ok(HostPattern::Suffix(format!(".{rest}")))
+        } else if valid_label(&h) {
+            Ok(HostPattern::Exact(h))
+        } else {
+            Err(self.error(
+                host.span(),
+                format!(
+                    "listener `{listener}` route {number}: host `{}` is not a host name; write \"example.com\", \"*.example.com\" or \"*\" (without port)",
+                    host.get_ref()
+                ),
+            ))
+        }
+    }
+
+    fn direct_response(
+        &self,
+        listener: &str,
+        number: usize,
+        raw: Spanned<RawDirectResponse>,
+    ) -> Result<DirectResponse> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let status = u16::try_from(*raw.status.get_ref())
+            .ok()
+            .filter(|s| (200..=599).contains(s))
+            .and_then(|s| StatusCode::from_u16(s).ok())
+            .ok_or_else(|| {
+                self.error(
+                    raw.status.span(),
+                    format!(
+                        "listener `{listener}` route {number}: direct_response.status {} is not an HTTP status from 200 to 599",
+                        raw.status.get_ref()
+                    ),
+                )
+            })?;
+        let mut headers = HeaderMap::new();
+        for (name, value) in &raw.headers {
+            let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                self.error(
+                    span.clone(),
+                    format!(
+                        "listener `{listener}` route {number}: `{name}` is not a valid header name"
+                    ),
+                )
+            })?;
+            let value_parsed = HeaderValue::from_str(value.get_ref()).map_err(|_| {
+                self.error(
+                    value.span(),
+                    format!(
+                        "listener `{listener}` route {number}: the value of header `{name}` holds characters a header cannot carry"
+                    ),
+                )
+            })?;
+            headers.append(header, value_parsed);
+        }
+        if !raw.body.is_empty() && !headers.contains_key(CONTENT_TYPE) {
+            headers.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+        }
+        Ok(DirectResponse {
+            status,
+            headers,
+            body: Bytes::from(raw.body),
         })
     }
 }
