@@ -158,3 +158,10 @@ pub fn rebuilt(binary: &[u8], build_id: &str) -> Vec<u8> {
     assert!(found > 0, "the build id is in the binary");
     out
 }
+
+/// Where a program is found on `PATH`, if it is installed.
+pub fn on_path(name: &str) -> Option<std::path::PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}

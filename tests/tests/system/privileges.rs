@@ -191,7 +191,7 @@ async fn the_shipped_units_capabilities_let_the_supervisor_drop_privileges() {
     let Some(_) = test_user() else {
         return;
     };
-    let Ok(setpriv) = which("setpriv") else {
+    let Some(setpriv) = baton_tests::on_path("setpriv") else {
         panic!("setpriv is missing: apt-get install -y util-linux");
     };
     let wrapper = format!(
@@ -263,11 +263,4 @@ async fn the_shipped_units_capabilities_let_the_supervisor_drop_privileges() {
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "the stopped generation was killed"
     );
-}
-
-fn which(name: &str) -> Result<std::path::PathBuf, ()> {
-    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-        .ok_or(())
 }

@@ -20,10 +20,7 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 /// The path of a tool, or a panic that says how to install it.
 pub fn tool(name: &str, package: &str) -> PathBuf {
-    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
+    baton_tests::on_path(name).unwrap_or_else(|| {
             panic!("{name} is not installed: apt-get install -y --no-install-recommends {package} (or run .ci/system-tests)")
         })
 }
