@@ -24,14 +24,14 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tonic::codegen::tokio_stream::{self, StreamExt as _};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tower_service::Service as _;
 
-use crate::free_addr;
+use crate::listen_on_free_port;
 
 #[allow(
     clippy::all,
@@ -117,10 +117,8 @@ pub struct GrpcServer {
 
 impl GrpcServer {
     pub async fn start() -> GrpcServer {
-        let addr = free_addr();
-        let listener = TcpListener::bind(addr)
-            .await
-            .expect("the gRPC server can listen");
+        let listener = listen_on_free_port();
+        let addr = listener.local_addr().expect("a listener has an address");
         let connections = Arc::new(AtomicUsize::new(0));
         let counted = connections.clone();
         let task = tokio::spawn(async move {

@@ -54,6 +54,21 @@ pub fn free_addr() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()))
 }
 
+/// A listener on a free loopback port, for the harness's own servers: the port is bound here
+/// and kept, so nothing can take it between the choice and the bind (as it can with
+/// [`free_addr`], whose check-bind is dropped before the caller binds).
+pub fn listen_on_free_port() -> tokio::net::TcpListener {
+    loop {
+        if let Ok(listener) = TcpListener::bind((Ipv4Addr::LOCALHOST, free_port())) {
+            listener
+                .set_nonblocking(true)
+                .expect("a listener can be made non-blocking");
+            return tokio::net::TcpListener::from_std(listener)
+                .expect("a listener joins the tokio runtime");
+        }
+    }
+}
+
 /// Polls `condition` until it holds or `timeout` passes; returns whether it held.
 ///
 /// Inside a multi-threaded tokio runtime the wait gives its thread up to the runtime's other

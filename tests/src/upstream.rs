@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::free_addr;
+use crate::listen_on_free_port;
 
 /// How long `/gate/<k>` waits for the others before giving up.
 const GATE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -64,23 +64,24 @@ struct Shared {
 
 impl Origin {
     pub async fn start(name: &str) -> Origin {
-        Origin::start_at(name, free_addr()).await
+        Self::serve(name, listen_on_free_port(), false)
     }
 
     /// An origin on `addr` (to bring one back where it was, or on another loopback address).
     pub async fn start_at(name: &str, addr: SocketAddr) -> Origin {
-        Self::start_with(name, addr, false).await
+        let listener = TcpListener::bind(addr)
+            .await
+            .expect("the origin can listen");
+        Self::serve(name, listener, false)
     }
 
     /// An origin that speaks HTTP/2 with prior knowledge (h2c) only.
     pub async fn start_h2(name: &str) -> Origin {
-        Self::start_with(name, free_addr(), true).await
+        Self::serve(name, listen_on_free_port(), true)
     }
 
-    async fn start_with(name: &str, addr: SocketAddr, h2: bool) -> Origin {
-        let listener = TcpListener::bind(addr)
-            .await
-            .expect("the origin can listen");
+    fn serve(name: &str, listener: TcpListener, h2: bool) -> Origin {
+        let addr = listener.local_addr().expect("a listener has an address");
         let requests = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
         let status = Arc::new(AtomicU16::new(0));
@@ -306,10 +307,8 @@ pub struct TcpEcho {
 
 impl TcpEcho {
     pub async fn start() -> TcpEcho {
-        let addr = free_addr();
-        let listener = TcpListener::bind(addr)
-            .await
-            .expect("the echo server can listen");
+        let listener = listen_on_free_port();
+        let addr = listener.local_addr().expect("a listener has an address");
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut stream, _)) = listener.accept().await else {
