@@ -9,6 +9,7 @@
 
 pub mod binaries;
 pub mod client;
+pub mod config;
 pub mod dns;
 pub mod grpc;
 pub mod load;

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::process::Command;
 
 use baton_tests::client;
+use baton_tests::config::Edit;
 use baton_tests::free_addr;
 use baton_tests::supervisor::Supervisor;
 use baton_tests::upstream::Origin;
@@ -58,7 +59,7 @@ fn a_misspelt_field_is_answered_with_the_name_meant_by_either_checker() {
     assert_eq!(check(&good).0, Some(0), "{}", check(&good).1);
 
     // The proxy's part of the file (checked by `baton-proxy --check`)...
-    let (code, stderr) = check(&good.replace("address =", "adress ="));
+    let (code, stderr) = check(&good.edit("address =", "adress ="));
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains(
@@ -67,7 +68,7 @@ fn a_misspelt_field_is_answered_with_the_name_meant_by_either_checker() {
         "{stderr}"
     );
     // ... and the supervisor's (checked by `baton` itself) read alike.
-    let (code, stderr) = check(&good.replace("readiness_timeout", "readyness_timeout"));
+    let (code, stderr) = check(&good.edit("readiness_timeout", "readyness_timeout"));
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains(
@@ -76,7 +77,7 @@ fn a_misspelt_field_is_answered_with_the_name_meant_by_either_checker() {
         "{stderr}"
     );
     // A misspelt value of a known set.
-    let (code, stderr) = check(&good.replace("protocol = \"http\"", "protocol = \"htttp\""));
+    let (code, stderr) = check(&good.edit("protocol = \"http\"", "protocol = \"htttp\""));
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("unknown variant `htttp` (did you mean `http`?)"),
@@ -91,7 +92,7 @@ fn a_far_off_field_gets_no_suggestion() {
         ("address =", "bandwidth = 3\naddress ="),
         ("readiness_timeout", "colour = \"red\"\nreadiness_timeout"),
     ] {
-        let (code, stderr) = check(&good.replace(from, to));
+        let (code, stderr) = check(&good.edit(from, to));
         assert_eq!(code, Some(1), "{stderr}");
         assert!(stderr.contains("unknown field `"), "{stderr}");
         assert!(stderr.contains("expected one of"), "{stderr}");
@@ -136,11 +137,11 @@ async fn a_reload_to_an_endpoint_written_as_a_url_fails_and_the_old_generation_s
     let origin = Origin::start("origin").await;
     let listen = free_addr();
     let good = config(&listen.to_string(), &origin.addr.to_string())
-        .replace("[supervisor]\nreadiness_timeout = \"10s\"\n", "");
+        .without("[supervisor]\nreadiness_timeout = \"10s\"\n");
     let supervisor = Supervisor::start(&good);
     assert_eq!(client::get(listen, "/").await.status, 200);
 
-    supervisor.write_config(&good.replace(
+    supervisor.write_config(&good.edit(
         &format!("\"{}\"", origin.addr),
         &format!("\"http://{}\"", origin.addr),
     ));

@@ -1,3 +1,4 @@
+use baton_tests::config::Edit;
 use baton_tests::free_addr;
 use baton_tests::proxy::{Proxy, run_once};
 use baton_tests::tls::TestCa;
@@ -24,37 +25,37 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
     vec![
         (
             "not TOML",
-            BASE.replace("protocol = \"http\"", "protocol = \"http"),
+            BASE.edit("protocol = \"http\"", "protocol = \"http"),
             6,
             "invalid basic string",
         ),
         (
             "a misspelled field",
-            BASE.replace("address =", "adress ="),
+            BASE.edit("address =", "adress ="),
             5,
             "unknown field `adress` (did you mean `address`?), expected one of",
         ),
         (
             "a value of the wrong type",
-            BASE.replace("protocol = \"http\"", "protocol = \"http\"\nbacklog = \"many\""),
+            BASE.edit("protocol = \"http\"", "protocol = \"http\"\nbacklog = \"many\""),
             7,
             "invalid type: string \"many\", expected i64",
         ),
         (
             "an unknown protocol",
-            BASE.replace("protocol = \"http\"", "protocol = \"htp\""),
+            BASE.edit("protocol = \"http\"", "protocol = \"htp\""),
             6,
             "unknown variant `htp` (did you mean `http`?), expected `http` or `tcp`",
         ),
         (
             "an address without a valid port",
-            BASE.replace("127.0.0.1:18080", "127.0.0.1:99999"),
+            BASE.edit("127.0.0.1:18080", "127.0.0.1:99999"),
             5,
             "listener.address: `127.0.0.1:99999` is not an IP address and port",
         ),
         (
             "a route to a cluster that does not exist",
-            BASE.replace("cluster = \"origin\"", "cluster = \"orgin\""),
+            BASE.edit("cluster = \"origin\"", "cluster = \"orgin\""),
             10,
             "listener `public` route 1: cluster `orgin` is not defined (defined clusters: origin)",
         ),
@@ -72,13 +73,13 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
         ),
         (
             "a duration that is not one",
-            BASE.replace("endpoints = [", "connect_timeout = \"5 parsecs\"\nendpoints = ["),
+            BASE.edit("endpoints = [", "connect_timeout = \"5 parsecs\"\nendpoints = ["),
             14,
             "cluster.connect_timeout: `5 parsecs` is not a duration",
         ),
         (
             "a TLS certificate file that does not exist",
-            BASE.replace(
+            BASE.edit(
                 "[[listener.route]]",
                 "[[listener.tls.certificate]]\ncert = \"missing.pem\"\nkey = \"missing.key\"\n\n[[listener.route]]",
             ),
@@ -93,37 +94,37 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
         ),
         (
             "a direct response with an impossible status",
-            BASE.replace("cluster = \"origin\"\n\n", "direct_response = { status = 999 }\n\n"),
+            BASE.edit("cluster = \"origin\"\n\n", "direct_response = { status = 999 }\n\n"),
             10,
             "direct_response.status 999 is not an HTTP status from 200 to 599",
         ),
         (
             "a route with both a cluster and a direct response",
-            BASE.replace("cluster = \"origin\"\n\n", "cluster = \"origin\"\ndirect_response = { status = 200 }\n\n"),
+            BASE.edit("cluster = \"origin\"\n\n", "cluster = \"origin\"\ndirect_response = { status = 200 }\n\n"),
             8,
             "give either `cluster`, `weighted_clusters` or `direct_response`, not two of them",
         ),
         (
             "a path prefix without its slash",
-            BASE.replace("path_prefix = \"/\"", "path_prefix = \"api\""),
+            BASE.edit("path_prefix = \"/\"", "path_prefix = \"api\""),
             9,
             "path_prefix `api` must start with `/`",
         ),
         (
             "a cluster with no endpoints",
-            BASE.replace("endpoints = [\"127.0.0.1:18081\"]", "endpoints = []"),
+            BASE.edit("endpoints = [\"127.0.0.1:18081\"]", "endpoints = []"),
             14,
             "cluster `origin`: endpoints is empty",
         ),
         (
             "a duration of the wrong type (the line is quoted)",
-            BASE.replace("endpoints = [", "request_timeout = true\nendpoints = ["),
+            BASE.edit("endpoints = [", "request_timeout = true\nendpoints = ["),
             14,
             "expected a duration such as \"5s\" or \"250ms\", or a number of seconds (in `request_timeout = true`)",
         ),
         (
             "an endpoint without a port",
-            BASE.replace("127.0.0.1:18081", "127.0.0.1"),
+            BASE.edit("127.0.0.1:18081", "127.0.0.1"),
             14,
             "endpoint `127.0.0.1` has no port",
         ),
@@ -135,7 +136,7 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
         ),
         (
             "an access log in a folder that does not exist",
-            BASE.replace("protocol = \"http\"", "protocol = \"http\"\naccess_log = \"nodir/access.log\""),
+            BASE.edit("protocol = \"http\"", "protocol = \"http\"\naccess_log = \"nodir/access.log\""),
             7,
             "access_log folder",
         ),
@@ -147,31 +148,31 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
         ),
         (
             "an unknown balancer",
-            BASE.replace("endpoints = [", "lb_policy = \"fastest\"\nendpoints = ["),
+            BASE.edit("endpoints = [", "lb_policy = \"fastest\"\nendpoints = ["),
             14,
             "unknown variant `fastest`, expected one of `round_robin`, `least_request`, `random`, `ring_hash`, `maglev`",
         ),
         (
             "ring hash without a key",
-            BASE.replace("endpoints = [", "lb_policy = \"ring_hash\"\nendpoints = ["),
+            BASE.edit("endpoints = [", "lb_policy = \"ring_hash\"\nendpoints = ["),
             14,
             "cluster `origin`: lb_policy `ring_hash` needs a hash_key",
         ),
         (
             "a bad endpoint weight",
-            BASE.replace("127.0.0.1:18081", "127.0.0.1:18081 weight=0"),
+            BASE.edit("127.0.0.1:18081", "127.0.0.1:18081 weight=0"),
             14,
             "the weight must be a whole number from 1 to 10000, not `0`",
         ),
         (
             "a DNS setting on a static cluster",
-            BASE.replace("endpoints = [", "dns_refresh_rate = \"1s\"\nendpoints = ["),
+            BASE.edit("endpoints = [", "dns_refresh_rate = \"1s\"\nendpoints = ["),
             14,
             "`dns_refresh_rate` applies to `discovery = \"strict_dns\"` clusters only",
         ),
         (
             "an unknown retry condition",
-            BASE.replace(
+            BASE.edit(
                 "cluster = \"origin\"",
                 "cluster = \"origin\"\nretry = { retry_on = [\"timeout\"] }",
             ),
@@ -180,7 +181,7 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
         ),
         (
             "a header match with two rules",
-            BASE.replace(
+            BASE.edit(
                 "cluster = \"origin\"",
                 "cluster = \"origin\"\nheaders = [{ name = \"x-a\", exact = \"1\", prefix = \"2\" }]",
             ),
@@ -189,7 +190,7 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
         ),
         (
             "an outlier detection with every detector off",
-            BASE.replace(
+            BASE.edit(
                 "endpoints = [",
                 "outlier_detection = { consecutive_5xx = 0 }\nendpoints = [",
             ),
@@ -198,7 +199,7 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
         ),
         (
             "an escaped-slash action that does not exist",
-            BASE.replace(
+            BASE.edit(
                 "protocol = \"http\"",
                 "protocol = \"http\"\npath_with_escaped_slashes = \"decode\"",
             ),
@@ -213,7 +214,7 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
         ),
         (
             "a health check status range upside down",
-            BASE.replace(
+            BASE.edit(
                 "endpoints = [",
                 "health_check = { type = \"http\", expected_statuses = [\"399-200\"] }\nendpoints = [",
             ),
@@ -222,7 +223,7 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
         ),
         (
             "h2c among a route's upgrades",
-            BASE.replace(
+            BASE.edit(
                 "cluster = \"origin\"",
                 "cluster = \"origin\"\nupgrades = [\"websocket\", \"h2c\"]",
             ),
@@ -231,7 +232,7 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
         ),
         (
             "an upgrade protocol that is not a token",
-            BASE.replace(
+            BASE.edit(
                 "cluster = \"origin\"",
                 "cluster = \"origin\"\nupgrades = [\"web socket\"]",
             ),
@@ -240,7 +241,7 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
         ),
         (
             "upgrades on a direct response",
-            BASE.replace(
+            BASE.edit(
                 "cluster = \"origin\"\n\n",
                 "direct_response = { status = 200 }\nupgrade_idle_timeout = \"1h\"\n\n",
             ),
@@ -278,7 +279,7 @@ fn a_key_that_does_not_match_its_certificate_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("a.pem"), &one.cert_pem).unwrap();
     std::fs::write(dir.path().join("b.key"), &two.key_pem).unwrap();
-    let config = BASE.replace(
+    let config = BASE.edit(
         "[[listener.route]]",
         &format!(
             "[[listener.tls.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n\n[[listener.route]]",
@@ -302,7 +303,7 @@ fn a_valid_config_passes_the_check_and_a_bad_one_stops_the_start() {
     assert_eq!(output.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&output.stdout).contains("baton.toml is valid"));
 
-    let output = run_once(&BASE.replace("address =", "adress ="), false);
+    let output = run_once(&BASE.edit("address =", "adress ="), false);
     assert_eq!(
         output.status.code(),
         Some(64),
@@ -315,7 +316,7 @@ fn a_valid_config_passes_the_check_and_a_bad_one_stops_the_start() {
 fn a_taken_port_is_named_with_the_way_out() {
     let taken = std::net::TcpListener::bind(free_addr()).unwrap();
     let addr = taken.local_addr().unwrap();
-    let config = BASE.replace("127.0.0.1:18080", &addr.to_string());
+    let config = BASE.edit("127.0.0.1:18080", &addr.to_string());
     let log = match Proxy::start_with(&config, &[]) {
         Ok(_) => panic!("the proxy started on a taken port"),
         Err(log) => log,

@@ -3,6 +3,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use baton_tests::config::Edit;
 use baton_tests::supervisor::{Options, Outcome, Supervisor};
 use baton_tests::{blocking, client, free_addr};
 
@@ -146,7 +147,7 @@ async fn commands_find_the_supervisor_while_its_config_does_not_parse() {
         &supervisor.config_path,
         std::fs::read_to_string(&supervisor.config_path)
             .unwrap()
-            .replace("[[listener]\nname = \"next\"", "readyness_timeout = \"1s\""),
+            .edit("[[listener]\nname = \"next\"", "readyness_timeout = \"1s\""),
     )
     .unwrap();
     let out = baton(&["stop", "--config", &path], &[], None);
@@ -403,7 +404,7 @@ fn baton_run_exits_1_or_64_when_its_first_generation_cannot_start() {
             "Address already in use",
         ),
         (
-            config(free_addr()).replace("protocol = \"http\"", "protocol = \"http\"\nbogus = 1"),
+            config(free_addr()).edit("protocol = \"http\"", "protocol = \"http\"\nbogus = 1"),
             64,
             "unknown field `bogus`",
         ),
@@ -492,7 +493,7 @@ async fn status_and_exit_lines_count_what_clients_hold() {
 
     // A config the proxy refuses: the reason in the log once, as "reload failed".
     supervisor.write_config(
-        &config(listen).replace("protocol = \"http\"", "protocol = \"http\"\nbogus = 1"),
+        &config(listen).edit("protocol = \"http\"", "protocol = \"http\"\nbogus = 1"),
     );
     let out = supervisor.reload();
     assert_eq!(out.code, Some(1), "{}{}", out.stdout, out.stderr);

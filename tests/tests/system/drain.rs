@@ -2,6 +2,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use baton_tests::client::{self, H1, H2};
+use baton_tests::config::Edit;
 use baton_tests::free_addr;
 use baton_tests::proxy::Proxy;
 use baton_tests::upstream::{Origin, TcpEcho};
@@ -204,5 +205,5 @@ async fn sigint_stops_at_once() {
 
 /// The test config with a request timeout that lets slow requests finish.
 fn slow_ok(config: String) -> String {
-    config.replace("request_timeout = \"1s\"", "request_timeout = \"10s\"")
+    config.edit("request_timeout = \"1s\"", "request_timeout = \"10s\"")
 }

@@ -41,7 +41,14 @@ fn prepare(dir: &Path, text: &str, ca: &TestCa) -> String {
     std::fs::write(dir.join("tls/cert.pem"), &leaf.cert_pem).unwrap();
     std::fs::write(dir.join("tls/key.pem"), &leaf.key_pem).unwrap();
     std::fs::create_dir_all(dir.join("log")).unwrap();
-    text.replace("/var/log/baton", &dir.join("log").display().to_string())
+    // Every example passes through here and only some log, so the path is replaced where it
+    // is (not a checked `Edit`); none may name another folder under /var/log instead.
+    let text = text.replace("/var/log/baton", &dir.join("log").display().to_string());
+    assert!(
+        !text.contains("/var/log/"),
+        "an example logs under /var/log but not in /var/log/baton, which this test redirects:\n{text}"
+    );
+    text
 }
 
 #[test]

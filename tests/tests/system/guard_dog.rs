@@ -1,4 +1,5 @@
 use baton_tests::client::{self, H1, request};
+use baton_tests::config::Edit;
 use baton_tests::free_addr;
 use baton_tests::proxy::Proxy;
 use baton_tests::supervisor::Supervisor;
@@ -62,7 +63,7 @@ async fn a_wedged_worker_aborts_its_generation_and_the_supervisor_replaces_it() 
     let (listen, admin) = (free_addr(), free_addr());
     let config = format!(
         "instance = \"wedge\"\nepoch_header = true\n{}\n[guard_dog]\nmiss_timeout = \"300ms\"\nmega_miss_timeout = \"1s\"\nkill_timeout = \"3s\"\n",
-        http_config(listen, admin, origin.addr).replace("instance = \"test\"", "")
+        http_config(listen, admin, origin.addr).without("instance = \"test\"")
     );
     let supervisor = Supervisor::start(&config);
     assert_eq!(

@@ -1,6 +1,7 @@
 use std::time::{Duration, Instant};
 
 use baton_tests::client::{self, H1, request};
+use baton_tests::config::Edit;
 use baton_tests::free_addr;
 use baton_tests::proxy::Proxy;
 use baton_tests::upstream::{Origin, pattern};
@@ -159,7 +160,7 @@ async fn reuses_connections_on_both_sides() {
     let origin = Origin::start("origin").await;
     let (listen, admin) = (free_addr(), free_addr());
     let _proxy = Proxy::start(
-        &http_config(listen, admin, origin.addr).replace("concurrency = 2", "concurrency = 1"),
+        &http_config(listen, admin, origin.addr).edit("concurrency = 2", "concurrency = 1"),
     );
     let mut c = H1::connect(listen).await.unwrap();
     for i in 0..20 {
@@ -394,11 +395,11 @@ async fn a_connection_is_idle_from_the_end_of_its_last_answer() {
     let origin = Origin::start("origin").await;
     let (listen, admin) = (free_addr(), free_addr());
     let config = http_config(listen, admin, origin.addr)
-        .replace(
+        .edit(
             "access_log = \"access.log\"",
             "access_log = \"access.log\"\nidle_timeout = \"1s\"",
         )
-        .replace("request_timeout = \"1s\"", "request_timeout = \"5s\"");
+        .edit("request_timeout = \"1s\"", "request_timeout = \"5s\"");
     let _proxy = Proxy::start(&config);
     let mut c = H1::connect(listen).await.unwrap();
     // The answer takes longer than the idle timeout; the connection is not idle meanwhile, and
@@ -469,11 +470,11 @@ async fn connections_idle_past_a_second_still_serve_and_still_close() {
     let origin = Origin::start("origin").await;
     let (listen, admin) = (free_addr(), free_addr());
     let config = http_config(listen, admin, origin.addr)
-        .replace(
+        .edit(
             "access_log = \"access.log\"",
             "access_log = \"access.log\"\nidle_timeout = \"3s\"",
         )
-        .replace("drain_idle_grace = \"500ms\"", "drain_idle_grace = \"2s\"");
+        .edit("drain_idle_grace = \"500ms\"", "drain_idle_grace = \"2s\"");
     let mut proxy = Proxy::start(&config);
 
     // The client's own pause, longer than the second after which the state goes.

@@ -1,6 +1,7 @@
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 
 use baton_tests::client;
+use baton_tests::config::Edit;
 use baton_tests::supervisor::{Options, Supervisor};
 
 /// The unprivileged user the tests run generations as; created when missing.
@@ -202,7 +203,7 @@ async fn the_shipped_units_capabilities_let_the_supervisor_drop_privileges() {
     );
     let first = privileged_addr(720);
     let mut supervisor = Supervisor::start_with(
-        &config(&[first]).replace("[supervisor]\n", "drain_timeout = \"1s\"\n[supervisor]\n"),
+        &config(&[first]).edit("[supervisor]\n", "drain_timeout = \"1s\"\n[supervisor]\n"),
         &[("baton-in-unit", wrapper.as_bytes())],
         &Options {
             shared_dir: true,
@@ -224,8 +225,7 @@ async fn the_shipped_units_capabilities_let_the_supervisor_drop_privileges() {
 
     let second = privileged_addr(first.port() + 1);
     supervisor.write_config(
-        &config(&[first, second])
-            .replace("[supervisor]\n", "drain_timeout = \"1s\"\n[supervisor]\n"),
+        &config(&[first, second]).edit("[supervisor]\n", "drain_timeout = \"1s\"\n[supervisor]\n"),
     );
     let out = supervisor.reload();
     assert_eq!(

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use baton_tests::client::{self, H1};
+use baton_tests::config::Edit;
 use baton_tests::load::{Load, Mode};
 use baton_tests::supervisor::Supervisor;
 use baton_tests::upstream::Origin;
@@ -340,7 +341,7 @@ async fn baton_stop_under_load_cuts_no_request_and_refuses_new_clients_at_once()
             Some(("/gate", gate.addr)),
             "drain_timeout = \"20s\"",
         )
-        .replace(
+        .edit(
             "access_log = \"access.log\"",
             "access_log = \"access.log\"\nmax_connections = 4\nmax_connections_action = \"wait\"",
         ),

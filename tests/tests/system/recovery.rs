@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use baton_tests::client;
+use baton_tests::config::Edit;
 use baton_tests::supervisor::Supervisor;
 use baton_tests::upstream::{Origin, TcpEcho};
 use baton_tests::{free_addr, wait_until};
@@ -46,7 +47,7 @@ control_socket = "baton.sock"
 /// A config the supervisor's own checks pass but the proxy refuses (exit 64 before it is
 /// ready).
 fn broken(config: &str) -> String {
-    config.replace("protocol = \"http\"", "protocol = \"http\"\nbogus = 1")
+    config.edit("protocol = \"http\"", "protocol = \"http\"\nbogus = 1")
 }
 
 /// Asks until the listener answers 200; how long that took.
@@ -186,7 +187,7 @@ async fn a_hurried_generation_finishes_its_answers_and_sessions() {
         echo.addr
     );
     let text = config(listen, origin.addr, "max_draining = 1")
-        .replace("[supervisor]", &format!("{extra}\n[supervisor]"));
+        .edit("[supervisor]", &format!("{extra}\n[supervisor]"));
     let supervisor = Supervisor::start(&text);
 
     const SIZE: usize = 10 * 1024 * 1024;
@@ -318,7 +319,7 @@ async fn a_reload_checks_the_whole_file_and_refuses_what_it_cannot_apply() {
         ),
     ];
     for (from, to, message) in unappliable {
-        supervisor.write_config(&good.replace(from, to));
+        supervisor.write_config(&good.edit(from, to));
         let out = supervisor.reload();
         assert_eq!(out.code, Some(1), "{to}: {out:?}");
         assert!(out.stderr.contains(message), "{to}: {}", out.stderr);
@@ -350,7 +351,7 @@ fn a_zero_drain_timeout_and_port_zero_are_refused() {
             "drain_timeout: must be more than zero",
         ),
         (
-            base.replace(
+            base.edit(
                 &base[base.find("127.0.0.1:").unwrap()..base.find("\"\nprotocol").unwrap()],
                 "127.0.0.1:0",
             ),
@@ -574,8 +575,7 @@ async fn a_killed_supervisor_leaves_its_generation_serving_and_the_next_one_adop
     let origin = Origin::start("origin").await;
     let listen = free_addr();
     let mut supervisor = Supervisor::start(
-        &config(listen, origin.addr, "")
-            .replace("drain_timeout = \"30s\"", "drain_timeout = \"3s\""),
+        &config(listen, origin.addr, "").edit("drain_timeout = \"30s\"", "drain_timeout = \"3s\""),
     );
     let generation = supervisor.active_pid().unwrap();
     let _cleanup = KillOnDrop(generation);
@@ -715,7 +715,7 @@ async fn kill_timing_fuzz_never_leaves_the_host_without_a_proxy() {
     let origin = Origin::start("origin").await;
     let listen = free_addr();
     let good = config(listen, origin.addr, "readiness_timeout = \"5s\"")
-        .replace("drain_timeout = \"30s\"", "drain_timeout = \"1s\"");
+        .edit("drain_timeout = \"30s\"", "drain_timeout = \"1s\"");
     let supervisor = Supervisor::start(&good);
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -871,7 +871,7 @@ async fn a_listener_a_reload_removes_closes_while_the_old_generation_drains() {
         "{l4}\n[[listener]]\nname = \"extra\"\naddress = \"{extra}\"\nprotocol = \"http\"\n[[listener.route]]\ndirect_response = {{ status = 200 }}\n"
     );
     let text = |more: &str| {
-        config(listen, origin.addr, "").replace("[supervisor]", &format!("{more}\n[supervisor]"))
+        config(listen, origin.addr, "").edit("[supervisor]", &format!("{more}\n[supervisor]"))
     };
     let supervisor = Supervisor::start(&text(&with_extra));
     assert_eq!(client::get(extra, "/").await.status, 200);

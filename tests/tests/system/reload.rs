@@ -2,6 +2,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use baton_tests::client::{self, H1};
+use baton_tests::config::Edit;
 use baton_tests::load::{Load, Mode};
 use baton_tests::supervisor::{Options, Supervisor};
 use baton_tests::upstream::{Origin, TcpEcho};
@@ -105,7 +106,7 @@ async fn requests_and_tcp_sessions_in_flight_survive_a_reload() {
     let extra = format!(
         "{}\n[[listener]]\nname = \"l4\"\naddress = \"{l4}\"\nprotocol = \"tcp\"\ncluster = \"echo\"\n\n[[cluster]]\nname = \"echo\"\nendpoints = [\"{}\"]\n",
         config(listen, admin, origin.addr, "")
-            .replace("drain_timeout = \"2s\"", "drain_timeout = \"10s\""),
+            .edit("drain_timeout = \"2s\"", "drain_timeout = \"10s\""),
         echo.addr
     );
     let supervisor = Supervisor::start(&extra);
@@ -149,7 +150,7 @@ async fn a_reload_to_a_broken_config_fails_and_changes_nothing() {
     let load = Load::start(listen, "/x", Mode::KeepAlive, 2, LOAD_LIMIT);
     answered(&load, 20).await;
 
-    supervisor.write_config(&good.replace("address = \"127.0.0.1", "adress = \"127.0.0.1"));
+    supervisor.write_config(&good.edit_all("address = \"127.0.0.1", "adress = \"127.0.0.1"));
     let out = supervisor.reload();
     assert_eq!(out.code, Some(1), "{}{}", out.stdout, out.stderr);
     assert!(
@@ -324,7 +325,7 @@ async fn a_generation_that_hangs_or_dies_while_starting_does_not_block_reloads()
     // generation started with it hangs in its start-up.
     let fifo = dir.path().join("hang.pem");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-    let hanging = good.replace(
+    let hanging = good.edit(
         "[[listener.route]]",
         &format!(
             "[[listener.tls.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n\n[[listener.route]]",

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 
 use baton_tests::client::{H2, Reply};
+use baton_tests::config::Edit;
 use baton_tests::free_addr;
 use baton_tests::proxy::Proxy;
 use baton_tests::upstream::Origin;
@@ -354,8 +355,8 @@ async fn a_malformed_request_body_is_the_clients_fault() {
     let origin = Origin::start("origin").await;
     let (listen, admin) = (free_addr(), free_addr());
     let config = crate::http_config(listen, admin, origin.addr)
-        .replace("concurrency = 2", "concurrency = 1")
-        .replace(
+        .edit("concurrency = 2", "concurrency = 1")
+        .edit(
             "request_timeout = \"1s\"",
             "request_timeout = \"5s\"\noutlier_detection = { consecutive_gateway_failure = 1, consecutive_5xx = 1 }",
         );

@@ -2,6 +2,7 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use baton_tests::config::Edit;
 use baton_tests::load::{Load, Mode};
 use baton_tests::supervisor::{Options, Supervisor};
 use baton_tests::upstream::Origin;
@@ -137,7 +138,7 @@ async fn sd_notify_tells_systemd_about_start_reloads_stop_and_health() {
     assert!(ready.contains("STATUS=generation 0 active"), "{ready}");
 
     assert_eq!(supervisor.reload().code, Some(0));
-    supervisor.write_config(&good.replace("address = \"127", "adress = \"127"));
+    supervisor.write_config(&good.edit("address = \"127", "adress = \"127"));
     assert_eq!(supervisor.reload().code, Some(1));
     assert!(
         wait_until(WAIT, || notify.lifecycle().len() >= 5),
@@ -162,7 +163,7 @@ async fn sd_notify_tells_systemd_about_start_reloads_stop_and_health() {
     // A failure whose text holds line breaks (a config value quoted in the error) cannot add
     // fields to the message: the supervisor may be root, the text comes from a config file and
     // an unprivileged generation.
-    supervisor.write_config(&good.replace(
+    supervisor.write_config(&good.edit(
         &format!("address = \"{listen}\""),
         "address = \"x\\nMAINPID=1\\nSTOPPING=1\"",
     ));
@@ -266,7 +267,7 @@ async fn the_supervisor_upgrades_itself_under_load_without_losing_a_request() {
     // supervisor upgrades: it must be handed over too.
     let with_proxy = format!(
         "{}\n[supervisor]\ncontrol_socket = \"baton.sock\"\nproxy_binary = \"{}\"\n",
-        config(listen, origin.addr).replace(
+        config(listen, origin.addr).edit(
             "drain_timeout = \"2s\"",
             "drain_timeout = \"20s\"\ndrain_idle_grace = \"30s\""
         ),

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use baton_tests::client::{H1, request};
+use baton_tests::config::Edit;
 use baton_tests::proxy::Proxy;
 use baton_tests::supervisor::Supervisor;
 use baton_tests::tls::{self, TestCa};
@@ -419,7 +420,7 @@ async fn a_draining_generation_keeps_a_tunnel_until_the_drain_deadline() {
     let origin = Origin::start("origin").await;
     let (listen, admin) = (free_addr(), free_addr());
     let config = config(listen, admin, echo.addr, origin.addr, "")
-        .replace("drain_timeout = \"30s\"", "drain_timeout = \"2s\"");
+        .edit("drain_timeout = \"30s\"", "drain_timeout = \"2s\"");
     let mut proxy = Proxy::start(&config);
     let (mut ws, _) = websocket::connect(listen, "/late").await;
     let text = Message::text("before the drain");

@@ -6,6 +6,7 @@
 use std::process::Command;
 
 use baton_tests::client;
+use baton_tests::config::Edit;
 use baton_tests::supervisor::Supervisor;
 use baton_tests::{free_addr, wait_until};
 
@@ -63,7 +64,7 @@ direct_response = {{ status = 200, body = "ok\n" }}
     std::fs::write(
         &conf,
         shipped("examples/logrotate.d/baton", &supervisor.config_path)
-            .replace("/var/log/baton", &logs.display().to_string()),
+            .edit("/var/log/baton", &logs.display().to_string()),
     )
     .unwrap();
     let lines = |file: &str| std::fs::read_to_string(logs.join(file)).unwrap_or_default();
@@ -113,9 +114,9 @@ async fn the_socket_activation_example_serves_on_the_socket_systemd_passes() {
         format!(
             "{}\n[stats]\npath = \"stats.shm\"\n\n[supervisor]\ncontrol_socket = \"baton.sock\"\n",
             example
-                .replace("127.0.0.1:3000", &origin.addr.to_string())
-                .replace("127.0.0.1:9901", &admin.to_string())
-                .replace(
+                .edit("127.0.0.1:3000", &origin.addr.to_string())
+                .edit("127.0.0.1:9901", &admin.to_string())
+                .edit_all(
                     "/var/log/baton",
                     &dir.path().join("log").display().to_string()
                 )

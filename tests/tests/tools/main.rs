@@ -31,7 +31,9 @@ pub fn repo(path: &str) -> PathBuf {
 }
 
 /// A shipped file with `/usr/local/bin/baton...` pointing at the binaries under test and
-/// `/etc/baton/baton.toml` at `config`.
+/// `/etc/baton/baton.toml` at `config`, wherever the file names them. Not a checked
+/// [`baton_tests::config::Edit`]: this rewrites every shipped file, and some name neither path
+/// (`baton.socket`) or only the config (runit's `finish`).
 pub fn shipped(path: &str, config: &Path) -> String {
     let bin = baton_tests::binaries::supervisor()
         .parent()
