@@ -1,6 +1,6 @@
 //! The shape of the source, as ARCHITECTURE.md states it: within each crate, modules import
 //! downward only (no cycle of `crate::…` / `super::…` edges), and no source file outside the
-//! tests is over 700 lines.
+//! tests is over 700 lines. And of the tests: a test is ignored only because it needs root.
 //!
 //! A module here is a file. An edge is a path in non-test code that starts with `crate::`,
 //! `super::` or `self::` and names another file's module (a path that ends in an item names the
@@ -383,6 +383,38 @@ fn no_source_file_outside_the_tests_is_over_700_lines() {
         long.is_empty(),
         "files over {MAX_LINES} lines (split them along their ideas):\n{}",
         long.join("\n")
+    );
+}
+
+/// A test is ignored only because it needs root, and says so: `.ci/system-tests` runs the
+/// ignored tests as root (`-- --ignored`), so one ignored for another reason would run there
+/// unasked, and one that needs root but returns early without it would pass without running.
+#[test]
+fn every_ignored_test_is_ignored_because_it_needs_root() {
+    let mut files = Vec::new();
+    rust_files(&root().join("tests/tests"), &mut files);
+    for krate in CRATES {
+        rust_files(&root().join(krate).join("src"), &mut files);
+    }
+    let mut wrong = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim_start();
+            if line.starts_with("#[ignore") && !line.starts_with("#[ignore = \"needs root: ") {
+                let name = file
+                    .strip_prefix(root())
+                    .unwrap_or(&file)
+                    .display()
+                    .to_string();
+                wrong.push(format!("{name}:{}: {line}", n + 1));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "tests ignored for another reason than `needs root: ...` (run them, or give them a feature or a test binary of their own):\n{}",
+        wrong.join("\n")
     );
 }
 

@@ -7,15 +7,14 @@ use baton_tests::supervisor::{Options, Supervisor};
 /// The unprivileged user the tests run generations as; created when missing.
 const USER: &str = "baton-test";
 
-/// The user's uid and gid, creating the user if it does not exist. `None` (with the reason
-/// printed) when the test cannot run here.
-pub fn test_user() -> Option<(u32, u32)> {
-    if !nix::unistd::geteuid().is_root() {
-        println!(
-            "skipped: running generations as another user needs root, and this runs as a normal user"
-        );
-        return None;
-    }
+/// The user's uid and gid, creating the user if it does not exist. Fails the test, saying why,
+/// when it cannot run here: a test that needs root must never pass without having run.
+pub fn test_user() -> (u32, u32) {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (it runs processes as another user) and runs as uid {}: run it as root, or leave out --ignored",
+        nix::unistd::geteuid()
+    );
     if nix::unistd::User::from_name(USER).ok().flatten().is_none() {
         let made = std::process::Command::new("useradd")
             .args([
@@ -27,15 +26,17 @@ pub fn test_user() -> Option<(u32, u32)> {
             ])
             .status();
         // Another test binary may have made it meanwhile.
-        if !matches!(made, Ok(s) if s.success())
-            && nix::unistd::User::from_name(USER).ok().flatten().is_none()
-        {
-            println!("skipped: cannot create user {USER} with useradd ({made:?})");
-            return None;
-        }
+        assert!(
+            matches!(made, Ok(s) if s.success())
+                || nix::unistd::User::from_name(USER).ok().flatten().is_some(),
+            "cannot create the test user {USER} with useradd: {made:?}"
+        );
     }
-    let user = nix::unistd::User::from_name(USER).ok().flatten()?;
-    Some((user.uid.as_raw(), user.gid.as_raw()))
+    let user = nix::unistd::User::from_name(USER)
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("the test user {USER} exists"));
+    (user.uid.as_raw(), user.gid.as_raw())
 }
 
 /// A free port below 1024 on 127.0.0.1: only root may bind it.
@@ -73,10 +74,9 @@ fn credentials(pid: u32) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: runs generations as another user, on ports below 1024"]
 async fn generations_run_as_the_configured_user_on_ports_only_root_may_bind() {
-    let Some((uid, gid)) = test_user() else {
-        return;
-    };
+    let (uid, gid) = test_user();
     let first = privileged_addr(700);
     let supervisor = Supervisor::start_with(
         &config(&[first]),
@@ -188,10 +188,9 @@ fn unit_capabilities() -> Vec<String> {
 /// end of its drain, and the stop completes. The bounding set is applied with `setpriv`, as
 /// systemd would, without systemd as PID 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: starts the supervisor as root, as the shipped unit does"]
 async fn the_shipped_units_capabilities_let_the_supervisor_drop_privileges() {
-    let Some(_) = test_user() else {
-        return;
-    };
+    test_user();
     let Some(setpriv) = baton_tests::on_path("setpriv") else {
         panic!("setpriv is missing: apt-get install -y util-linux");
     };
