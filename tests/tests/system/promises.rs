@@ -290,9 +290,14 @@ async fn baton_stop_waits_for_the_drain_and_the_exit() {
             .output()
             .expect("baton can be run")
     });
-    assert!(supervisor.wait_for_log("draining epoch=0", WAIT));
-    let status = supervisor.status();
-    assert_eq!(status["generations"][0]["state"], "draining", "{status}");
+    assert!(
+        wait_until(WAIT, || matches!(
+            supervisor.generations().as_slice(),
+            [(0, _, state)] if state == "draining"
+        )),
+        "generation 0 drains: {}",
+        supervisor.status()
+    );
     assert!(
         !stop.is_finished(),
         "baton stop returned while a request was still in flight"
