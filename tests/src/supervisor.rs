@@ -133,14 +133,13 @@ impl Supervisor {
     }
 
     /// Starts `baton run` again on the same config and folder, once the previous supervisor
-    /// process has gone (killed by the test), and waits until a generation is active: one it
-    /// adopted, or one it started. Its log goes on in the same file.
+    /// process has gone (killed by the test), and waits until `baton status` names an active
+    /// generation: one it adopted, or one it started. Its log goes on in the same file.
     pub fn respawn(&mut self) {
         assert!(
             self.wait_exit(START_TIMEOUT).is_some(),
             "the previous supervisor is still running"
         );
-        let before = self.log().len();
         let log = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.log)
@@ -156,10 +155,8 @@ impl Supervisor {
             .spawn()
             .expect("baton can be started");
         let up = wait_until(START_TIMEOUT, || {
-            let log = self.log();
-            let new = log.get(before..).unwrap_or_default();
-            new.contains(" active epoch=")
-                || new.contains("adopted the active generation")
+            self.try_status()
+                .is_some_and(|status| !status["active_epoch"].is_null())
                 || self.exited()
         });
         assert!(
@@ -238,6 +235,15 @@ impl Supervisor {
         let out = self.command("status", &["--json"]);
         assert_eq!(out.code, Some(0), "baton status failed: {}", out.stderr);
         serde_json::from_str(&out.stdout).expect("status is JSON")
+    }
+
+    /// `baton status --json`, or `None` while no supervisor answers on the socket.
+    pub fn try_status(&self) -> Option<serde_json::Value> {
+        let out = self.command("status", &["--json"]);
+        if out.code != Some(0) {
+            return None;
+        }
+        serde_json::from_str(&out.stdout).ok()
     }
 
     /// `(epoch, pid, state)` of every generation.
