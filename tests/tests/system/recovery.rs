@@ -548,8 +548,16 @@ async fn a_new_supervisor_that_fails_to_take_over_gives_the_old_one_back() {
         "the old build again"
     );
     assert_eq!(after["supervisor_pid"], supervisor.pid());
+    assert_eq!(after["supervisor_upgrades"], 0, "not upgraded: {after}");
+    assert!(
+        after["last_upgrade"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("failed: ")),
+        "status tells the upgrade failed: {after}"
+    );
     assert_eq!(supervisor.generations(), generations);
     assert_eq!(client::get(listen, "/x").await.status, 200);
+    // And the log says so, for whoever reads it rather than asks.
     assert!(supervisor.log().contains("this binary took over again"));
     // And it still reloads.
     assert_eq!(supervisor.reload().code, Some(0));
