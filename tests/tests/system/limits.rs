@@ -80,8 +80,10 @@ async fn a_slowloris_client_is_cut_off_at_the_header_timeout_while_others_are_se
 
     // Starts a request, then sends one more header byte every 100 ms and never ends it.
     let slowloris = tokio::spawn(async move {
-        let mut stream = TcpStream::connect(listen).await.unwrap();
+        // The clock starts before the connect: the proxy's starts when it accepts, which can
+        // be before `connect` returns here.
         let started = Instant::now();
+        let mut stream = TcpStream::connect(listen).await.unwrap();
         stream
             .write_all(b"GET / HTTP/1.1\r\nhost: slow.test\r\nx-slow: ")
             .await
@@ -108,8 +110,8 @@ async fn a_slowloris_client_is_cut_off_at_the_header_timeout_while_others_are_se
     });
     // Connects and sends nothing.
     let silent = tokio::spawn(async move {
-        let mut stream = TcpStream::connect(listen).await.unwrap();
         let started = Instant::now();
+        let mut stream = TcpStream::connect(listen).await.unwrap();
         let answer = read_to_close(&mut stream).await;
         (started.elapsed(), answer)
     });
