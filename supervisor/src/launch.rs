@@ -1,5 +1,7 @@
 //! What a generation is started from: the config file's bytes and the proxy binary, taken from
-//! disk when a reload (or the first start) spawns it, and kept as they were.
+//! disk when a reload (or the first start) spawns it, and kept as they were. The binary is
+//! looked for again at every launch from disk ([`proxy_binary`]), so that a replaced one is
+//! picked up; `spawn.rs` runs what a launch holds.
 //!
 //! The launch of the active generation is the *last good* one: a generation that crashes is
 //! replaced from it, not from the disk, so that a config or binary broken on disk since (and
@@ -11,13 +13,13 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 
 use crate::config::{self, SupervisorConfig};
-use crate::spawn;
 
 /// A generation's binary and config, fixed when it was spawned.
 #[derive(Debug)]
@@ -48,7 +50,7 @@ impl Launch {
         if let Some(running) = running {
             config::reloadable(running, &config)?;
         }
-        let binary_path = spawn::proxy_binary(config.proxy_binary.as_deref())
+        let binary_path = proxy_binary(config.proxy_binary.as_deref())
             .map_err(|e| format!("{}: {e}", path.display()))?;
         let binary = File::open(&binary_path)
             .map_err(|e| format!("cannot open {}: {e}", binary_path.display()))?;
@@ -86,6 +88,31 @@ impl Launch {
             binary_path,
             script,
         })
+    }
+}
+
+/// Where `baton-proxy` is: the configured path, else beside the running `baton`.
+pub fn proxy_binary(configured: Option<&Path>) -> Result<PathBuf, String> {
+    let (candidate, how) = match configured {
+        Some(path) => (path.to_owned(), "supervisor.proxy_binary in the config"),
+        None => {
+            let exe = std::env::current_exe().map_err(|e| {
+                format!("cannot tell where baton itself is ({e}); set supervisor.proxy_binary")
+            })?;
+            let dir = exe.parent().unwrap_or(Path::new("/"));
+            (dir.join("baton-proxy"), "beside baton")
+        }
+    };
+    match std::fs::metadata(&candidate) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(candidate),
+        Ok(_) => Err(format!(
+            "{} ({how}) is not an executable file; fix its permissions or set supervisor.proxy_binary",
+            candidate.display()
+        )),
+        Err(e) => Err(format!(
+            "baton-proxy not found: looked for {} ({how}): {e}; install baton-proxy there or set supervisor.proxy_binary",
+            candidate.display()
+        )),
     }
 }
 

@@ -393,7 +393,7 @@ fn check(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let binary = match spawn::proxy_binary(config.proxy_binary.as_deref()) {
+    let binary = match launch::proxy_binary(config.proxy_binary.as_deref()) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("baton: {e}");

@@ -1,9 +1,8 @@
-//! Starting a generation: find `baton-proxy` on disk (again at every reload, so that a replaced
-//! binary is picked up; see `launch.rs`) and run it with its end of the control channel as fd 3
-//! and its config's bytes as fd 4.
+//! Starting a generation: run the binary of its [`Launch`] (found on disk again at every reload,
+//! so that a replaced binary is picked up; see `launch.rs`) with its end of the control channel
+//! as fd 3 and its config's bytes as fd 4.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,31 +18,6 @@ const CHILD_CONTROL_FD: i32 = 3;
 const CHILD_CONFIG_FD: i32 = 4;
 /// Descriptors a spawn moves around are first copied to this number or above.
 const HIGH_FD: i32 = 10;
-
-/// Where `baton-proxy` is: the configured path, else beside the running `baton`.
-pub fn proxy_binary(configured: Option<&Path>) -> Result<PathBuf, String> {
-    let (candidate, how) = match configured {
-        Some(path) => (path.to_owned(), "supervisor.proxy_binary in the config"),
-        None => {
-            let exe = std::env::current_exe().map_err(|e| {
-                format!("cannot tell where baton itself is ({e}); set supervisor.proxy_binary")
-            })?;
-            let dir = exe.parent().unwrap_or(Path::new("/"));
-            (dir.join("baton-proxy"), "beside baton")
-        }
-    };
-    match std::fs::metadata(&candidate) {
-        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(candidate),
-        Ok(_) => Err(format!(
-            "{} ({how}) is not an executable file; fix its permissions or set supervisor.proxy_binary",
-            candidate.display()
-        )),
-        Err(e) => Err(format!(
-            "baton-proxy not found: looked for {} ({how}): {e}; install baton-proxy there or set supervisor.proxy_binary",
-            candidate.display()
-        )),
-    }
-}
 
 /// Starts the launch's binary as `--config CONFIG --epoch EPOCH`, with the other end of a fresh
 /// channel as fd 3 and the launch's config bytes as fd 4, as `run_as` when given (std drops the
