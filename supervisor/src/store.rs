@@ -47,13 +47,9 @@ impl SocketStore {
         self.sockets.clear();
     }
 
-    /// Every socket's key and fd number (for handing them over to a new supervisor).
-    pub fn fds(&self) -> Vec<(SocketKey, std::os::fd::RawFd)> {
-        use std::os::fd::AsRawFd;
-        self.sockets
-            .iter()
-            .map(|(k, fd)| (*k, fd.as_raw_fd()))
-            .collect()
+    /// Every socket with its key (for handing them over to a new supervisor).
+    pub fn fds(&self) -> impl Iterator<Item = (SocketKey, BorrowedFd<'_>)> {
+        self.sockets.iter().map(|(k, fd)| (*k, fd.as_fd()))
     }
 
     /// Every key held.

@@ -289,17 +289,28 @@ pub fn nonce() -> u64 {
     hasher.finish()
 }
 
+/// The descriptors a state names, borrowed from their owners for as long as the state is being
+/// handed over. Every number written into an [`Inherited`] is taken through [`HandedFds::hand`],
+/// so that the numbers and the descriptors made to survive the exec are the same.
+#[derive(Default)]
+pub struct HandedFds<'a>(Vec<BorrowedFd<'a>>);
+
+impl<'a> HandedFds<'a> {
+    /// Adds `fd` to what is handed over; its number, for the state.
+    pub fn hand(&mut self, fd: BorrowedFd<'a>) -> RawFd {
+        self.0.push(fd);
+        fd.as_raw_fd()
+    }
+}
+
 /// Makes `fd` survive (or not survive) `execve`.
-#[allow(unsafe_code)] // A borrowed fd for one fcntl call.
-fn set_inheritable(fd: RawFd, inheritable: bool) -> std::io::Result<()> {
-    // SAFETY: a borrowed fd for one fcntl call; the caller holds the fd open.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+fn set_inheritable(fd: BorrowedFd<'_>, inheritable: bool) -> std::io::Result<()> {
     let flags = if inheritable {
         FdFlag::empty()
     } else {
         FdFlag::FD_CLOEXEC
     };
-    fcntl(borrowed, FcntlArg::F_SETFD(flags))
+    fcntl(fd, FcntlArg::F_SETFD(flags))
         .map(|_| ())
         .map_err(std::io::Error::from)
 }
@@ -315,13 +326,16 @@ pub fn to_json(state: &Inherited) -> Result<Vec<u8>, String> {
     serde_json::to_vec(state).map_err(|e| format!("cannot write the state: {e}"))
 }
 
-/// Executes `binary` with `args`, handing over `state`, the fds it names and `previous` (this
-/// program's binary). Returns only if the exec failed; every fd is then close-on-exec again, as
-/// before.
-pub fn exec(binary: &Path, args: &[String], state: &Inherited, previous: Option<RawFd>) -> String {
-    let mut fds = state.fds();
-    fds.extend(previous);
-
+/// Executes `binary` with `args`, handing over `state`, the fds it names (`fds`, whence its
+/// numbers came) and `previous` (this program's binary). Returns only if the exec failed; every
+/// fd is then close-on-exec again, as before.
+pub fn exec(
+    binary: &Path,
+    args: &[String],
+    state: &Inherited,
+    fds: &HandedFds<'_>,
+    previous: Option<BorrowedFd<'_>>,
+) -> String {
     let memfd = match nix::sys::memfd::memfd_create(
         c"baton-upgrade",
         nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
@@ -337,10 +351,11 @@ pub fn exec(binary: &Path, args: &[String], state: &Inherited, previous: Option<
     }) {
         return e;
     }
-    let memfd = file.as_raw_fd();
-    fds.push(memfd);
+    let mut fds = fds.0.clone();
+    fds.extend(previous);
+    fds.push(file.as_fd());
 
-    let restore = |fds: &[RawFd]| {
+    let restore = |fds: &[BorrowedFd<'_>]| {
         for fd in fds {
             let _ = set_inheritable(*fd, false);
         }
@@ -348,16 +363,15 @@ pub fn exec(binary: &Path, args: &[String], state: &Inherited, previous: Option<
     for fd in &fds {
         if let Err(e) = set_inheritable(*fd, true) {
             restore(&fds);
-            return format!("cannot hand fd {fd} over: {e}");
+            return format!("cannot hand fd {} over: {e}", fd.as_raw_fd());
         }
     }
-    let mut extra = vec![(UPGRADE_FD_ENV, memfd.to_string())];
+    let mut extra = vec![(UPGRADE_FD_ENV, file.as_raw_fd().to_string())];
     if let Some(previous) = previous {
-        extra.push((PREVIOUS_FD_ENV, previous.to_string()));
+        extra.push((PREVIOUS_FD_ENV, previous.as_raw_fd().to_string()));
     }
     let error = execve(binary, args, &extra);
     restore(&fds);
-    drop(file);
     error
 }
 
@@ -558,9 +572,4 @@ pub fn trial(config_path: &Path) -> Result<String, String> {
 /// Where the running binary was started from (for `execve` after it was replaced on disk).
 pub fn binary_path() -> PathBuf {
     std::env::current_exe().unwrap_or_else(|_| PathBuf::from("baton"))
-}
-
-/// A handle's raw number, for the state.
-pub fn raw(fd: &impl AsFd) -> RawFd {
-    fd.as_fd().as_raw_fd()
 }

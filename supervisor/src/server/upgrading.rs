@@ -3,7 +3,7 @@
 //! [`Upgrading`]), the state handed over, and the exec. The state's format, the exec itself and
 //! the new program's side are in `upgrade.rs`.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::time::Instant;
 
 use tracing::{error, info, warn};
@@ -110,7 +110,7 @@ impl Supervisor {
                 };
                 match answer {
                     Ok(()) => {
-                        let state = self.handover_state(nonce);
+                        let (state, _) = self.handover_state(nonce);
                         let mut command = std::process::Command::new(&exe);
                         command
                             .args(self.args.iter().skip(1))
@@ -166,13 +166,18 @@ impl Supervisor {
         self.respond_all(waiters, false, &format!("not upgraded: {reason}"));
     }
 
-    /// What a new program takes over.
-    fn handover_state(&self, nonce: u64) -> upgrade::Inherited {
-        upgrade::Inherited {
+    /// What a new program takes over, and the descriptors the state names.
+    fn handover_state(&self, nonce: u64) -> (upgrade::Inherited, upgrade::HandedFds<'_>) {
+        let mut fds = upgrade::HandedFds::default();
+        let state = upgrade::Inherited {
             version: upgrade::STATE_VERSION,
-            control_fd: self.control.as_raw_fd(),
-            region_fd: self.region.file().as_raw_fd(),
-            sockets: self.store.fds(),
+            control_fd: fds.hand(self.control.as_fd()),
+            region_fd: fds.hand(self.region.file().as_fd()),
+            sockets: self
+                .store
+                .fds()
+                .map(|(key, fd)| (key, fds.hand(fd)))
+                .collect(),
             names: self.names.iter().map(|(n, k)| (n.clone(), *k)).collect(),
             activated: self.activated.iter().copied().collect(),
             generations: self
@@ -184,7 +189,7 @@ impl Supervisor {
                         epoch: g.epoch,
                         pid: io.pid,
                         state: g.state.name().to_owned(),
-                        channel_fd: io.channel.as_ref()?.as_raw_fd(),
+                        channel_fd: fds.hand(io.channel.as_ref()?.as_fd()),
                         started_unix_ms: now_ms(io.started),
                         build: io.build.clone(),
                         sockets: io.sockets.clone(),
@@ -204,14 +209,15 @@ impl Supervisor {
             drained: self.lifecycle.drained(),
             last_good: self.last_good.as_ref().map(|l| upgrade::InheritedLaunch {
                 config_source: l.source.clone(),
-                binary_fd: upgrade::raw(&l.binary),
+                binary_fd: fds.hand(l.binary.as_fd()),
                 binary_path: l.binary_path.clone(),
             }),
             upgrades: self.upgrades,
             last_upgrade: self.last_upgrade.clone(),
             nonce,
-            rendezvous_fd: self.rendezvous.as_ref().map(upgrade::raw),
-        }
+            rendezvous_fd: self.rendezvous.as_ref().map(|r| fds.hand(r.as_fd())),
+        };
+        (state, fds)
     }
 
     /// The new binary passed its checks: execute it in this process's place.
@@ -231,7 +237,6 @@ impl Supervisor {
                 None
             }
         };
-        let state = self.handover_state(upgrading.nonce);
         info!(binary = %self.exe.display(), "upgrading the supervisor: executing the binary on disk in place");
         // Answered first: the connections do not survive the exec.
         let message = format!("upgrading: executing {} in place", self.exe.display());
@@ -241,11 +246,13 @@ impl Supervisor {
         if let Err(e) = self.region.retire_epoch(SUPERVISOR_SHARD_EPOCH) {
             warn!("cannot retire the supervisor's stats: {e}");
         }
+        let (state, fds) = self.handover_state(upgrading.nonce);
         let error = upgrade::exec(
             &self.exe,
             &self.args,
             &state,
-            previous.as_ref().map(upgrade::raw),
+            &fds,
+            previous.as_ref().map(|f| f.as_fd()),
         );
         // Still here: the exec failed and nothing was handed over.
         match register_stats(&self.region) {
