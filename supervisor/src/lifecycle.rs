@@ -11,198 +11,35 @@
 //!
 //! The event loop (`server/`) turns signals, control requests, channel messages and child
 //! exits into [`Event`]s, and carries out the [`Action`]s; everything that decides is here and
-//! is tested without processes.
+//! is tested without processes. The machine is this file; its children hold what it works
+//! with (`event`, `generation`, `reload`, `backoff`, `reason`).
 
-use std::collections::BTreeMap;
+mod backoff;
+mod event;
+mod generation;
+mod reason;
+mod reload;
+
 use std::time::{Duration, Instant};
 
 use restart_protocol::DrainStrategy;
 
-/// Where a generation is in its life. Logs, `baton status` and tests use these names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
-    /// Spawned; fetching sockets and initialising. The Active generation (if any) serves alone.
-    Starting,
-    /// Ready and serving: the generation new connections go to.
-    Active,
-    /// Told to drain: no longer accepting, finishing its connections.
-    Draining,
-}
-
-impl State {
-    pub fn name(self) -> &'static str {
-        match self {
-            State::Starting => "starting",
-            State::Active => "active",
-            State::Draining => "draining",
-        }
-    }
-}
-
-/// Who waits for the outcome of a reload (a `baton reload` client).
-pub type Waiter = u64;
-
-/// The lifecycle settings, from the config.
-#[derive(Debug, Clone, Copy)]
-pub struct Settings {
-    pub readiness_timeout: Duration,
-    pub drain_timeout: Duration,
-    pub strategy: DrainStrategy,
-    /// Draining generations allowed at once; past it the oldest is hurried.
-    pub max_draining: usize,
-    /// How long a generation may take to exit after a Stop, or past its drain timeout, before
-    /// it is killed.
-    pub kill_grace: Duration,
-}
-
-/// What a generation is started from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// The binary and config on disk (a reload, or the first start).
-    Disk,
-    /// The binary and config the last active generation started from: a replacement for a
-    /// crashed generation, which must not depend on what has changed on disk since.
-    LastGood,
-}
-
-/// One generation as the lifecycle sees it.
-#[derive(Debug, Clone)]
-pub struct Generation {
-    pub epoch: u64,
-    pub state: State,
-    /// Readiness deadline (Starting) or kill deadline (Draining, or after a Stop).
-    pub deadline: Option<Instant>,
-    /// When it became Draining, to pick the oldest.
-    pub draining_since: Option<Instant>,
-    /// A failure it reported, to tell the reload's requester.
-    pub failure: Option<String>,
-    /// Stopped or killed on purpose: its exit is no crash.
-    pub stopping: bool,
-    /// Started to replace a crashed active generation (not by a reload).
-    pub recovery: bool,
-    /// When it became Active.
-    pub active_since: Option<Instant>,
-}
-
-/// What the outside world tells the lifecycle.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    /// SIGHUP (no waiter) or `baton reload` (its client waits).
-    Reload {
-        waiter: Option<Waiter>,
-    },
-    /// The process of `epoch` could not be started at all.
-    SpawnFailed {
-        epoch: u64,
-        error: String,
-    },
-    Ready {
-        epoch: u64,
-    },
-    /// A draining generation no longer accepts.
-    StoppedAccepting {
-        epoch: u64,
-    },
-    /// The generation reported why it cannot start.
-    Failed {
-        epoch: u64,
-        reason: String,
-    },
-    /// The process exited; `status` is how, for logs and replies.
-    Exited {
-        epoch: u64,
-        status: String,
-    },
-    /// SIGTERM (graceful) or SIGINT.
-    Stop {
-        graceful: bool,
-    },
-    /// SIGWINCH, `baton drain` (its client waits) or the Active generation's
-    /// `/drain_listeners`: drain without a successor, until the next reload.
-    Drain {
-        waiter: Option<Waiter>,
-    },
-    /// Time passed: deadlines may have come.
-    Tick,
-}
-
-/// What the lifecycle asks the outside world to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    /// Start generation `epoch`.
-    Spawn { epoch: u64, from: Source },
-    Drain {
-        epoch: u64,
-        timeout: Duration,
-        strategy: DrainStrategy,
-    },
-    /// Tell it to close everything now.
-    Stop { epoch: u64 },
-    /// SIGKILL.
-    Kill { epoch: u64 },
-    /// `epoch` is now the Active generation: close the stored sockets it does not use.
-    Activated { epoch: u64, replaced: Option<u64> },
-    /// A reload ended: tell whoever waits.
-    Reply {
-        waiters: Vec<Waiter>,
-        result: Result<u64, String>,
-    },
-    /// A drain took effect (the generation it drained, if one was active) or was refused.
-    DrainReply {
-        waiters: Vec<Waiter>,
-        result: Result<Option<u64>, String>,
-    },
-    /// Fold the stats of `epoch` into the retired row (it has exited).
-    Retire { epoch: u64 },
-    /// Exit the supervisor with this status.
-    Exit { code: u8 },
-}
-
-#[derive(Debug, Default)]
-struct Reload {
-    /// The generation being started by the reload in progress.
-    epoch: Option<u64>,
-    waiters: Vec<Waiter>,
-    /// Requests that came while one was in progress: one more reload, after it.
-    queued: Option<Vec<Waiter>>,
-    /// The new generation is active; the reload ends once the one it replaced no longer
-    /// accepts (or has gone, or the deadline passed), so that when `baton reload` returns,
-    /// new connections go to the new generation only.
-    handover: Option<(u64, Instant)>,
-}
-
-/// How long a reload waits for the replaced generation to stop accepting.
-const HANDOVER_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Restart delays while no generation is active: 100 ms after the crash of a generation that had
-/// served (been active for [`SERVED`]); doubling, but never past 1 s, while generations crash
-/// right after they became active; doubling to 5 s while replacements fail before they are ready
-/// (a config or binary that cannot start is not helped by haste). New clients wait in the accept
-/// queue meanwhile, so the delay stays far below a client's connect timeout.
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_CRASH_BACKOFF: Duration = Duration::from_secs(1);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// Active this long, a generation has served: its crash starts the backoff again.
-const SERVED: Duration = Duration::from_secs(1);
-
-/// Counts for the supervisor's stats.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Counts {
-    pub reloads: u64,
-    pub reload_failures: u64,
-    pub crashes: u64,
-}
+use backoff::Backoff;
+pub use event::{Action, Event, Source, Waiter};
+use generation::Generations;
+pub use generation::{Counts, Generation, Settings, State};
+use reload::{HANDOVER_TIMEOUT, Reload};
 
 pub struct Lifecycle {
     settings: Settings,
-    generations: BTreeMap<u64, Generation>,
+    generations: Generations,
     next_epoch: u64,
     reload: Reload,
     /// While no generation is Active (and none is drained on purpose), the next replacement
     /// from the last good launch is started then; a reload never cancels it.
     restart_at: Option<Instant>,
-    /// The delay before the next replacement; grows while replacements fail.
-    backoff: Duration,
+    /// The delay before the next replacement.
+    backoff: Backoff,
     /// Set by Stop: no new generations; exit when the last one is gone.
     stopping: bool,
     /// Whether a generation was ever Active (a first generation that fails ends the supervisor).
@@ -221,11 +58,11 @@ impl Lifecycle {
     pub fn new(settings: Settings, first_epoch: u64) -> Self {
         Lifecycle {
             settings,
-            generations: BTreeMap::new(),
+            generations: Generations::default(),
             next_epoch: first_epoch,
             reload: Reload::default(),
             restart_at: None,
-            backoff: FIRST_BACKOFF,
+            backoff: Backoff::default(),
             stopping: false,
             ever_active: false,
             drained: false,
@@ -248,22 +85,10 @@ impl Lifecycle {
         let mut l = Lifecycle::new(settings, next_epoch);
         l.counts = counts;
         l.ever_active = true;
+        let kill_at = now + settings.drain_timeout + settings.kill_grace;
         for (epoch, state) in generations {
-            let deadline = (state == State::Draining)
-                .then(|| now + settings.drain_timeout + settings.kill_grace);
-            l.generations.insert(
-                epoch,
-                Generation {
-                    epoch,
-                    state,
-                    deadline,
-                    draining_since: (state == State::Draining).then_some(now),
-                    failure: None,
-                    stopping: false,
-                    recovery: false,
-                    active_since: (state == State::Active).then_some(now),
-                },
-            );
+            l.generations
+                .insert(epoch, Generation::restored(epoch, state, now, kill_at));
         }
         l.drained = drained;
         l.restored = true;
@@ -284,10 +109,7 @@ impl Lifecycle {
     }
 
     pub fn active(&self) -> Option<u64> {
-        self.generations
-            .values()
-            .find(|g| g.state == State::Active)
-            .map(|g| g.epoch)
+        self.generations.first_in(State::Active).map(|g| g.epoch)
     }
 
     /// Whether this lifecycle was taken over from a replaced supervisor (see [`Self::restore`]).
@@ -307,11 +129,7 @@ impl Lifecycle {
 
     /// Whether a generation is starting, or one is to be started after a crash.
     pub fn starting(&self) -> bool {
-        self.restart_at.is_some()
-            || self
-                .generations
-                .values()
-                .any(|g| g.state == State::Starting)
+        self.restart_at.is_some() || self.generations.first_in(State::Starting).is_some()
     }
 
     /// Whether a reload is in progress (a new generation starting or handing over).
@@ -326,17 +144,13 @@ impl Lifecycle {
     }
 
     pub fn draining(&self) -> usize {
-        self.generations
-            .values()
-            .filter(|g| g.state == State::Draining)
-            .count()
+        self.generations.count(State::Draining)
     }
 
     /// The earliest moment a [`Event::Tick`] has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.generations
-            .values()
-            .filter_map(|g| g.deadline)
+            .deadlines()
             .chain(self.restart_at)
             .chain(self.reload.handover.map(|(_, deadline)| deadline))
             .chain(self.drain.as_ref().map(|(_, deadline, _)| *deadline))
@@ -351,7 +165,7 @@ impl Lifecycle {
                 self.generations.remove(&epoch);
                 self.start_failed(
                     epoch,
-                    format!("cannot start generation {epoch}: {error}"),
+                    reason::cannot_start(epoch, &error),
                     now,
                     &mut actions,
                 );
@@ -386,18 +200,10 @@ impl Lifecycle {
     fn spawn(&mut self, from: Source, now: Instant, actions: &mut Vec<Action>) -> u64 {
         let epoch = self.next_epoch;
         self.next_epoch += 1;
+        let ready_by = now + self.settings.readiness_timeout;
         self.generations.insert(
             epoch,
-            Generation {
-                epoch,
-                state: State::Starting,
-                deadline: Some(now + self.settings.readiness_timeout),
-                draining_since: None,
-                failure: None,
-                stopping: false,
-                recovery: from == Source::LastGood,
-                active_since: None,
-            },
+            Generation::starting(epoch, ready_by, from == Source::LastGood),
         );
         actions.push(Action::Spawn { epoch, from });
         epoch
@@ -419,7 +225,7 @@ impl Lifecycle {
             if let Some(w) = waiter {
                 actions.push(Action::Reply {
                     waiters: vec![w],
-                    result: Err("the supervisor is stopping".into()),
+                    result: Err(reason::STOPPING.into()),
                 });
             }
             return;
@@ -466,22 +272,12 @@ impl Lifecycle {
         g.active_since = Some(now);
         self.restart_at = None;
         // Replacements of a crashed generation still starting are not needed any more.
-        let spare: Vec<u64> = self
-            .generations
-            .values()
-            .filter(|o| o.recovery && o.state == State::Starting && !o.stopping)
-            .map(|o| o.epoch)
-            .collect();
-        for other in spare {
+        for other in self.generations.replacements() {
             self.stop_one(other, now, actions);
         }
         self.ever_active = true;
         self.drained = false;
-        let previous = self
-            .generations
-            .values()
-            .find(|o| o.state == State::Active && o.epoch != epoch)
-            .map(|o| o.epoch);
+        let previous = self.generations.other_active(epoch);
         if let Some(old) = previous {
             self.start_draining(
                 old,
@@ -535,8 +331,7 @@ impl Lifecycle {
             g.draining_since = Some(now);
         }
         g.state = State::Draining;
-        let deadline = now + timeout + kill_grace;
-        g.deadline = Some(g.deadline.map_or(deadline, |d| d.min(deadline)));
+        g.deadline_at_most(now + timeout + kill_grace);
         actions.push(Action::Drain {
             epoch,
             timeout,
@@ -549,16 +344,10 @@ impl Lifecycle {
     /// keep-alive connections leave early. An answer being sent, a TCP session or a tunnel is
     /// never cut for it: what is left is closed at the drain's own deadline, as without a hurry.
     fn limit_draining(&mut self, now: Instant, actions: &mut Vec<Action>) {
-        let mut draining: Vec<(Instant, u64)> = self
-            .generations
-            .values()
-            .filter(|g| g.state == State::Draining && !g.stopping)
-            .map(|g| (g.draining_since.unwrap_or(now), g.epoch))
-            .collect();
-        draining.sort();
+        let draining = self.generations.draining_oldest_first(now);
         let excess = draining.len().saturating_sub(self.settings.max_draining);
         let kill_grace = self.settings.kill_grace;
-        for &(_, epoch) in draining.iter().take(excess) {
+        for &epoch in draining.iter().take(excess) {
             let Some(g) = self.generations.get_mut(&epoch) else {
                 continue;
             };
@@ -573,17 +362,11 @@ impl Lifecycle {
 
     fn drain(&mut self, waiter: Option<Waiter>, now: Instant, actions: &mut Vec<Action>) {
         let refuse = if self.stopping {
-            Some("the supervisor is stopping".to_owned())
+            Some(reason::STOPPING.to_owned())
         } else {
             self.generations
-                .values()
-                .find(|g| g.state == State::Starting)
-                .map(|g| {
-                    format!(
-                        "generation {} is starting (a reload or a restart); drain again once `baton status` shows it active",
-                        g.epoch
-                    )
-                })
+                .first_in(State::Starting)
+                .map(|g| reason::drain_while_starting(g.epoch))
         };
         if let Some(reason) = refuse {
             actions.push(Action::DrainReply {
@@ -595,7 +378,7 @@ impl Lifecycle {
         self.drained = true;
         // A replacement for a crash would undo the drain.
         self.restart_at = None;
-        self.backoff = FIRST_BACKOFF;
+        self.backoff.reset();
         match self.active() {
             Some(epoch) => {
                 self.start_draining(
@@ -667,9 +450,7 @@ impl Lifecycle {
             }
             let reason = if self.needs_recovery() {
                 self.recover(now);
-                format!(
-                    "{reason}; no generation is active (the last one crashed): the supervisor keeps starting one from the last config that was active"
-                )
+                reason::while_recovering(&reason)
             } else {
                 reason
             };
@@ -680,7 +461,7 @@ impl Lifecycle {
             self.next_reload(now, actions);
         } else if self.needs_recovery() {
             // A replacement for a crashed generation failed: try again, later.
-            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+            self.backoff.start_failed();
             self.recover(now);
         }
     }
@@ -688,12 +469,9 @@ impl Lifecycle {
     /// Makes sure a replacement is on its way while no generation is active: one starting from
     /// the last good launch, or one due at `restart_at`.
     fn recover(&mut self, now: Instant) {
-        let replacing = self
-            .generations
-            .values()
-            .any(|g| g.recovery && g.state == State::Starting && !g.stopping);
+        let replacing = !self.generations.replacements().is_empty();
         if !replacing && self.restart_at.is_none() {
-            self.restart_at = Some(now + self.backoff);
+            self.restart_at = Some(now + self.backoff.delay());
         }
     }
 
@@ -701,8 +479,7 @@ impl Lifecycle {
     fn stop_one(&mut self, epoch: u64, now: Instant, actions: &mut Vec<Action>) {
         if let Some(g) = self.generations.get_mut(&epoch) {
             g.stopping = true;
-            let deadline = now + self.settings.kill_grace;
-            g.deadline = Some(g.deadline.map_or(deadline, |d| d.min(deadline)));
+            g.deadline_at_most(now + self.settings.kill_grace);
             actions.push(Action::Stop { epoch });
         }
     }
@@ -720,9 +497,9 @@ impl Lifecycle {
         }
         match g.state {
             State::Starting => {
-                let reason = g.failure.unwrap_or_else(|| {
-                    format!("generation {epoch} exited before it was ready ({status})")
-                });
+                let reason = g
+                    .failure
+                    .unwrap_or_else(|| reason::exited_before_ready(epoch, &status));
                 self.start_failed(epoch, reason, now, actions);
             }
             State::Active if !g.stopping && !self.stopping => {
@@ -730,14 +507,7 @@ impl Lifecycle {
                 // until the replacement accepts. One that had served is replaced at once; one
                 // that crashes right after it became active is replaced later each time.
                 self.counts.crashes += 1;
-                let served = g
-                    .active_since
-                    .is_some_and(|since| now.saturating_duration_since(since) >= SERVED);
-                self.backoff = if served {
-                    FIRST_BACKOFF
-                } else {
-                    (self.backoff * 2).min(MAX_CRASH_BACKOFF)
-                };
+                self.backoff.crashed(g.active_since, now);
                 self.restart_at = None;
                 self.recover(now);
             }
@@ -759,17 +529,12 @@ impl Lifecycle {
         if !waiters.is_empty() {
             actions.push(Action::Reply {
                 waiters,
-                result: Err("the supervisor is stopping".into()),
+                result: Err(reason::STOPPING.into()),
             });
         }
         // The drained generation is among those drained now.
         self.finish_drain(actions);
-        let epochs: Vec<(u64, State)> = self
-            .generations
-            .values()
-            .map(|g| (g.epoch, g.state))
-            .collect();
-        for (epoch, state) in epochs {
+        for (epoch, state) in self.generations.states() {
             match (graceful, state) {
                 (true, State::Active | State::Draining) if !already => {
                     let timeout = self.settings.drain_timeout;
@@ -780,8 +545,7 @@ impl Lifecycle {
                     actions.push(Action::Stop { epoch });
                     if let Some(g) = self.generations.get_mut(&epoch) {
                         g.stopping = true;
-                        let deadline = now + self.settings.kill_grace;
-                        g.deadline = Some(g.deadline.map_or(deadline, |d| d.min(deadline)));
+                        g.deadline_at_most(now + self.settings.kill_grace);
                     }
                 }
             }
@@ -792,20 +556,12 @@ impl Lifecycle {
     }
 
     fn tick(&mut self, now: Instant, actions: &mut Vec<Action>) {
-        let due: Vec<(u64, State, bool)> = self
-            .generations
-            .values()
-            .filter(|g| g.deadline.is_some_and(|d| d <= now))
-            .map(|g| (g.epoch, g.state, g.stopping))
-            .collect();
-        for (epoch, state, stopping) in due {
+        for (epoch, state, stopping) in self.generations.due(now) {
             if state == State::Starting && !stopping {
                 // Not ready in time: give up on it; its exit ends the reload with this reason.
                 let timeout = self.settings.readiness_timeout;
                 if let Some(g) = self.generations.get_mut(&epoch) {
-                    g.failure = Some(format!(
-                        "generation {epoch} was not ready within the readiness timeout ({timeout:?})"
-                    ));
+                    g.failure = Some(reason::not_ready_in_time(epoch, timeout));
                     g.stopping = true;
                     g.deadline = Some(now + self.settings.kill_grace);
                 }
