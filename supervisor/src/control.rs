@@ -3,9 +3,9 @@
 //! once, keeps the connection open while its generations drain, and writes a second line as it
 //! exits. Shared by the supervisor and the `baton` subcommands.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -79,98 +79,150 @@ pub struct GenerationStatus {
     pub build: String,
 }
 
-/// The supervisor closed the connection without answering.
-const NO_ANSWER: &str = "the supervisor closed the connection without an answer (did it stop?)";
+/// Why a `baton` command got no answer from the supervisor. Each says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nobody listens on the socket: no supervisor runs with this config, or it uses another
+    /// socket.
+    #[error(
+        "no supervisor is listening on {} ({source}); is `baton run` running with this config? (or pass --socket PATH)",
+        socket.display()
+    )]
+    NotListening { socket: PathBuf, source: io::Error },
+    /// The command's user may not use the socket: the supervisor runs as another user.
+    #[error(
+        "not allowed to use {} ({source}); run as the user that runs `baton run`, or as root",
+        socket.display()
+    )]
+    NotAllowed { socket: PathBuf, source: io::Error },
+    /// Connecting failed otherwise.
+    #[error("cannot connect to {}: {source}", socket.display())]
+    Connect { socket: PathBuf, source: io::Error },
+    /// The request could not be written as JSON (a bug of this program).
+    #[error(transparent)]
+    Encode(serde_json::Error),
+    /// The request could not be sent, though the supervisor had not closed the connection.
+    #[error("cannot send to the supervisor: {0}")]
+    Send(#[source] io::Error),
+    /// The supervisor answered something that is not a response: another program on the
+    /// socket, or a supervisor of another protocol.
+    #[error("unreadable answer from the supervisor: {0}")]
+    Unreadable(#[source] serde_json::Error),
+    /// The supervisor went away without answering: the request met a closed connection.
+    #[error("cannot send to the supervisor: {0}")]
+    GoneBeforeRequest(#[source] io::Error),
+    /// The supervisor went away without answering: reading the answer failed.
+    #[error("no answer from the supervisor: {0}")]
+    GoneBeforeAnswer(#[source] io::Error),
+    /// The supervisor closed the connection without answering.
+    #[error("the supervisor closed the connection without an answer (did it stop?)")]
+    Closed,
+    /// A `baton stop` was answered, but the connection closed before the supervisor said it
+    /// had stopped.
+    #[error(
+        "the supervisor closed the connection before it said it had stopped (killed, or a supervisor that does not wait); `baton status --socket {}` tells whether it still runs",
+        socket.display()
+    )]
+    StopUnconfirmed { socket: PathBuf },
+}
+
+impl ClientError {
+    /// Whether the supervisor went away without answering: an upgrade's exec closes the
+    /// connections it had not answered yet, so a status request may ask again.
+    fn went_away(&self) -> bool {
+        matches!(
+            self,
+            ClientError::GoneBeforeRequest(_)
+                | ClientError::GoneBeforeAnswer(_)
+                | ClientError::Closed
+        )
+    }
+}
 
 /// Sends `request` to the supervisor listening at `socket` and waits for the answer. A status
 /// request that meets a supervisor in the instant it executes its upgrade (which closes the
 /// connections it had not answered yet) is asked again.
-pub fn call(socket: &Path, request: Request) -> Result<Response, String> {
+pub fn call(socket: &Path, request: Request) -> Result<Response, ClientError> {
     let mut tries = 0;
     loop {
-        match call_once(socket, request) {
-            Err((true, _)) if request == Request::Status && tries < 10 => {
+        match exchange(socket, request) {
+            Err(e) if e.went_away() && request == Request::Status && tries < 10 => {
                 tries += 1;
                 // A command-line client, not an event loop: it waits for the upgraded
                 // supervisor to answer on the same socket.
                 #[allow(clippy::disallowed_methods)]
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
-            result => return result.map_err(|(_, e)| e),
+            result => return result.map(|(response, _)| response),
         }
     }
 }
 
 /// Asks for a stop; `started` is told of the first answer. Then waits for the supervisor's
 /// last line, written as it exits once every generation has gone, and returns it.
-pub fn stop_and_wait(socket: &Path, started: impl FnOnce(&Response)) -> Result<Response, String> {
-    let (first, mut reader) = exchange(socket, Request::Stop).map_err(|(_, e)| e)?;
+pub fn stop_and_wait(
+    socket: &Path,
+    started: impl FnOnce(&Response),
+) -> Result<Response, ClientError> {
+    let (first, mut reader) = exchange(socket, Request::Stop)?;
     if !first.ok {
         return Ok(first);
     }
     started(&first);
     let mut last = String::new();
     match reader.read_line(&mut last) {
-        Ok(n) if n > 0 => serde_json::from_str(&last)
-            .map_err(|e| format!("unreadable answer from the supervisor: {e}")),
-        _ => Err(format!(
-            "the supervisor closed the connection before it said it had stopped (killed, or a supervisor that does not wait); `baton status --socket {}` tells whether it still runs",
-            socket.display()
-        )),
+        Ok(n) if n > 0 => serde_json::from_str(&last).map_err(ClientError::Unreadable),
+        _ => Err(ClientError::StopUnconfirmed {
+            socket: socket.to_owned(),
+        }),
     }
-}
-
-/// One request; an error says whether the supervisor went away without answering.
-fn call_once(socket: &Path, request: Request) -> Result<Response, (bool, String)> {
-    exchange(socket, request).map(|(response, _)| response)
 }
 
 /// Sends one request and reads the first answer; the connection is left to read more from.
 fn exchange(
     socket: &Path,
     request: Request,
-) -> Result<(Response, BufReader<UnixStream>), (bool, String)> {
-    let fail = |e: String| (false, e);
-    let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => format!(
-            "no supervisor is listening on {} ({e}); is `baton run` running with this config? (or pass --socket PATH)",
-            socket.display()
-        ),
-        std::io::ErrorKind::PermissionDenied => format!(
-            "not allowed to use {} ({e}); run as the user that runs `baton run`, or as root",
-            socket.display()
-        ),
-        _ => format!("cannot connect to {}: {e}", socket.display()),
-    })
-    .map_err(fail)?;
-    let mut line = serde_json::to_string(&request).map_err(|e| fail(e.to_string()))?;
+) -> Result<(Response, BufReader<UnixStream>), ClientError> {
+    let stream = UnixStream::connect(socket).map_err(|source| {
+        let socket = socket.to_owned();
+        match source.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+                ClientError::NotListening { socket, source }
+            }
+            io::ErrorKind::PermissionDenied => ClientError::NotAllowed { socket, source },
+            _ => ClientError::Connect { socket, source },
+        }
+    })?;
+    let mut line = serde_json::to_string(&request).map_err(ClientError::Encode)?;
     line.push('\n');
-    let sent = (&stream).write_all(line.as_bytes());
     // A supervisor that refuses this peer writes its reason and closes without reading, so the
     // request may meet a closed socket (EPIPE): the reason is still there to read, and it is
     // what the operator needs, not the pipe's error.
-    if let Err(e) = &sent
-        && !matches!(
-            e.kind(),
-            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
-        )
-    {
-        return Err(fail(format!("cannot send to the supervisor: {e}")));
-    }
+    let sent = match (&stream).write_all(line.as_bytes()) {
+        Err(e)
+            if !matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            return Err(ClientError::Send(e));
+        }
+        sent => sent,
+    };
     let mut answer = String::new();
     let mut reader = BufReader::new(stream);
     let read = reader.read_line(&mut answer);
     if !answer.is_empty() {
         return serde_json::from_str(&answer)
             .map(|response| (response, reader))
-            .map_err(|e| fail(format!("unreadable answer from the supervisor: {e}")));
+            .map_err(ClientError::Unreadable);
     }
     // No answer: the supervisor went away without one (an upgrade's exec closes the
     // connections it had not answered yet), which a status request may ask again.
     match (sent, read) {
-        (Err(e), _) => Err((true, format!("cannot send to the supervisor: {e}"))),
-        (Ok(()), Err(e)) => Err((true, format!("no answer from the supervisor: {e}"))),
-        (Ok(()), Ok(_)) => Err((true, NO_ANSWER.into())),
+        (Err(e), _) => Err(ClientError::GoneBeforeRequest(e)),
+        (Ok(()), Err(e)) => Err(ClientError::GoneBeforeAnswer(e)),
+        (Ok(()), Ok(_)) => Err(ClientError::Closed),
     }
 }
 
