@@ -18,23 +18,28 @@
 //! open across the exec, `BATON_UPGRADE_PREVIOUS_FD`) with the same state, untouched: the new
 //! program adopts copies of the handed-over descriptors and closes the originals only once it
 //! has taken over, so the old program finds them all.
+//!
+//! This file holds the exec and the take-over; `state.rs` the state's format, `check.rs` the
+//! checks of the new binary, `error.rs` why an upgrade or a take-over did not happen.
 
-use std::ffi::CString;
+mod check;
+mod error;
+mod state;
+
+use std::ffi::{CString, NulError};
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-use restart_protocol::{Load, SocketKey};
-use serde::{Deserialize, Serialize};
-use tracing::debug;
+
+pub use check::{Step, UPGRADE_CHECK_TIMEOUT, Upgrading, check_answer, nonce, read_check_answer};
+pub use error::{ExecError, HandoverError, UpgradeError};
+pub use state::{
+    HandedFds, Inherited, InheritedGeneration, InheritedLaunch, STATE_VERSION, to_json,
+};
 
 use crate::UPGRADE_FD_ENV;
-use crate::lifecycle::{Counts, State, Waiter};
-
-/// The version of [`Inherited`]; a new binary that does not read it is not executed.
-pub const STATE_VERSION: u32 = 1;
 
 /// Names the previous program's binary, kept open for a fallback.
 pub const PREVIOUS_FD_ENV: &str = "BATON_UPGRADE_PREVIOUS_FD";
@@ -42,266 +47,6 @@ pub const PREVIOUS_FD_ENV: &str = "BATON_UPGRADE_PREVIOUS_FD";
 pub const FAILED_ENV: &str = "BATON_UPGRADE_FAILED";
 /// Asks `baton run` for a trial take-over (see the module's documentation).
 pub const TRIAL_ENV: &str = "BATON_UPGRADE_TRIAL";
-
-/// What `baton internal upgrade-check` prints: the state versions this binary reads, and that
-/// it does trial take-overs.
-pub fn check_answer() -> String {
-    format!("{STATE_VERSION} trial")
-}
-
-/// Everything a supervisor hands to the program that replaces it. Fields added since the first
-/// version have defaults, so that a newer program reads an older one's state and the other way
-/// round.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Inherited {
-    pub version: u32,
-    pub control_fd: RawFd,
-    pub region_fd: RawFd,
-    pub sockets: Vec<(SocketKey, RawFd)>,
-    pub names: Vec<(String, SocketKey)>,
-    pub activated: Vec<SocketKey>,
-    pub generations: Vec<InheritedGeneration>,
-    pub next_epoch: u64,
-    pub counts: (u64, u64, u64),
-    pub last_reload: Option<String>,
-    /// Drained on request (`baton drain`): nothing is to be started until a reload. Absent
-    /// from the state of a supervisor that did not know drains.
-    #[serde(default)]
-    pub drained: bool,
-    /// The running config's text (what the active generation was started from) and the proxy
-    /// binary it runs: the new program's config, and its last good launch.
-    #[serde(default)]
-    pub last_good: Option<InheritedLaunch>,
-    /// In-place upgrades so far, and the outcome of the last one.
-    #[serde(default)]
-    pub upgrades: u64,
-    #[serde(default)]
-    pub last_upgrade: Option<String>,
-    /// A number the trial take-over answers with, to show it read this state.
-    #[serde(default)]
-    pub nonce: u64,
-    /// The rendezvous's listening socket (see `adopt.rs`), if there is one.
-    #[serde(default)]
-    pub rendezvous_fd: Option<RawFd>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct InheritedLaunch {
-    pub config_source: String,
-    pub binary_fd: RawFd,
-    pub binary_path: PathBuf,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct InheritedGeneration {
-    pub epoch: u64,
-    pub pid: u32,
-    /// `active` or `draining` (a reload in progress blocks an upgrade, so none is starting).
-    pub state: String,
-    pub channel_fd: RawFd,
-    pub started_unix_ms: u64,
-    pub build: String,
-    pub sockets: Vec<SocketKey>,
-    pub load: (u64, u64),
-    /// The protocol features both sides have.
-    #[serde(default)]
-    pub features: u64,
-    /// Adopted from a supervisor that died (not a child: its exit is seen on its channel).
-    #[serde(default)]
-    pub adopted: bool,
-}
-
-impl Inherited {
-    pub fn counts(&self) -> Counts {
-        Counts {
-            reloads: self.counts.0,
-            reload_failures: self.counts.1,
-            crashes: self.counts.2,
-        }
-    }
-
-    /// Every descriptor the state names.
-    fn fds(&self) -> Vec<RawFd> {
-        let mut fds = vec![self.control_fd, self.region_fd];
-        fds.extend(self.sockets.iter().map(|(_, fd)| *fd));
-        fds.extend(self.generations.iter().map(|g| g.channel_fd));
-        fds.extend(self.last_good.as_ref().map(|l| l.binary_fd));
-        fds.extend(self.rendezvous_fd);
-        fds
-    }
-}
-
-impl InheritedGeneration {
-    pub fn state(&self) -> Option<State> {
-        match self.state.as_str() {
-            "active" => Some(State::Active),
-            "draining" => Some(State::Draining),
-            _ => None,
-        }
-    }
-
-    pub fn load(&self) -> Load {
-        Load {
-            connections: self.load.0,
-            requests: self.load.1,
-        }
-    }
-}
-
-/// Whether `upgrade-check`'s answer says the binary can take over: it reads this state's
-/// version and does trial take-overs (a binary from before trials is not executed blind: one
-/// that answers the check and then fails would end the supervisor).
-pub fn read_check_answer(binary: &Path, answer: &str) -> Result<(), String> {
-    let reads = answer
-        .split_whitespace()
-        .any(|v| v.parse::<u32>() == Ok(STATE_VERSION));
-    if !reads {
-        return Err(format!(
-            "{} cannot take over from this supervisor (it reads state versions `{}`, this one writes {STATE_VERSION})",
-            binary.display(),
-            answer.trim()
-        ));
-    }
-    if !answer.split_whitespace().any(|w| w == "trial") {
-        return Err(format!(
-            "{} cannot show that it can take over (it does no trial take-over: a build older than this one's upgrade protocol); restart the service to run it",
-            binary.display()
-        ));
-    }
-    Ok(())
-}
-
-/// How long the new binary has for each of its checks before an upgrade.
-pub const UPGRADE_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Where an upgrade is: the new binary answers `internal upgrade-check`, then takes over on
-/// trial.
-#[derive(Debug, Clone, Copy)]
-pub enum Step {
-    Check,
-    Trial,
-}
-
-impl Step {
-    pub fn name(self) -> &'static str {
-        match self {
-            Step::Check => "self-check",
-            Step::Trial => "trial take-over",
-        }
-    }
-}
-
-/// An upgrade under way: the child checking the new binary, and who waits for the outcome.
-pub struct Upgrading {
-    pub step: Step,
-    pub child: std::process::Child,
-    pub deadline: Instant,
-    pub waiters: Vec<Waiter>,
-    pub nonce: u64,
-}
-
-impl Upgrading {
-    /// Starts a check of the new binary, its output read once it has exited (without
-    /// blocking: a child it left behind may hold the pipes), `input` on its standard input.
-    pub fn start(
-        step: Step,
-        mut command: std::process::Command,
-        input: Option<&[u8]>,
-    ) -> std::io::Result<std::process::Child> {
-        use std::process::Stdio;
-        // The state on standard input from a memfd, whatever its size (a pipe holds 64 KiB,
-        // and a config can be larger).
-        let stdin = match input {
-            Some(input) => {
-                let memfd = nix::sys::memfd::memfd_create(
-                    c"baton-upgrade-trial",
-                    nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-                )?;
-                let mut file = std::fs::File::from(memfd);
-                file.write_all(input)?;
-                std::io::Seek::rewind(&mut file)?;
-                Stdio::from(file)
-            }
-            None => Stdio::null(),
-        };
-        command
-            .stdin(stdin)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // The checks are not the supervisor: systemd's variables and the upgrade's are not
-        // theirs.
-        for var in crate::notify::SYSTEMD_ENV {
-            command.env_remove(var);
-        }
-        command.env_remove(crate::UPGRADE_FD_ENV);
-        let child = command.spawn()?;
-        if let Some(stdout) = &child.stdout {
-            set_nonblocking(stdout)?;
-        }
-        if let Some(stderr) = &child.stderr {
-            set_nonblocking(stderr)?;
-        }
-        debug!("{} started", step.name());
-        Ok(child)
-    }
-
-    /// What the child wrote (at most 64 KiB of each).
-    pub fn output(&mut self) -> (String, String) {
-        let read = |pipe: Option<&mut dyn Read>| {
-            let mut out = Vec::new();
-            if let Some(pipe) = pipe {
-                let mut buf = [0u8; 4096];
-                while out.len() < 64 * 1024 {
-                    match pipe.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => out.extend_from_slice(&buf[..n]),
-                    }
-                }
-            }
-            String::from_utf8_lossy(&out).into_owned()
-        };
-        let stdout = read(self.child.stdout.as_mut().map(|p| p as &mut dyn Read));
-        let stderr = read(self.child.stderr.as_mut().map(|p| p as &mut dyn Read));
-        (stdout, stderr)
-    }
-}
-
-fn set_nonblocking(fd: &impl AsFd) -> std::io::Result<()> {
-    use nix::fcntl::{FcntlArg, OFlag, fcntl};
-    let flags = fcntl(fd.as_fd(), FcntlArg::F_GETFL).map_err(std::io::Error::from)?;
-    fcntl(
-        fd.as_fd(),
-        FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
-    )
-    .map(|_| ())
-    .map_err(std::io::Error::from)
-}
-
-/// A number nobody can guess ahead, for an upgrade's trial to answer with.
-pub fn nonce() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    hasher.finish()
-}
-
-/// The descriptors a state names, borrowed from their owners for as long as the state is being
-/// handed over. Every number written into an [`Inherited`] is taken through [`HandedFds::hand`],
-/// so that the numbers and the descriptors made to survive the exec are the same.
-#[derive(Default)]
-pub struct HandedFds<'a>(Vec<BorrowedFd<'a>>);
-
-impl<'a> HandedFds<'a> {
-    /// Adds `fd` to what is handed over; its number, for the state.
-    pub fn hand(&mut self, fd: BorrowedFd<'a>) -> RawFd {
-        self.0.push(fd);
-        fd.as_raw_fd()
-    }
-}
 
 /// Makes `fd` survive (or not survive) `execve`.
 fn set_inheritable(fd: BorrowedFd<'_>, inheritable: bool) -> std::io::Result<()> {
@@ -321,11 +66,6 @@ pub fn own_binary() -> std::io::Result<std::fs::File> {
     std::fs::File::open("/proc/self/exe")
 }
 
-/// The state as JSON, for the memfd and for a trial's standard input.
-pub fn to_json(state: &Inherited) -> Result<Vec<u8>, String> {
-    serde_json::to_vec(state).map_err(|e| format!("cannot write the state: {e}"))
-}
-
 /// Executes `binary` with `args`, handing over `state`, the fds it names (`fds`, whence its
 /// numbers came) and `previous` (this program's binary). Returns only if the exec failed; every
 /// fd is then close-on-exec again, as before.
@@ -335,23 +75,23 @@ pub fn exec(
     state: &Inherited,
     fds: &HandedFds<'_>,
     previous: Option<BorrowedFd<'_>>,
-) -> String {
+) -> UpgradeError {
     let memfd = match nix::sys::memfd::memfd_create(
         c"baton-upgrade",
         nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
     ) {
         Ok(fd) => fd,
-        Err(e) => return format!("cannot create the state memfd: {e}"),
+        Err(e) => return UpgradeError::StateMemfd(e),
     };
     let mut file = std::fs::File::from(memfd);
     if let Err(e) = to_json(state).and_then(|json| {
         file.write_all(&json)
             .and_then(|()| file.flush())
-            .map_err(|e| format!("cannot write the state: {e}"))
+            .map_err(UpgradeError::WriteState)
     }) {
         return e;
     }
-    let mut fds = fds.0.clone();
+    let mut fds = fds.fds().to_vec();
     fds.extend(previous);
     fds.push(file.as_fd());
 
@@ -363,7 +103,10 @@ pub fn exec(
     for fd in &fds {
         if let Err(e) = set_inheritable(*fd, true) {
             restore(&fds);
-            return format!("cannot hand fd {} over: {e}", fd.as_raw_fd());
+            return UpgradeError::HandFd {
+                fd: fd.as_raw_fd(),
+                source: e,
+            };
         }
     }
     let mut extra = vec![(UPGRADE_FD_ENV, file.as_raw_fd().to_string())];
@@ -372,18 +115,17 @@ pub fn exec(
     }
     let error = execve(binary, args, &extra);
     restore(&fds);
-    error
+    error.into()
 }
 
 /// `execve` with this process's environment (without the upgrade's own variables) and `extra`.
 /// Returns only with the reason it failed.
-fn execve(binary: &Path, args: &[String], extra: &[(&str, String)]) -> String {
-    let to_c = |s: &str| CString::new(s).map_err(|e| e.to_string());
-    let built = (|| -> Result<(CString, Vec<CString>, Vec<CString>), String> {
-        let path = to_c(&binary.to_string_lossy())?;
+fn execve(binary: &Path, args: &[String], extra: &[(&str, String)]) -> ExecError {
+    let built = (|| -> Result<(CString, Vec<CString>, Vec<CString>), NulError> {
+        let path = CString::new(binary.to_string_lossy().as_bytes())?;
         let argv = args
             .iter()
-            .map(|a| to_c(a))
+            .map(|a| CString::new(a.as_str()))
             .collect::<Result<Vec<_>, _>>()?;
         let mut env = Vec::new();
         for (key, value) in std::env::vars_os() {
@@ -396,19 +138,22 @@ fn execve(binary: &Path, args: &[String], extra: &[(&str, String)]) -> String {
             let mut pair = key.into_encoded_bytes();
             pair.push(b'=');
             pair.extend(value.into_encoded_bytes());
-            env.push(CString::new(pair).map_err(|e| e.to_string())?);
+            env.push(CString::new(pair)?);
         }
         for (key, value) in extra {
-            env.push(to_c(&format!("{key}={value}"))?);
+            env.push(CString::new(format!("{key}={value}"))?);
         }
         Ok((path, argv, env))
     })();
     match built {
         Ok((path, argv, env)) => match nix::unistd::execve(&path, &argv, &env) {
             Ok(never) => match never {},
-            Err(e) => format!("cannot execute {}: {e}", binary.display()),
+            Err(source) => ExecError::Exec {
+                binary: binary.to_owned(),
+                source,
+            },
         },
-        Err(e) => e,
+        Err(e) => e.into(),
     }
 }
 
@@ -421,17 +166,22 @@ pub struct Handover {
 }
 
 /// The fd number named by the variable `name`, if it is set and open.
-fn fd_from_env(name: &str) -> Option<Result<RawFd, String>> {
+fn fd_from_env(name: &'static str) -> Option<Result<RawFd, HandoverError>> {
     let value = std::env::var(name).ok()?;
     Some((|| {
-        let fd: RawFd = value
-            .parse()
-            .map_err(|_| format!("{name}={value} is not a descriptor number"))?;
+        let not_an_fd = || HandoverError::NotAnFd {
+            name,
+            value: value.clone(),
+        };
+        let fd: RawFd = value.parse().map_err(|_| not_an_fd())?;
         if fd < 3 {
-            return Err(format!("{name}={value} is not a descriptor number"));
+            return Err(not_an_fd());
         }
-        fcntl(unsafe_borrow(fd), FcntlArg::F_GETFD)
-            .map_err(|e| format!("{name}={fd} is not open: {e}"))?;
+        fcntl(unsafe_borrow(fd), FcntlArg::F_GETFD).map_err(|source| HandoverError::FdNotOpen {
+            name,
+            fd,
+            source,
+        })?;
         Ok(fd)
     })())
 }
@@ -444,23 +194,28 @@ fn unsafe_borrow(fd: RawFd) -> BorrowedFd<'static> {
 }
 
 /// The state handed over by the supervisor this process replaced, if any.
-pub fn inherited() -> Option<Result<Handover, String>> {
+pub fn inherited() -> Option<Result<Handover, HandoverError>> {
     let fd = match fd_from_env(UPGRADE_FD_ENV)? {
         Ok(fd) => fd,
         Err(e) => return Some(Err(e)),
     };
     Some((|| {
-        let text = read_fd(fd).map_err(|e| format!("cannot read the handed-over state: {e}"))?;
-        let state: Inherited = serde_json::from_slice(&text)
-            .map_err(|e| format!("cannot understand the handed-over state: {e}"))?;
-        if state.version != STATE_VERSION {
-            return Err(format!(
-                "the handed-over state is version {}, this supervisor reads {STATE_VERSION}",
-                state.version
-            ));
-        }
+        let text = read_fd(fd).map_err(HandoverError::ReadState)?;
+        let state = parse_state(&text)?;
         Ok(Handover { state, memfd: fd })
     })())
+}
+
+/// The state from its JSON, if this program reads its version.
+fn parse_state(text: &[u8]) -> Result<Inherited, HandoverError> {
+    let state: Inherited = serde_json::from_slice(text).map_err(HandoverError::ParseState)?;
+    if state.version != STATE_VERSION {
+        return Err(HandoverError::StateVersion {
+            found: state.version,
+            reads: STATE_VERSION,
+        });
+    }
+    Ok(state)
 }
 
 /// Reads a whole file from offset 0 without moving its offset.
@@ -510,16 +265,20 @@ impl Handover {
 
 /// This program could not take over: execute the previous one again, with the same state and
 /// descriptors, telling it why. Returns only if that could not be done.
-pub fn fall_back(reason: &str) -> String {
+pub fn fall_back(reason: &str) -> HandoverError {
     let previous = match fd_from_env(PREVIOUS_FD_ENV) {
         Some(Ok(fd)) => fd,
         Some(Err(e)) => return e,
-        None => return "the previous supervisor left no binary to go back to".into(),
+        None => return HandoverError::NoPreviousBinary,
     };
     let memfd = match fd_from_env(UPGRADE_FD_ENV) {
         Some(Ok(fd)) => fd,
         Some(Err(e)) => return e,
-        None => return format!("{UPGRADE_FD_ENV} is not set"),
+        None => {
+            return HandoverError::NoState {
+                name: UPGRADE_FD_ENV,
+            };
+        }
     };
     let args: Vec<String> = std::env::args().collect();
     let binary = PathBuf::from(format!("/proc/self/fd/{previous}"));
@@ -533,6 +292,7 @@ pub fn fall_back(reason: &str) -> String {
             (FAILED_ENV, one_line),
         ],
     )
+    .into()
 }
 
 /// Why the upgrade that executed this program failed, if this program is the previous one
@@ -548,24 +308,18 @@ pub fn trial_requested() -> bool {
 
 /// A trial take-over: reads the state from standard input, checks that this program reads its
 /// version and its config, and answers `ok <nonce>`. Touches nothing else.
-pub fn trial(config_path: &Path) -> Result<String, String> {
+pub fn trial(config_path: &Path) -> Result<String, HandoverError> {
     let mut text = Vec::new();
     std::io::stdin()
         .read_to_end(&mut text)
-        .map_err(|e| format!("cannot read the state: {e}"))?;
-    let state: Inherited = serde_json::from_slice(&text)
-        .map_err(|e| format!("cannot understand the handed-over state: {e}"))?;
-    if state.version != STATE_VERSION {
-        return Err(format!(
-            "the handed-over state is version {}, this supervisor reads {STATE_VERSION}",
-            state.version
-        ));
-    }
+        .map_err(HandoverError::ReadTrialState)?;
+    let state = parse_state(&text)?;
     // The config as the take-over finds it: handed over, else the file.
     match &state.last_good {
-        Some(launch) => crate::config::parse(config_path, &launch.config_source).map(|_| ())?,
-        None => crate::config::load(config_path).map(|_| ())?,
+        Some(launch) => crate::config::parse(config_path, &launch.config_source).map(|_| ()),
+        None => crate::config::load(config_path).map(|_| ()),
     }
+    .map_err(HandoverError::Config)?;
     Ok(format!("ok {}", state.nonce))
 }
 

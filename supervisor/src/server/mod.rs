@@ -178,7 +178,7 @@ pub fn main(path: &Path) -> u8 {
             Ok((config, parts)) => Ok((config, parts, Some(handover))),
             Err(reason) => return fall_back(&reason),
         },
-        Some(Err(reason)) => return fall_back(&reason),
+        Some(Err(reason)) => return fall_back(&reason.to_string()),
     };
     let (config, parts, handover) = match started {
         Ok(started) => started,

@@ -11,24 +11,19 @@ use tracing::{error, info, warn};
 use super::stats::register_stats;
 use super::{SUPERVISOR_SHARD_EPOCH, Supervisor, now_ms};
 use crate::lifecycle::Waiter;
-use crate::upgrade::{self, Step, UPGRADE_CHECK_TIMEOUT, Upgrading, nonce};
+use crate::upgrade::{self, Step, UPGRADE_CHECK_TIMEOUT, UpgradeError, Upgrading, nonce};
 
 impl Supervisor {
     /// Why the supervisor cannot be upgraded now, if it cannot.
-    fn upgrade_refusal(&self) -> Option<String> {
+    fn upgrade_refusal(&self) -> Option<UpgradeError> {
         if self.lifecycle.stopping() {
-            return Some("the supervisor is stopping".into());
+            return Some(UpgradeError::Stopping);
         }
         if self.lifecycle.reloading() {
-            return Some(
-                "a reload is in progress; upgrade the supervisor once it has ended".into(),
-            );
+            return Some(UpgradeError::Reloading);
         }
         if self.lifecycle.starting() {
-            return Some(
-                "a generation is starting (replacing one that crashed); upgrade the supervisor once `baton status` shows it active"
-                    .into(),
-            );
+            return Some(UpgradeError::Starting);
         }
         None
     }
@@ -58,8 +53,11 @@ impl Supervisor {
                     nonce: nonce(),
                 });
             }
-            Err(e) => {
-                let reason = format!("cannot run {}: {e}", self.exe.display());
+            Err(source) => {
+                let reason = UpgradeError::CannotRun {
+                    binary: self.exe.clone(),
+                    source,
+                };
                 self.upgrade_failed(waiter.into_iter().collect(), &reason);
             }
         }
@@ -80,11 +78,11 @@ impl Supervisor {
                 let Some(upgrading) = self.upgrading.take() else {
                     return;
                 };
-                let reason = format!(
-                    "{} did not answer its {} within {UPGRADE_CHECK_TIMEOUT:?}; it was killed",
-                    self.exe.display(),
-                    step.name()
-                );
+                let reason = UpgradeError::CheckTimedOut {
+                    binary: self.exe.clone(),
+                    step: step.name(),
+                    timeout: UPGRADE_CHECK_TIMEOUT,
+                };
                 self.upgrade_failed(upgrading.waiters, &reason);
                 return;
             }
@@ -103,10 +101,11 @@ impl Supervisor {
                 let answer = if status.success() {
                     upgrade::read_check_answer(&exe, &stdout)
                 } else {
-                    Err(format!(
-                        "{} failed its self-check ({status}){said}",
-                        exe.display()
-                    ))
+                    Err(UpgradeError::SelfCheckFailed {
+                        binary: exe.clone(),
+                        status,
+                        said,
+                    })
                 };
                 match answer {
                     Ok(()) => {
@@ -116,8 +115,12 @@ impl Supervisor {
                             .args(self.args.iter().skip(1))
                             .env(upgrade::TRIAL_ENV, "1");
                         let trial = upgrade::to_json(&state).and_then(|json| {
-                            Upgrading::start(Step::Trial, command, Some(&json))
-                                .map_err(|e| format!("cannot run {}: {e}", exe.display()))
+                            Upgrading::start(Step::Trial, command, Some(&json)).map_err(|source| {
+                                UpgradeError::CannotRun {
+                                    binary: exe.clone(),
+                                    source,
+                                }
+                            })
                         });
                         match trial {
                             Ok(child) => {
@@ -145,22 +148,22 @@ impl Supervisor {
                     self.exec_upgrade();
                 } else {
                     let waiters = self.upgrading.take().map(|u| u.waiters).unwrap_or_default();
-                    let reason = format!(
-                        "{} cannot take over this supervisor: run as `baton run` with the running state, it {}{said}",
-                        exe.display(),
-                        if status.success() {
-                            "did not read it".to_owned()
-                        } else {
-                            format!("failed ({status})")
+                    let reason = if status.success() {
+                        UpgradeError::TrialUnread { binary: exe, said }
+                    } else {
+                        UpgradeError::TrialFailed {
+                            binary: exe,
+                            status,
+                            said,
                         }
-                    );
+                    };
                     self.upgrade_failed(waiters, &reason);
                 }
             }
         }
     }
 
-    fn upgrade_failed(&mut self, waiters: Vec<Waiter>, reason: &str) {
+    fn upgrade_failed(&mut self, waiters: Vec<Waiter>, reason: &UpgradeError) {
         error!("the supervisor was not upgraded: {reason}");
         self.last_upgrade = Some(format!("not upgraded: {reason}"));
         self.respond_all(waiters, false, &format!("not upgraded: {reason}"));
