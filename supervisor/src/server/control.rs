@@ -3,8 +3,8 @@
 //! supervisor's own user), their requests read and answered, one JSON line each way (the
 //! protocol itself is in the crate's `control.rs`).
 
-use std::io::{ErrorKind, Read, Write};
-use std::path::Path;
+use std::io::{self, ErrorKind, Read, Write};
+use std::path::{Path, PathBuf};
 
 use mio::net::{UnixListener, UnixStream};
 use mio::{Interest, Token};
@@ -23,7 +23,7 @@ impl Supervisor {
                         warn!("refused a control connection: {reason}");
                         let refusal = Response {
                             ok: false,
-                            message: reason,
+                            message: reason.to_string(),
                             status: None,
                         };
                         let mut line = serde_json::to_vec(&refusal).unwrap_or_default();
@@ -287,9 +287,66 @@ impl Supervisor {
     }
 }
 
+/// Why the control socket could not be made at the start; each names the way out.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlSocketError {
+    /// Its folder did not exist and could not be made.
+    #[error(
+        "cannot create the folder of the control socket {}: {source}; set supervisor.control_socket to a writable place",
+        socket.display()
+    )]
+    CreateFolder { socket: PathBuf, source: io::Error },
+    /// Its folder could not be looked at.
+    #[error("cannot look at the control socket's folder {}: {source}", folder.display())]
+    InspectFolder { folder: PathBuf, source: io::Error },
+    /// Its folder belongs to another user, who could put their own socket there.
+    #[error(
+        "the control socket's folder {} belongs to uid {owner}, not to this user (uid {me}): another user may have made it to take the control socket; remove it, or set supervisor.control_socket to a folder of yours",
+        folder.display()
+    )]
+    FolderNotOurs {
+        folder: PathBuf,
+        owner: u32,
+        me: u32,
+    },
+    /// Other users may write in its folder (and it is not sticky).
+    #[error(
+        "the control socket's folder {} is writable by other users (mode {mode:o}): they could put their own socket in its place; chmod go-w it, or set supervisor.control_socket to a folder of yours",
+        folder.display()
+    )]
+    FolderWritable { folder: PathBuf, mode: u32 },
+    /// A live supervisor listens there already.
+    #[error(
+        "another supervisor is listening on {}: stop it, or give this one another instance or supervisor.control_socket",
+        socket.display()
+    )]
+    InUse { socket: PathBuf },
+    /// The socket file of a supervisor that died could not be removed.
+    #[error("cannot remove the stale control socket {}: {source}", socket.display())]
+    RemoveStale { socket: PathBuf, source: io::Error },
+    /// Binding failed.
+    #[error(
+        "cannot create the control socket {}: {source}; set supervisor.control_socket to a writable place",
+        socket.display()
+    )]
+    Bind { socket: PathBuf, source: io::Error },
+}
+
+/// Why a peer may not use the control socket: it is told this before the connection closes.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerRefused {
+    /// Its credentials could not be read.
+    #[error("cannot read the peer's credentials: {0}")]
+    Credentials(#[source] nix::errno::Errno),
+    /// It runs as a user other than root and the supervisor's own.
+    #[error("user {uid} may not control this supervisor (only root and user {own} may)")]
+    User { uid: u32, own: u32 },
+}
+
 /// Binds the control socket, mode 0600. A live supervisor already there is an error; a stale
 /// socket file from one that died is replaced.
-pub(super) fn bind_control(path: &Path) -> Result<UnixListener, String> {
+pub(super) fn bind_control(path: &Path) -> Result<UnixListener, ControlSocketError> {
+    let socket = || path.to_owned();
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
             use std::os::unix::fs::DirBuilderExt;
@@ -297,27 +354,20 @@ pub(super) fn bind_control(path: &Path) -> Result<UnixListener, String> {
                 .recursive(true)
                 .mode(0o700)
                 .create(dir)
-                .map_err(|e| {
-                    format!(
-                        "cannot create the folder of the control socket {}: {e}; set supervisor.control_socket to a writable place",
-                        path.display()
-                    )
+                .map_err(|source| ControlSocketError::CreateFolder {
+                    socket: socket(),
+                    source,
                 })?;
         }
         safe_folder(dir)?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(format!(
-                "another supervisor is listening on {}: stop it, or give this one another instance or supervisor.control_socket",
-                path.display()
-            ));
+            return Err(ControlSocketError::InUse { socket: socket() });
         }
-        std::fs::remove_file(path).map_err(|e| {
-            format!(
-                "cannot remove the stale control socket {}: {e}",
-                path.display()
-            )
+        std::fs::remove_file(path).map_err(|source| ControlSocketError::RemoveStale {
+            socket: socket(),
+            source,
         })?;
     }
     // Created with no permissions for others from the start: no window where another user
@@ -325,55 +375,51 @@ pub(super) fn bind_control(path: &Path) -> Result<UnixListener, String> {
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
     let bound = UnixListener::bind(path);
     nix::sys::stat::umask(old);
-    bound.map_err(|e| {
-        format!(
-            "cannot create the control socket {}: {e}; set supervisor.control_socket to a writable place",
-            path.display()
-        )
+    bound.map_err(|source| ControlSocketError::Bind {
+        socket: socket(),
+        source,
     })
 }
 
 /// The control socket's folder must be this user's (or root's), and writable by nobody else
 /// unless sticky (as `/tmp` is): another local user who made `/tmp/baton-<uid>` first, or who
 /// may write in the folder, could put their own socket (and the rendezvous) in its place.
-fn safe_folder(dir: &Path) -> Result<(), String> {
+fn safe_folder(dir: &Path) -> Result<(), ControlSocketError> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let meta = std::fs::metadata(dir).map_err(|e| {
-        format!(
-            "cannot look at the control socket's folder {}: {e}",
-            dir.display()
-        )
+    let folder = || dir.to_owned();
+    let meta = std::fs::metadata(dir).map_err(|source| ControlSocketError::InspectFolder {
+        folder: folder(),
+        source,
     })?;
     let me = nix::unistd::geteuid().as_raw();
     if meta.uid() != me && meta.uid() != 0 {
-        return Err(format!(
-            "the control socket's folder {} belongs to uid {}, not to this user (uid {me}): another user may have made it to take the control socket; remove it, or set supervisor.control_socket to a folder of yours",
-            dir.display(),
-            meta.uid()
-        ));
+        return Err(ControlSocketError::FolderNotOurs {
+            folder: folder(),
+            owner: meta.uid(),
+            me,
+        });
     }
     let mode = meta.permissions().mode();
     if mode & 0o022 != 0 && mode & 0o1000 == 0 {
-        return Err(format!(
-            "the control socket's folder {} is writable by other users (mode {:o}): they could put their own socket in its place; chmod go-w it, or set supervisor.control_socket to a folder of yours",
-            dir.display(),
-            mode & 0o7777
-        ));
+        return Err(ControlSocketError::FolderWritable {
+            folder: folder(),
+            mode: mode & 0o7777,
+        });
     }
     Ok(())
 }
 
 /// Only root and the supervisor's own user may control it.
-fn peer_allowed(stream: &UnixStream) -> Result<(), String> {
+fn peer_allowed(stream: &UnixStream) -> Result<(), PeerRefused> {
     let creds = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
-        .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+        .map_err(PeerRefused::Credentials)?;
     let own = nix::unistd::geteuid().as_raw();
     if creds.uid() == 0 || creds.uid() == own {
         Ok(())
     } else {
-        Err(format!(
-            "user {} may not control this supervisor (only root and user {own} may)",
-            creds.uid()
-        ))
+        Err(PeerRefused::User {
+            uid: creds.uid(),
+            own,
+        })
     }
 }

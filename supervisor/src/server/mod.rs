@@ -42,6 +42,7 @@ use crate::lifecycle::{self, Event, Lifecycle, Settings};
 use crate::notify::{Notifier, Watchdog};
 use crate::store::SocketStore;
 use crate::upgrade::{self, Upgrading};
+use start::StartError;
 
 const SIGNALS: Token = Token(0);
 const CONTROL: Token = Token(1);
@@ -166,34 +167,17 @@ struct Parts {
 /// included: the file on disk is not read). Runs the supervisor until it is stopped; returns the
 /// exit status.
 pub fn main(path: &Path) -> u8 {
-    let started = match upgrade::inherited() {
-        None => match config::load(path) {
-            Ok(config) => Supervisor::fresh(&config).map(|parts| (config, parts, None)),
-            Err(e) => {
-                eprintln!("baton: {e}");
-                return crate::EXIT_USAGE;
-            }
-        },
-        Some(Ok(handover)) => match Supervisor::take_over(path, &handover.state) {
-            Ok((config, parts)) => Ok((config, parts, Some(handover))),
-            Err(reason) => return fall_back(&reason),
-        },
-        Some(Err(reason)) => return fall_back(&reason.to_string()),
-    };
-    let (config, parts, handover) = match started {
+    let (mut supervisor, handover) = match start(path) {
         Ok(started) => started,
-        Err(e) => {
+        Err(NotStarted::Fresh(StartError::Config(e))) => {
+            eprintln!("baton: {e}");
+            return crate::EXIT_USAGE;
+        }
+        Err(NotStarted::Fresh(e)) => {
             error!("{e}");
             return 1;
         }
-    };
-    let mut supervisor = match Supervisor::new(config, parts) {
-        Ok(s) => s,
-        Err(e) if handover.is_some() => return fall_back(&e),
-        Err(e) => {
-            error!("{e}");
-            return 1;
-        }
+        Err(NotStarted::TakeOver(e)) => return fall_back(&e),
     };
     if let Some(handover) = handover {
         handover.release();
@@ -267,17 +251,51 @@ pub fn main(path: &Path) -> u8 {
     supervisor.finish()
 }
 
+/// How far `baton run` got before it failed, which decides what it does about it.
+enum NotStarted {
+    /// A fresh start: a config file that does not load exits 64 (the operator fixes it),
+    /// anything else 1.
+    Fresh(StartError),
+    /// The take-over of what the supervisor this program replaced handed over: the previous
+    /// binary is executed again.
+    TakeOver(StartError),
+}
+
+/// A fresh start from the config at `path`, or, in a program executed by `baton
+/// upgrade-supervisor`, the take-over of what the previous one handed over (with what it came
+/// with, released once the loop runs).
+fn start(path: &Path) -> Result<(Supervisor, Option<upgrade::Handover>), NotStarted> {
+    match upgrade::inherited() {
+        None => {
+            let fresh = || {
+                let config = config::load(path).map_err(StartError::Config)?;
+                let parts = Supervisor::fresh(&config)?;
+                Supervisor::new(config, parts)
+            };
+            fresh().map(|s| (s, None)).map_err(NotStarted::Fresh)
+        }
+        Some(handover) => {
+            let take_over = || {
+                let handover = handover?;
+                let (config, parts) = Supervisor::take_over(path, &handover.state)?;
+                Ok((Supervisor::new(config, parts)?, Some(handover)))
+            };
+            take_over().map_err(NotStarted::TakeOver)
+        }
+    }
+}
+
 /// This program cannot take over what the previous one handed over: the previous one takes
 /// over again, if it can be executed (once: a previous program that cannot take over either
 /// does not go back to the one that failed).
-fn fall_back(reason: &str) -> u8 {
+fn fall_back(reason: &StartError) -> u8 {
     if let Some(first) = upgrade::failed_upgrade() {
         return orphaned(&format!(
             "the upgrade failed ({first}), and the previous binary cannot take over again either: {reason}"
         ));
     }
     error!("this supervisor cannot take over: {reason}; executing the previous binary again");
-    let why = upgrade::fall_back(reason);
+    let why = upgrade::fall_back(&reason.to_string());
     orphaned(&format!(
         "{reason}; and the previous binary could not be executed again: {why}"
     ))

@@ -4,8 +4,9 @@
 //! Either way the result is a [`Parts`], made into the [`Supervisor`].
 
 use std::collections::{BTreeMap, HashMap};
+use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -19,8 +20,8 @@ use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2, SI
 use signal_hook_mio::v1_0::Signals;
 use tracing::{info, warn};
 
-use super::control::bind_control;
-use super::stats::{register_stats, replaced_older_region, share_region};
+use super::control::{ControlSocketError, bind_control};
+use super::stats::{ShareRegionError, register_stats, replaced_older_region, share_region};
 use super::{CONTROL, GENERATIONS, GenIo, Parts, SIGNALS, Supervisor, settings};
 use crate::activation;
 use crate::adopt;
@@ -29,10 +30,57 @@ use crate::launch::Launch;
 use crate::lifecycle::{self, Lifecycle, State};
 use crate::notify::{Notifier, Watchdog};
 use crate::store::SocketStore;
-use crate::upgrade;
+use crate::upgrade::{self, HandoverError};
+
+/// Why `baton run` could not start, or could not take over what the supervisor it replaced
+/// handed over. Each says what is wrong and the way out.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The config file does not load: the operator fixes it (a fresh start exits 64).
+    #[error("{0}")]
+    Config(String),
+    /// The launch handed over (the running config's text and the proxy binary) cannot be
+    /// made again.
+    #[error("{0}")]
+    Launch(String),
+    /// `supervisor.user` is set, but the supervisor was not started as root.
+    #[error(
+        "supervisor.user = \"{user}\": only a supervisor started as root can run generations as another user; start `baton run` as root (it binds the ports and starts generations as {user}), or leave supervisor.user out"
+    )]
+    NotRoot { user: String },
+    /// The file at the stats path belongs to another user.
+    #[error(
+        "stats region {} belongs to uid {owner}, not to this supervisor's uid {me}; remove it, or set stats.path to a place of this user's",
+        path.display()
+    )]
+    RegionNotOurs { path: PathBuf, owner: u32, me: u32 },
+    /// The stats region cannot be made, opened or registered with.
+    #[error(transparent)]
+    Region(#[from] StatsError),
+    /// The stats region cannot be given to the generations' group.
+    #[error(transparent)]
+    ShareRegion(#[from] ShareRegionError),
+    /// The control socket cannot be made.
+    #[error(transparent)]
+    ControlSocket(#[from] ControlSocketError),
+    /// The event loop cannot be made, or cannot watch what it must.
+    #[error("cannot create the event loop: {0}")]
+    EventLoop(#[source] io::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] io::Error),
+    #[error("cannot watch signals: {0}")]
+    WatchSignals(#[source] io::Error),
+    #[error("cannot watch the control socket: {0}")]
+    WatchControl(#[source] io::Error),
+    #[error("cannot watch generation {epoch}'s channel: {source}")]
+    WatchChannel { epoch: u64, source: io::Error },
+    /// What the replaced supervisor handed over cannot be taken over.
+    #[error(transparent)]
+    Handover(#[from] HandoverError),
+}
 
 impl Supervisor {
-    pub(super) fn new(config: SupervisorConfig, parts: Parts) -> Result<Supervisor, String> {
+    pub(super) fn new(config: SupervisorConfig, parts: Parts) -> Result<Supervisor, StartError> {
         let Parts {
             region,
             mut control,
@@ -52,16 +100,16 @@ impl Supervisor {
             warn!("{mismatch}");
         }
         let stats = register_stats(&region)?;
-        let poll = Poll::new().map_err(|e| format!("cannot create the event loop: {e}"))?;
+        let poll = Poll::new().map_err(StartError::EventLoop)?;
         let mut signals =
             Signals::new([SIGHUP, SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGWINCH, SIGCHLD])
-                .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+                .map_err(StartError::Signals)?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
-            .map_err(|e| format!("cannot watch signals: {e}"))?;
+            .map_err(StartError::WatchSignals)?;
         poll.registry()
             .register(&mut control, CONTROL, Interest::READABLE)
-            .map_err(|e| format!("cannot watch the control socket: {e}"))?;
+            .map_err(StartError::WatchControl)?;
         let region = region;
         for (&epoch, g) in &generations {
             if let Some(channel) = &g.channel {
@@ -71,7 +119,7 @@ impl Supervisor {
                         Token(GENERATIONS + epoch as usize),
                         Interest::READABLE,
                     )
-                    .map_err(|e| format!("cannot watch generation {epoch}'s channel: {e}"))?;
+                    .map_err(|source| StartError::WatchChannel { epoch, source })?;
             }
         }
         let notify = Notifier::from_env(config.fd_store);
@@ -110,14 +158,13 @@ impl Supervisor {
         })
     }
 
-    pub(super) fn fresh(config: &SupervisorConfig) -> Result<Parts, String> {
+    pub(super) fn fresh(config: &SupervisorConfig) -> Result<Parts, StartError> {
         if let Some(run_as) = &config.run_as {
             let me = nix::unistd::geteuid();
             if !me.is_root() && me.as_raw() != run_as.uid {
-                return Err(format!(
-                    "supervisor.user = \"{}\": only a supervisor started as root can run generations as another user; start `baton run` as root (it binds the ports and starts generations as {}), or leave supervisor.user out",
-                    run_as.user, run_as.user
-                ));
+                return Err(StartError::NotRoot {
+                    user: run_as.user.clone(),
+                });
             }
         }
         if let Ok(meta) = std::fs::metadata(&config.stats_path) {
@@ -126,16 +173,15 @@ impl Supervisor {
             if meta.uid() != me {
                 // Someone else made it (or a generation's user): this supervisor would trust
                 // what another user wrote.
-                return Err(format!(
-                    "stats region {} belongs to uid {}, not to this supervisor's uid {me}; remove it, or set stats.path to a place of this user's",
-                    config.stats_path.display(),
-                    meta.uid()
-                ));
+                return Err(StartError::RegionNotOurs {
+                    path: config.stats_path.clone(),
+                    owner: meta.uid(),
+                    me,
+                });
             }
         }
         let (region, replaced) =
-            Region::create_or_replace_older(&config.stats_path, config.capacities)
-                .map_err(|e| e.to_string())?;
+            Region::create_or_replace_older(&config.stats_path, config.capacities)?;
         if let Some(version) = replaced {
             replaced_older_region(&region, version);
         }
@@ -278,13 +324,13 @@ impl Supervisor {
     pub(super) fn take_over(
         path: &Path,
         state: &upgrade::Inherited,
-    ) -> Result<(SupervisorConfig, Parts), String> {
+    ) -> Result<(SupervisorConfig, Parts), StartError> {
         #[cfg(debug_assertions)]
         if let Some(how) = std::env::var_os("BATON_TEST_TAKEOVER_FAILS")
             && (how == "always" || upgrade::failed_upgrade().is_none())
         {
             // Tests make an upgraded program fail here, to see the previous one take over again.
-            return Err("BATON_TEST_TAKEOVER_FAILS is set (a test build)".into());
+            return Err(HandoverError::TestFailure.into());
         }
         // The running config: the one handed over (a supervisor that did not hand it over
         // leaves only the file to read).
@@ -292,31 +338,34 @@ impl Supervisor {
             Some(launch) => {
                 let binary = upgrade::adopt(launch.binary_fd)
                     .map(std::fs::File::from)
-                    .ok_or("the proxy binary was not handed over")?;
-                Some(Rc::new(Launch::handed_over(
-                    path,
-                    launch.config_source.clone(),
-                    binary,
-                    launch.binary_path.clone(),
-                )?))
+                    .ok_or(HandoverError::Missing("proxy binary"))?;
+                Some(Rc::new(
+                    Launch::handed_over(
+                        path,
+                        launch.config_source.clone(),
+                        binary,
+                        launch.binary_path.clone(),
+                    )
+                    .map_err(StartError::Launch)?,
+                ))
             }
             None => None,
         };
         let config = match &last_good {
             Some(launch) => launch.config.clone(),
-            None => config::load(path)?,
+            None => config::load(path).map_err(StartError::Config)?,
         };
         let config = &config;
         let control = upgrade::adopt(state.control_fd)
             .map(std::os::unix::net::UnixListener::from)
-            .ok_or("the control socket was not handed over")?;
+            .ok_or(HandoverError::Missing("control socket"))?;
         control
             .set_nonblocking(true)
-            .map_err(|e| format!("control socket: {e}"))?;
+            .map_err(HandoverError::ControlSocket)?;
         let control = UnixListener::from_std(control);
         let region_file = upgrade::adopt(state.region_fd)
             .map(std::fs::File::from)
-            .ok_or("the stats region was not handed over")?;
+            .ok_or(HandoverError::Missing("stats region"))?;
         let region = match Region::from_file(&config.stats_path, region_file) {
             Ok(region) => region,
             // The supervisor this one replaced is of an earlier release, whose region this
@@ -325,12 +374,11 @@ impl Supervisor {
                 if found < known =>
             {
                 let (region, _) =
-                    Region::create_or_replace_older(&config.stats_path, config.capacities)
-                        .map_err(|e| e.to_string())?;
+                    Region::create_or_replace_older(&config.stats_path, config.capacities)?;
                 replaced_older_region(&region, found);
                 region
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         };
         // The new binary's config may have gained `supervisor.user`.
         share_region(config, &region)?;

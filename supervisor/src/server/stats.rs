@@ -2,9 +2,10 @@
 //! in: registering them, keeping them current, sharing the region with the generations' group,
 //! and making a new region when another process cut the old one short.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use shm_stats::{Region, Spec};
+use shm_stats::{Region, Spec, StatsError};
 use tracing::{error, info, warn};
 
 use super::{SUPERVISOR_SHARD_EPOCH, Supervisor, SupervisorStats};
@@ -65,12 +66,12 @@ impl Supervisor {
                         path.display()
                     ));
                 }
-                share_region(&self.config, &region)?;
+                share_region(&self.config, &region).map_err(|e| e.to_string())?;
                 region.set_supervisor_pid(std::process::id());
                 if let Some(active) = self.lifecycle.active() {
                     region.set_current_epoch(active);
                 }
-                let stats = register_stats(&region)?;
+                let stats = register_stats(&region).map_err(|e| e.to_string())?;
                 Ok((region, stats))
             });
         match made {
@@ -89,54 +90,39 @@ impl Supervisor {
     }
 }
 
-pub(super) fn register_stats(region: &Arc<Region>) -> Result<SupervisorStats, String> {
-    let err = |e: shm_stats::StatsError| e.to_string();
+pub(super) fn register_stats(region: &Arc<Region>) -> Result<SupervisorStats, StatsError> {
     Ok(SupervisorStats {
-        reloads: region
-            .counter(Spec::new(
-                "supervisor.reloads_total",
-                &[],
-                "Reloads started (the first start is not one).",
-            ))
-            .map_err(err)?,
-        failures: region
-            .counter(Spec::new(
-                "supervisor.reload_failures_total",
-                &[],
-                "Reloads whose new generation never became active.",
-            ))
-            .map_err(err)?,
-        crashes: region
-            .counter(Spec::new(
-                "supervisor.generation_crashes_total",
-                &[],
-                "Active generations that exited unasked.",
-            ))
-            .map_err(err)?,
-        draining: region
-            .gauge(Spec::new(
-                "supervisor.generations_draining",
-                &[],
-                "Generations draining now.",
-            ))
-            .map_err(err)?,
-        draining_connections: region
-            .gauge(Spec::new(
-                "supervisor.draining_connections",
-                &[],
-                "Connections the draining generations still hold.",
-            ))
-            .map_err(err)?,
-        draining_requests: region
-            .gauge(Spec::new(
-                "supervisor.draining_requests",
-                &[],
-                "Requests the draining generations are still answering.",
-            ))
-            .map_err(err)?,
-        shard: region
-            .attach_shard(SUPERVISOR_SHARD_EPOCH, 0)
-            .map_err(err)?,
+        reloads: region.counter(Spec::new(
+            "supervisor.reloads_total",
+            &[],
+            "Reloads started (the first start is not one).",
+        ))?,
+        failures: region.counter(Spec::new(
+            "supervisor.reload_failures_total",
+            &[],
+            "Reloads whose new generation never became active.",
+        ))?,
+        crashes: region.counter(Spec::new(
+            "supervisor.generation_crashes_total",
+            &[],
+            "Active generations that exited unasked.",
+        ))?,
+        draining: region.gauge(Spec::new(
+            "supervisor.generations_draining",
+            &[],
+            "Generations draining now.",
+        ))?,
+        draining_connections: region.gauge(Spec::new(
+            "supervisor.draining_connections",
+            &[],
+            "Connections the draining generations still hold.",
+        ))?,
+        draining_requests: region.gauge(Spec::new(
+            "supervisor.draining_requests",
+            &[],
+            "Requests the draining generations are still answering.",
+        ))?,
+        shard: region.attach_shard(SUPERVISOR_SHARD_EPOCH, 0)?,
         written: lifecycle::Counts::default(),
     })
 }
@@ -150,10 +136,26 @@ pub(super) fn replaced_older_region(region: &Region, version: u32) {
     );
 }
 
+/// The stats region could not be given to the generations' group (`supervisor.user`).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot give the stats region {} to group {gid} of supervisor.user {user}: {source}; start `baton run` as root, with CAP_CHOWN, CAP_SETUID, CAP_SETGID and CAP_KILL (under systemd: in the unit's CapabilityBoundingSet, as the shipped unit has them)",
+    path.display()
+)]
+pub struct ShareRegionError {
+    path: PathBuf,
+    gid: u32,
+    user: String,
+    source: nix::errno::Errno,
+}
+
 /// With `supervisor.user`, gives the stats region to the generations' group: they write through
 /// the descriptor the supervisor hands them, and the group lets `baton-stats` run as their user
 /// read it (mode 0640).
-pub(super) fn share_region(config: &SupervisorConfig, region: &Region) -> Result<(), String> {
+pub(super) fn share_region(
+    config: &SupervisorConfig,
+    region: &Region,
+) -> Result<(), ShareRegionError> {
     let Some(run_as) = &config.run_as else {
         return Ok(());
     };
@@ -162,12 +164,10 @@ pub(super) fn share_region(config: &SupervisorConfig, region: &Region) -> Result
         None,
         Some(nix::unistd::Gid::from_raw(run_as.gid)),
     )
-    .map_err(|e| {
-        format!(
-            "cannot give the stats region {} to group {} of supervisor.user {}: {e}; start `baton run` as root, with CAP_CHOWN, CAP_SETUID, CAP_SETGID and CAP_KILL (under systemd: in the unit's CapabilityBoundingSet, as the shipped unit has them)",
-            config.stats_path.display(),
-            run_as.gid,
-            run_as.user
-        )
+    .map_err(|source| ShareRegionError {
+        path: config.stats_path.clone(),
+        gid: run_as.gid,
+        user: run_as.user.clone(),
+        source,
     })
 }

@@ -119,9 +119,19 @@ pub enum HandoverError {
     /// The state is of a version this program does not read.
     #[error("the handed-over state is version {found}, this supervisor reads {reads}")]
     StateVersion { found: u32, reads: u32 },
+    /// A descriptor the state names (`what`) was not open.
+    #[error("the {0} was not handed over")]
+    Missing(&'static str),
+    /// The handed-over control socket cannot be made non-blocking.
+    #[error("control socket: {0}")]
+    ControlSocket(#[source] io::Error),
     /// A trial take-over does not read the config it would run.
     #[error("{0}")]
     Config(String),
+    /// Tests make an upgraded program fail to take over (debug builds only).
+    #[cfg(debug_assertions)]
+    #[error("BATON_TEST_TAKEOVER_FAILS is set (a test build)")]
+    TestFailure,
     /// There is no previous binary to execute again.
     #[error("the previous supervisor left no binary to go back to")]
     NoPreviousBinary,
