@@ -14,21 +14,36 @@
 //!
 //! The other subcommands are clients of the control socket (`control.rs`).
 
+// Unsafe code is denied, and allowed item by item (each block with its `// SAFETY:` note) only
+// in the modules where the OS demands it: `spawn` (placing descriptors between fork and exec),
+// `activation` (taking the descriptors systemd passes) and `upgrade` (the descriptors handed
+// over across an exec). Every other module forbids it.
 #![deny(unsafe_code)]
 
 mod activation;
-mod adopt;
-mod cli;
-mod config;
-mod control;
-mod launch;
-mod lifecycle;
-mod locate;
-mod notify;
-mod server;
 mod spawn;
-mod store;
 mod upgrade;
+
+#[forbid(unsafe_code)]
+mod adopt;
+#[forbid(unsafe_code)]
+mod cli;
+#[forbid(unsafe_code)]
+mod config;
+#[forbid(unsafe_code)]
+mod control;
+#[forbid(unsafe_code)]
+mod launch;
+#[forbid(unsafe_code)]
+mod lifecycle;
+#[forbid(unsafe_code)]
+mod locate;
+#[forbid(unsafe_code)]
+mod notify;
+#[forbid(unsafe_code)]
+mod server;
+#[forbid(unsafe_code)]
+mod store;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -22,8 +22,12 @@
 //! This file holds the exec and the take-over; `state.rs` the state's format, `check.rs` the
 //! checks of the new binary, `error.rs` why an upgrade or a take-over did not happen.
 
+// Only this file holds unsafe code (descriptor numbers handed over across the exec).
+#[forbid(unsafe_code)]
 mod check;
+#[forbid(unsafe_code)]
 mod error;
+#[forbid(unsafe_code)]
 mod state;
 
 use std::ffi::{CString, NulError};
