@@ -1,7 +1,7 @@
 //! The running supervisor's side of an in-place upgrade (`baton upgrade-supervisor`, SIGUSR2):
 //! when it may start, the checks of the new binary run as children the loop waits for (see
 //! [`Upgrading`]), the state handed over, and the exec. The state's format, the exec itself and
-//! the new program's side are in `upgrade.rs`.
+//! the new program's side are in `upgrade.rs` and its children.
 
 use std::os::fd::AsFd;
 use std::time::Instant;
