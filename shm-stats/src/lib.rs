@@ -22,20 +22,29 @@
 //!
 //! It does not know about processes beyond a pid in each row, nor about sockets or the proxy.
 
+mod error;
 pub mod format;
 mod guard;
 pub mod histogram;
 pub mod layout;
 mod lock;
+mod names;
+mod process;
 mod reader;
 mod region;
+mod registry;
+mod retire;
+mod shard;
 mod view;
 
+pub use error::StatsError;
 pub use histogram::Bounds;
 pub use layout::{Capacities, Kind, LAYOUT_VERSION, Merge, Unit};
 pub use lock::{Acquired, LockGuard};
 pub use reader::{HeaderInfo, ReadError, Reader, ShardInfo, Snapshot, Stat, StatMeta, Value};
-pub use region::{Counter, Gauge, Histogram, Region, Shard, Spec, StatsError};
+pub use region::Region;
+pub use registry::{Counter, Gauge, Histogram, Spec};
+pub use shard::Shard;
 
 /// Where the region of `instance` lives by default.
 pub fn default_path(instance: &str) -> std::path::PathBuf {
