@@ -7,7 +7,7 @@ use serde_json::{Map, Value as Json, json};
 
 use crate::histogram::Summary;
 use crate::layout::{Kind, Unit};
-use crate::reader::{Snapshot, Stat, Value};
+use crate::snapshot::{Snapshot, Stat, Value};
 
 /// `name{k=v,...}`, how a stat is named in text output and matched by filters.
 pub fn display_name(stat: &Stat) -> String {

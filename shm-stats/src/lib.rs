@@ -29,22 +29,26 @@ pub mod histogram;
 pub mod layout;
 mod lock;
 mod names;
+mod parse;
 mod process;
 mod reader;
 mod region;
 mod registry;
 mod retire;
 mod shard;
+mod snapshot;
 mod view;
 
-pub use error::StatsError;
+pub use error::{ReadError, StatsError};
 pub use histogram::Bounds;
 pub use layout::{Capacities, Kind, LAYOUT_VERSION, Merge, Unit};
 pub use lock::{Acquired, LockGuard};
-pub use reader::{HeaderInfo, ReadError, Reader, ShardInfo, Snapshot, Stat, StatMeta, Value};
+pub use parse::HeaderInfo;
+pub use reader::Reader;
 pub use region::Region;
 pub use registry::{Counter, Gauge, Histogram, Spec};
 pub use shard::Shard;
+pub use snapshot::{ShardInfo, Snapshot, Stat, StatMeta, Value};
 
 /// Where the region of `instance` lives by default.
 pub fn default_path(instance: &str) -> std::path::PathBuf {

@@ -13,12 +13,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use memmap2::{MmapOptions, MmapRaw};
 
-use crate::error::StatsError;
+use crate::error::{ReadError, StatsError};
 use crate::guard::Guard;
 use crate::layout::{self, Capacities, SlotState, header, locks, slot};
 use crate::lock::{Acquired, LockGuard, RawLock};
 use crate::names::NameIndex;
-use crate::reader::{self, HeaderInfo, MetaCache, ReadError, Snapshot};
+use crate::parse::{self, HeaderInfo};
+use crate::snapshot::{self, MetaCache, Snapshot};
 use crate::view::View;
 
 /// A region mapped for writing.
@@ -207,7 +208,7 @@ impl Region {
         // SAFETY: the mapping is page-aligned, `map.len()` bytes, and owned by the Region that
         // also owns the view.
         let view = unsafe { View::new(map.as_ptr(), map.len()) };
-        let header = reader::read_header(path, view).map_err(StatsError::Unusable)?;
+        let header = parse::read_header(path, view).map_err(StatsError::Unusable)?;
         Ok(Arc::new(Region {
             path: path.to_owned(),
             file,
@@ -267,7 +268,7 @@ impl Region {
 
     /// A consistent snapshot of every stat, read through this writer's own mapping.
     pub fn snapshot(&self) -> Result<Snapshot, ReadError> {
-        reader::snapshot(&self.path, self.view, &self.header, &self.metas)
+        snapshot::take(&self.path, self.view, &self.header, &self.metas)
     }
 
     /// Records which epoch is active, for readers.

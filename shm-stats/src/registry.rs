@@ -5,11 +5,11 @@
 use std::sync::PoisonError;
 use std::sync::atomic::Ordering;
 
-use crate::error::StatsError;
+use crate::error::{ReadError, StatsError};
 use crate::layout::{self, Kind, Merge, Unit, entry, header};
 use crate::lock::LockGuard;
 use crate::names;
-use crate::reader::{self, ReadError};
+use crate::parse;
 use crate::region::Region;
 
 /// A registered stat: where its cells are in every row.
@@ -86,7 +86,7 @@ impl Region {
         // Entries registered since this process last looked (by it or another process).
         while names.read < count {
             let existing =
-                reader::read_entry(self.view, &self.header, names.read, used).map_err(|what| {
+                parse::read_entry(self.view, &self.header, names.read, used).map_err(|what| {
                     StatsError::Unusable(ReadError::Corrupt {
                         path: self.path.clone(),
                         what,

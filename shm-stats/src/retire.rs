@@ -4,12 +4,13 @@
 
 use std::sync::atomic::{Ordering, fence};
 
-use crate::error::StatsError;
+use crate::error::{ReadError, StatsError};
 use crate::layout::{self, Kind, SlotState, header, slot};
+use crate::parse;
 use crate::process;
-use crate::reader::{self, ReadError, ShardInfo};
 use crate::region::Region;
 use crate::shard::add;
+use crate::snapshot::ShardInfo;
 
 impl Region {
     /// Folds the counters and histograms of every live shard of `epoch` into the retired row and
@@ -55,7 +56,7 @@ impl Region {
             .load(Ordering::Relaxed)
             .min(caps.max_stats);
         let entries = (0..count)
-            .map(|i| reader::read_entry(self.view, &self.header, i, used))
+            .map(|i| parse::read_entry(self.view, &self.header, i, used))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|what| {
                 StatsError::Unusable(ReadError::Corrupt {
