@@ -1,5 +1,7 @@
 //! Why a region could not be used: [`ReadError`] for a reader, [`StatsError`] for a writer.
 
+#![forbid(unsafe_code)]
+
 use std::io;
 use std::path::PathBuf;
 

@@ -1,6 +1,8 @@
 //! Rendering a snapshot as text (for people), JSON (for scripts) or the Prometheus text exposition
 //! format (for scrapers). Shared by `baton-stats` and the proxy's admin endpoints.
 
+#![forbid(unsafe_code)]
+
 use std::fmt::Write;
 
 use serde_json::{Map, Value as Json, json};

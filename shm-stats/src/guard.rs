@@ -77,7 +77,7 @@ impl Drop for Guard {
     }
 }
 
-#[allow(unsafe_code)]
+#[allow(unsafe_code)] // sigaction, which std does not wrap.
 fn install() {
     INSTALL.call_once(|| {
         // SAFETY: zeroed sigactions are valid starting values. The action in place is read and
@@ -101,7 +101,7 @@ fn install() {
     });
 }
 
-#[allow(unsafe_code)]
+#[allow(unsafe_code)] // A signal handler: the siginfo pointer, mmap and sigaction.
 extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler; si_addr is the
     // faulting address for SIGBUS.

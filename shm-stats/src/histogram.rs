@@ -9,6 +9,8 @@
 //! bound (no bucket of storage straddles a bound a scraper sees). The last bucket holds
 //! everything above the last bound (`+Inf`).
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 use std::sync::Arc;
 

@@ -2,6 +2,8 @@
 //! `LAYOUT.md` documents the same layout for readers in other languages; the two must agree, and
 //! [`LAYOUT_VERSION`] changes with any change here.
 
+#![forbid(unsafe_code)]
+
 use crate::histogram::Bounds;
 
 /// The first 8 bytes of every region.

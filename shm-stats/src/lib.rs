@@ -22,6 +22,11 @@
 //!
 //! It does not know about processes beyond a pid in each row, nor about sockets or the proxy.
 
+// Unsafe only where the region's memory is mapped, read or written through raw pointers and
+// where the OS is called without a safe wrapper (the SIGBUS handler, the robust mutexes); each
+// such item is allowed by name, and every module without one forbids it.
+#![deny(unsafe_code)]
+
 mod error;
 pub mod format;
 mod guard;

@@ -22,6 +22,7 @@ impl RawLock {
     /// # Safety
     /// `mutex` points to `LOCK_SLOT_SIZE` writable, suitably aligned bytes of a shared mapping
     /// that stays mapped as long as this value lives.
+    #[allow(unsafe_code)] // Its caller vouches for the pointer.
     pub(crate) unsafe fn at(mutex: *mut u8) -> RawLock {
         RawLock {
             mutex: mutex.cast(),
@@ -30,6 +31,7 @@ impl RawLock {
 
     /// Initialises the mutex as process-shared and robust. Only on a region nobody else has
     /// mapped yet.
+    #[allow(unsafe_code)] // pthread calls on the mutex in the mapping.
     pub(crate) fn init(&self) -> io::Result<()> {
         // SAFETY: the attribute object lives on this stack frame and is destroyed before return;
         // `self.mutex` is valid writable memory (see `at`) that no other process uses yet.
@@ -53,6 +55,7 @@ impl RawLock {
     }
 
     /// Takes the lock, recovering it if its holder died.
+    #[allow(unsafe_code)] // pthread calls on the mutex in the mapping.
     pub(crate) fn lock(&self) -> io::Result<Acquired> {
         // SAFETY: `self.mutex` is an initialised process-shared mutex in live shared memory.
         let rc = unsafe { libc::pthread_mutex_lock(self.mutex) };
@@ -67,6 +70,7 @@ impl RawLock {
         }
     }
 
+    #[allow(unsafe_code)] // A pthread call on the mutex in the mapping.
     pub(crate) fn unlock(&self) {
         // SAFETY: only called by a guard of a successful `lock` on this thread.
         unsafe {

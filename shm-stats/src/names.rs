@@ -1,6 +1,8 @@
 //! Names and tags: the rules a stat's name, tags and help text follow, and this process's index
 //! of the region's name table.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 
 use crate::layout::{Kind, entry};

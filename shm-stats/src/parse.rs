@@ -4,6 +4,8 @@
 //! and answered with a [`ReadError`] that says what is wrong, instead of reading out of bounds
 //! or panicking.
 
+#![forbid(unsafe_code)]
+
 use std::path::Path;
 use std::sync::atomic::Ordering;
 

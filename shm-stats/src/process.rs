@@ -1,5 +1,7 @@
 //! Which process wrote a row: its start time, recorded beside its pid, and whether it still runs.
 
+#![forbid(unsafe_code)]
+
 use nix::errno::Errno;
 use nix::sys::signal;
 use nix::unistd::Pid;

@@ -44,6 +44,7 @@ pub struct Reader {
 
 impl Reader {
     /// Maps the region at `path` read-only and validates its header.
+    #[allow(unsafe_code)] // Maps the region.
     pub fn open(path: &Path) -> Result<Reader, ReadError> {
         use std::os::unix::fs::OpenOptionsExt;
         // Non-blocking, so that opening a named pipe returns at once (without it, the open

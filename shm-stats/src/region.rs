@@ -35,9 +35,11 @@ pub struct Region {
     pub(crate) names: Mutex<NameIndex>,
 }
 
+#[allow(unsafe_code)] // Holds pointers into its mapping.
 // SAFETY: `view` points into `map`, which the region owns and which is shared memory meant for
 // concurrent use; every mutation goes through atomics or happens under the registry lock.
 unsafe impl Send for Region {}
+#[allow(unsafe_code)] // Holds pointers into its mapping.
 // SAFETY: as above; `&Region` only offers atomic accesses and lock-protected writes.
 unsafe impl Sync for Region {}
 
@@ -123,6 +125,7 @@ impl Region {
     }
 
     /// Writes a fresh region into `file`.
+    #[allow(unsafe_code)] // Maps a new region and initialises its locks.
     fn initialise(path: &Path, file: &File, caps: Capacities) -> Result<(), StatsError> {
         let bad = |problem: &str| StatsError::InvalidStat {
             name: "<capacities>".into(),
@@ -197,6 +200,7 @@ impl Region {
     }
 
     /// Uses an open region file (as handed over by the supervisor, or found at `path`).
+    #[allow(unsafe_code)] // Maps the region.
     pub fn from_file(path: &Path, file: File) -> Result<Arc<Region>, StatsError> {
         let map = MmapOptions::new()
             .map_raw(&file)
@@ -286,6 +290,7 @@ impl Region {
     }
 
     /// Takes lock `index` of the lock area (see [`layout::locks`]).
+    #[allow(unsafe_code)] // Points at a lock in the mapping.
     pub fn lock(&self, index: usize) -> Result<LockGuard<'_>, StatsError> {
         let o = self.header.offsets;
         if index >= locks::COUNT as usize {

@@ -171,6 +171,7 @@ impl Region {
 
     /// Copies a complete entry into place `index` of the name table, where no reader looks
     /// before the stat count passes it; `_registry` shows that the registry lock is held.
+    #[allow(unsafe_code)] // Writes into the mapping.
     fn write_entry(
         &self,
         _registry: &LockGuard<'_>,

@@ -2,6 +2,8 @@
 //! before the row is freed, inside an odd retirement sequence that readers retry around, so that
 //! counters never go back.
 
+#![forbid(unsafe_code)]
+
 use std::sync::atomic::{Ordering, fence};
 
 use crate::error::{ReadError, StatsError};

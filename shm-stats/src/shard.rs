@@ -14,6 +14,7 @@ use crate::registry::{Counter, Gauge, Histogram};
 
 impl Region {
     /// Takes a free shard row for worker `worker` of generation `epoch`.
+    #[allow(unsafe_code)] // Points at a row of the mapping.
     pub fn attach_shard(self: &Arc<Self>, epoch: u64, worker: u32) -> Result<Shard, StatsError> {
         let _guard = self.registry()?;
         let o = self.header.offsets;
@@ -89,12 +90,14 @@ impl std::fmt::Debug for Shard {
     }
 }
 
+#[allow(unsafe_code)] // Holds a pointer into the mapping.
 // SAFETY: `base` points into the region's mapping, which `region` keeps alive; moving the shard
 // to another thread is fine as long as one thread at a time uses it, which `!Sync` ensures.
 unsafe impl Send for Shard {}
 
 impl Shard {
     #[inline]
+    #[allow(unsafe_code)] // Reads a cell of the row through its pointer.
     fn cell(&self, i: u32) -> Option<&AtomicU64> {
         if i < self.cells {
             // SAFETY: `i` is within this row (checked), which lies inside the live mapping.

@@ -2,6 +2,8 @@
 //! (taken again while a retirement's odd sequence number is seen); entries parsed once and
 //! cached, as an entry never changes once published.
 
+#![forbid(unsafe_code)]
+
 use std::path::Path;
 use std::sync::atomic::{Ordering, fence};
 use std::sync::{Arc, Mutex};

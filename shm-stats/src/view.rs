@@ -19,6 +19,7 @@ impl View {
     /// # Safety
     /// `ptr` is the page-aligned start of a mapping of `len` readable bytes that stays mapped for
     /// as long as this view (and its copies) is used.
+    #[allow(unsafe_code)] // Its caller vouches for the mapping.
     pub(crate) unsafe fn new(ptr: *const u8, len: usize) -> View {
         View {
             ptr,
@@ -35,6 +36,7 @@ impl View {
             && offset % size.clamp(1, 8) == 0
     }
 
+    #[allow(unsafe_code)] // Reads the mapping through a raw pointer.
     pub(crate) fn atomic_u32(&self, offset: u64) -> Option<&AtomicU32> {
         if !self.in_bounds(offset, 4) {
             return None;
@@ -45,6 +47,7 @@ impl View {
         Some(unsafe { &*(self.ptr.add(offset as usize) as *const AtomicU32) })
     }
 
+    #[allow(unsafe_code)] // Reads the mapping through a raw pointer.
     pub(crate) fn atomic_u64(&self, offset: u64) -> Option<&AtomicU64> {
         if !self.in_bounds(offset, 8) {
             return None;
@@ -54,6 +57,7 @@ impl View {
     }
 
     /// `len` consecutive 8-byte cells from `offset`, checked once for the whole run.
+    #[allow(unsafe_code)] // Reads the mapping through a raw pointer.
     pub(crate) fn atomic_u64s(&self, offset: u64, len: usize) -> Option<&[AtomicU64]> {
         let bytes = (len as u64).checked_mul(8)?;
         if !self.in_bounds(offset, 8) || offset.checked_add(bytes)? > self.len {
@@ -67,6 +71,7 @@ impl View {
     }
 
     /// Copies `N` bytes into an array, without allocating.
+    #[allow(unsafe_code)] // Reads the mapping through a raw pointer.
     pub(crate) fn copy_array<const N: usize>(&self, offset: u64) -> Option<[u8; N]> {
         if offset.checked_add(N as u64)? > self.len {
             return None;
@@ -89,6 +94,7 @@ impl View {
     }
 
     /// Copies `len` bytes that nobody writes any more (published entries, the header's fixed part).
+    #[allow(unsafe_code)] // Reads the mapping through a raw pointer.
     pub(crate) fn copy(&self, offset: u64, len: usize) -> Option<Vec<u8>> {
         if !self.in_bounds(offset, 1) || offset + len as u64 > self.len {
             return None;
