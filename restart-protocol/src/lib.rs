@@ -18,7 +18,9 @@
 //!   highest version both speak wins ([`negotiate`]).
 //! - A peer that closes its end is reported as [`ChannelError::Closed`], an event like any other.
 
-// Unsafe only where descriptors pass between processes, each place allowed by name.
+// Unsafe only where descriptors pass between processes, each place allowed by name: taking
+// ownership of the descriptors a message brought (`Channel::recv`) and of an accepted connection
+// (`rendezvous::owned`). The modules without it (`listen`, `messages`, `version`) forbid it.
 #![deny(unsafe_code)]
 
 mod channel;

@@ -2,6 +2,8 @@
 //! (a generation for itself, the supervisor for an unprivileged generation), so that a socket
 //! is the same whoever made it.
 
+#![forbid(unsafe_code)]
+
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 

@@ -1,5 +1,7 @@
 //! The messages, one enum per direction. Each variant says who sends it and when.
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 use std::net::SocketAddr;
 

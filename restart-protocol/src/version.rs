@@ -1,5 +1,7 @@
 //! Protocol version negotiation: the highest version both sides speak wins.
 
+#![forbid(unsafe_code)]
+
 use serde::{Deserialize, Serialize};
 
 /// An inclusive range of protocol versions.
