@@ -415,13 +415,19 @@ fn check(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The proxy checks its part (listeners, routes, clusters); its errors reach stderr as they
+    // are, and its own "is valid" line gives way to this command's.
     match std::process::Command::new(&binary)
         .arg("--config")
         .arg(path)
         .arg("--check")
+        .stdout(std::process::Stdio::null())
         .status()
     {
-        Ok(status) if status.success() => ExitCode::SUCCESS,
+        Ok(status) if status.success() => {
+            println!("baton: {} is valid", path.display());
+            ExitCode::SUCCESS
+        }
         Ok(_) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("baton: cannot run {}: {e}", binary.display());

@@ -54,6 +54,24 @@ fn check_file(path: &Path) -> (Option<i32>, String) {
 }
 
 #[test]
+fn a_valid_file_is_said_valid_by_baton_in_its_own_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("baton.toml");
+    std::fs::write(&path, config("127.0.0.1:18080", "127.0.0.1:18081")).unwrap();
+    let out = Command::new(baton_tests::binaries::supervisor())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("baton: {} is valid\n", path.display()),
+        "one line, from the command the user ran"
+    );
+}
+
+#[test]
 fn a_misspelt_field_is_answered_with_the_name_meant_by_either_checker() {
     let good = config("127.0.0.1:18080", "127.0.0.1:18081");
     assert_eq!(check(&good).0, Some(0), "{}", check(&good).1);
