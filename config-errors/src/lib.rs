@@ -49,6 +49,47 @@ pub fn parse_error(source: &str, error: &toml::de::Error) -> (usize, String) {
     (offset, message)
 }
 
+/// The first top-level key of `source` that is not one of `known`, as [`parse_error`] would
+/// word it: its offset, and `unknown field `x` (did you mean `y`?), expected one of …` with the
+/// line quoted.
+///
+/// serde reports a file's errors in the order it reads the file, and a misspelt table name
+/// (`[[listner]]`) is often not the first thing it trips on: the `[[listener.route]]` below it
+/// makes `listener` a table where a list was expected, and that error names neither the typo nor
+/// the way out. A checker that fails asks this first.
+pub fn unknown_top_level_key(source: &str, known: &[&str]) -> Option<(usize, String)> {
+    let table = toml::de::DeTable::parse(source).ok()?;
+    let (key, _) = table
+        .get_ref()
+        .iter()
+        .filter(|(key, _)| !known.contains(&key.get_ref().as_ref()))
+        .min_by_key(|(key, _)| key.span().start)?;
+    let unknown: &str = key.get_ref().as_ref();
+    let expected = match known {
+        [one] => format!("`{one}`"),
+        [a, b] => format!("`{a}` or `{b}`"),
+        _ => format!(
+            "one of {}",
+            known
+                .iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let mut message = format!("unknown field `{unknown}`, expected {expected}");
+    if let Some(hint) = suggestion(&message) {
+        message = hint;
+    }
+    let offset = floor(source, key.span().start);
+    let line_start = source[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let text = source[line_start..].lines().next().unwrap_or("").trim();
+    if !text.is_empty() {
+        message = format!("{message} (in `{text}`)");
+    }
+    Some((offset, message))
+}
+
 /// `offset`, within `source` and on a character's first byte.
 fn floor(source: &str, offset: usize) -> usize {
     let mut offset = offset.min(source.len());
@@ -100,6 +141,23 @@ pub fn nearest<'a>(typed: &str, candidates: impl IntoIterator<Item = &'a str>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_misspelt_table_is_named_before_what_it_breaks_below() {
+        let source =
+            "instance = \"a\"\n\n[[listner]]\nname = \"x\"\n\n[[listener.route]]\npath = \"/\"\n";
+        let (offset, message) =
+            unknown_top_level_key(source, &["instance", "listener", "cluster"]).unwrap();
+        assert_eq!(line_column(source, offset), (3, 3));
+        assert_eq!(
+            message,
+            "unknown field `listner` (did you mean `listener`?), expected one of `instance`, `listener`, `cluster` (in `[[listner]]`)"
+        );
+        assert_eq!(
+            unknown_top_level_key("instance = 1\n[[listener]]\n", &["instance", "listener"]),
+            None
+        );
+    }
     use serde::Deserialize;
 
     #[derive(Debug, Deserialize)]

@@ -48,6 +48,24 @@ impl<'de> serde::Deserialize<'de> for RawDuration {
     }
 }
 
+/// The keys of [`RawConfig`], in its order (what serde's `expected one of` lists; a test holds
+/// them equal).
+pub const TOP_LEVEL_KEYS: &[&str] = &[
+    "instance",
+    "concurrency",
+    "drain_timeout",
+    "drain_idle_grace",
+    "drain_strategy",
+    "epoch_header",
+    "max_connections",
+    "supervisor",
+    "admin",
+    "stats",
+    "guard_dog",
+    "listener",
+    "cluster",
+];
+
 /// The whole file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -424,4 +442,24 @@ pub struct RawBreakers {
 pub enum RawUpstreamProtocol {
     Http1,
     Http2,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_top_level_keys_are_the_fields_serde_expects() {
+        let error = toml::from_str::<RawConfig>("no_such_key = 1\n").unwrap_err();
+        let expected: Vec<&str> = error
+            .message()
+            .split_once("expected one of ")
+            .expect("serde lists the fields")
+            .1
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .collect();
+        assert_eq!(expected, TOP_LEVEL_KEYS);
+    }
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_spanned::Spanned;
 
-use super::raw::{RawConfig, RawGuardDog, RawStats};
+use super::raw::{RawConfig, RawGuardDog, RawStats, TOP_LEVEL_KEYS};
 use super::*;
 
 mod cluster;
@@ -24,7 +24,9 @@ pub fn validate(path: &Path, source: &str) -> Result<Config, ConfigError> {
     // The supervisor words its parse errors the same way (a misspelt field reads alike whichever
     // checker finds it): the line quoted, and the nearest expected name.
     let raw: RawConfig = toml::from_str(source).map_err(|e| {
-        let (offset, message) = config_errors::parse_error(source, &e);
+        // A misspelt top-level key first: what serde trips on may only be its consequence.
+        let (offset, message) = config_errors::unknown_top_level_key(source, TOP_LEVEL_KEYS)
+            .unwrap_or_else(|| config_errors::parse_error(source, &e));
         v.error(offset..offset, message)
     })?;
     v.config(raw)

@@ -36,6 +36,12 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
             "unknown field `adress` (did you mean `address`?), expected one of",
         ),
         (
+            "a misspelt table, whose routes below it would otherwise be the first error",
+            BASE.edit("[[listener]]", "[[listner]]"),
+            3,
+            "unknown field `listner` (did you mean `listener`?), expected one of",
+        ),
+        (
             "a value of the wrong type",
             BASE.edit("protocol = \"http\"", "protocol = \"http\"\nbacklog = \"many\""),
             7,
