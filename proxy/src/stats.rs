@@ -170,7 +170,7 @@ impl StatIds {
                     )?,
                     downstream_rq_header_timeout: counter(
                         "downstream_rq_header_timeout",
-                        "Connections cut off by request_header_timeout: a request's headers came too slowly (answered 408), or nothing came.",
+                        "Connections cut at request_header_timeout: headers came too slowly (answered 408) or not at all.",
                     )?,
                     downstream_rq_headers_too_large: counter(
                         "downstream_rq_headers_too_large",

@@ -74,7 +74,17 @@ impl Region {
         };
         names::validate_name(spec.name).map_err(invalid)?;
         let tags = names::encode_tags(spec.tags).map_err(invalid)?;
-        let help = names::truncate(spec.help.lines().next().unwrap_or(""), entry::HELP_MAX);
+        let help = spec.help.lines().next().unwrap_or("");
+        // Every help text of baton's own stats fits whole (a cut one reads as a typo in
+        // Prometheus); another program's is cut to fit.
+        debug_assert!(
+            help.len() <= entry::HELP_MAX,
+            "the help of `{}` is {} bytes; at most {} fit in the region: {help}",
+            spec.name,
+            help.len(),
+            entry::HELP_MAX
+        );
+        let help = names::truncate(help, entry::HELP_MAX);
 
         let guard = self.registry()?;
         let caps = self.header.capacities;
