@@ -16,13 +16,13 @@ use std::net::TcpListener;
 use restart_protocol::DrainStrategy;
 use tracing::{error, info, warn};
 
-use crate::access_log::AccessLog;
 use crate::cluster::ClusterHandle;
 use crate::config::{Config, GuardDogSettings};
-use crate::limits::ConnectionLimits;
 use crate::listen;
+use crate::runtime::access_log::{AccessLog, LogTarget};
+use crate::runtime::limits::ConnectionLimits;
 use crate::stats::ThreadStats;
-use crate::worker::{LogTarget, WorkerHandle, WorkerSetup};
+use crate::worker::{WorkerHandle, WorkerSetup};
 
 /// Where a generation is in its life, as `/ready`, `/server_info` and logs name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,7 @@
 //! final answer to a request that asked for an upgrade ([`parse_head_for`]) and an error to any
 //! other. Pure functions over buffers, in the library
 //! so that a fuzz target can feed them any bytes an upstream may send (`fuzz/`); the proxy's
-//! upstream client (`upstream_h1` in the binary) reads the sockets.
+//! upstream client (`upstream::h1` in the binary) reads the sockets.
 
 use std::mem::MaybeUninit;
 

@@ -6,22 +6,17 @@
 
 #![deny(unsafe_code)]
 
-mod access_log;
 mod admin;
 mod cli;
 mod cluster;
+mod downstream;
 mod generation;
-mod http;
-mod limits;
 mod listen;
-mod relay;
 mod run;
+mod runtime;
 mod stats;
 mod supervised;
-mod tcp_proxy;
 mod upstream;
-mod upstream_h1;
-mod upstream_h2;
 mod worker;
 
 use std::num::NonZeroUsize;

@@ -9,25 +9,25 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
-
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use restart_protocol::DrainStrategy;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::futures::Notified;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::LocalSet;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, warn};
 
-use crate::access_log::LogSender;
-use crate::cluster::{ClusterHandle, WorkerLb};
+use crate::cluster::ClusterHandle;
 use crate::config::{Config, ListenerKind, Overflow};
-use crate::limits::{ConnectionLimits, Full};
+use crate::downstream::conn::ConnectionGuard;
+use crate::downstream::{http, tcp};
+use crate::runtime::access_log::LogTarget;
+use crate::runtime::context::WorkerContext;
+use crate::runtime::drain::{Connections, DrainState};
+use crate::runtime::limits::{ConnectionLimits, Full};
 use crate::stats::ThreadStats;
-use crate::upstream::ClusterPool;
-use crate::{http, tcp_proxy};
+use crate::upstream::state::Upstreams;
 
 /// What the main thread asks of a worker.
 pub enum Command {
@@ -60,13 +60,6 @@ pub struct WorkerHandle {
     pub heartbeat: Arc<AtomicU64>,
     commands: mpsc::UnboundedSender<Command>,
     thread: JoinHandle<()>,
-}
-
-/// Where a listener's access log lines go.
-#[derive(Clone)]
-pub struct LogTarget {
-    pub sender: LogSender,
-    pub file: usize,
 }
 
 /// Everything a worker thread needs, handed over when it is spawned.
@@ -164,37 +157,11 @@ impl WorkerHandle {
     }
 }
 
-/// A cluster as one worker uses it: the shared snapshot, and this worker's own pool and
-/// balancer state (round-robin position, least-request credits).
-pub struct WorkerCluster {
-    pub handle: Arc<ClusterHandle>,
-    pub pool: Rc<ClusterPool>,
-    pub lb: WorkerLb,
-}
-
-/// A worker's state, shared by the tasks on its thread.
-pub struct Worker {
-    pub id: usize,
-    pub config: Arc<Config>,
-    pub stats: ThreadStats,
-    /// One per cluster of the config.
-    pub clusters: Vec<WorkerCluster>,
-    /// Connections to the endpoints of `protocol = "http2"` clusters.
-    pub h2: crate::upstream_h2::Pool,
-    /// One per listener of the config.
-    pub tls: Vec<Option<TlsAcceptor>>,
-    /// One per listener of the config.
-    pub access_logs: Vec<Option<LogTarget>>,
-    pub drain: DrainState,
-    pub connections: Connections,
-    /// Set when the worker closes everything it still holds (drain deadline, stop).
-    pub stopping: Cell<bool>,
-    /// Requests being answered (single writer: this worker).
-    pub requests: Arc<AtomicUsize>,
-    pub epoch_header: Option<::http::HeaderValue>,
-    pub limits: Arc<ConnectionLimits>,
-    /// Connections being answered 503 because a limit was reached (see [`MAX_REFUSING`]).
-    pub refusing: Cell<usize>,
+/// A worker's state: its context, shared with every task on its thread, and its upstreams,
+/// lent to each connection it accepts.
+struct Worker {
+    ctx: Rc<WorkerContext>,
+    upstreams: Rc<Upstreams>,
 }
 
 /// Connections past a limit that a worker answers 503 at once; past this, it closes them
@@ -203,20 +170,9 @@ const MAX_REFUSING: usize = 64;
 
 async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>) {
     let config = setup.config;
-    let worker = Rc::new(Worker {
+    let upstreams = Rc::new(Upstreams::new(&config, setup.id, setup.clusters));
+    let ctx = Rc::new(WorkerContext {
         id: setup.id,
-        clusters: config
-            .clusters
-            .iter()
-            .zip(setup.clusters)
-            .map(|(c, handle)| WorkerCluster {
-                pool: Rc::new(ClusterPool::new(c, handle.clone())),
-                handle,
-                // Spread the workers' round-robin positions.
-                lb: WorkerLb::starting_at(setup.id.wrapping_mul(7919)),
-            })
-            .collect(),
-        h2: crate::upstream_h2::Pool::default(),
         tls: config
             .listeners
             .iter()
@@ -229,16 +185,14 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
         stats: setup.stats,
         config: config.clone(),
         drain: DrainState::default(),
-        connections: Connections {
-            open: setup.open,
-            closed: Notify::new(),
-        },
+        connections: Connections::new(setup.open),
         requests: setup.requests,
         epoch_header: setup.epoch_header,
         limits: setup.limits,
         refusing: Cell::new(0),
         stopping: Cell::new(false),
     });
+    let worker = Rc::new(Worker { ctx, upstreams });
     let mut accepting = Vec::new();
     for (index, listener) in setup.listeners.into_iter().enumerate() {
         match TcpListener::from_std(listener) {
@@ -250,7 +204,7 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
                 )));
             }
             Err(e) => {
-                error!(worker = worker.id, listener = %config.listeners[index].name, "cannot register listen socket: {e}")
+                error!(worker = worker.ctx.id, listener = %config.listeners[index].name, "cannot register listen socket: {e}")
             }
         }
     }
@@ -266,13 +220,13 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
                 stopped_accepting,
                 done,
             } => {
-                worker.drain.begin(timeout, strategy);
+                worker.ctx.drain.begin(timeout, strategy);
                 // The accept loops see the drain at once, take what waits in the queue, and end.
                 for accept in accepting.drain(..) {
                     let _ = accept.await;
                 }
                 let _ = stopped_accepting.send(());
-                let w = worker.clone();
+                let w = worker.ctx.clone();
                 tokio::task::spawn_local(async move {
                     w.connections.all_closed().await;
                     let _ = done.send(());
@@ -282,7 +236,7 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
             #[cfg(debug_assertions)]
             Command::Wedge(time) => {
                 warn!(
-                    worker = worker.id,
+                    worker = worker.ctx.id,
                     ?time,
                     "wedging this worker, as asked (debug build)"
                 );
@@ -292,15 +246,16 @@ async fn run(setup: WorkerSetup, mut commands: mpsc::UnboundedReceiver<Command>)
         }
     }
     // What is still open is closed as the LocalSet drops its tasks; say why in their logs.
-    worker.stopping.set(true);
+    worker.ctx.stopping.set(true);
 }
 
 async fn accept_loop(worker: Rc<Worker>, index: usize, listener: TcpListener) {
-    let http = matches!(worker.config.listeners[index].kind, ListenerKind::Http(_));
+    let ctx = &worker.ctx;
+    let http = matches!(ctx.config.listeners[index].kind, ListenerKind::Http(_));
     let wait_for_room =
-        worker.limits.limited(index) && worker.config.listeners[index].overflow == Overflow::Wait;
+        ctx.limits.limited(index) && ctx.config.listeners[index].overflow == Overflow::Wait;
     loop {
-        if worker.drain.is_draining() {
+        if ctx.drain.is_draining() {
             // The socket may close with this accept loop (run alone; or on a stop, when the
             // supervisor has let its copy go): clients already in the accept queue finished
             // their handshake and may have sent a request, so take them (they are answered
@@ -316,13 +271,13 @@ async fn accept_loop(worker: Rc<Worker>, index: usize, listener: TcpListener) {
             // At the limit, clients wait in the accept queue until a connection closes.
             tokio::select! {
                 biased;
-                _ = worker.drain.started() => continue,
-                _ = worker.limits.room(index) => {}
+                _ = ctx.drain.started() => continue,
+                _ = ctx.limits.room(index) => {}
             }
         }
         let accepted = tokio::select! {
             biased;
-            _ = worker.drain.started() => continue,
+            _ = ctx.drain.started() => continue,
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -330,10 +285,10 @@ async fn accept_loop(worker: Rc<Worker>, index: usize, listener: TcpListener) {
             Err(e) if is_resource_exhaustion(&e) => {
                 // Out of file descriptors or memory: accepting again at once would spin. Back off
                 // so that closing connections can free some; the accept queue keeps the clients.
-                warn!(worker = worker.id, "accept failed: {e}; retrying in 100ms");
+                warn!(worker = ctx.id, "accept failed: {e}; retrying in 100ms");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(e) => debug!(worker = worker.id, "accept failed: {e}"),
+            Err(e) => debug!(worker = ctx.id, "accept failed: {e}"),
         }
     }
 }
@@ -342,26 +297,28 @@ async fn accept_loop(worker: Rc<Worker>, index: usize, listener: TcpListener) {
 /// it (an HTTP/1.1 client is first answered 503) or, with `max_connections_action = "wait"`,
 /// holds it unserved until a place frees: it was accepted by an accept loop that was already
 /// waiting in `accept` when another worker took the last place.
-fn admit(worker: &Rc<Worker>, index: usize, http: bool, stream: TcpStream, peer: SocketAddr) {
-    let limited = worker.limits.limited(index);
-    if limited && let Err(full) = worker.limits.try_take(index) {
-        let listener = &worker.config.listeners[index];
+fn admit(worker: &Worker, index: usize, http: bool, stream: TcpStream, peer: SocketAddr) {
+    let ctx = &worker.ctx;
+    let limited = ctx.limits.limited(index);
+    if limited && let Err(full) = ctx.limits.try_take(index) {
+        let listener = &ctx.config.listeners[index];
         if listener.overflow == Overflow::Wait {
             // Counted as open, so that a drain waits for it; it holds no place yet.
-            let mut guard = ConnectionGuard::new(worker.clone(), index, false);
+            let mut guard =
+                ConnectionGuard::new(ctx.clone(), worker.upstreams.clone(), index, false);
             tokio::task::spawn_local(async move {
-                let worker = guard.worker.clone();
+                let ctx = guard.worker.clone();
                 loop {
-                    if worker.drain.is_draining() {
+                    if ctx.drain.is_draining() {
                         // A draining generation serves what it accepted, past the limit.
-                        worker.limits.force_take(index);
+                        ctx.limits.force_take(index);
                         break;
                     }
                     tokio::select! {
-                        _ = worker.drain.started() => continue,
-                        _ = worker.limits.room(index) => {}
+                        _ = ctx.drain.started() => continue,
+                        _ = ctx.limits.room(index) => {}
                     }
-                    if worker.limits.try_take(index).is_ok() {
+                    if ctx.limits.try_take(index).is_ok() {
                         break;
                     }
                 }
@@ -370,36 +327,36 @@ fn admit(worker: &Rc<Worker>, index: usize, http: bool, stream: TcpStream, peer:
                 if http {
                     http::serve(guard, stream, peer).await;
                 } else {
-                    tcp_proxy::serve(guard, stream, peer).await;
+                    tcp::serve(guard, stream, peer).await;
                 }
             });
             return;
         } else {
-            let ids = &worker.stats.ids.listeners[index];
+            let ids = &ctx.stats.ids.listeners[index];
             let counter = match full {
                 Full::Listener => ids.downstream_cx_overflow,
                 Full::Total => ids.downstream_global_cx_overflow,
             };
-            worker.stats.shard.inc(counter);
-            debug!(worker = worker.id, listener = %listener.name, %peer, "connection limit reached ({full:?}); closing");
-            if http && worker.tls[index].is_none() && worker.refusing.get() < MAX_REFUSING {
-                worker.refusing.set(worker.refusing.get() + 1);
-                let worker = worker.clone();
+            ctx.stats.shard.inc(counter);
+            debug!(worker = ctx.id, listener = %listener.name, %peer, "connection limit reached ({full:?}); closing");
+            if http && ctx.tls[index].is_none() && ctx.refusing.get() < MAX_REFUSING {
+                ctx.refusing.set(ctx.refusing.get() + 1);
+                let ctx = ctx.clone();
                 tokio::task::spawn_local(async move {
-                    http::refuse(&worker, stream).await;
-                    worker.refusing.set(worker.refusing.get() - 1);
+                    http::refuse(&ctx, stream).await;
+                    ctx.refusing.set(ctx.refusing.get() - 1);
                 });
             }
             return;
         }
     }
     let _ = stream.set_nodelay(true);
-    let guard = ConnectionGuard::new(worker.clone(), index, limited);
+    let guard = ConnectionGuard::new(ctx.clone(), worker.upstreams.clone(), index, limited);
     // Spawned as they are, so that a connection's task is no larger than its protocol needs.
     if http {
         tokio::task::spawn_local(http::serve(guard, stream, peer));
     } else {
-        tokio::task::spawn_local(tcp_proxy::serve(guard, stream, peer));
+        tokio::task::spawn_local(tcp::serve(guard, stream, peer));
     }
 }
 
@@ -448,6 +405,7 @@ async fn beat(heartbeat: Arc<AtomicU64>, clock: Instant, every: Duration) {
 
 async fn sweep_pools(worker: Rc<Worker>) {
     let Some(period) = worker
+        .ctx
         .config
         .clusters
         .iter()
@@ -463,140 +421,6 @@ async fn sweep_pools(worker: Rc<Worker>) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        for cluster in &worker.clusters {
-            cluster.pool.sweep();
-        }
-        worker.h2.sweep(&worker.config);
-    }
-}
-
-/// Whether this worker drains, how, and a way to wait for the moment it starts.
-#[derive(Default)]
-pub struct DrainState {
-    draining: Cell<bool>,
-    since: Cell<Option<Instant>>,
-    timeout: Cell<Duration>,
-    strategy: Cell<Option<DrainStrategy>>,
-    started: Notify,
-}
-
-impl DrainState {
-    fn begin(&self, timeout: Duration, strategy: DrainStrategy) {
-        let now = Instant::now();
-        let since = self.since.get().unwrap_or(now);
-        self.since.set(Some(since));
-        // A later drain (a hurry) shortens the time left; it never lengthens it.
-        let left = timeout + now.saturating_duration_since(since);
-        let timeout = match self.strategy.get() {
-            Some(_) => self.timeout.get().min(left),
-            None => timeout,
-        };
-        self.timeout.set(timeout);
-        let strategy = match (self.strategy.get(), strategy) {
-            (Some(DrainStrategy::Immediate), _) | (_, DrainStrategy::Immediate) => {
-                DrainStrategy::Immediate
-            }
-            _ => DrainStrategy::Gradual,
-        };
-        self.strategy.set(Some(strategy));
-        self.draining.set(true);
-        self.started.notify_waiters();
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.get()
-    }
-
-    /// Whether the HTTP/1.1 answer being made now should carry `Connection: close`: always
-    /// when draining immediately; when draining gradually, with a probability that grows from
-    /// 0 to 1 over the drain time, so that clients reconnect spread out.
-    pub fn close_this_answer(&self) -> bool {
-        match (self.strategy.get(), self.since.get()) {
-            (Some(DrainStrategy::Immediate), _) => true,
-            (Some(DrainStrategy::Gradual), Some(since)) => {
-                let share =
-                    since.elapsed().as_secs_f64() / self.timeout.get().as_secs_f64().max(1e-3);
-                fastrand::f64() < share
-            }
-            _ => false,
-        }
-    }
-
-    /// How long an HTTP/2 connection waits before its GOAWAY: at once when draining
-    /// immediately, a random moment in the first half of the drain time when gradually.
-    pub fn goaway_delay(&self) -> Duration {
-        match self.strategy.get() {
-            Some(DrainStrategy::Gradual) => self.timeout.get().mul_f64(fastrand::f64() / 2.0),
-            _ => Duration::ZERO,
-        }
-    }
-
-    /// Fires when a drain begins. Check [`Self::is_draining`] first: a drain that began before
-    /// this future was made does not fire it.
-    pub fn started(&self) -> Notified<'_> {
-        self.started.notified()
-    }
-}
-
-/// The number of open downstream connections on this worker.
-pub struct Connections {
-    /// Written by this worker only; read by the main thread.
-    open: Arc<AtomicUsize>,
-    closed: Notify,
-}
-
-impl Connections {
-    fn open(&self) -> usize {
-        self.open.load(Ordering::Relaxed)
-    }
-
-    fn set(&self, n: usize) {
-        self.open.store(n, Ordering::Relaxed);
-    }
-
-    async fn all_closed(&self) {
-        while self.open() > 0 {
-            self.closed.notified().await;
-        }
-    }
-}
-
-/// Counts a downstream connection from accept to close, in the stats and for the drain.
-pub struct ConnectionGuard {
-    pub worker: Rc<Worker>,
-    pub listener: usize,
-    /// Holds a place in the connection limits.
-    limited: bool,
-}
-
-impl ConnectionGuard {
-    fn new(worker: Rc<Worker>, listener: usize, limited: bool) -> Self {
-        let stats = &worker.stats;
-        let ids = &stats.ids.listeners[listener];
-        stats.shard.inc(ids.downstream_cx_total);
-        stats.shard.gauge_add(ids.downstream_cx_active, 1);
-        worker.connections.set(worker.connections.open() + 1);
-        ConnectionGuard {
-            worker,
-            listener,
-            limited,
-        }
-    }
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        let stats = &self.worker.stats;
-        let ids = &stats.ids.listeners[self.listener];
-        stats.shard.gauge_add(ids.downstream_cx_active, -1);
-        stats.shard.inc(ids.downstream_cx_destroy);
-        let connections = &self.worker.connections;
-        connections.set(connections.open() - 1);
-        if connections.open() == 0 {
-            connections.closed.notify_waiters();
-        }
-        if self.limited {
-            self.worker.limits.give_back(self.listener);
-        }
+        worker.upstreams.sweep(&worker.ctx.config);
     }
 }

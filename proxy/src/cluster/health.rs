@@ -15,7 +15,7 @@ use tracing::debug;
 
 use super::Event;
 use crate::config::{HealthCheck, HealthCheckKind};
-use crate::http::LocalExec;
+use crate::runtime::LocalExec;
 
 /// Probes `address` now and then every `interval` (with a little jitter, so that the checks of
 /// many endpoints do not go out together), until the task is aborted.

@@ -11,10 +11,16 @@
 
 mod authority;
 mod body;
+mod ctx;
 mod headers;
 mod io;
+mod local;
+mod mirror;
 mod path;
+mod proxy;
+mod retry;
 mod service;
+mod tunnel;
 mod upgrade;
 
 use std::convert::Infallible;
@@ -37,10 +43,12 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
+use self::ctx::ConnCtx;
 use self::io::{Activity, ByteStats, ConnIo};
-use self::service::ConnCtx;
 use crate::config::{ListenerKind, RequestLimits};
-use crate::worker::{ConnectionGuard, Worker};
+use crate::downstream::conn::ConnectionGuard;
+use crate::runtime::LocalExec;
+use crate::runtime::context::WorkerContext;
 
 /// The first bytes of every HTTP/2 connection (RFC 9113, section 3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -120,13 +128,14 @@ async fn start(guard: &ConnectionGuard, stream: TcpStream, peer: SocketAddr) -> 
     let ctx = |tls, h2| {
         Rc::new(ConnCtx {
             worker: worker.clone(),
+            upstreams: guard.upstreams.clone(),
             listener,
             peer,
             peer_value: headers::peer_value(peer.ip()),
             tls,
             h2,
             activity: activity.clone(),
-            handoff: upgrade::Handoff::default(),
+            handoff: tunnel::Handoff::default(),
         })
     };
 
@@ -200,7 +209,7 @@ async fn start(guard: &ConnectionGuard, stream: TcpStream, peer: SocketAddr) -> 
 
 /// Resolves once a drain has begun and the idle grace has passed: a connection that has not
 /// sent a request by then is closed like an idle keep-alive connection.
-async fn drained_while_silent(worker: &crate::worker::Worker) {
+async fn drained_while_silent(worker: &WorkerContext) {
     while !worker.drain.is_draining() {
         worker.drain.started().await;
     }
@@ -406,7 +415,7 @@ impl Hibernate for tokio_rustls::server::TlsStream<ConnIo<TcpStream>> {
 /// began and the idle grace passed.
 async fn hibernate<S: Hibernate>(
     stream: &S,
-    worker: &Worker,
+    worker: &WorkerContext,
     listener: usize,
     activity: &Activity,
     idle_timeout: Duration,
@@ -447,7 +456,7 @@ enum Ended {
 /// when a drain asks for it.
 async fn drive<C>(
     mut connection: Pin<&mut C>,
-    worker: &Worker,
+    worker: &WorkerContext,
     listener: usize,
     activity: &Activity,
     settings: DriveSettings,
@@ -578,7 +587,7 @@ where
 
 /// Answers 503 to the first request of a connection that found no place under the connection
 /// limits, then closes it; a client that does not send a request soon is closed without one.
-pub async fn refuse(worker: &Worker, stream: TcpStream) {
+pub async fn refuse(worker: &WorkerContext, stream: TcpStream) {
     let service = service_fn(|_request| async {
         let mut response = Response::new(Full::new(Bytes::from_static(
             b"connection limit reached: the proxy holds as many connections as it is allowed; try again later\n",
@@ -600,19 +609,5 @@ pub async fn refuse(worker: &Worker, stream: TcpStream) {
         .serve_connection(TokioIo::new(stream), service);
     if let Ok(Err(e)) = tokio::time::timeout(REFUSE_TIMEOUT * 2, connection).await {
         debug!(worker = worker.id, "refused connection ended: {e}");
-    }
-}
-
-/// Runs HTTP/2 stream and connection tasks on the worker's own thread (for the server here and
-/// for upstream HTTP/2 connections).
-#[derive(Clone, Copy)]
-pub struct LocalExec;
-
-impl<F> hyper::rt::Executor<F> for LocalExec
-where
-    F: Future + 'static,
-{
-    fn execute(&self, future: F) {
-        tokio::task::spawn_local(future);
     }
 }

@@ -13,7 +13,7 @@ use bytes::{Buf, Bytes};
 use shm_stats::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::worker::Worker;
+use crate::runtime::context::WorkerContext;
 
 /// What a connection has been doing, for the decision to close it while idle or while a
 /// client takes too long to send a request's headers.
@@ -98,7 +98,7 @@ impl Activity {
 
 /// Where a connection counts the bytes it moves.
 pub struct ByteStats {
-    pub worker: Rc<Worker>,
+    pub worker: Rc<WorkerContext>,
     pub rx: Counter,
     pub tx: Counter,
 }

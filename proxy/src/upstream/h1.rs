@@ -30,8 +30,10 @@ use baton_proxy::http1_wire::{
 };
 
 use crate::config::Cluster;
-use crate::upstream::{self, ConnectError, ConnectionSlot, TrackedBody};
-use crate::worker::Worker;
+use crate::runtime::context::WorkerContext;
+
+use super::connect::{self, ConnectError, ConnectionSlot};
+use super::request::TrackedBody;
 
 /// A read asks the socket for at least this much room...
 const READ_MIN: usize = 8 * 1024;
@@ -90,7 +92,7 @@ pub struct Conn {
 /// `max_connections`, both for as long as the connection lives. The worker is not kept alive by
 /// it: its pools hold connections, and a worker that exits drops them.
 struct Live {
-    worker: Weak<Worker>,
+    worker: Weak<WorkerContext>,
     gauge: Gauge,
     _slot: ConnectionSlot,
 }
@@ -109,12 +111,13 @@ impl Conn {
     pub async fn connect(
         addr: SocketAddr,
         cluster: &Cluster,
-        worker: &Rc<Worker>,
+        worker: &Rc<WorkerContext>,
         cluster_index: usize,
         slot: ConnectionSlot,
     ) -> Result<Conn, ConnectError> {
         let stream =
-            upstream::connect_tcp(addr, cluster.connect_timeout, worker, cluster_index).await?;
+            connect::connect_tcp(addr, cluster.connect_timeout, &worker.stats, cluster_index)
+                .await?;
         let gauge = worker.stats.ids.clusters[cluster_index].upstream_cx_active;
         worker.stats.shard.gauge_add(gauge, 1);
         Ok(Conn {

@@ -15,13 +15,13 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Version};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
+
+use crate::cluster::{ClusterRequest, HostRequest};
+use crate::runtime::context::WorkerContext;
+use crate::upstream::h1;
+use crate::upstream::response::{BoxError, Upstream, UpstreamBody};
 
 use super::io::Activity;
-use crate::cluster::{ClusterRequest, HostRequest};
-use crate::upstream::ClusterPool;
-use crate::worker::Worker;
-use crate::{upstream_h1, upstream_h2};
 
 /// Short codes in the access log that say why a response is what it is, after Envoy's
 /// response flags.
@@ -101,7 +101,7 @@ impl Flag {
 /// done or dropped.
 pub struct Exchange {
     activity: Rc<Activity>,
-    worker: Rc<Worker>,
+    worker: Rc<WorkerContext>,
     listener: usize,
     start: Instant,
     /// Present only when the listener has an access log.
@@ -126,7 +126,7 @@ pub struct LogRecord {
 impl Exchange {
     pub fn new(
         activity: Rc<Activity>,
-        worker: Rc<Worker>,
+        worker: Rc<WorkerContext>,
         listener: usize,
         log: Option<Box<LogRecord>>,
     ) -> Self {
@@ -263,59 +263,6 @@ pub struct Release {
     pub started: Instant,
 }
 
-/// What a response holds of its upstream connection.
-pub enum Upstream {
-    /// An HTTP/1.1 connection (read by the body, [`UpstreamBody::Http1`]), given back to its
-    /// pool once the response is complete.
-    Http1 {
-        pool: Rc<ClusterPool>,
-        endpoint: SocketAddr,
-    },
-    /// A stream of a shared HTTP/2 connection: nothing goes back, the stream just ends.
-    Http2(
-        #[expect(dead_code, reason = "held for its drop, which ends the stream")]
-        upstream_h2::Stream,
-    ),
-}
-
-/// A response body as it comes from an upstream.
-pub enum UpstreamBody {
-    Http1(upstream_h1::Body),
-    Http2(Incoming),
-}
-
-/// What an upstream's response body can fail with.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            UpstreamBody::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            UpstreamBody::Http2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Http1(body) => body.is_end_stream(),
-            UpstreamBody::Http2(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Http1(body) => body.size_hint(),
-            UpstreamBody::Http2(body) => body.size_hint(),
-        }
-    }
-}
-
 /// The body of a response to the client.
 pub struct ResponseBody {
     kind: Kind,
@@ -382,12 +329,7 @@ impl ResponseBody {
                 stats.ids.clusters[r.cluster].upstream_rq_time,
                 micros(r.started.elapsed()),
             );
-            if let (Upstream::Http1 { pool, endpoint }, UpstreamBody::Http1(body)) =
-                (r.upstream, body)
-                && let Some(conn) = body.reusable()
-            {
-                pool.release(endpoint, conn);
-            }
+            r.upstream.release(body);
             drop(r.in_flight);
         }
     }
@@ -423,10 +365,8 @@ impl Body for ResponseBody {
                         // The upstream connection broke mid-body: it must not be reused. It
                         // broke under the client's request body, or on the upstream's side.
                         release.take();
-                        let flag = match e.downcast_ref::<upstream_h1::Error>() {
-                            Some(upstream_h1::Error::RequestBody(cause)) => {
-                                client_body_flag(cause.as_ref())
-                            }
+                        let flag = match e.downcast_ref::<h1::Error>() {
+                            Some(h1::Error::RequestBody(cause)) => client_body_flag(cause.as_ref()),
                             _ => Flag::UpstreamReset,
                         };
                         this.exchange.set_flag(flag);

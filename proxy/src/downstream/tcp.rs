@@ -14,9 +14,10 @@ use tracing::debug;
 
 use crate::cluster::{self, HostRequest, Outcome};
 use crate::config::ListenerKind;
-use crate::relay;
-use crate::upstream::{self, ConnectionSlot};
-use crate::worker::ConnectionGuard;
+use crate::upstream::connect::{ConnectionSlot, connect_tcp};
+
+use super::conn::ConnectionGuard;
+use super::relay;
 
 pub async fn serve(guard: ConnectionGuard, downstream: TcpStream, peer: SocketAddr) {
     let worker = guard.worker.clone();
@@ -29,7 +30,7 @@ pub async fn serve(guard: ConnectionGuard, downstream: TcpStream, peer: SocketAd
     };
     let cluster = worker.config.cluster(cluster_id);
     let start = Instant::now();
-    let wc = &worker.clusters[cluster_id.0];
+    let wc = &guard.upstreams.clusters[cluster_id.0];
     let stats = &worker.stats;
     let cluster_stats = &stats.ids.clusters[cluster_id.0];
     let listener_stats = &stats.ids.listeners[guard.listener];
@@ -54,8 +55,7 @@ pub async fn serve(guard: ConnectionGuard, downstream: TcpStream, peer: SocketAd
     };
     let _host = HostRequest::new(pick.host.clone());
     let (sent, received) = (Cell::new(0u64), Cell::new(0u64));
-    let connected =
-        upstream::connect_tcp(addr, cluster.connect_timeout, &worker, cluster_id.0).await;
+    let connected = connect_tcp(addr, cluster.connect_timeout, stats, cluster_id.0).await;
     // A session that connects counts as a success for outlier detection; one that cannot, as a
     // local failure (as Envoy's TCP proxy reports them).
     let outcome = match &connected {

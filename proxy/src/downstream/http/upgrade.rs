@@ -18,11 +18,9 @@
 //! the `101` and given the socket back, runs it ([`run`]). A tunnel is like a session of a tcp
 //! listener: cleartext, its bytes move by splice(2) (`relay`); under TLS, through rustls.
 
-use std::cell::{Cell, RefCell};
-use std::fmt::Write as _;
+use std::cell::Cell;
 use std::io;
 use std::pin::Pin;
-use std::rc::Rc;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -33,15 +31,17 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::body::{Exchange, Flag, LogRecord, ResponseBody, UpstreamBody, format_line};
-use super::headers;
-use super::io::ConnIo;
-use super::service::{ConnCtx, local};
 use crate::cluster::{ClusterRequest, HostRequest};
 use crate::config::ClusterRoute;
-use crate::relay;
-use crate::upstream_h1::Upgraded;
-use crate::worker::Worker;
+use crate::downstream::relay;
+use crate::upstream::response::UpstreamBody;
+
+use super::body::{Exchange, Flag, ResponseBody};
+use super::ctx::ConnCtx;
+use super::headers;
+use super::io::ConnIo;
+use super::local::local;
+use super::tunnel::Tunnel;
 
 static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
@@ -225,71 +225,6 @@ pub fn switched(
         active: false,
     }));
     Response::from_parts(parts, ResponseBody::full(Bytes::new(), exchange))
-}
-
-/// Where the service leaves a tunnel for its connection.
-#[derive(Default)]
-pub struct Handoff(RefCell<Option<Box<Tunnel>>>);
-
-impl Handoff {
-    fn put(&self, tunnel: Box<Tunnel>) {
-        *self.0.borrow_mut() = Some(tunnel);
-    }
-
-    pub fn take(&self) -> Option<Box<Tunnel>> {
-        self.0.borrow_mut().take()
-    }
-}
-
-/// An upgraded connection's upstream side and bookkeeping, from the `101` to the end. Its access
-/// log line is written when it is dropped, however it ends (also when the drain deadline stops
-/// its worker).
-pub struct Tunnel {
-    worker: Rc<Worker>,
-    listener: usize,
-    upstream: Upgraded,
-    _in_flight: (ClusterRequest, HostRequest),
-    idle_timeout: Duration,
-    /// When the request arrived.
-    started: Instant,
-    log: Option<Box<LogRecord>>,
-    /// Bytes passed on after the `101`.
-    to_client: Cell<u64>,
-    from_client: Cell<u64>,
-    flag: Flag,
-    /// Counted in `downstream_cx_upgrades_active`.
-    active: bool,
-}
-
-impl Drop for Tunnel {
-    fn drop(&mut self) {
-        let stats = &self.worker.stats;
-        let ids = &stats.ids.listeners[self.listener];
-        if self.active {
-            stats.shard.gauge_add(ids.downstream_cx_upgrades_active, -1);
-        }
-        let Some(mut log) = self.log.take() else {
-            return;
-        };
-        let Some(target) = &self.worker.access_logs[self.listener] else {
-            return;
-        };
-        log.flag = match self.flag {
-            Flag::None if self.worker.stopping.get() => Flag::ProxyClosed,
-            flag => flag,
-        };
-        let mut line = format_line(
-            &self.worker.config.listeners[self.listener].name,
-            &log,
-            StatusCode::SWITCHING_PROTOCOLS.as_u16(),
-            self.to_client.get(),
-            self.started.elapsed().as_secs_f64(),
-        );
-        let _ = write!(line, " sent={}", self.from_client.get());
-        if !target.sender.send(target.file, line) {
-            stats.shard.inc(stats.ids.server.access_log_dropped);
-        }
-    }
 }
 
 /// A client's stream as a tunnel uses it.

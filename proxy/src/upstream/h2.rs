@@ -26,9 +26,11 @@ use tokio::sync::Notify;
 use tracing::debug;
 
 use crate::config::{ClusterId, Config};
-use crate::http::LocalExec;
-use crate::upstream::{self, ConnectError, RequestBody};
-use crate::worker::Worker;
+use crate::runtime::LocalExec;
+use crate::runtime::context::WorkerContext;
+
+use super::connect::{self, ConnectError};
+use super::request::RequestBody;
 
 /// Sends requests on one HTTP/2 connection; clones share the connection.
 pub type Sender = http2::SendRequest<RequestBody>;
@@ -44,8 +46,11 @@ pub enum SendError {
 /// One worker's HTTP/2 connections, by cluster and endpoint address.
 #[derive(Default)]
 pub struct Pool {
-    slots: RefCell<HashMap<(usize, SocketAddr), Slot>>,
+    /// Shared with the tasks that make connections, which put them here.
+    slots: Rc<Slots>,
 }
+
+type Slots = RefCell<HashMap<(usize, SocketAddr), Slot>>;
 
 enum Slot {
     /// A connection is being made; requests for the endpoint wait for it.
@@ -103,7 +108,7 @@ impl Pool {
     /// goes once more on a new connection (counted in `upstream_rq_retry`).
     pub async fn send(
         &self,
-        worker: &Rc<Worker>,
+        worker: &Rc<WorkerContext>,
         cluster: ClusterId,
         addr: SocketAddr,
         request: Request<RequestBody>,
@@ -143,7 +148,7 @@ impl Pool {
     /// The open connection for `key`, or the one being made, or a new one.
     async fn connection(
         &self,
-        worker: &Rc<Worker>,
+        worker: &Rc<WorkerContext>,
         key: (usize, SocketAddr),
     ) -> Result<Connection, ConnectError> {
         let connecting = {
@@ -156,7 +161,12 @@ impl Pool {
                     // (a timeout, a client that left) without stranding those that wait.
                     let connecting = Rc::new(Connecting::default());
                     slots.insert(key, Slot::Connecting(connecting.clone()));
-                    tokio::task::spawn_local(connect(worker.clone(), key, connecting.clone()));
+                    tokio::task::spawn_local(connect(
+                        worker.clone(),
+                        self.slots.clone(),
+                        key,
+                        connecting.clone(),
+                    ));
                     connecting
                 }
             }
@@ -211,10 +221,15 @@ impl Pool {
 }
 
 /// Makes the connection for `key`, puts it in the pool and tells the waiting requests.
-async fn connect(worker: Rc<Worker>, key: (usize, SocketAddr), connecting: Rc<Connecting>) {
+async fn connect(
+    worker: Rc<WorkerContext>,
+    slots: Rc<Slots>,
+    key: (usize, SocketAddr),
+    connecting: Rc<Connecting>,
+) {
     let outcome = handshake(&worker, key).await;
     {
-        let mut slots = worker.h2.slots.borrow_mut();
+        let mut slots = slots.borrow_mut();
         match &outcome {
             Ok(connection) => {
                 slots.insert(key, Slot::Open(connection.clone()));
@@ -235,12 +250,12 @@ const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
 const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn handshake(
-    worker: &Rc<Worker>,
+    worker: &Rc<WorkerContext>,
     (cluster_index, addr): (usize, SocketAddr),
 ) -> Result<Connection, ConnectError> {
     let cluster = &worker.config.clusters[cluster_index];
     let stream =
-        upstream::connect_tcp(addr, cluster.connect_timeout, worker, cluster_index).await?;
+        connect::connect_tcp(addr, cluster.connect_timeout, &worker.stats, cluster_index).await?;
     let (sender, connection) = http2::Builder::new(LocalExec)
         .timer(TokioTimer::new())
         // A connection whose peer is gone (a host lost, a NAT entry dropped) is found out by

@@ -36,6 +36,13 @@ pub struct LogSender {
     tx: SyncSender<Message>,
 }
 
+/// Where a listener's access log lines go.
+#[derive(Clone)]
+pub struct LogTarget {
+    pub sender: LogSender,
+    pub file: usize,
+}
+
 impl AccessLog {
     /// Opens every file (so that a bad path fails before anything serves) and starts the flusher.
     pub fn start(paths: Vec<PathBuf>) -> io::Result<AccessLog> {
