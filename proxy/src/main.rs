@@ -6,16 +6,12 @@
 
 #![deny(unsafe_code)]
 
-mod admin;
 mod cli;
 mod cluster;
 mod downstream;
 mod generation;
-mod listen;
-mod run;
 mod runtime;
 mod stats;
-mod supervised;
 mod upstream;
 mod worker;
 
@@ -62,7 +58,7 @@ fn main() -> ExitCode {
     let channel = if cli.check {
         None
     } else {
-        match supervised::channel_from_env() {
+        match generation::supervised::channel_from_env() {
             Ok(channel) => channel,
             Err(e) => {
                 eprintln!("baton-proxy: {e}");
@@ -75,7 +71,7 @@ fn main() -> ExitCode {
     let source = if cli.check {
         Ok(None)
     } else {
-        supervised::config_from_env()
+        generation::supervised::config_from_env()
     };
     let mut config_fd = None;
     let loaded = match source {
@@ -136,7 +132,7 @@ fn main() -> ExitCode {
     let local = tokio::task::LocalSet::new();
     local.block_on(
         &runtime,
-        run::run(config, concurrency, cli.epoch, channel, config_fd),
+        generation::run::run(config, concurrency, cli.epoch, channel, config_fd),
     )
 }
 

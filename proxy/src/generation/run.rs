@@ -19,13 +19,13 @@ use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
-use crate::admin;
+use super::admin;
+use super::listen;
+use super::running::{self, DrainOutcome, Generation};
+use super::supervised::{self, Link};
 use crate::cluster;
 use crate::config::Config;
-use crate::generation::{self, DrainOutcome, Generation};
-use crate::listen;
 use crate::stats::{StatIds, ThreadStats};
-use crate::supervised::{self, Link};
 
 /// How often a supervised generation tells the supervisor what it holds.
 const LOAD_INTERVAL: Duration = Duration::from_millis(500);
@@ -155,7 +155,7 @@ pub async fn run(
     // the old one knew were down.
     let main_stats = match StatIds::register(&region, &config).and_then(|ids| {
         Ok(Rc::new(ThreadStats {
-            shard: region.attach_shard(epoch, generation::MAIN_THREAD_SHARD)?,
+            shard: region.attach_shard(epoch, running::MAIN_THREAD_SHARD)?,
             ids: Arc::new(ids),
         }))
     }) {
@@ -544,6 +544,6 @@ fn standalone_setup(
     if let Some(mismatch) = region.capacity_mismatch(config.stats.capacities) {
         warn!("{mismatch}");
     }
-    let sockets = generation::bind_listeners(config).map_err(|e| e.to_string())?;
+    let sockets = running::bind_listeners(config).map_err(|e| e.to_string())?;
     Ok((region, sockets, admin))
 }

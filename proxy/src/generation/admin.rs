@@ -22,8 +22,8 @@ use tracing::debug;
 
 use shm_stats::format;
 
+use super::running::{Info, State};
 use crate::config::Config;
-use crate::generation::{Info, State};
 
 /// The version of this binary.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -16,9 +16,9 @@ use std::net::TcpListener;
 use restart_protocol::DrainStrategy;
 use tracing::{error, info, warn};
 
+use super::listen;
 use crate::cluster::ClusterHandle;
 use crate::config::{Config, GuardDogSettings};
-use crate::listen;
 use crate::runtime::access_log::{AccessLog, LogTarget};
 use crate::runtime::limits::ConnectionLimits;
 use crate::stats::ThreadStats;

@@ -13,8 +13,8 @@ use restart_protocol::{
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info};
 
+use super::listen;
 use crate::config::Config;
-use crate::listen;
 
 /// The channel named by `BATON_CONTROL_FD`, if the proxy was started by a supervisor.
 #[allow(unsafe_code)] // Taking ownership of an inherited fd is what the OS demands here.
@@ -150,7 +150,7 @@ impl Link {
             features: FEATURES,
             epoch,
             pid: std::process::id(),
-            build: crate::admin::BUILD_ID.to_owned(),
+            build: super::admin::BUILD_ID.to_owned(),
         })?;
         match link
             .recv()
