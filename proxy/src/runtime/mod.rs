@@ -11,7 +11,7 @@ pub mod limits;
 use std::future::Future;
 
 /// Runs HTTP/2 stream and connection tasks on the worker's own thread (for the server, for
-/// upstream HTTP/2 connections and for gRPC health checks).
+/// upstream HTTP/2 connections and for the health checks of HTTP/2 clusters).
 #[derive(Clone, Copy)]
 pub struct LocalExec;
 
