@@ -9,7 +9,8 @@
 //!
 //! Heads and bodies are taken out of the bytes read by `baton_proxy::http1_wire` (httparse and
 //! RFC 9112's framing, in the library so that it can be fuzzed); this module does the I/O: the
-//! connection, its pool, the request's upload, and reads as the client takes the body.
+//! connection, the request's upload, and reads as the client takes the body (its idle pool is
+//! `pool`).
 
 use std::io;
 use std::net::SocketAddr;

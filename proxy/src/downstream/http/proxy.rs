@@ -30,6 +30,9 @@ use super::upgrade;
 /// A request body went past `max_request_body` before the upstream answered.
 pub struct TooLarge(pub Exchange);
 
+/// Sends `request` to the route's cluster (its tries, its timeout, a copy to the mirror) and
+/// makes the client's answer from what came back. A body that goes past `max_body` comes back
+/// as [`TooLarge`], for the service to answer.
 pub async fn proxy(
     ctx: &ConnCtx,
     route: &ClusterRoute,

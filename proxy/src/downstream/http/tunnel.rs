@@ -32,20 +32,21 @@ impl Handoff {
 /// log line is written when it is dropped, however it ends (also when the drain deadline stops
 /// its worker).
 pub struct Tunnel {
-    pub worker: Rc<WorkerContext>,
-    pub listener: usize,
-    pub upstream: Upgraded,
-    pub _in_flight: (ClusterRequest, HostRequest),
-    pub idle_timeout: Duration,
+    pub(super) worker: Rc<WorkerContext>,
+    pub(super) listener: usize,
+    pub(super) upstream: Upgraded,
+    /// The request's places in its cluster's and host's counts, held until the tunnel ends.
+    pub(super) _in_flight: (ClusterRequest, HostRequest),
+    pub(super) idle_timeout: Duration,
     /// When the request arrived.
-    pub started: Instant,
-    pub log: Option<Box<LogRecord>>,
+    pub(super) started: Instant,
+    pub(super) log: Option<Box<LogRecord>>,
     /// Bytes passed on after the `101`.
-    pub to_client: Cell<u64>,
-    pub from_client: Cell<u64>,
-    pub flag: Flag,
+    pub(super) to_client: Cell<u64>,
+    pub(super) from_client: Cell<u64>,
+    pub(super) flag: Flag,
     /// Counted in `downstream_cx_upgrades_active`.
-    pub active: bool,
+    pub(super) active: bool,
 }
 
 impl Drop for Tunnel {

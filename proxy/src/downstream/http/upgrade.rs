@@ -14,9 +14,10 @@
 //!
 //! Who does what: the service asks [`offer`] what a request asks for and how to send it
 //! ([`forward`]), answers a refusal ([`refuse`]) or the `101` ([`switched`]), which leaves the
-//! [`Tunnel`] in the connection's [`Handoff`]; the connection (`mod.rs`), once hyper has written
-//! the `101` and given the socket back, runs it ([`run`]). A tunnel is like a session of a tcp
-//! listener: cleartext, its bytes move by splice(2) (`relay`); under TLS, through rustls.
+//! `Tunnel` in the connection's `Handoff` (`tunnel.rs`); the connection (`mod.rs`), once hyper
+//! has written the `101` and given the socket back, runs it ([`run`]). A tunnel is like a
+//! session of a tcp listener: cleartext, its bytes move by splice(2) (`relay`); under TLS,
+//! through rustls.
 
 use std::cell::Cell;
 use std::io;
@@ -166,7 +167,7 @@ pub struct Switch<'a> {
 }
 
 /// The client's `101`, from the upstream's: its fields, with `Connection: upgrade` and the
-/// upstream's `Upgrade`; the tunnel waits in the connection's [`Handoff`] until hyper has sent it.
+/// upstream's `Upgrade`; the tunnel waits in the connection's `Handoff` until hyper has sent it.
 /// A `101` that switches to a protocol not asked for, or before the request body was all sent,
 /// is answered `502`.
 pub fn switched(
