@@ -31,12 +31,8 @@ pub enum SendError {
     Reset(hyper::Error),
     /// An HTTP/1.1 exchange failed.
     Http1(h1::Error),
-    /// The route's `per_try_timeout` passed (set by the tries, not by [`send`]).
-    PerTryTimeout,
     /// A circuit breaker refused it; names which.
     Overflow(&'static str),
-    /// The cluster has no endpoint to send to (set by the tries, not by [`send`]).
-    NoHost,
 }
 
 /// Sends on a pooled connection to `addr` when one is usable, else on a new one (waiting for one

@@ -74,7 +74,7 @@ pub async fn shadow(
                 upstream.release(&mut body);
             }
         }
-        Ok(Err(SendError::Overflow(_) | SendError::NoHost)) => {}
+        Ok(Err(SendError::Overflow(_))) => {}
         Ok(Err(_)) | Err(_) => {
             wc.handle
                 .report(host.host(), Outcome::LocalFailure, cluster.outlier.as_ref());

@@ -24,7 +24,7 @@ use super::ctx::ConnCtx;
 use super::headers::{self, Downstream};
 use super::local::{local, overloaded};
 use super::mirror::shadow;
-use super::retry::{RETRY_BUFFER_LIMIT, Template, Tries, is_idempotent};
+use super::retry::{RETRY_BUFFER_LIMIT, Template, Tries, TryError, is_idempotent};
 use super::upgrade;
 
 /// A request body went past `max_request_body` before the upstream answered.
@@ -240,7 +240,7 @@ pub async fn proxy(
 fn failed(
     ctx: &ConnCtx,
     cluster_id: ClusterId,
-    error: SendError,
+    error: TryError,
     addr: Option<SocketAddr>,
     exchange: Exchange,
 ) -> Response<ResponseBody> {
@@ -248,6 +248,27 @@ fn failed(
     let stats = &worker.stats;
     let cluster_stats = &stats.ids.clusters[cluster_id.0];
     let addr = addr.map_or_else(|| "-".to_owned(), |a| a.to_string());
+    let error = match error {
+        TryError::PerTryTimeout => {
+            stats.shard.inc(cluster_stats.upstream_rq_timeout);
+            return local(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream request timeout (per try)\n",
+                exchange,
+                Flag::UpstreamTimeout,
+            );
+        }
+        TryError::NoHost => {
+            stats.shard.inc(cluster_stats.upstream_cx_none_healthy);
+            return local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy upstream\n",
+                exchange,
+                Flag::NoHealthyUpstream,
+            );
+        }
+        TryError::Send(error) => error,
+    };
     match error {
         SendError::Connect(e) => {
             debug!(worker = worker.id, upstream = %addr, "{e}");
@@ -293,25 +314,7 @@ fn failed(
                 Flag::UpstreamReset,
             )
         }
-        SendError::PerTryTimeout => {
-            stats.shard.inc(cluster_stats.upstream_rq_timeout);
-            local(
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream request timeout (per try)\n",
-                exchange,
-                Flag::UpstreamTimeout,
-            )
-        }
         SendError::Overflow(which) => overloaded(which, exchange),
-        SendError::NoHost => {
-            stats.shard.inc(cluster_stats.upstream_cx_none_healthy);
-            local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no healthy upstream\n",
-                exchange,
-                Flag::NoHealthyUpstream,
-            )
-        }
     }
 }
 

@@ -27,7 +27,16 @@ pub struct Sent {
 }
 
 /// How the tries of one request ended, and the last endpoint tried.
-pub type Tried = (Result<Sent, SendError>, Option<SocketAddr>);
+pub type Tried = (Result<Sent, TryError>, Option<SocketAddr>);
+
+/// Why a try got no answer: the send failed, or the tries gave up on it.
+pub enum TryError {
+    Send(SendError),
+    /// The route's `per_try_timeout` passed.
+    PerTryTimeout,
+    /// The cluster has no endpoint to send to.
+    NoHost,
+}
 
 /// Bodies of requests that may be retried or mirrored are kept up to this size (a declared one).
 pub const RETRY_BUFFER_LIMIT: u64 = 64 * 1024;
@@ -81,7 +90,7 @@ impl Tries<'_> {
         let mut _retrying: Option<ActiveRetry> = None;
         loop {
             let Some(pick) = wc.handle.pick(cluster.lb_policy, &wc.lb, self.hash, &tried) else {
-                return (Err(SendError::NoHost), last);
+                return (Err(TryError::NoHost), last);
             };
             if pick.panic {
                 stats.shard.inc(cluster_stats.lb_healthy_panic);
@@ -110,16 +119,16 @@ impl Tries<'_> {
                 // Each try's time starts when the client's body is all sent (a slow upload is
                 // not a slow upstream), as the request's own timeout does.
                 Some(limit) => tokio::select! {
-                    result = attempt => result,
+                    result = attempt => result.map_err(TryError::Send),
                     _ = async {
                         let ended = self.progress.ended().await;
                         tokio::time::sleep_until((ended.max(started) + limit).into()).await;
                     } => {
                         stats.shard.inc(cluster_stats.upstream_rq_per_try_timeout);
-                        Err(SendError::PerTryTimeout)
+                        Err(TryError::PerTryTimeout)
                     }
                 },
-                None => attempt.await,
+                None => attempt.await.map_err(TryError::Send),
             };
             let Some(host) = self.current.borrow_mut().take() else {
                 unreachable!("the try's host is set before it runs");
@@ -127,8 +136,11 @@ impl Tries<'_> {
             // The client's own failures (its body broke off, or went past max_request_body)
             // say nothing of the upstream, and are not tried again.
             let clients_fault = self.progress.too_large()
-                || matches!(&result, Err(SendError::Reset(e)) if e.is_user())
-                || matches!(&result, Err(SendError::Http1(h1::Error::RequestBody(_))));
+                || matches!(&result, Err(TryError::Send(SendError::Reset(e))) if e.is_user())
+                || matches!(
+                    &result,
+                    Err(TryError::Send(SendError::Http1(h1::Error::RequestBody(_))))
+                );
             if let Ok((response, _)) = &result
                 && let Some(class) = stats::class_index(response.status().as_u16())
             {
@@ -137,7 +149,7 @@ impl Tries<'_> {
             let outcome = match &result {
                 _ if clients_fault => None,
                 Ok((response, _)) => Some(Outcome::Status(response.status().as_u16())),
-                Err(SendError::Overflow(_) | SendError::NoHost) => None,
+                Err(TryError::Send(SendError::Overflow(_)) | TryError::NoHost) => None,
                 Err(_) => Some(Outcome::LocalFailure),
             };
             if let Some(outcome) = outcome {
@@ -187,7 +199,7 @@ impl Tries<'_> {
 /// Whether a try's end is one the policy retries.
 fn should_retry(
     policy: &RetryPolicy,
-    result: &Result<(Response<UpstreamBody>, Upstream), SendError>,
+    result: &Result<(Response<UpstreamBody>, Upstream), TryError>,
 ) -> bool {
     let on = &policy.on;
     match result {
@@ -197,11 +209,13 @@ fn should_retry(
                 || (on.gateway_error && matches!(s, 502..=504))
                 || on.statuses.contains(&s)
         }
-        Err(SendError::Connect(_)) => on.connect_failure || on.server_error || on.gateway_error,
-        Err(SendError::Reset(_) | SendError::Http1(_) | SendError::PerTryTimeout) => {
-            on.reset || on.server_error || on.gateway_error
+        Err(TryError::Send(SendError::Connect(_))) => {
+            on.connect_failure || on.server_error || on.gateway_error
         }
-        Err(SendError::Overflow(_) | SendError::NoHost) => false,
+        Err(
+            TryError::Send(SendError::Reset(_) | SendError::Http1(_)) | TryError::PerTryTimeout,
+        ) => on.reset || on.server_error || on.gateway_error,
+        Err(TryError::Send(SendError::Overflow(_)) | TryError::NoHost) => false,
     }
 }
 
