@@ -27,14 +27,6 @@ const CRATES: &[&str] = &[
 /// The longest a source file may be, outside the tests.
 const MAX_LINES: usize = 700;
 
-/// Files over the limit that are being split (#19). An entry that is no longer over the limit
-/// fails the test, so that the list only shrinks.
-const KNOWN_LONG: &[&str] = &[];
-
-/// Cycles being broken (#19): a cycle passes while all its modules are in one entry; an entry
-/// that no cycle needs any more fails the test.
-const KNOWN_CYCLES: &[(&str, &[&str])] = &[];
-
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -279,7 +271,6 @@ fn show(module: &[String]) -> String {
 #[test]
 fn modules_import_downward_only() {
     let mut problems = Vec::new();
-    let mut known_used = BTreeSet::new();
     for krate in CRATES {
         let src = root().join(krate).join("src");
         let mut files = Vec::new();
@@ -303,13 +294,6 @@ fn modules_import_downward_only() {
         }
         for component in cycles(&graph) {
             let names: Vec<String> = component.iter().map(|m| show(m)).collect();
-            let known = KNOWN_CYCLES.iter().position(|(k, modules)| {
-                k == krate && names.iter().all(|n| modules.contains(&n.as_str()))
-            });
-            if let Some(i) = known {
-                known_used.insert(i);
-                continue;
-            }
             let mut detail = String::new();
             for m in &component {
                 let inside: Vec<String> = graph[m]
@@ -322,13 +306,6 @@ fn modules_import_downward_only() {
             problems.push(format!(
                 "{krate}: an import cycle among {}:{detail}",
                 names.join(", ")
-            ));
-        }
-    }
-    for (i, (krate, modules)) in KNOWN_CYCLES.iter().enumerate() {
-        if !known_used.contains(&i) {
-            problems.push(format!(
-                "{krate}: the known cycle {modules:?} is gone; take it out of KNOWN_CYCLES"
             ));
         }
     }
@@ -348,13 +325,8 @@ fn no_source_file_outside_the_tests_is_over_700_lines() {
             }
             let lines = std::fs::read_to_string(&file).unwrap().lines().count();
             let name = format!("{krate}/src/{}", file.strip_prefix(&src).unwrap().display());
-            let known = KNOWN_LONG.contains(&name.as_str());
-            if lines > MAX_LINES && !known {
+            if lines > MAX_LINES {
                 long.push(format!("{name}: {lines} lines"));
-            } else if lines <= MAX_LINES && known {
-                long.push(format!(
-                    "{name} is {lines} lines now; take it out of KNOWN_LONG"
-                ));
             }
         }
     }
