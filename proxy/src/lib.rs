@@ -3,7 +3,7 @@
 //! framed, fuzzed too), the load-balancing tables and least request's picks, and the DNS
 //! resolver of `strict_dns` clusters. The proxy itself is the `baton-proxy` binary.
 
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod config;
 pub mod dns;

@@ -4,14 +4,24 @@
 //! Threads: the main thread (signals, admin, drain orchestration), one worker thread per
 //! `--concurrency` with its own event loop, and one access-log flusher thread.
 
+// Unsafe code is denied, and allowed by name only where the OS demands it: here (closing a
+// descriptor this process inherited), in `generation` (`supervised`: the descriptors the
+// supervisor passes; `run`: registering a descriptor with tokio's reactor) and in `worker`
+// (asking mimalloc to free an idle thread's pages). Every other module forbids it.
 #![deny(unsafe_code)]
 
+#[forbid(unsafe_code)]
 mod cli;
+#[forbid(unsafe_code)]
 mod cluster;
+#[forbid(unsafe_code)]
 mod downstream;
 mod generation;
+#[forbid(unsafe_code)]
 mod runtime;
+#[forbid(unsafe_code)]
 mod stats;
+#[forbid(unsafe_code)]
 mod upstream;
 mod worker;
 

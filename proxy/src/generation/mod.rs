@@ -3,8 +3,11 @@
 //! threads and the drain (`running`), and the admin listener (`admin`). The top of the proxy:
 //! it starts the workers (`crate::worker`), and nothing below imports it.
 
+#[forbid(unsafe_code)]
 pub mod admin;
+#[forbid(unsafe_code)]
 pub mod listen;
 pub mod run;
+#[forbid(unsafe_code)]
 pub mod running;
 pub mod supervised;
