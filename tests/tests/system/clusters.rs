@@ -1096,3 +1096,55 @@ endpoints = ["{}", "{}"]
         "{statuses:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_try_past_per_try_timeout_is_retried_elsewhere_and_the_last_is_a_504() {
+    let a = Origin::start("a").await;
+    let b = Origin::start("b").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let _proxy = Proxy::start(&format!(
+        r#"
+concurrency = 1
+[admin]
+address = "{admin}"
+
+[[listener]]
+name = "public"
+address = "{listen}"
+protocol = "http"
+
+[[listener.route]]
+cluster = "app"
+timeout = "20s"
+per_try_timeout = "300ms"
+retry = {{ retry_on = ["reset"], num_retries = 1 }}
+
+[[cluster]]
+name = "app"
+endpoints = ["{}", "{}"]
+"#,
+        a.addr, b.addr
+    ));
+    let mut conn = H1::connect(listen).await.unwrap();
+    let started = Instant::now();
+    let reply = conn.get("/slow/10000").await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert_eq!(reply.text(), "upstream request timeout (per try)\n");
+    assert!(
+        took >= Duration::from_millis(600) && took < Duration::from_secs(5),
+        "two tries of 300 ms, not the origin's 10 s: {took:?}"
+    );
+    assert!(wait_until_async(WAIT, || async { a.requests() + b.requests() == 2 }).await);
+    assert_eq!(
+        (a.requests(), b.requests()),
+        (1, 1),
+        "the retry went to the other endpoint"
+    );
+    assert_eq!(stat(admin, "upstream_rq_timeout{cluster=app}").await, 1);
+    assert_eq!(
+        stat(admin, "upstream_rq_per_try_timeout{cluster=app}").await,
+        2
+    );
+    assert_eq!(stat(admin, "upstream_rq_retry{cluster=app}").await, 1);
+}
