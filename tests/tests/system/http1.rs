@@ -300,7 +300,7 @@ async fn answers_502_when_the_upstream_is_down() {
 async fn answers_504_when_the_upstream_is_slow() {
     let origin = Origin::start("origin").await;
     let (listen, admin) = (free_addr(), free_addr());
-    let _proxy = Proxy::start(&http_config(listen, admin, origin.addr));
+    let proxy = Proxy::start(&http_config(listen, admin, origin.addr));
     let started = Instant::now();
     let r = client::get(listen, "/slow/5000").await;
     let took = started.elapsed();
@@ -311,6 +311,14 @@ async fn answers_504_when_the_upstream_is_slow() {
         "took {took:?} with a 1s timeout"
     );
     assert_eq!(stat(admin, "upstream_rq_timeout{cluster=origin}").await, 1);
+    // The access log names the endpoint that did not answer in time.
+    assert!(proxy.wait_for_log_file("access.log", "\"GET /slow/5000 HTTP/1.1\" 504 ", WAIT));
+    let log = proxy.read_file("access.log");
+    let line = log.lines().find(|l| l.contains("/slow/5000")).unwrap();
+    assert!(
+        line.contains(&format!(" {} UT ", origin.addr)),
+        "upstream and flag: {line}"
+    );
     // The connection still works after a timeout.
     let r = client::get(listen, "/fine").await;
     assert_eq!(r.status, 200);

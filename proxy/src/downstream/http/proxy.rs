@@ -176,8 +176,11 @@ pub async fn proxy(
         && let Some(host) = tries.current.borrow_mut().take()
     {
         // The try in flight ran out the request's time: a host that never answers is a
-        // failing host for outlier detection too.
+        // failing host for outlier detection too, and the access log names it.
         handle.report(host.host(), Outcome::LocalFailure, cluster.outlier.as_ref());
+        if let Some(log) = exchange.log_mut() {
+            log.upstream = Some(host.host().address);
+        }
     }
     if progress.too_large() && !matches!(sent, Ok((Ok(_), _))) {
         return Err(TooLarge(exchange));
