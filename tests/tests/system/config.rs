@@ -186,6 +186,15 @@ fn cases() -> Vec<(&'static str, String, usize, &'static str)> {
             "`timeout` is not one of \"connect-failure\", \"reset\", \"5xx\", \"gateway-error\"",
         ),
         (
+            "a retry condition written with an underscore",
+            BASE.edit(
+                "cluster = \"origin\"",
+                "cluster = \"origin\"\nretry = { retry_on = [\"connect_failure\"] }",
+            ),
+            11,
+            "`connect_failure` (did you mean \"connect-failure\"?) is not one of",
+        ),
+        (
             "a header match with two rules",
             BASE.edit(
                 "cluster = \"origin\"",

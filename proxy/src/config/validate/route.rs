@@ -328,10 +328,16 @@ impl Validator<'_> {
                         ));
                     }
                     None => {
+                        let meant = config_errors::nearest(
+                            other,
+                            ["connect-failure", "reset", "5xx", "gateway-error"],
+                        )
+                        .map(|m| format!(" (did you mean \"{m}\"?)"))
+                        .unwrap_or_default();
                         return Err(self.error(
                             item.span(),
                             format!(
-                                "{}: `{other}` is not one of \"connect-failure\", \"reset\", \"5xx\", \"gateway-error\", or a status from 400 to 599",
+                                "{}: `{other}`{meant} is not one of \"connect-failure\", \"reset\", \"5xx\", \"gateway-error\", or a status from 400 to 599",
                                 field("retry_on")
                             ),
                         ));
