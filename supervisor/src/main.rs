@@ -33,6 +33,8 @@ mod config;
 #[forbid(unsafe_code)]
 mod control;
 #[forbid(unsafe_code)]
+mod env;
+#[forbid(unsafe_code)]
 mod launch;
 #[forbid(unsafe_code)]
 mod lifecycle;
@@ -52,15 +54,7 @@ use clap::FromArgMatches;
 
 use crate::cli::{Cli, Command, Internal, LogFormat, Target};
 use crate::control::{Request, Response};
-
-/// The variable that hands a re-executed supervisor the state of the one it replaces.
-pub const UPGRADE_FD_ENV: &str = "BATON_UPGRADE_FD";
-
-/// Whether the supervisor logs JSON (`--log-format json`): its generations are told to as well.
-pub static LOG_JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Exit status for a configuration or usage the operator must fix (sysexits' EX_USAGE).
-pub const EXIT_USAGE: u8 = 64;
+use crate::env::{EXIT_USAGE, LOG_JSON};
 
 /// What `--version` prints after the name: the version and the build id, the same id that
 /// `baton status` shows for the supervisor.

@@ -63,11 +63,11 @@ pub fn spawn(
         .arg(epoch.to_string())
         .env(CONTROL_FD_ENV, CHILD_CONTROL_FD.to_string())
         .env(CONFIG_FD_ENV, CHILD_CONFIG_FD.to_string())
-        .env_remove(crate::UPGRADE_FD_ENV)
+        .env_remove(crate::env::UPGRADE_FD_ENV)
         .env_remove(crate::upgrade::PREVIOUS_FD_ENV)
         .env_remove(crate::upgrade::FAILED_ENV)
         .stdin(Stdio::null());
-    if crate::LOG_JSON.load(std::sync::atomic::Ordering::Relaxed) {
+    if crate::env::LOG_JSON.load(std::sync::atomic::Ordering::Relaxed) {
         command.env(restart_protocol::LOG_FORMAT_ENV, "json");
     }
     // systemd's variables are for the supervisor (its main pid) alone.

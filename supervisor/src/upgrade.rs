@@ -43,7 +43,7 @@ pub use state::{
     HandedFds, Inherited, InheritedGeneration, InheritedLaunch, STATE_VERSION, to_json,
 };
 
-use crate::UPGRADE_FD_ENV;
+use crate::env::UPGRADE_FD_ENV;
 
 /// Names the previous program's binary, kept open for a fallback.
 pub const PREVIOUS_FD_ENV: &str = "BATON_UPGRADE_PREVIOUS_FD";

@@ -15,7 +15,7 @@ mod validate;
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub use cluster::{
@@ -31,6 +31,7 @@ pub use route::{
     ClusterRoute, DirectResponse, HeaderMatch, HeaderRule, HostPattern, Mirror, PathMatch,
     RateLimit, RetryOn, RetryPolicy, Route, RouteAction, Target,
 };
+pub use validate::{load, parse};
 
 /// Default time a draining generation gives its connections before closing the rest.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -134,18 +135,4 @@ impl Config {
     pub fn cluster(&self, id: ClusterId) -> &Cluster {
         &self.clusters[id.0]
     }
-}
-
-/// Reads and validates the file at `path`.
-pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let source = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    parse(path, &source)
-}
-
-/// Validates `source` as if it had been read from `path` (which relative paths start from).
-pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
-    validate::validate(path, source)
 }

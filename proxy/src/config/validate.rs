@@ -16,10 +16,19 @@ mod route;
 mod scalar;
 mod url;
 
-use scalar::overlap;
 use url::Url;
 
-pub fn validate(path: &Path, source: &str) -> Result<Config, ConfigError> {
+/// Reads and validates the file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let source = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(path, &source)
+}
+
+/// Validates `source` as if it had been read from `path` (which relative paths start from).
+pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigError> {
     let v = Validator { path, source };
     // The supervisor words its parse errors the same way (a misspelt field reads alike whichever
     // checker finds it): the line quoted, and the nearest expected name.
@@ -334,6 +343,14 @@ impl Validator<'_> {
             )
         })
     }
+}
+
+/// Whether two listen addresses take the same port: equal, or one is the wildcard of the
+/// other's family.
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 #[cfg(test)]

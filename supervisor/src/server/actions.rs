@@ -14,8 +14,8 @@ use restart_protocol::{Load, ToGeneration};
 use tracing::{error, info, warn};
 
 use super::{GENERATIONS, GenIo, Supervisor, settings};
-use crate::EXIT_USAGE;
 use crate::activation;
+use crate::env::EXIT_USAGE;
 use crate::launch::Launch;
 use crate::lifecycle::{Action, Event, Source};
 use crate::spawn;

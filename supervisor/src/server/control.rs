@@ -3,13 +3,14 @@
 //! supervisor's own user), their requests read and answered, one JSON line each way (the
 //! protocol itself is in the crate's `control.rs`).
 
-use std::io::{self, ErrorKind, Read, Write};
-use std::path::{Path, PathBuf};
+use std::io::{ErrorKind, Read, Write};
+use std::path::Path;
 
 use mio::net::{UnixListener, UnixStream};
 use mio::{Interest, Token};
 use tracing::{info, warn};
 
+use super::error::ControlSocketError;
 use super::{CLIENTS, Client, Supervisor, now_ms};
 use crate::control::{GenerationStatus, Request, Response, Status};
 use crate::lifecycle::{Event, Waiter};
@@ -285,51 +286,6 @@ impl Supervisor {
             let _ = self.poll.registry().deregister(&mut client.stream);
         }
     }
-}
-
-/// Why the control socket could not be made at the start; each names the way out.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlSocketError {
-    /// Its folder did not exist and could not be made.
-    #[error(
-        "cannot create the folder of the control socket {}: {source}; set supervisor.control_socket to a writable place",
-        socket.display()
-    )]
-    CreateFolder { socket: PathBuf, source: io::Error },
-    /// Its folder could not be looked at.
-    #[error("cannot look at the control socket's folder {}: {source}", folder.display())]
-    InspectFolder { folder: PathBuf, source: io::Error },
-    /// Its folder belongs to another user, who could put their own socket there.
-    #[error(
-        "the control socket's folder {} belongs to uid {owner}, not to this user (uid {me}): another user may have made it to take the control socket; remove it, or set supervisor.control_socket to a folder of yours",
-        folder.display()
-    )]
-    FolderNotOurs {
-        folder: PathBuf,
-        owner: u32,
-        me: u32,
-    },
-    /// Other users may write in its folder (and it is not sticky).
-    #[error(
-        "the control socket's folder {} is writable by other users (mode {mode:o}): they could put their own socket in its place; chmod go-w it, or set supervisor.control_socket to a folder of yours",
-        folder.display()
-    )]
-    FolderWritable { folder: PathBuf, mode: u32 },
-    /// A live supervisor listens there already.
-    #[error(
-        "another supervisor is listening on {}: stop it, or give this one another instance or supervisor.control_socket",
-        socket.display()
-    )]
-    InUse { socket: PathBuf },
-    /// The socket file of a supervisor that died could not be removed.
-    #[error("cannot remove the stale control socket {}: {source}", socket.display())]
-    RemoveStale { socket: PathBuf, source: io::Error },
-    /// Binding failed.
-    #[error(
-        "cannot create the control socket {}: {source}; set supervisor.control_socket to a writable place",
-        socket.display()
-    )]
-    Bind { socket: PathBuf, source: io::Error },
 }
 
 /// Why a peer may not use the control socket: it is told this before the connection closes.

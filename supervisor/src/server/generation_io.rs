@@ -15,9 +15,9 @@ use restart_protocol::{
 use tracing::{debug, error, info, warn};
 
 use super::{GenIo, Supervisor};
-use crate::EXIT_USAGE;
 use crate::activation;
 use crate::config;
+use crate::env::EXIT_USAGE;
 use crate::lifecycle::Event;
 
 impl Supervisor {

@@ -14,6 +14,7 @@
 
 mod actions;
 mod control;
+mod error;
 mod generation_io;
 mod start;
 mod stats;
@@ -42,7 +43,7 @@ use crate::lifecycle::{self, Event, Lifecycle, Settings};
 use crate::notify::{Notifier, Watchdog};
 use crate::store::SocketStore;
 use crate::upgrade::{self, Upgrading};
-use start::StartError;
+use error::StartError;
 
 const SIGNALS: Token = Token(0);
 const CONTROL: Token = Token(1);
@@ -171,7 +172,7 @@ pub fn main(path: &Path) -> u8 {
         Ok(started) => started,
         Err(NotStarted::Fresh(StartError::Config(e))) => {
             eprintln!("baton: {e}");
-            return crate::EXIT_USAGE;
+            return crate::env::EXIT_USAGE;
         }
         Err(NotStarted::Fresh(e)) => {
             error!("{e}");

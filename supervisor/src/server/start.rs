@@ -4,9 +4,8 @@
 //! Either way the result is a [`Parts`], made into the [`Supervisor`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::rc::Rc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -20,8 +19,9 @@ use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2, SI
 use signal_hook_mio::v1_0::Signals;
 use tracing::{info, warn};
 
-use super::control::{ControlSocketError, bind_control};
-use super::stats::{ShareRegionError, register_stats, replaced_older_region, share_region};
+use super::control::bind_control;
+use super::error::StartError;
+use super::stats::{register_stats, replaced_older_region, share_region};
 use super::{CONTROL, GENERATIONS, GenIo, Parts, SIGNALS, Supervisor, settings};
 use crate::activation;
 use crate::adopt;
@@ -31,53 +31,6 @@ use crate::lifecycle::{self, Lifecycle, State};
 use crate::notify::{Notifier, Watchdog};
 use crate::store::SocketStore;
 use crate::upgrade::{self, HandoverError};
-
-/// Why `baton run` could not start, or could not take over what the supervisor it replaced
-/// handed over. Each says what is wrong and the way out.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// The config file does not load: the operator fixes it (a fresh start exits 64).
-    #[error("{0}")]
-    Config(String),
-    /// The launch handed over (the running config's text and the proxy binary) cannot be
-    /// made again.
-    #[error("{0}")]
-    Launch(String),
-    /// `supervisor.user` is set, but the supervisor was not started as root.
-    #[error(
-        "supervisor.user = \"{user}\": only a supervisor started as root can run generations as another user; start `baton run` as root (it binds the ports and starts generations as {user}), or leave supervisor.user out"
-    )]
-    NotRoot { user: String },
-    /// The file at the stats path belongs to another user.
-    #[error(
-        "stats region {} belongs to uid {owner}, not to this supervisor's uid {me}; remove it, or set stats.path to a place of this user's",
-        path.display()
-    )]
-    RegionNotOurs { path: PathBuf, owner: u32, me: u32 },
-    /// The stats region cannot be made, opened or registered with.
-    #[error(transparent)]
-    Region(#[from] StatsError),
-    /// The stats region cannot be given to the generations' group.
-    #[error(transparent)]
-    ShareRegion(#[from] ShareRegionError),
-    /// The control socket cannot be made.
-    #[error(transparent)]
-    ControlSocket(#[from] ControlSocketError),
-    /// The event loop cannot be made, or cannot watch what it must.
-    #[error("cannot create the event loop: {0}")]
-    EventLoop(#[source] io::Error),
-    #[error("cannot install signal handlers: {0}")]
-    Signals(#[source] io::Error),
-    #[error("cannot watch signals: {0}")]
-    WatchSignals(#[source] io::Error),
-    #[error("cannot watch the control socket: {0}")]
-    WatchControl(#[source] io::Error),
-    #[error("cannot watch generation {epoch}'s channel: {source}")]
-    WatchChannel { epoch: u64, source: io::Error },
-    /// What the replaced supervisor handed over cannot be taken over.
-    #[error(transparent)]
-    Handover(#[from] HandoverError),
-}
 
 impl Supervisor {
     pub(super) fn new(config: SupervisorConfig, parts: Parts) -> Result<Supervisor, StartError> {

@@ -2,12 +2,12 @@
 //! in: registering them, keeping them current, sharing the region with the generations' group,
 //! and making a new region when another process cut the old one short.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use shm_stats::{Region, Spec, StatsError};
 use tracing::{error, info, warn};
 
+use super::error::ShareRegionError;
 use super::{SUPERVISOR_SHARD_EPOCH, Supervisor, SupervisorStats};
 use crate::config::SupervisorConfig;
 use crate::lifecycle::{self, State};
@@ -134,19 +134,6 @@ pub(super) fn replaced_older_region(region: &Region, version: u32) {
         "the stats region had layout version {version}, made by an earlier baton, which this one cannot write: replaced by a new region (layout version {}), whose counters start from zero; generations started before keep writing the old one until they end",
         shm_stats::LAYOUT_VERSION
     );
-}
-
-/// The stats region could not be given to the generations' group (`supervisor.user`).
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "cannot give the stats region {} to group {gid} of supervisor.user {user}: {source}; start `baton run` as root, with CAP_CHOWN, CAP_SETUID, CAP_SETGID and CAP_KILL (under systemd: in the unit's CapabilityBoundingSet, as the shipped unit has them)",
-    path.display()
-)]
-pub struct ShareRegionError {
-    path: PathBuf,
-    gid: u32,
-    user: String,
-    source: nix::errno::Errno,
 }
 
 /// With `supervisor.user`, gives the stats region to the generations' group: they write through

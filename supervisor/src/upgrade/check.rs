@@ -103,7 +103,7 @@ impl Upgrading {
         for var in crate::notify::SYSTEMD_ENV {
             command.env_remove(var);
         }
-        command.env_remove(crate::UPGRADE_FD_ENV);
+        command.env_remove(crate::env::UPGRADE_FD_ENV);
         let child = command.spawn()?;
         if let Some(stdout) = &child.stdout {
             set_nonblocking(stdout)?;

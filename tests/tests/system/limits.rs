@@ -2,6 +2,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use baton_tests::client::{H1, get, request};
+use baton_tests::config::Edit;
 use baton_tests::free_addr;
 use baton_tests::proxy::Proxy;
 use baton_tests::upstream::Origin;
@@ -426,11 +427,8 @@ async fn a_generation_sizes_its_descriptor_table_before_its_workers_start() {
     for (limit, wanted) in [("max_connections = 1000", 2 * 1000 + 256), ("", 16_384)] {
         let origin = Origin::start("origin").await;
         let (listen, admin) = (free_addr(), free_addr());
-        let config = listener_config(listen, admin, origin.addr, "").replacen(
-            "concurrency = 2",
-            &format!("concurrency = 2\n{limit}"),
-            1,
-        );
+        let config = listener_config(listen, admin, origin.addr, "")
+            .edit("concurrency = 2", &format!("concurrency = 2\n{limit}"));
         let proxy = Proxy::start(&config);
         let open_files = proc_number(proxy.pid(), "limits", "Max open files", 0);
         let slots = proc_number(proxy.pid(), "status", "FDSize:", 0);

@@ -96,73 +96,75 @@ impl Manager {
     }
 }
 
-/// Resolves a `strict_dns` cluster's names now and every `refresh`, telling the manager each
-/// answer. A name whose resolution fails (no answer, SERVFAIL) keeps its last answer, so that
-/// the manager does not drop its endpoints; a name that does not exist or has no address is a
-/// real answer: it has no endpoints now.
-pub(super) async fn resolve_forever(
-    cluster: usize,
-    name: String,
-    names: Vec<crate::config::DnsName>,
-    refresh: Duration,
-    (servers, family): (Vec<SocketAddr>, LookupFamily),
-    events: mpsc::UnboundedSender<Event>,
-) {
-    let mut last: Vec<Vec<SocketAddr>> = vec![Vec::new(); names.len()];
-    // Names said to have no address, so that it is said once, not at every refresh.
-    let mut warned = vec![false; names.len()];
-    let mut resolver = None;
-    loop {
-        if resolver.is_none() {
-            match Resolver::new(&servers, DNS_TIMEOUT) {
-                Ok(r) => resolver = Some(r),
-                Err(e) => {
-                    warn!(cluster = %name, "cannot set up DNS resolution (tried again every dns_refresh_rate): {e}")
-                }
-            }
-        }
-        let mut failure = None;
-        match &resolver {
-            None => failure = Some("no resolver".to_owned()),
-            Some(resolver) => {
-                for (i, (n, kept)) in names.iter().zip(last.iter_mut()).enumerate() {
-                    match resolver.resolve(&n.host, n.port).await {
-                        Ok(mut addresses) => {
-                            family.filter(&mut addresses);
-                            if addresses.is_empty() && (!kept.is_empty() || !warned[i]) {
-                                warn!(cluster = %name, "DNS name {} has no address of dns_lookup_family; it has no endpoints now", n.host);
-                            }
-                            warned[i] = addresses.is_empty();
-                            *kept = addresses;
-                        }
-                        Err(e @ (DnsError::NotFound { .. } | DnsError::NoAddresses { .. })) => {
-                            if !kept.is_empty() || !warned[i] {
-                                warn!(cluster = %name, "{e}; it has no endpoints now");
-                            }
-                            warned[i] = true;
-                            kept.clear()
-                        }
-                        Err(e) => failure = Some(e.to_string()),
+impl Manager {
+    /// Resolves a `strict_dns` cluster's names now and every `refresh`, telling the manager each
+    /// answer. A name whose resolution fails (no answer, SERVFAIL) keeps its last answer, so that
+    /// the manager does not drop its endpoints; a name that does not exist or has no address is a
+    /// real answer: it has no endpoints now.
+    pub(super) async fn resolve_forever(
+        cluster: usize,
+        name: String,
+        names: Vec<crate::config::DnsName>,
+        refresh: Duration,
+        (servers, family): (Vec<SocketAddr>, LookupFamily),
+        events: mpsc::UnboundedSender<Event>,
+    ) {
+        let mut last: Vec<Vec<SocketAddr>> = vec![Vec::new(); names.len()];
+        // Names said to have no address, so that it is said once, not at every refresh.
+        let mut warned = vec![false; names.len()];
+        let mut resolver = None;
+        loop {
+            if resolver.is_none() {
+                match Resolver::new(&servers, DNS_TIMEOUT) {
+                    Ok(r) => resolver = Some(r),
+                    Err(e) => {
+                        warn!(cluster = %name, "cannot set up DNS resolution (tried again every dns_refresh_rate): {e}")
                     }
                 }
             }
-        }
-        let mut addresses: Vec<(SocketAddr, u32)> = Vec::new();
-        for (n, kept) in names.iter().zip(&last) {
-            for a in kept {
-                if !addresses.iter().any(|(b, _)| b == a) {
-                    addresses.push((*a, n.weight));
+            let mut failure = None;
+            match &resolver {
+                None => failure = Some("no resolver".to_owned()),
+                Some(resolver) => {
+                    for (i, (n, kept)) in names.iter().zip(last.iter_mut()).enumerate() {
+                        match resolver.resolve(&n.host, n.port).await {
+                            Ok(mut addresses) => {
+                                family.filter(&mut addresses);
+                                if addresses.is_empty() && (!kept.is_empty() || !warned[i]) {
+                                    warn!(cluster = %name, "DNS name {} has no address of dns_lookup_family; it has no endpoints now", n.host);
+                                }
+                                warned[i] = addresses.is_empty();
+                                *kept = addresses;
+                            }
+                            Err(e @ (DnsError::NotFound { .. } | DnsError::NoAddresses { .. })) => {
+                                if !kept.is_empty() || !warned[i] {
+                                    warn!(cluster = %name, "{e}; it has no endpoints now");
+                                }
+                                warned[i] = true;
+                                kept.clear()
+                            }
+                            Err(e) => failure = Some(e.to_string()),
+                        }
+                    }
                 }
             }
+            let mut addresses: Vec<(SocketAddr, u32)> = Vec::new();
+            for (n, kept) in names.iter().zip(&last) {
+                for a in kept {
+                    if !addresses.iter().any(|(b, _)| b == a) {
+                        addresses.push((*a, n.weight));
+                    }
+                }
+            }
+            let event = Event::Resolved {
+                cluster,
+                addresses,
+                failure,
+            };
+            if events.send(event).is_err() {
+                return;
+            }
+            tokio::time::sleep(refresh).await;
         }
-        let event = Event::Resolved {
-            cluster,
-            addresses,
-            failure,
-        };
-        if events.send(event).is_err() {
-            return;
-        }
-        tokio::time::sleep(refresh).await;
     }
 }

@@ -16,7 +16,6 @@ use tokio::task::JoinHandle;
 use super::{ClusterHandle, Event, HealthFlags, Host, Snapshot, health};
 use crate::config::{Cluster, Config, Discovery, UpstreamProtocol};
 use crate::stats::ThreadStats;
-use discovery::resolve_forever;
 
 /// The longest a new generation waits for its first health checks and DNS answers.
 const MAX_WARM: Duration = Duration::from_secs(10);
@@ -96,7 +95,7 @@ impl Manager {
                     refresh,
                     resolvers,
                     family,
-                } => Some(tokio::task::spawn_local(resolve_forever(
+                } => Some(tokio::task::spawn_local(Manager::resolve_forever(
                     index,
                     cluster.name.clone(),
                     names.clone(),

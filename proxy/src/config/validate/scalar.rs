@@ -212,14 +212,6 @@ fn parse_size(text: &str) -> Option<u64> {
     number.checked_mul(1 << shift)
 }
 
-/// Whether two listen addresses take the same port: equal, or one is the wildcard of the
-/// other's family.
-pub(super) fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port()
-        && a.is_ipv4() == b.is_ipv4()
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
-}
-
 #[cfg(test)]
 mod tests {
     use super::parse_size;

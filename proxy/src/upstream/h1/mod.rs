@@ -13,6 +13,7 @@
 //! `pool`).
 
 mod body;
+mod error;
 mod outgoing;
 
 use std::io;
@@ -24,7 +25,7 @@ use shm_stats::Gauge;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use baton_proxy::http1_wire::{Head, MAX_HEAD, WireError, parse_head_for};
+use baton_proxy::http1_wire::{Head, MAX_HEAD, parse_head_for};
 
 use crate::config::Cluster;
 use crate::runtime::context::WorkerContext;
@@ -32,6 +33,7 @@ use crate::runtime::context::WorkerContext;
 use super::connect::{self, ConnectError, ConnectionSlot};
 
 pub use body::{Body, Upgraded};
+pub use error::Error;
 use outgoing::OutBody;
 pub use outgoing::Outgoing;
 
@@ -39,29 +41,6 @@ pub use outgoing::Outgoing;
 const READ_MIN: usize = 8 * 1024;
 /// ... and, for a long body, at most this much.
 const READ_MAX: usize = 256 * 1024;
-
-/// Why a request got no (complete) response.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("upstream connection failed: {0}")]
-    Io(#[from] io::Error),
-    #[error("upstream closed the connection before the response was complete")]
-    Closed,
-    #[error("upstream sent an invalid response: {0}")]
-    Invalid(&'static str),
-    /// The client's request body failed (it broke off, or went past `max_request_body`).
-    #[error("request body: {0}")]
-    RequestBody(Box<dyn std::error::Error + Send + Sync>),
-}
-
-impl From<WireError> for Error {
-    fn from(e: WireError) -> Self {
-        match e {
-            WireError::Closed => Error::Closed,
-            WireError::Invalid(what) => Error::Invalid(what),
-        }
-    }
-}
 
 /// A request that failed, and how far it got: whether it may be sent again on another
 /// connection.
