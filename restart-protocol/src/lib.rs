@@ -20,7 +20,7 @@
 
 // Unsafe only where descriptors pass between processes, each place allowed by name: taking
 // ownership of the descriptors a message brought (`Channel::recv`) and of an accepted connection
-// (`rendezvous::owned`). The modules without it (`listen`, `messages`, `version`) forbid it.
+// (`rendezvous::accept`). The modules without it (`listen`, `messages`, `version`) forbid it.
 #![deny(unsafe_code)]
 
 mod channel;

@@ -59,13 +59,16 @@ pub fn listen_at(path: &Path) -> io::Result<OwnedFd> {
 }
 
 /// Accepts one supervisor on a rendezvous, if one is waiting.
+#[allow(unsafe_code)] // Owning the descriptor the kernel just made for this process.
 pub fn accept(listener: &impl AsFd) -> io::Result<Option<Channel>> {
     match accept4(
         listener.as_fd().as_raw_fd(),
         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
     ) {
         Ok(fd) => {
-            let fd = owned(fd);
+            use std::os::fd::FromRawFd;
+            // SAFETY: `accept4` just returned this descriptor; nothing else owns it.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             Channel::from_fd(fd)
                 .map(Some)
                 .map_err(|e| io::Error::other(e.to_string()))
@@ -73,13 +76,6 @@ pub fn accept(listener: &impl AsFd) -> io::Result<Option<Channel>> {
         Err(Errno::EAGAIN | Errno::ECONNABORTED | Errno::EINTR) => Ok(None),
         Err(e) => Err(e.into()),
     }
-}
-
-#[allow(unsafe_code)] // Owning a descriptor the kernel just made for this process.
-fn owned(fd: std::os::fd::RawFd) -> OwnedFd {
-    use std::os::fd::FromRawFd;
-    // SAFETY: `accept4` just returned this descriptor; nothing else owns it.
-    unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
 /// Connects to the rendezvous at `path`: `None` when nobody holds it (no file, or refused).

@@ -181,19 +181,32 @@ fn fd_from_env(name: &'static str) -> Option<Result<RawFd, HandoverError>> {
         if fd < 3 {
             return Err(not_an_fd());
         }
-        fcntl(unsafe_borrow(fd), FcntlArg::F_GETFD).map_err(|source| HandoverError::FdNotOpen {
-            name,
-            fd,
-            source,
-        })?;
+        is_open(fd).map_err(|source| HandoverError::FdNotOpen { name, fd, source })?;
         Ok(fd)
     })())
 }
 
-#[allow(unsafe_code)] // Borrowing a descriptor number handed over by the previous program.
-fn unsafe_borrow(fd: RawFd) -> BorrowedFd<'static> {
-    // SAFETY: only for descriptors the previous program handed over and that stay open until
-    // `Handover::release` (or the exec of a fallback), past every use of the borrow.
+/// Whether this process has descriptor `fd` open, asked without borrowing the number (a
+/// `BorrowedFd` may only be made of an open descriptor): `/proc/self/fd` lists the open ones.
+fn is_open(fd: RawFd) -> Result<(), nix::errno::Errno> {
+    match std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(nix::errno::Errno::EBADF),
+        Err(e) => Err(e
+            .raw_os_error()
+            .map_or(nix::errno::Errno::EIO, nix::errno::Errno::from_raw)),
+    }
+}
+
+/// A borrow of a descriptor the previous program handed over.
+///
+/// # Safety
+/// `fd` must be open (checked with [`is_open`]) and stay open while the borrow lives: the
+/// handed-over descriptors stay open until [`Handover::release`] or the exec of a fallback,
+/// and no borrow is kept past the call it is made for.
+#[allow(unsafe_code)]
+unsafe fn borrow_handed<'a>(fd: RawFd) -> BorrowedFd<'a> {
+    // SAFETY: as the caller promises (see above).
     unsafe { BorrowedFd::borrow_raw(fd) }
 }
 
@@ -225,7 +238,11 @@ fn parse_state(text: &[u8]) -> Result<Inherited, HandoverError> {
 /// Reads a whole file from offset 0 without moving its offset.
 fn read_fd(fd: RawFd) -> std::io::Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
-    let copy = unsafe_borrow(fd).try_clone_to_owned()?;
+    is_open(fd)?;
+    #[allow(unsafe_code)]
+    // SAFETY: the state's memfd, open (checked just above) until `Handover::release`, which
+    // comes after this read; the borrow ends with this statement.
+    let copy = unsafe { borrow_handed(fd) }.try_clone_to_owned()?;
     let file = std::fs::File::from(copy);
     let mut bytes = Vec::new();
     let mut buf = [0u8; 16 * 1024];
@@ -241,8 +258,11 @@ fn read_fd(fd: RawFd) -> std::io::Result<Vec<u8>> {
 /// A copy (close-on-exec) of a handed-over descriptor; `None` if it is not open. The original
 /// stays as it is until [`Handover::release`].
 pub fn adopt(fd: RawFd) -> Option<OwnedFd> {
-    fcntl(unsafe_borrow(fd), FcntlArg::F_GETFD).ok()?;
-    unsafe_borrow(fd).try_clone_to_owned().ok()
+    is_open(fd).ok()?;
+    #[allow(unsafe_code)]
+    // SAFETY: open (checked just above), handed over and kept open until `Handover::release`;
+    // the borrow ends with this statement.
+    unsafe { borrow_handed(fd) }.try_clone_to_owned().ok()
 }
 
 impl Handover {
@@ -258,7 +278,7 @@ impl Handover {
         fds.sort_unstable();
         fds.dedup();
         for fd in fds {
-            if fcntl(unsafe_borrow(fd), FcntlArg::F_GETFD).is_ok() {
+            if is_open(fd).is_ok() {
                 // SAFETY: handed over to this process, used by nothing here (it holds its own
                 // copies), and closed once (deduplicated above).
                 drop(unsafe { OwnedFd::from_raw_fd(fd) });
