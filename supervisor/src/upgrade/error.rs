@@ -119,7 +119,7 @@ pub enum HandoverError {
     /// The state is of a version this program does not read.
     #[error("the handed-over state is version {found}, this supervisor reads {reads}")]
     StateVersion { found: u32, reads: u32 },
-    /// A descriptor the state names (`what`) was not open.
+    /// A descriptor the state names (the one said) was not open.
     #[error("the {0} was not handed over")]
     Missing(&'static str),
     /// The handed-over control socket cannot be made non-blocking.

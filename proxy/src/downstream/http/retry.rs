@@ -63,16 +63,16 @@ impl Template {
 /// The tries of one request: a host from the balancer, a send, and, under the route's retry
 /// policy, more tries on other hosts.
 pub struct Tries<'a> {
-    pub ctx: &'a ConnCtx,
-    pub route: &'a ClusterRoute,
-    pub cluster_id: ClusterId,
-    pub hash: Option<u64>,
-    pub retry: Option<RetryPolicy>,
-    pub template: Option<&'a Template>,
-    pub replayable: bool,
-    pub progress: &'a BodyProgress,
+    pub(super) ctx: &'a ConnCtx,
+    pub(super) route: &'a ClusterRoute,
+    pub(super) cluster_id: ClusterId,
+    pub(super) hash: Option<u64>,
+    pub(super) retry: Option<RetryPolicy>,
+    pub(super) template: Option<&'a Template>,
+    pub(super) replayable: bool,
+    pub(super) progress: &'a BodyProgress,
     /// The host of the try in flight, for outlier detection when the request times out.
-    pub current: std::cell::RefCell<Option<HostRequest>>,
+    pub(super) current: std::cell::RefCell<Option<HostRequest>>,
 }
 
 impl Tries<'_> {

@@ -66,8 +66,9 @@ pub struct Conn {
 }
 
 /// Counts the connection in `upstream_cx_active` and holds its place under the cluster's
-/// `max_connections`, both for as long as the connection lives. The worker is not kept alive by
-/// it: its pools hold connections, and a worker that exits drops them.
+/// `max_connections`, both for as long as the connection lives. It does not keep the worker's
+/// context alive: a connection may outlive its worker (in a pool being dropped), and the
+/// gauge is counted only while the context, and so the worker's stats row, exists.
 struct Live {
     worker: Weak<WorkerContext>,
     gauge: Gauge,
