@@ -38,6 +38,14 @@ impl Proxy {
             .unwrap_or_else(|log| panic!("baton-proxy did not start:\n{log}"))
     }
 
+    /// Like [`Proxy::start`], run from the config's folder with the config named relatively
+    /// (`--config baton.toml`), as an operator in that folder would.
+    pub fn start_from_its_folder(config: &str) -> Proxy {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        Self::start_at(dir, config, &[], true)
+            .unwrap_or_else(|log| panic!("baton-proxy did not start:\n{log}"))
+    }
+
     /// Like [`Proxy::start`] with extra command-line arguments; on failure returns the log.
     pub fn start_with(config: &str, args: &[&str]) -> Result<Proxy, String> {
         Self::start_in(
@@ -48,14 +56,30 @@ impl Proxy {
     }
 
     fn start_in(dir: tempfile::TempDir, config: &str, args: &[&str]) -> Result<Proxy, String> {
+        Self::start_at(dir, config, args, false)
+    }
+
+    fn start_at(
+        dir: tempfile::TempDir,
+        config: &str,
+        args: &[&str],
+        relative: bool,
+    ) -> Result<Proxy, String> {
         let config_path = dir.path().join("baton.toml");
         std::fs::write(&config_path, with_private_stats(config))
             .expect("the config can be written");
         let log = dir.path().join("proxy.log");
         let stderr = File::create(&log).expect("the log file can be created");
-        let child = Command::new(binaries::proxy())
-            .arg("--config")
-            .arg(&config_path)
+        let mut command = Command::new(binaries::proxy());
+        if relative {
+            command
+                .current_dir(dir.path())
+                .arg("--config")
+                .arg("baton.toml");
+        } else {
+            command.arg("--config").arg(&config_path);
+        }
+        let child = command
             .args(args)
             .env("BATON_LOG", "info,baton_proxy=debug")
             .stdin(Stdio::null())

@@ -277,7 +277,11 @@ fn server_info(admin: &Admin) -> Response<Full<Bytes>> {
         "healthcheck_failed": info.healthcheck_failed(),
         "uptime_seconds": info.started.elapsed().as_secs(),
         "concurrency": info.concurrency,
-        "config": admin.config.path.display().to_string(),
+        // As `baton status` shows it: absolute, whatever the command line said.
+        "config": std::path::absolute(&admin.config.path)
+            .unwrap_or_else(|_| admin.config.path.clone())
+            .display()
+            .to_string(),
     });
     let mut response = Response::new(Full::new(Bytes::from(format!("{body:#}\n"))));
     response

@@ -146,3 +146,20 @@ async fn a_flood_of_slow_admin_connections_is_capped_and_timed_out() {
     let r = client::get(admin, "/ready").await;
     assert_eq!(r.status, 200, "the admin answers again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_info_names_the_config_by_its_absolute_path() {
+    let origin = Origin::start("origin").await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let proxy = Proxy::start_from_its_folder(&http_config(listen, admin, origin.addr));
+    let info = client::get(admin, "/server_info").await.json();
+    let shown = info["config"].as_str().unwrap().to_owned();
+    assert!(
+        std::path::Path::new(&shown).is_absolute(),
+        "started as `--config baton.toml`: {shown}"
+    );
+    assert_eq!(
+        std::fs::canonicalize(&shown).unwrap(),
+        std::fs::canonicalize(&proxy.config_path).unwrap()
+    );
+}
