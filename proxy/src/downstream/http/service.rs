@@ -108,23 +108,30 @@ pub async fn handle(
     response.body_mut().bodyless_if(
         bodyless || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED,
     );
-    if !ctx.h2
+    // While draining, ask the client to reconnect (to the next generation) instead of closing
+    // the connection under it: the only way to drain HTTP/1.1 without losing a request.
+    let close = !ctx.h2
         && status != StatusCode::SWITCHING_PROTOCOLS
         && worker.drain.is_draining()
-        && worker.drain.close_this_answer()
-    {
-        // Ask the client to reconnect (to the next generation) instead of closing the connection
-        // under it: the only way to drain HTTP/1.1 without losing a request.
+        && worker.drain.close_this_answer();
+    last_fields(&ctx, &mut response, close);
+    Ok(response)
+}
+
+/// The fields every answer ends with: `Connection: close` when `close` (the caller has
+/// checked the connection is HTTP/1.1), and the epoch header when the config asks for it.
+#[inline]
+fn last_fields(ctx: &ConnCtx, response: &mut Response<ResponseBody>, close: bool) {
+    if close {
         response
             .headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }
-    if let Some(epoch) = &worker.epoch_header {
+    if let Some(epoch) = &ctx.worker.epoch_header {
         response
             .headers_mut()
             .insert(X_BATON_EPOCH.clone(), epoch.clone());
     }
-    Ok(response)
 }
 
 /// The answer to a request whose body is over `max_request_body`: 413, and the connection
@@ -142,16 +149,7 @@ fn too_large(ctx: &ConnCtx, exchange: Exchange, bodyless: bool) -> Response<Resp
         Flag::None,
     );
     response.body_mut().bodyless_if(bodyless);
-    if !ctx.h2 {
-        response
-            .headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("close"));
-    }
-    if let Some(epoch) = &ctx.worker.epoch_header {
-        response
-            .headers_mut()
-            .insert(X_BATON_EPOCH.clone(), epoch.clone());
-    }
+    last_fields(ctx, &mut response, !ctx.h2);
     response
 }
 
@@ -251,17 +249,11 @@ fn refuse(
         stats.shard.inc(ids.downstream_rq_class[class]);
     }
     response.body_mut().bodyless_if(bodyless);
-    if !ctx.h2 && response.status() != StatusCode::TEMPORARY_REDIRECT {
+    let close = !ctx.h2 && response.status() != StatusCode::TEMPORARY_REDIRECT;
+    if close {
         ctx.activity.linger.set(true);
-        response
-            .headers_mut()
-            .insert(CONNECTION, HeaderValue::from_static("close"));
     }
-    if let Some(epoch) = &ctx.worker.epoch_header {
-        response
-            .headers_mut()
-            .insert(X_BATON_EPOCH.clone(), epoch.clone());
-    }
+    last_fields(ctx, &mut response, close);
     response
 }
 
